@@ -1,0 +1,196 @@
+//! One cached chunk on local disk: raw bytes plus a CRC per 4 KiB block.
+//!
+//! Hot data is kept decompressed so that a warm read is one `pread`, and
+//! checked block by block so that a 4 KiB read verifies 4 KiB, not the
+//! whole chunk. Layout (`docs/formats/cache.md`): a 48-byte header, the
+//! CRC table, padding to a 4 KiB boundary, then the chunk's bytes.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::frame::MAX_CHUNK_LEN;
+use crate::id::ChunkId;
+
+const MAGIC: [u8; 4] = *b"CRNC";
+const VERSION: u8 = 1;
+const HEADER_LEN: usize = 48;
+pub const BLOCK_SHIFT: u32 = 12;
+pub const BLOCK: usize = 1 << BLOCK_SHIFT;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("cached chunk {id}: I/O error")]
+    Io {
+        id: ChunkId,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cached chunk {id}: CRC mismatch in 4 KiB block {block}")]
+    Crc { id: ChunkId, block: usize },
+    #[error("cached chunk {id}: read of {len} bytes at {offset} is outside its {raw_len} bytes")]
+    OutOfRange {
+        id: ChunkId,
+        offset: u64,
+        len: usize,
+        raw_len: u32,
+    },
+    #[error("cached file is not a valid chunk: {0}")]
+    Invalid(String),
+}
+
+fn data_offset(raw_len: u32) -> u64 {
+    let table = raw_len.div_ceil(BLOCK as u32) as usize * 4;
+    (HEADER_LEN + table).div_ceil(BLOCK) as u64 * BLOCK as u64
+}
+
+/// Bytes a cached chunk of `raw_len` bytes takes on disk.
+pub fn file_len(raw_len: u32) -> u64 {
+    data_offset(raw_len) + u64::from(raw_len)
+}
+
+/// Header, CRC table and padding for `raw`, ready to be followed by `raw`.
+pub fn encode_header(id: ChunkId, raw: &[u8]) -> Vec<u8> {
+    let raw_len = raw.len() as u32;
+    let mut h = Vec::with_capacity(data_offset(raw_len) as usize);
+    h.extend_from_slice(&MAGIC);
+    h.push(VERSION);
+    h.push(BLOCK_SHIFT as u8);
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(&raw_len.to_le_bytes());
+    h.extend_from_slice(id.as_bytes());
+    h.extend_from_slice(&[0; 4]); // header CRC, filled below
+    for block in raw.chunks(BLOCK) {
+        h.extend_from_slice(&crc32fast::hash(block).to_le_bytes());
+    }
+    let crc = header_crc(&h);
+    h[44..48].copy_from_slice(&crc.to_le_bytes());
+    h.resize(data_offset(raw_len) as usize, 0);
+    h
+}
+
+fn header_crc(h: &[u8]) -> u32 {
+    let mut c = crc32fast::Hasher::new();
+    c.update(&h[..44]);
+    c.update(&h[HEADER_LEN..]);
+    c.finalize()
+}
+
+/// An open cached chunk; reads check each touched block's CRC.
+#[derive(Debug)]
+pub struct CachedChunk {
+    id: ChunkId,
+    file: File,
+    raw_len: u32,
+    data_off: u64,
+    crcs: Vec<u32>,
+}
+
+impl CachedChunk {
+    /// Opens and checks the header of the cached chunk at `path`.
+    pub fn open(path: &Path, id: ChunkId) -> Result<CachedChunk, EntryError> {
+        let file = File::open(path).map_err(|source| EntryError::Io { id, source })?;
+        let len = file.metadata().map_err(|source| EntryError::Io { id, source })?.len();
+        let mut head = [0u8; HEADER_LEN];
+        file.read_exact_at(&mut head, 0)
+            .map_err(|_| EntryError::Invalid(format!("{}: too short", path.display())))?;
+        let invalid = |m: &str| EntryError::Invalid(format!("{}: {m}", path.display()));
+        if head[0..4] != MAGIC || head[4] != VERSION || u32::from(head[5]) != BLOCK_SHIFT {
+            return Err(invalid("bad magic, version or block size"));
+        }
+        let raw_len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+        if raw_len == 0 || raw_len > MAX_CHUNK_LEN {
+            return Err(invalid("length out of range"));
+        }
+        if head[12..44] != id.as_bytes()[..] {
+            return Err(invalid("holds another chunk"));
+        }
+        if len != file_len(raw_len) {
+            return Err(invalid("file length does not match the header"));
+        }
+        let nblocks = raw_len.div_ceil(BLOCK as u32) as usize;
+        let mut full = vec![0u8; HEADER_LEN + nblocks * 4];
+        file.read_exact_at(&mut full, 0)
+            .map_err(|source| EntryError::Io { id, source })?;
+        let stored = u32::from_le_bytes(head[44..48].try_into().expect("4 bytes"));
+        if header_crc(&full) != stored {
+            return Err(invalid("header CRC mismatch"));
+        }
+        let crcs = full[HEADER_LEN..]
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        Ok(CachedChunk {
+            id,
+            file,
+            raw_len,
+            data_off: data_offset(raw_len),
+            crcs,
+        })
+    }
+
+    pub fn id(&self) -> ChunkId {
+        self.id
+    }
+
+    pub fn len(&self) -> u32 {
+        self.raw_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.raw_len == 0
+    }
+
+    /// Reads `buf.len()` bytes at `offset` within the chunk, checking the
+    /// CRC of every 4 KiB block the read touches.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), EntryError> {
+        let end = offset + buf.len() as u64;
+        if end > u64::from(self.raw_len) {
+            return Err(EntryError::OutOfRange {
+                id: self.id,
+                offset,
+                len: buf.len(),
+                raw_len: self.raw_len,
+            });
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let first = (offset >> BLOCK_SHIFT) as usize;
+        let last = ((end - 1) >> BLOCK_SHIFT) as usize;
+        let aligned_start = offset % BLOCK as u64 == 0;
+        let aligned_end = end % BLOCK as u64 == 0 || end == u64::from(self.raw_len);
+        let io = |source| EntryError::Io { id: self.id, source };
+        if aligned_start && aligned_end {
+            // The common case: whole blocks straight into the caller's buffer.
+            self.file
+                .read_exact_at(buf, self.data_off + offset)
+                .map_err(io)?;
+            for (i, block) in buf.chunks(BLOCK).enumerate() {
+                self.check(first + i, block)?;
+            }
+            return Ok(());
+        }
+        let span_start = (first as u64) << BLOCK_SHIFT;
+        let span_end = (((last + 1) as u64) << BLOCK_SHIFT).min(u64::from(self.raw_len));
+        let mut span = vec![0u8; (span_end - span_start) as usize];
+        self.file
+            .read_exact_at(&mut span, self.data_off + span_start)
+            .map_err(io)?;
+        for (i, block) in span.chunks(BLOCK).enumerate() {
+            self.check(first + i, block)?;
+        }
+        let skip = (offset - span_start) as usize;
+        buf.copy_from_slice(&span[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn check(&self, block: usize, bytes: &[u8]) -> Result<(), EntryError> {
+        if crc32fast::hash(bytes) == self.crcs[block] {
+            Ok(())
+        } else {
+            Err(EntryError::Crc { id: self.id, block })
+        }
+    }
+}

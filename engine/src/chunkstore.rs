@@ -1,0 +1,460 @@
+//! The chunk store: the synchronous facade the data plane reads through.
+//!
+//! A read is served from the local cache; a miss fetches from the remote
+//! tier on the async runtime while the calling thread waits on a
+//! per-chunk pending slot, so concurrent misses of one chunk share one
+//! fetch (single flight). Misses requested together that sit close in the
+//! same pack are merged into one ranged GET. Every fetched frame is
+//! checked (CRC, then BLAKE3 of the decompressed bytes against the id)
+//! before it is cached; a chunk that fails is never cached or served.
+//!
+//! The blocking calls (`read`, `fetch`, `read_chunk`) must be made from
+//! plain threads, never from a task on the runtime they fetch with.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use tokio::runtime::Handle;
+
+use crate::cache::{CacheError, ChunkCache};
+use crate::error::ErrorKind;
+use crate::frame::{self, FrameError, Verify};
+use crate::id::ChunkId;
+use crate::layout;
+use crate::locate::{self, LocateError, Location, PackMap};
+use crate::objstore::{ObjectStore, StoreError};
+use crate::pack::{self, IndexEntry, PackIndex};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ChunkStoreError {
+    #[error("chunk {id} is in no pack of {store}: the store is missing data (run `cairn verify`)")]
+    NotFound { id: ChunkId, store: String },
+    #[error("fetching chunk {id} from {key} failed")]
+    Remote {
+        id: ChunkId,
+        key: String,
+        #[source]
+        source: Arc<StoreError>,
+    },
+    #[error("chunk {id} from object {key} failed verification; it was not cached")]
+    Corrupt {
+        id: ChunkId,
+        key: String,
+        #[source]
+        source: Arc<FrameError>,
+    },
+    #[error("local cache failed for chunk {id}")]
+    Cache {
+        id: ChunkId,
+        #[source]
+        source: Arc<CacheError>,
+    },
+    #[error("cannot load the store's pack indexes")]
+    Locate(#[source] Arc<LocateError>),
+    #[error("fetch of chunk {id} was cancelled: {why}")]
+    Cancelled { id: ChunkId, why: &'static str },
+}
+
+impl ChunkStoreError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ChunkStoreError::NotFound { .. } => ErrorKind::NotFound,
+            ChunkStoreError::Remote { source, .. } => source.kind(),
+            ChunkStoreError::Corrupt { .. } => ErrorKind::Corrupt,
+            ChunkStoreError::Cache { source, .. } => source.kind(),
+            ChunkStoreError::Locate(e) => e.kind(),
+            ChunkStoreError::Cancelled { .. } => ErrorKind::Transient,
+        }
+    }
+}
+
+/// Counters of the remote path.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    /// Ranged GETs of pack bytes.
+    pub remote_gets: AtomicU64,
+    pub remote_bytes: AtomicU64,
+    pub chunks_fetched: AtomicU64,
+    pub digest_failures: AtomicU64,
+    /// Requests that found the chunk already being fetched and waited.
+    pub single_flight_waits: AtomicU64,
+    pub fetch_errors: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChunkStoreConfig {
+    pub cache_dir: PathBuf,
+    pub cache_capacity: u64,
+    /// Frames at most this far apart in a pack are fetched in one GET.
+    pub merge_gap: u64,
+    /// A merged GET stops growing at this many bytes.
+    pub max_run_bytes: u64,
+}
+
+impl ChunkStoreConfig {
+    pub fn new(cache_dir: PathBuf, cache_capacity: u64) -> ChunkStoreConfig {
+        ChunkStoreConfig {
+            cache_dir,
+            cache_capacity,
+            merge_gap: 64 << 10,
+            max_run_bytes: 8 << 20,
+        }
+    }
+}
+
+type Outcome = Result<(), ChunkStoreError>;
+
+#[derive(Default)]
+struct Pending {
+    outcome: Mutex<Option<Outcome>>,
+    ready: Condvar,
+}
+
+impl Pending {
+    fn complete(&self, outcome: Outcome) {
+        let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        if o.is_none() {
+            *o = Some(outcome);
+            self.ready.notify_all();
+        }
+    }
+
+    fn wait(&self) -> Outcome {
+        let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = o.as_ref() {
+                return r.clone();
+            }
+            o = self.ready.wait(o).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+struct Inner {
+    remote: Arc<dyn ObjectStore>,
+    rt: Handle,
+    cache: ChunkCache,
+    map: RwLock<PackMap>,
+    index_dir: PathBuf,
+    inflight: Mutex<HashMap<ChunkId, Arc<Pending>>>,
+    stats: FetchStats,
+    cfg: ChunkStoreConfig,
+}
+
+/// A cheap, clonable handle on a store with its local cache.
+#[derive(Clone)]
+pub struct ChunkStore {
+    inner: Arc<Inner>,
+}
+
+/// Chunks this fetch owns. Whatever is still unanswered when it is dropped
+/// (the runtime shut down, a task panicked) is failed, so no waiter hangs.
+struct Claim {
+    inner: Arc<Inner>,
+    pending: HashMap<ChunkId, Arc<Pending>>,
+}
+
+impl Claim {
+    fn finish(&mut self, id: &ChunkId, outcome: Outcome) {
+        if let Some(p) = self.pending.remove(id) {
+            if outcome.is_err() {
+                self.inner.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            self.inner.lock_inflight().remove(id);
+            p.complete(outcome);
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let ids: Vec<ChunkId> = self.pending.keys().copied().collect();
+        for id in ids {
+            self.finish(&id, Err(ChunkStoreError::Cancelled { id, why: "the fetch task ended early" }));
+        }
+    }
+}
+
+impl Inner {
+    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, HashMap<ChunkId, Arc<Pending>>> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, PackMap> {
+        self.map.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ChunkStore {
+    /// Opens the cache and loads the store's pack indexes.
+    pub async fn open(remote: Arc<dyn ObjectStore>, cfg: ChunkStoreConfig) -> Result<ChunkStore, ChunkStoreError> {
+        let cache_err = |e: CacheError| ChunkStoreError::Cache {
+            id: ChunkId::from_bytes([0; 32]),
+            source: Arc::new(e),
+        };
+        let cache = ChunkCache::open(&cfg.cache_dir, cfg.cache_capacity).map_err(cache_err)?;
+        let store = ChunkStore {
+            inner: Arc::new(Inner {
+                remote,
+                rt: Handle::current(),
+                cache,
+                map: RwLock::new(PackMap::default()),
+                index_dir: cfg.cache_dir.join("indexes"),
+                inflight: Mutex::new(HashMap::new()),
+                stats: FetchStats::default(),
+                cfg,
+            }),
+        };
+        store.refresh().await?;
+        Ok(store)
+    }
+
+    pub fn remote(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner.remote
+    }
+
+    pub fn runtime(&self) -> &Handle {
+        &self.inner.rt
+    }
+
+    pub fn cache(&self) -> &ChunkCache {
+        &self.inner.cache
+    }
+
+    pub fn stats(&self) -> &FetchStats {
+        &self.inner.stats
+    }
+
+    pub fn config(&self) -> &ChunkStoreConfig {
+        &self.inner.cfg
+    }
+
+    /// Loads pack indexes other writers have added since the last look.
+    pub async fn refresh(&self) -> Result<usize, ChunkStoreError> {
+        locate::refresh(&self.inner.map, self.inner.remote.as_ref(), &self.inner.index_dir)
+            .await
+            .map_err(|e| ChunkStoreError::Locate(Arc::new(e)))
+    }
+
+    /// Records a pack this process has just uploaded.
+    pub fn add_pack(&self, index: &PackIndex) {
+        self.inner.map.write().unwrap_or_else(|p| p.into_inner()).add(index);
+    }
+
+    /// Whether some pack holds the chunk (as far as this host knows).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.inner.map().contains(id)
+    }
+
+    pub fn locate(&self, id: &ChunkId) -> Option<Location> {
+        self.inner.map().locate(id)
+    }
+
+    /// Runs `f` with the pack map (for verification and statistics).
+    pub fn with_pack_map<T>(&self, f: impl FnOnce(&PackMap) -> T) -> T {
+        f(&self.inner.map())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of chunk `id`, fetching it first
+    /// if it is not cached. A cached copy that fails its CRC is dropped and
+    /// fetched again; it is never served.
+    pub fn read(&self, id: &ChunkId, offset: u64, buf: &mut [u8]) -> Result<(), ChunkStoreError> {
+        let cache_err = |e: CacheError| ChunkStoreError::Cache {
+            id: *id,
+            source: Arc::new(e),
+        };
+        for _ in 0..4 {
+            match self.inner.cache.read(id, offset, buf) {
+                Ok(true) => return Ok(()),
+                Ok(false) => self.fetch(std::slice::from_ref(id))?,
+                // The cache has dropped the bad copy; fetch a good one.
+                Err(e) if e.kind() == ErrorKind::Corrupt => self.fetch(std::slice::from_ref(id))?,
+                Err(e) => return Err(cache_err(e)),
+            }
+        }
+        Err(ChunkStoreError::Cancelled {
+            id: *id,
+            why: "the chunk kept leaving the cache before it could be read (is the cache far too small?)",
+        })
+    }
+
+    /// The whole chunk `id`, of `len` bytes.
+    pub fn read_chunk(&self, id: &ChunkId, len: u32) -> Result<Vec<u8>, ChunkStoreError> {
+        let mut buf = vec![0u8; len as usize];
+        self.read(id, 0, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Makes every chunk in `ids` local, fetching what is missing (merged
+    /// where adjacent) and waiting for fetches already under way.
+    pub fn fetch(&self, ids: &[ChunkId]) -> Result<(), ChunkStoreError> {
+        let waits = self.start_fetch(ids);
+        let mut first_err = None;
+        for p in waits {
+            if let Err(e) = p.wait() {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Starts fetching whatever of `ids` is not local, without waiting.
+    pub fn prefetch(&self, ids: &[ChunkId]) {
+        self.start_fetch(ids);
+    }
+
+    /// Claims the missing chunks no one is fetching and spawns one fetch
+    /// for them; returns the slots to wait on (ours and others').
+    fn start_fetch(&self, ids: &[ChunkId]) -> Vec<Arc<Pending>> {
+        let mut waits = Vec::new();
+        let mut mine = HashMap::new();
+        {
+            let mut inflight = self.inner.lock_inflight();
+            for id in ids {
+                if let Some(p) = inflight.get(id) {
+                    if !mine.contains_key(id) {
+                        self.inner.stats.single_flight_waits.fetch_add(1, Ordering::Relaxed);
+                        waits.push(p.clone());
+                    }
+                    continue;
+                }
+                // Checked under the in-flight lock: a fetch inserts into the
+                // cache before it leaves the in-flight map.
+                if self.inner.cache.contains(id) {
+                    continue;
+                }
+                let p = Arc::new(Pending::default());
+                inflight.insert(*id, p.clone());
+                mine.insert(*id, p.clone());
+                waits.push(p);
+            }
+        }
+        if !mine.is_empty() {
+            let claim = Claim {
+                inner: self.inner.clone(),
+                pending: mine,
+            };
+            self.inner.rt.spawn(fetch_claimed(claim));
+        }
+        waits
+    }
+}
+
+/// Locates the claimed chunks, groups them into merged runs per pack and
+/// fetches the runs concurrently.
+async fn fetch_claimed(mut claim: Claim) {
+    let inner = claim.inner.clone();
+    let ids: Vec<ChunkId> = claim.pending.keys().copied().collect();
+    let mut unknown: Vec<ChunkId> = ids.iter().filter(|id| !inner.map().contains(id)).copied().collect();
+    if !unknown.is_empty() {
+        // Another host may have added packs since we last looked.
+        if let Err(e) = locate::refresh(&inner.map, inner.remote.as_ref(), &inner.index_dir).await {
+            let e = ChunkStoreError::Locate(Arc::new(e));
+            for id in unknown.drain(..) {
+                claim.finish(&id, Err(e.clone()));
+            }
+        }
+    }
+    let mut by_pack: HashMap<crate::id::PackId, Vec<IndexEntry>> = HashMap::new();
+    for id in ids {
+        if !claim.pending.contains_key(&id) {
+            continue;
+        }
+        match inner.map().locate(&id) {
+            Some(loc) => by_pack.entry(loc.pack).or_default().push(loc.entry),
+            None => {
+                let store = inner.remote.uri().to_owned();
+                claim.finish(&id, Err(ChunkStoreError::NotFound { id, store }));
+            }
+        }
+    }
+    let mut tasks = Vec::new();
+    for (pack, entries) in by_pack {
+        for run in split_long_runs(PackIndex::runs(entries, inner.cfg.merge_gap), inner.cfg.max_run_bytes) {
+            let run_claim = Claim {
+                inner: inner.clone(),
+                pending: run.iter().filter_map(|e| claim.pending.remove(&e.id).map(|p| (e.id, p))).collect(),
+            };
+            tasks.push(tokio::spawn(fetch_run(run_claim, layout::pack_key(&pack), run)));
+        }
+    }
+    for t in tasks {
+        // A panicked run fails its own chunks through its claim's Drop.
+        let _ = t.await;
+    }
+}
+
+fn split_long_runs(runs: Vec<Vec<IndexEntry>>, max_bytes: u64) -> Vec<Vec<IndexEntry>> {
+    let mut out = Vec::new();
+    for run in runs {
+        let mut cur: Vec<IndexEntry> = Vec::new();
+        for e in run {
+            if let Some(first) = cur.first() {
+                if e.end() - first.offset > max_bytes {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            cur.push(e);
+        }
+        out.push(cur);
+    }
+    out
+}
+
+/// One ranged GET, then verify and cache each frame of the run.
+async fn fetch_run(mut claim: Claim, key: String, run: Vec<IndexEntry>) {
+    let inner = claim.inner.clone();
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        return;
+    };
+    let range = first.offset..last.end();
+    let bytes = match inner.remote.get(&key, Some(range)).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(pack = %key, error = %e, "fetching a pack range failed");
+            let e = Arc::new(e);
+            for entry in &run {
+                let err = ChunkStoreError::Remote { id: entry.id, key: key.clone(), source: e.clone() };
+                claim.finish(&entry.id, Err(err));
+            }
+            return;
+        }
+    };
+    inner.stats.remote_gets.fetch_add(1, Ordering::Relaxed);
+    inner.stats.remote_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    // Decompressing and hashing is CPU work: keep it off the async workers.
+    let _ = tokio::task::spawn_blocking(move || {
+        for (entry, frame_bytes) in pack::frames_of_run(&run, &bytes) {
+            let outcome = verify_and_cache(&claim.inner, &key, entry, frame_bytes);
+            claim.finish(&entry.id, outcome);
+        }
+    })
+    .await;
+}
+
+fn verify_and_cache(inner: &Inner, key: &str, entry: IndexEntry, frame_bytes: Option<&[u8]>) -> Outcome {
+    let corrupt = |source: FrameError| {
+        inner.stats.digest_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(chunk = %entry.id, object = key, error = %source, "remote chunk failed verification; not cached");
+        ChunkStoreError::Corrupt {
+            id: entry.id,
+            key: key.to_owned(),
+            source: Arc::new(source),
+        }
+    };
+    let frame_bytes = frame_bytes.ok_or_else(|| {
+        corrupt(FrameError::Truncated {
+            have: 0,
+            need: entry.frame_len as usize,
+        })
+    })?;
+    let raw = frame::decode_chunk(frame_bytes, entry.id, Verify::Digest).map_err(corrupt)?;
+    inner.cache.insert(entry.id, &raw).map_err(|e| ChunkStoreError::Cache {
+        id: entry.id,
+        source: Arc::new(e),
+    })?;
+    inner.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}

@@ -1,0 +1,29 @@
+//! The stable classification every engine error maps to.
+//!
+//! Callers decide on the kind (retry, answer the guest with an I/O error,
+//! fail the restore), never on message text.
+
+/// What sort of failure an error is, independent of where it happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The named thing does not exist.
+    NotFound,
+    /// Bytes failed a checksum or digest, or do not parse: never retried as-is.
+    Corrupt,
+    /// Worth retrying: a timeout, a dropped connection, a 5xx, throttling.
+    Transient,
+    /// Local I/O failed.
+    Io,
+    /// The caller asked for something malformed.
+    InvalidInput,
+    /// A format version or feature this build does not know.
+    Unsupported,
+    /// Credentials were rejected or lack permission.
+    PermissionDenied,
+}
+
+impl ErrorKind {
+    pub fn is_transient(self) -> bool {
+        self == ErrorKind::Transient
+    }
+}

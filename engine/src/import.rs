@@ -1,0 +1,418 @@
+//! Raw image import: a file in, chunks, packs and a manifest out.
+//!
+//! The import streams: a reader thread reads batches of chunks, all
+//! cores hash them (zero chunks are skipped, known chunks deduplicated
+//! against every pack in the store) and compress only the new ones, and
+//! frames are appended to a pack in a local staging directory. Full packs
+//! are uploaded in the background while the next fills. Memory stays
+//! bounded by a few batches and packs in flight, whatever the image size.
+//!
+//! Crash safety: a pack is uploaded before its index object, and a pack
+//! left in staging by a crash is recovered to its last whole frame and
+//! uploaded by the next import, so a rerun after a failure re-sends
+//! nothing that already reached the store.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use bytes::Bytes;
+use rayon::prelude::*;
+
+use crate::chunkstore::ChunkStore;
+use crate::error::ErrorKind;
+use crate::frame::FrameEncoder;
+use crate::id::ChunkId;
+use crate::layout;
+use crate::manifest::{Manifest, ManifestError};
+use crate::objstore::{PutMode, StoreError};
+use crate::pack::{self, PackError, PackIndex, PackWriter};
+
+/// The default chunk size; README's "Chunk size" section has the measurements.
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+pub const DEFAULT_PACK_TARGET: u64 = 32 << 20;
+/// Packs being uploaded while the next one fills.
+const UPLOADS_IN_FLIGHT: usize = 2;
+/// Bytes read and hashed as one batch.
+const BATCH_BYTES: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("staging directory {path}")]
+    Staging {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    #[error("upload to the store failed; rerun the import to resume (what was uploaded is kept)")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("invalid import options: {0}")]
+    Options(String),
+    #[error("an upload task failed: {0}")]
+    Task(String),
+}
+
+impl ImportError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ImportError::Read { .. } | ImportError::Staging { .. } | ImportError::Task(_) => ErrorKind::Io,
+            ImportError::Pack(e) => e.kind(),
+            ImportError::Store(e) => e.kind(),
+            ImportError::Manifest(e) => e.kind(),
+            ImportError::Options(_) => ErrorKind::InvalidInput,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    pub chunk_size: u32,
+    pub zstd_level: i32,
+    /// A pack is closed and uploaded once it reaches this many bytes.
+    pub pack_target: u64,
+    /// Where packs are built before upload (on local disk).
+    pub staging_dir: PathBuf,
+}
+
+impl ImportOptions {
+    pub fn new(staging_dir: PathBuf) -> ImportOptions {
+        ImportOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            pack_target: DEFAULT_PACK_TARGET,
+            staging_dir,
+        }
+    }
+
+    fn check(&self) -> Result<(), ImportError> {
+        let cs = self.chunk_size;
+        if !cs.is_power_of_two() || !(4096..=(16 << 20)).contains(&cs) {
+            return Err(ImportError::Options(format!(
+                "chunk size {cs} must be a power of two from 4 KiB to 16 MiB"
+            )));
+        }
+        if !(1..=22).contains(&self.zstd_level) {
+            return Err(ImportError::Options(format!(
+                "zstd level {} must be 1 to 22",
+                self.zstd_level
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImportReport {
+    pub id: String,
+    pub logical_bytes: u64,
+    /// Frame bytes of the distinct chunks the image uses (shared or not).
+    pub stored_bytes: u64,
+    /// Frame bytes this import added to the store.
+    pub new_bytes: u64,
+    pub chunk_size: u32,
+    pub chunks: u64,
+    pub zero_chunks: u64,
+    pub distinct_chunks: u64,
+    pub new_chunks: u64,
+    /// Stored (non-zero) chunk references per distinct chunk.
+    pub dedup_ratio: f64,
+    /// Packs found in staging from an earlier, interrupted import and uploaded.
+    pub recovered_packs: u64,
+}
+
+thread_local! {
+    static ENCODER: RefCell<Option<(i32, FrameEncoder)>> = const { RefCell::new(None) };
+}
+
+fn encode_frame(level: i32, id: ChunkId, raw: &[u8]) -> Vec<u8> {
+    ENCODER.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_none_or(|(l, _)| *l != level) {
+            let enc = FrameEncoder::new(level).expect("zstd context for a checked level");
+            *cell = Some((level, enc));
+        }
+        let (_, enc) = cell.as_mut().expect("set above");
+        enc.encode(id, raw)
+    })
+}
+
+/// True if every byte is zero.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(16);
+    words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// A pack on its way to the store.
+type Upload = tokio::task::JoinHandle<Result<PackIndex, ImportError>>;
+
+struct Importer<'a> {
+    store: &'a ChunkStore,
+    opts: &'a ImportOptions,
+    writer: Option<PackWriter>,
+    uploads: Vec<Upload>,
+    new_frames: HashMap<ChunkId, u32>,
+    new_bytes: u64,
+}
+
+impl Importer<'_> {
+    fn staging_file(&self) -> PathBuf {
+        self.opts
+            .staging_dir
+            .join(format!("{:016x}.partial", fastrand::u64(..)))
+    }
+
+    fn append(&mut self, frame: &[u8]) -> Result<(), ImportError> {
+        if self.writer.is_none() {
+            self.writer = Some(PackWriter::create(&self.staging_file())?);
+        }
+        let w = self.writer.as_mut().expect("created above");
+        let entry = w.append(frame)?;
+        self.new_frames.insert(entry.id, entry.frame_len);
+        self.new_bytes += u64::from(entry.frame_len);
+        if w.len() >= self.opts.pack_target {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the current pack and starts its upload.
+    fn seal(&mut self) -> Result<(), ImportError> {
+        let Some(w) = self.writer.take() else {
+            return Ok(());
+        };
+        let path = w.path().to_owned();
+        let index = w.finish()?;
+        while self.uploads.len() >= UPLOADS_IN_FLIGHT {
+            let oldest = self.uploads.remove(0);
+            self.join(oldest)?;
+        }
+        self.uploads.push(self.store.runtime().spawn(upload_pack(self.store.clone(), path, index)));
+        Ok(())
+    }
+
+    fn join(&self, upload: Upload) -> Result<(), ImportError> {
+        let index = self
+            .store
+            .runtime()
+            .block_on(upload)
+            .map_err(|e| ImportError::Task(e.to_string()))??;
+        self.store.add_pack(&index);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), ImportError> {
+        self.seal()?;
+        let mut first_err = None;
+        for u in std::mem::take(&mut self.uploads) {
+            if let Err(e) = self.join(u) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Uploads a finished pack, then its index object, then drops the local file.
+async fn upload_pack(store: ChunkStore, path: PathBuf, index: PackIndex) -> Result<PackIndex, ImportError> {
+    let remote = store.remote();
+    remote.put_file(&layout::pack_key(&index.id), &path).await?;
+    remote
+        .put(&layout::pack_index_key(&index.id), Bytes::from(index.encode_tail()), PutMode::IfAbsent)
+        .await?;
+    tokio::fs::remove_file(&path)
+        .await
+        .map_err(|source| ImportError::Staging { path: path.clone(), source })?;
+    Ok(index)
+}
+
+/// Uploads packs an interrupted import left in staging. Returns how many.
+fn recover_staging(store: &ChunkStore, dir: &Path) -> Result<u64, ImportError> {
+    let staging = |source| ImportError::Staging { path: dir.to_owned(), source };
+    let mut recovered = 0;
+    for entry in fs::read_dir(dir).map_err(staging)? {
+        let path = entry.map_err(staging)?.path();
+        if path.extension().is_none_or(|e| e != "partial") {
+            continue;
+        }
+        match pack::recover(&path) {
+            Ok(r) if !r.index.entries.is_empty() => {
+                tracing::info!(path = %path.display(), frames = r.index.entries.len(), cut = r.truncated_bytes, "recovered an interrupted pack");
+                let index = store.runtime().block_on(upload_pack(store.clone(), path, r.index))?;
+                store.add_pack(&index);
+                recovered += 1;
+            }
+            // Empty or not even a pack header: nothing worth keeping.
+            _ => fs::remove_file(&path).map_err(staging)?,
+        }
+    }
+    Ok(recovered)
+}
+
+/// Reads `file` in batches of whole chunks on its own thread.
+fn spawn_reader(mut file: File, path: PathBuf, batch: usize) -> mpsc::Receiver<Result<Vec<u8>, ImportError>> {
+    let (tx, rx) = mpsc::sync_channel(2);
+    std::thread::spawn(move || loop {
+        let mut buf = Vec::with_capacity(batch);
+        let read = (&mut file).take(batch as u64).read_to_end(&mut buf);
+        let done = match read {
+            Ok(0) => true,
+            Ok(_) => tx.send(Ok(buf)).is_err(),
+            Err(source) => {
+                let _ = tx.send(Err(ImportError::Read { path: path.clone(), source }));
+                true
+            }
+        };
+        if done {
+            return;
+        }
+    });
+    rx
+}
+
+/// Imports the raw image at `path`. Call from a plain thread (it blocks on
+/// the store's runtime). `progress` is told how many bytes were processed.
+pub fn import_raw(
+    store: &ChunkStore,
+    path: &Path,
+    opts: &ImportOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(Manifest, ImportReport), ImportError> {
+    opts.check()?;
+    let read_err = |source| ImportError::Read { path: path.to_owned(), source };
+    let file = File::open(path).map_err(read_err)?;
+    let logical = file.metadata().map_err(read_err)?.len();
+    let staging = |source| ImportError::Staging { path: opts.staging_dir.clone(), source };
+    fs::create_dir_all(&opts.staging_dir).map_err(staging)?;
+    // One import at a time per staging directory: recovery must not take
+    // a pack another import is still writing.
+    let lock = File::create(opts.staging_dir.join(".lock")).map_err(staging)?;
+    lock.lock().map_err(staging)?;
+    let recovered_packs = recover_staging(store, &opts.staging_dir)?;
+
+    let cs = opts.chunk_size as usize;
+    let batch = (BATCH_BYTES / cs).max(1) * cs;
+    let rx = spawn_reader(file, path.to_owned(), batch);
+    let mut imp = Importer {
+        store,
+        opts,
+        writer: None,
+        uploads: Vec::new(),
+        new_frames: HashMap::new(),
+        new_bytes: 0,
+    };
+    let mut chunks: Vec<Option<ChunkId>> = Vec::with_capacity(Manifest::chunk_count_for(logical, opts.chunk_size) as usize);
+    let mut done = 0u64;
+    let result = (|| {
+        for buf in rx {
+            let buf = buf?;
+            let ids: Vec<Option<ChunkId>> = buf
+                .par_chunks(cs)
+                .map(|c| (!is_zero(c)).then(|| ChunkId::of(c)))
+                .collect();
+            // Decide sequentially (first occurrence wins), compress in parallel.
+            let mut batch_new = HashSet::new();
+            let fresh: Vec<usize> = ids
+                .iter()
+                .enumerate()
+                .filter_map(|(i, id)| {
+                    let id = (*id)?;
+                    let new = !imp.new_frames.contains_key(&id) && !store.contains(&id) && batch_new.insert(id);
+                    new.then_some(i)
+                })
+                .collect();
+            let level = opts.zstd_level;
+            let frames: Vec<Vec<u8>> = fresh
+                .par_iter()
+                .map(|&i| {
+                    let raw = &buf[i * cs..((i + 1) * cs).min(buf.len())];
+                    encode_frame(level, ids[i].expect("fresh chunks are stored"), raw)
+                })
+                .collect();
+            for f in &frames {
+                imp.append(f)?;
+            }
+            chunks.extend(ids);
+            done += buf.len() as u64;
+            progress(done);
+        }
+        imp.finish()
+    })();
+    if let Err(e) = result {
+        // Let uploads already under way complete: the rerun will reuse them.
+        let _ = imp.finish();
+        return Err(e);
+    }
+    if done != logical {
+        return Err(read_err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the file changed size during import ({logical} bytes at start, {done} read)"),
+        )));
+    }
+    let manifest = Manifest::new_disk(logical, opts.chunk_size, chunks);
+    let encoded = manifest.encode();
+    let id = crate::id::ManifestId::of(&encoded);
+    store
+        .runtime()
+        .block_on(store.remote().put(&layout::manifest_key(&id), Bytes::from(encoded), PutMode::IfAbsent))?;
+
+    let distinct = manifest.distinct_chunks();
+    let stored_bytes = distinct
+        .iter()
+        .map(|c| {
+            imp.new_frames
+                .get(c)
+                .map(|&l| u64::from(l))
+                .or_else(|| store.locate(c).map(|l| u64::from(l.entry.frame_len)))
+                .unwrap_or(0)
+        })
+        .sum();
+    let stored_refs = manifest.chunks.len() - manifest.zero_chunks();
+    let report = ImportReport {
+        id: id.to_hex(),
+        logical_bytes: logical,
+        stored_bytes,
+        new_bytes: imp.new_bytes,
+        chunk_size: opts.chunk_size,
+        chunks: manifest.chunks.len() as u64,
+        zero_chunks: manifest.zero_chunks() as u64,
+        distinct_chunks: distinct.len() as u64,
+        new_chunks: imp.new_frames.len() as u64,
+        dedup_ratio: if distinct.is_empty() { 1.0 } else { stored_refs as f64 / distinct.len() as f64 },
+        recovered_packs,
+    };
+    Ok((manifest, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 4096]));
+        assert!(is_zero(&[]));
+        for at in [0, 15, 16, 4095, 4099] {
+            let mut b = vec![0u8; 4100];
+            b[at] = 1;
+            assert!(!is_zero(&b), "{at}");
+        }
+    }
+}

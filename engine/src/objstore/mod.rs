@@ -1,0 +1,139 @@
+//! Object stores: where packs, pack indexes, manifests and names live.
+//!
+//! One small async seam with two real implementations, a directory
+//! (`file://`) and any S3-compatible service (`s3://`). Keys are mostly
+//! content addresses, so puts are idempotent and "put if absent" is the
+//! normal write. Retries, backoff and throttling are not in the backends:
+//! they live once, in [`Resilient`], which wraps any of them.
+
+mod file;
+mod resilient;
+mod s3;
+mod uri;
+
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::ErrorKind;
+
+pub use file::FileStore;
+pub use resilient::{Limiter, Resilient, RetryPolicy};
+pub use s3::{S3Options, S3Store};
+pub use uri::{open_store, StoreUri, UriError};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A failed object-store operation: what, where, why, and how to classify it.
+#[derive(Debug, thiserror::Error)]
+pub struct StoreError {
+    pub op: &'static str,
+    pub store: String,
+    pub key: String,
+    pub kind: ErrorKind,
+    /// The service asked us to slow down (503 SlowDown, 429).
+    pub throttled: bool,
+    pub detail: String,
+    #[source]
+    pub source: Option<BoxError>,
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} `{}` in {}: {}", self.op, self.key, self.store, self.detail)
+    }
+}
+
+impl StoreError {
+    pub fn new(op: &'static str, store: &str, key: &str, kind: ErrorKind, detail: impl Into<String>) -> StoreError {
+        StoreError {
+            op,
+            store: store.to_owned(),
+            key: key.to_owned(),
+            kind,
+            throttled: false,
+            detail: detail.into(),
+            source: None,
+        }
+    }
+
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> StoreError {
+        self.source = Some(source.into());
+        self
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+}
+
+/// How a put treats an existing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Content-addressed objects: keep what is there.
+    IfAbsent,
+    /// Names and other mutable pointers.
+    Overwrite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    AlreadyExisted,
+}
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// The store's URI, for messages.
+    fn uri(&self) -> &str;
+
+    /// The object's bytes, or the `range` of them.
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes, StoreError>;
+
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError>;
+
+    /// Puts a local file if absent, streaming it (multipart where the
+    /// service has it) rather than holding it in memory.
+    async fn put_file(&self, key: &str, path: &Path) -> Result<PutOutcome, StoreError>;
+
+    /// The object's size, or `None` if it does not exist.
+    async fn head(&self, key: &str) -> Result<Option<u64>, StoreError>;
+
+    /// Every key that starts with `prefix`, sorted.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Deletes the object; deleting a missing object succeeds.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// Keys are relative paths of `[A-Za-z0-9._-]` segments joined by `/`.
+pub fn check_key(key: &str) -> Result<(), String> {
+    let ok = !key.is_empty()
+        && key.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{key}` is not a valid object key"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn keys_are_checked() {
+        assert!(super::check_key("packs/ab.pack").is_ok());
+        for bad in ["", "/a", "a//b", "../x", "a/./b", "a b", "a/"] {
+            assert!(super::check_key(bad).is_err(), "{bad}");
+        }
+    }
+}
