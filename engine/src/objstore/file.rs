@@ -131,7 +131,8 @@ impl FileStore {
                     .expect("walk stays under root")
                     .to_string_lossy()
                     .into_owned();
-                if rel == TMP_DIR {
+                // Dot names are the store's own (temporaries, a local cache).
+                if entry.file_name().to_string_lossy().starts_with('.') {
                     continue;
                 }
                 if entry.file_type()?.is_dir() {

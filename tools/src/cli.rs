@@ -1,0 +1,74 @@
+//! Command-line grammar. These names are the interface; keep them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "cairn", version, about = "Content-addressed snapshot and block storage for microVM sandboxes")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Where images live: file:///DIR or s3://BUCKET/PREFIX[?endpoint=URL&path_style=true&region=R].
+    /// Default: a file:// store under the user's data directory.
+    #[arg(long, global = true, env = "CAIRN_STORE")]
+    pub store: Option<String>,
+    /// Local cache of chunks fetched from the store (default: under the user's cache directory).
+    #[arg(long, global = true, env = "CAIRN_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Bound on the local cache's size on disk, e.g. 512M, 10G.
+    #[arg(long, global = true, env = "CAIRN_CACHE_SIZE", default_value = "10G")]
+    pub cache_size: String,
+    /// Print one JSON object on stdout instead of text; no progress bars.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Images: import, export, list, describe.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Check that every chunk of every manifest is in the store.
+    Verify {
+        /// Also re-read every pack and re-hash every chunk.
+        #[arg(long)]
+        deep: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Import a raw disk image file.
+    ImportRaw {
+        file: PathBuf,
+        /// Name to give the image.
+        #[arg(long)]
+        name: String,
+        /// Chunk size, a power of two from 4K to 16M.
+        #[arg(long, default_value = "256K")]
+        chunk_size: String,
+        /// zstd level for new chunks (1 fastest).
+        #[arg(long, default_value_t = cairn_engine::import::DEFAULT_ZSTD_LEVEL)]
+        zstd_level: i32,
+    },
+    /// Write an image back to a raw file, byte for byte.
+    Export {
+        /// Image name or manifest id.
+        image: String,
+        file: PathBuf,
+    },
+    /// List named images.
+    Ls,
+    /// Show an image's manifest: sizes, chunks, storage.
+    Describe {
+        /// Image name or manifest id.
+        image: String,
+    },
+}

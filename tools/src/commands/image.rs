@@ -1,0 +1,192 @@
+//! `cairn image …`
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+use cairn_engine::catalog;
+use cairn_engine::export::export_raw;
+use cairn_engine::import::{import_raw as engine_import, ImportOptions};
+use cairn_engine::manifest::{Manifest, ManifestKind};
+use cairn_engine::ManifestId;
+use serde::Serialize;
+
+use crate::context::Context;
+use crate::output::{bytes_bar, emit};
+use crate::size::{human, parse_size};
+
+#[derive(Serialize)]
+struct Imported {
+    name: String,
+    #[serde(flatten)]
+    report: cairn_engine::import::ImportReport,
+    seconds: f64,
+    throughput_mib_s: f64,
+}
+
+pub fn import_raw(ctx: &Context, file: &Path, name: &str, chunk_size: &str, zstd_level: i32) -> Result<ExitCode> {
+    catalog::check_name(name)?;
+    let chunk_size = parse_size(chunk_size).map_err(anyhow::Error::msg).context("--chunk-size")?;
+    let len = std::fs::metadata(file)
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .len();
+    let store = ctx.chunk_store()?;
+    let mut opts = ImportOptions::new(ctx.staging_dir());
+    opts.chunk_size = u32::try_from(chunk_size).context("--chunk-size is too large")?;
+    opts.zstd_level = zstd_level;
+    let bar = bytes_bar(len, ctx.json, "importing");
+    let started = Instant::now();
+    let (_, report) = engine_import(&store, file, &opts, &|done| bar.set_position(done))
+        .with_context(|| format!("importing {} into {}", file.display(), store.remote().uri()))?;
+    bar.finish_and_clear();
+    let id: ManifestId = report.id.parse()?;
+    ctx.rt.block_on(catalog::set_image(store.remote().as_ref(), name, &id))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let out = Imported {
+        name: name.to_owned(),
+        throughput_mib_s: report.logical_bytes as f64 / (1 << 20) as f64 / seconds.max(1e-9),
+        report,
+        seconds,
+    };
+    emit(ctx.json, &out, || {
+        let r = &out.report;
+        format!(
+            "imported {name}\n  id             {}\n  logical size   {} ({} bytes)\n  stored bytes   {}\n  new bytes      {}\n  chunks         {} of {} ({} zero, {} distinct, {} new)\n  dedup ratio    {:.2}\n  took           {:.2} s ({:.0} MiB/s)\n",
+            r.id,
+            human(r.logical_bytes),
+            r.logical_bytes,
+            human(r.stored_bytes),
+            human(r.new_bytes),
+            r.chunks,
+            human(u64::from(r.chunk_size)),
+            r.zero_chunks,
+            r.distinct_chunks,
+            r.new_chunks,
+            r.dedup_ratio,
+            out.seconds,
+            out.throughput_mib_s,
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load(ctx: &Context, image: &str) -> Result<(ManifestId, Manifest)> {
+    let remote = ctx.remote.as_ref();
+    let id = ctx.rt.block_on(catalog::resolve(remote, image))?;
+    let manifest = ctx.rt.block_on(catalog::load_manifest(remote, &id))?;
+    Ok((id, manifest))
+}
+
+#[derive(Serialize)]
+struct Exported {
+    id: String,
+    file: String,
+    logical_bytes: u64,
+    seconds: f64,
+}
+
+pub fn export(ctx: &Context, image: &str, file: &Path) -> Result<ExitCode> {
+    let (id, manifest) = load(ctx, image)?;
+    let store = ctx.chunk_store()?;
+    let bar = bytes_bar(manifest.logical_size, ctx.json, "exporting");
+    let started = Instant::now();
+    export_raw(&store, &manifest, file, &|done| bar.set_position(done))
+        .with_context(|| format!("exporting {image} to {}", file.display()))?;
+    bar.finish_and_clear();
+    let out = Exported {
+        id: id.to_hex(),
+        file: file.display().to_string(),
+        logical_bytes: manifest.logical_size,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    emit(ctx.json, &out, || {
+        format!("exported {image} ({}) to {} in {:.2} s\n", human(out.logical_bytes), out.file, out.seconds)
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct Listed {
+    name: String,
+    id: Option<String>,
+    logical_bytes: Option<u64>,
+    error: Option<String>,
+}
+
+pub fn ls(ctx: &Context) -> Result<ExitCode> {
+    let remote = ctx.remote.as_ref();
+    let mut rows = Vec::new();
+    for (name, id) in ctx.rt.block_on(catalog::list_images(remote))? {
+        let loaded = id.and_then(|id| Ok((id, ctx.rt.block_on(catalog::load_manifest(remote, &id))?)));
+        rows.push(match loaded {
+            Ok((id, m)) => Listed { name, id: Some(id.to_hex()), logical_bytes: Some(m.logical_size), error: None },
+            Err(e) => Listed { name, id: None, logical_bytes: None, error: Some(e.to_string()) },
+        });
+    }
+    emit(ctx.json, &rows, || {
+        let mut s = format!("{:<32} {:<14} {:>12}\n", "NAME", "ID", "SIZE");
+        for r in &rows {
+            let id = r.id.as_deref().map_or("?", |i| &i[..12]);
+            let size = r.logical_bytes.map_or_else(|| r.error.clone().unwrap_or_default(), human);
+            s += &format!("{:<32} {:<14} {:>12}\n", r.name, id, size);
+        }
+        s
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct Described {
+    id: String,
+    kind: &'static str,
+    logical_bytes: u64,
+    chunk_size: u32,
+    chunks: usize,
+    zero_chunks: usize,
+    distinct_chunks: usize,
+    stored_bytes: u64,
+    missing_chunks: usize,
+}
+
+pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
+    let (id, m) = load(ctx, image)?;
+    let store = ctx.chunk_store()?;
+    let distinct = m.distinct_chunks();
+    let (stored, missing) = store.with_pack_map(|map| {
+        distinct.iter().fold((0u64, 0usize), |(s, miss), c| match map.locate(c) {
+            Some(l) => (s + u64::from(l.entry.frame_len), miss),
+            None => (s, miss + 1),
+        })
+    });
+    let out = Described {
+        id: id.to_hex(),
+        kind: match m.kind {
+            ManifestKind::Disk => "disk",
+            ManifestKind::Memory => "memory",
+        },
+        logical_bytes: m.logical_size,
+        chunk_size: m.chunk_size,
+        chunks: m.chunks.len(),
+        zero_chunks: m.zero_chunks(),
+        distinct_chunks: distinct.len(),
+        stored_bytes: stored,
+        missing_chunks: missing,
+    };
+    emit(ctx.json, &out, || {
+        format!(
+            "image {image}\n  id              {}\n  kind            {}\n  logical size    {} ({} bytes)\n  chunk size      {}\n  chunks          {} ({} zero, {} distinct)\n  stored bytes    {}\n  missing chunks  {}\n",
+            out.id,
+            out.kind,
+            human(out.logical_bytes),
+            out.logical_bytes,
+            human(u64::from(out.chunk_size)),
+            out.chunks,
+            out.zero_chunks,
+            out.distinct_chunks,
+            human(out.stored_bytes),
+            out.missing_chunks
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

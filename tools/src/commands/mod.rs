@@ -1,0 +1,27 @@
+//! One function per command; each returns the process exit code.
+
+mod image;
+mod verify;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command, ImageCommand};
+use crate::context::Context;
+
+/// `cairn verify` found problems (distinct from failing to run).
+pub const EXIT_PROBLEMS: u8 = 3;
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let ctx = Context::new(&cli.global)?;
+    match cli.command {
+        Command::Image(ImageCommand::ImportRaw { file, name, chunk_size, zstd_level }) => {
+            image::import_raw(&ctx, &file, &name, &chunk_size, zstd_level)
+        }
+        Command::Image(ImageCommand::Export { image, file }) => image::export(&ctx, &image, &file),
+        Command::Image(ImageCommand::Ls) => image::ls(&ctx),
+        Command::Image(ImageCommand::Describe { image }) => image::describe(&ctx, &image),
+        Command::Verify { deep } => verify::verify(&ctx, deep),
+    }
+}
