@@ -8,6 +8,7 @@
 
 mod file;
 mod resilient;
+#[cfg(feature = "s3")]
 mod s3;
 mod uri;
 
@@ -22,7 +23,9 @@ use crate::error::ErrorKind;
 
 pub use file::FileStore;
 pub use resilient::{Limiter, Resilient, RetryPolicy};
-pub use s3::{S3Options, S3Store};
+#[cfg(feature = "s3")]
+pub use s3::S3Store;
+pub use uri::S3Options;
 pub use uri::{open_store, StoreUri, UriError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -22,24 +22,8 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
-use super::{check_key, ObjectStore, PutMode, PutOutcome, StoreError};
+use super::{check_key, ObjectStore, PutMode, PutOutcome, S3Options, StoreError};
 use crate::error::ErrorKind;
-
-/// How to reach a bucket. Unset fields come from the AWS environment.
-#[derive(Debug, Clone, Default)]
-pub struct S3Options {
-    pub bucket: String,
-    /// Key prefix inside the bucket (no leading or trailing `/` needed).
-    pub prefix: String,
-    /// Overrides `AWS_ENDPOINT_URL`.
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-    /// Path-style addressing (`endpoint/bucket/key`); the default is on
-    /// when a custom endpoint is set (MinIO, Ceph RGW, Garage), off for AWS.
-    pub path_style: Option<bool>,
-    /// Files larger than this are uploaded in parts of this size.
-    pub part_size: Option<usize>,
-}
 
 const DEFAULT_PART_SIZE: usize = 16 << 20;
 const MIN_PART_SIZE: usize = 5 << 20;
@@ -75,6 +59,15 @@ impl S3Store {
             );
         if let Some(ep) = &endpoint {
             conf = conf.endpoint_url(ep);
+        }
+        if let Some((key, secret)) = &opts.static_credentials {
+            conf = conf.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                key.clone(),
+                secret.clone(),
+                None,
+                None,
+                "cairn-static",
+            ));
         }
         if let Some(region) = &opts.region {
             conf = conf.region(Region::new(region.clone()));

@@ -9,8 +9,27 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use super::{FileStore, ObjectStore, Resilient, RetryPolicy, S3Options, S3Store, StoreError};
+use super::{FileStore, ObjectStore, Resilient, RetryPolicy, StoreError};
 use crate::error::ErrorKind;
+
+/// How to reach a bucket. Unset fields come from the AWS environment.
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    pub bucket: String,
+    /// Key prefix inside the bucket (no leading or trailing `/` needed).
+    pub prefix: String,
+    /// Overrides `AWS_ENDPOINT_URL`.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`); the default is on
+    /// when a custom endpoint is set (MinIO, Ceph RGW, Garage), off for AWS.
+    pub path_style: Option<bool>,
+    /// Files larger than this are uploaded in parts of this size.
+    pub part_size: Option<usize>,
+    /// Access key and secret to use instead of the AWS chain. Never read
+    /// from a URI (secrets do not belong in one); for embedding and tests.
+    pub static_credentials: Option<(String, String)>,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("bad store URI `{uri}`: {reason}")]
@@ -102,7 +121,12 @@ pub async fn open_store(uri: &StoreUri) -> Result<Arc<dyn ObjectStore>, StoreErr
                 format!("cannot create or open the store directory {}: {e}", root.display()),
             )
         })?),
-        StoreUri::S3(opts) => Arc::new(S3Store::connect(opts).await),
+        #[cfg(feature = "s3")]
+        StoreUri::S3(opts) => Arc::new(super::S3Store::connect(opts).await),
+        #[cfg(not(feature = "s3"))]
+        StoreUri::S3(_) => {
+            return Err(StoreError::new("open", &uri.to_string(), "", ErrorKind::Unsupported, "this build has no S3 support"))
+        }
     };
     Ok(Arc::new(Resilient::new(inner, RetryPolicy::default(), MAX_CONCURRENCY)))
 }

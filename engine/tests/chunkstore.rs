@@ -1,0 +1,280 @@
+//! The chunk store over the real S3 server: import, lazy reads through the
+//! cache, single flight, merged GETs, and every corruption and failure path.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cairn_engine::chunkstore::{ChunkStore, ChunkStoreConfig, ChunkStoreError};
+use cairn_engine::export::export_raw;
+use cairn_engine::import::{import_raw, ImportOptions};
+use cairn_engine::manifest::Manifest;
+use cairn_engine::objstore::{ObjectStore, PutMode, Resilient, S3Store};
+use cairn_engine::pack::PackWriter;
+use cairn_engine::{frame, layout, ChunkId, ErrorKind};
+
+const CS: usize = 64 << 10;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+    remote: Arc<dyn ObjectStore>,
+    image: Vec<u8>,
+    manifest: Manifest,
+}
+
+impl Fixture {
+    /// An image imported into a fresh bucket.
+    fn new(tag: &str, chunks: usize, pack_target: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let (remote, _) = rt.block_on(common::fresh_s3_store(tag));
+        let image = common::test_image(chunks, CS, 7);
+        let path = dir.path().join("image.raw");
+        std::fs::write(&path, &image).unwrap();
+        let store = open(&rt, &remote, &dir.path().join("import-cache"));
+        let mut opts = ImportOptions::new(dir.path().join("staging"));
+        opts.chunk_size = CS as u32;
+        opts.pack_target = pack_target;
+        let (manifest, _) = import_raw(&store, &path, &opts, &|_| {}).unwrap();
+        Fixture { _dir: dir, rt, remote, image, manifest }
+    }
+
+    /// A store handle with its own, empty cache: everything comes from S3.
+    fn cold_store(&self, name: &str) -> ChunkStore {
+        open(&self.rt, &self.remote, &self._dir.path().join(name))
+    }
+
+    fn chunk(&self, i: usize) -> (ChunkId, &[u8]) {
+        (self.manifest.chunks[i].unwrap(), &self.image[i * CS..(i + 1) * CS])
+    }
+}
+
+fn open(rt: &tokio::runtime::Runtime, remote: &Arc<dyn ObjectStore>, cache: &Path) -> ChunkStore {
+    rt.block_on(ChunkStore::open(remote.clone(), ChunkStoreConfig::new(cache.to_owned(), 256 << 20))).unwrap()
+}
+
+#[test]
+fn cold_reads_come_from_s3_verified_and_match_the_image() {
+    let f = Fixture::new("cold", 40, 1 << 20);
+    let store = f.cold_store("c1");
+    for (i, id) in f.manifest.chunks.iter().enumerate() {
+        let Some(id) = id else {
+            assert!(f.image[i * CS..(i + 1) * CS].iter().all(|&b| b == 0));
+            continue;
+        };
+        // An unaligned read inside the chunk.
+        let mut buf = vec![0u8; 5000];
+        store.read(id, 1234, &mut buf).unwrap();
+        assert_eq!(buf, f.image[i * CS + 1234..i * CS + 6234]);
+    }
+    let stats = store.stats();
+    let distinct = f.manifest.distinct_chunks().len() as u64;
+    assert_eq!(stats.chunks_fetched.load(Ordering::Relaxed), distinct);
+    assert_eq!(stats.digest_failures.load(Ordering::Relaxed), 0);
+    // A second pass is served by the cache alone.
+    let gets = stats.remote_gets.load(Ordering::Relaxed);
+    let (id, bytes) = f.chunk(1);
+    let mut buf = vec![0u8; CS];
+    store.read(&id, 0, &mut buf).unwrap();
+    assert_eq!(buf, bytes);
+    assert_eq!(stats.remote_gets.load(Ordering::Relaxed), gets);
+
+    // Export through a cold cache is byte-identical.
+    let out = f._dir.path().join("export.raw");
+    export_raw(&f.cold_store("c2"), &f.manifest, &out, &|_| {}).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), f.image);
+}
+
+#[test]
+fn concurrent_misses_of_one_chunk_make_one_request() {
+    let f = Fixture::new("single", 10, 8 << 20);
+    let store = f.cold_store("c");
+    let (id, bytes) = f.chunk(1);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            let store = store.clone();
+            s.spawn(move || {
+                let mut buf = vec![0u8; CS];
+                store.read(&id, 0, &mut buf).unwrap();
+                assert_eq!(buf, bytes);
+            });
+        }
+    });
+    assert_eq!(store.stats().remote_gets.load(Ordering::Relaxed), 1);
+    assert_eq!(store.stats().chunks_fetched.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn adjacent_misses_are_merged_into_few_ranged_gets() {
+    let f = Fixture::new("merge", 60, 64 << 20);
+    let store = f.cold_store("c");
+    let ids = f.manifest.distinct_chunks();
+    store.fetch(&ids).unwrap();
+    let gets = store.stats().remote_gets.load(Ordering::Relaxed);
+    // One pack, a few MiB: one GET (at most one per 8 MiB run).
+    assert_eq!(gets, 1, "{} chunks took {gets} GETs", ids.len());
+    assert_eq!(store.stats().chunks_fetched.load(Ordering::Relaxed), ids.len() as u64);
+}
+
+#[test]
+fn a_flipped_byte_in_a_cached_chunk_is_fetched_again_never_served() {
+    let f = Fixture::new("flip", 10, 8 << 20);
+    let cache_dir = f._dir.path().join("c");
+    let store = f.cold_store("c");
+    let (id, bytes) = f.chunk(1);
+    let mut buf = vec![0u8; CS];
+    store.read(&id, 0, &mut buf).unwrap();
+    // Rot the cached copy on disk.
+    let path = cache_dir.join("chunks").join(id.to_hex());
+    let mut cached = std::fs::read(&path).unwrap();
+    let n = cached.len();
+    cached[n - 100] ^= 0x01;
+    std::fs::write(&path, &cached).unwrap();
+    // Reopen so no state survives in memory either.
+    let store = f.cold_store("c");
+    let mut buf = vec![0u8; CS];
+    store.read(&id, 0, &mut buf).unwrap();
+    assert_eq!(buf, bytes);
+    assert_eq!(store.cache().stats().crc_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(store.stats().chunks_fetched.load(Ordering::Relaxed), 1);
+    // The cache now holds a good copy again.
+    let mut again = vec![0u8; CS];
+    store.read(&id, 0, &mut again).unwrap();
+    assert_eq!(again, bytes);
+}
+
+#[test]
+fn a_remote_chunk_that_does_not_hash_to_its_id_is_refused_and_not_cached() {
+    let f = Fixture::new("forge", 10, 8 << 20);
+    let store = f.cold_store("c");
+    // Chunk 1 is random bytes, stored raw. Forge its frame: change a payload
+    // byte and fix the CRC, as a buggy or malicious writer could.
+    let (id, _) = f.chunk(1);
+    let loc = store.locate(&id).unwrap();
+    let key = layout::pack_key(&loc.pack);
+    let mut pack = f.rt.block_on(f.remote.get(&key, None)).unwrap().to_vec();
+    let at = loc.entry.offset as usize;
+    let frame_len = loc.entry.frame_len as usize;
+    let (h, _) = frame::decode(&pack[at..at + frame_len]).unwrap();
+    assert_eq!(h.codec, frame::Codec::Raw);
+    pack[at + frame::FRAME_HEADER_LEN + 10] ^= 0xff;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&pack[at..at + 48]);
+    crc.update(&pack[at + frame::FRAME_HEADER_LEN..at + frame_len]);
+    pack[at + 48..at + 52].copy_from_slice(&crc.finalize().to_le_bytes());
+    f.rt.block_on(f.remote.put(&key, Bytes::from(pack), PutMode::Overwrite)).unwrap();
+
+    let mut buf = vec![0u8; CS];
+    let err = store.read(&id, 0, &mut buf).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+    assert!(matches!(err, ChunkStoreError::Corrupt { .. }));
+    let msg = err.to_string();
+    assert!(msg.contains(&id.to_hex()) && msg.contains(&key), "{msg}");
+    assert!(!store.cache().contains(&id));
+    assert_eq!(store.stats().digest_failures.load(Ordering::Relaxed), 1);
+    // Other chunks of the same pack are still fine.
+    let (other, bytes) = f.chunk(2);
+    store.read(&other, 0, &mut buf).unwrap();
+    assert_eq!(buf, bytes);
+}
+
+#[test]
+fn a_pack_torn_by_a_crash_is_recovered_and_uploaded_by_the_next_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (remote, _) = rt.block_on(common::fresh_s3_store("torn"));
+    let image = common::test_image(20, CS, 3);
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    // A crashed import: 6 frames written, the 7th torn, no index.
+    let mut enc = frame::FrameEncoder::new(1).unwrap();
+    let torn = staging.join("0000000000000001.partial");
+    let mut w = PackWriter::create(&torn).unwrap();
+    let mut stored = Vec::new();
+    for i in [1, 2, 4, 6, 7, 9, 11] {
+        let c = &image[i * CS..(i + 1) * CS];
+        w.append(&enc.encode(ChunkId::of(c), c)).unwrap();
+        stored.push(ChunkId::of(c));
+    }
+    drop(w);
+    let len = std::fs::metadata(&torn).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&torn).unwrap().set_len(len - 100).unwrap();
+
+    let path = dir.path().join("image.raw");
+    std::fs::write(&path, &image).unwrap();
+    let store = open(&rt, &remote, &dir.path().join("cache"));
+    let mut opts = ImportOptions::new(staging.clone());
+    opts.chunk_size = CS as u32;
+    let (manifest, report) = import_raw(&store, &path, &opts, &|_| {}).unwrap();
+    assert_eq!(report.recovered_packs, 1);
+    assert!(!torn.exists());
+    // The six whole frames were reused, not written again.
+    for id in &stored[..6] {
+        assert!(store.contains(id));
+    }
+    let distinct = manifest.distinct_chunks();
+    let recovered_in_image = stored[..6].iter().filter(|id| distinct.contains(id)).count() as u64;
+    assert_eq!(report.new_chunks, distinct.len() as u64 - recovered_in_image);
+    let out = dir.path().join("out.raw");
+    export_raw(&open(&rt, &remote, &dir.path().join("c2")), &manifest, &out, &|_| {}).unwrap();
+    assert_eq!(std::fs::read(out).unwrap(), image);
+}
+
+#[test]
+fn an_import_cut_off_by_the_server_stopping_fails_cleanly_and_a_rerun_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut server = common::PrivateS3::start(&dir.path().join("s3root"));
+    let bucket = "cairn-interrupt";
+    let opts = common::s3_options(&server.endpoint, bucket, common::PRIVATE_KEY, common::PRIVATE_SECRET);
+    let s3 = rt.block_on(S3Store::connect(&opts));
+    rt.block_on(s3.ensure_bucket()).unwrap();
+    let remote: Arc<dyn ObjectStore> = Arc::new(Resilient::new(Arc::new(s3), common::fast_retries(), 8));
+
+    // 2000 chunks of 64 KiB (125 MiB), packs of 1 MiB: many uploads.
+    let image = common::test_image(2000, CS, 11);
+    let path = dir.path().join("image.raw");
+    std::fs::write(&path, &image).unwrap();
+    let mut iopts = ImportOptions::new(dir.path().join("staging"));
+    iopts.chunk_size = CS as u32;
+    iopts.pack_target = 1 << 20;
+
+    let packs_dir = dir.path().join("s3root").join(bucket).join("store").join("packs");
+    let result = std::thread::scope(|s| {
+        let import = s.spawn(|| {
+            let store = open(&rt, &remote, &dir.path().join("cache"));
+            import_raw(&store, &path, &iopts, &|_| {})
+        });
+        // Stop the server once a few packs have landed.
+        let idx_count = || std::fs::read_dir(&packs_dir).map_or(0, |d| {
+            d.filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".idx")).count()
+        });
+        while idx_count() < 3 && !import.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        server.kill();
+        import.join().unwrap()
+    });
+    let err = result.expect_err("the import must fail when the server goes away");
+    assert_eq!(err.kind(), ErrorKind::Transient, "{err:#?}");
+    assert!(err.to_string().contains("rerun the import"), "{err}");
+    let uploaded_before = std::fs::read_dir(&packs_dir).unwrap().count();
+    assert!(uploaded_before >= 3);
+
+    server.restart();
+    let store = open(&rt, &remote, &dir.path().join("cache"));
+    let (manifest, report) = import_raw(&store, &path, &iopts, &|_| {}).unwrap();
+    // The rerun reused what reached the store.
+    let all_new = report.stored_bytes;
+    assert!(report.new_bytes < all_new, "rerun wrote {} of {} bytes", report.new_bytes, all_new);
+    let out = dir.path().join("out.raw");
+    export_raw(&open(&rt, &remote, &dir.path().join("c2")), &manifest, &out, &|_| {}).unwrap();
+    assert_eq!(std::fs::read(out).unwrap(), image);
+    // And the store verifies clean.
+    let report = rt.block_on(cairn_engine::verify::verify(remote.as_ref(), true, &|_| {})).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}

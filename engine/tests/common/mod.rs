@@ -1,0 +1,148 @@
+//! Shared test support: the real S3 server, test images, the object-store
+//! conformance suite.
+#![allow(dead_code)]
+
+pub mod conformance;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_engine::objstore::{ObjectStore, Resilient, RetryPolicy, S3Options, S3Store};
+
+/// The S3-compatible server the tests use, as `.ci/run` (or
+/// `tools/dev/test.sh`) started it.
+pub struct S3Env {
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+/// Reads the server's address from the environment, failing loudly when it
+/// is missing: a test that claims S3 never quietly passes without one.
+pub fn s3_env() -> S3Env {
+    let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (get("CAIRN_TEST_S3_ENDPOINT"), get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY")) {
+        (Some(endpoint), Some(access_key), Some(secret_key)) => S3Env { endpoint, access_key, secret_key },
+        _ => panic!(
+            "this test needs the S3 test server: set CAIRN_TEST_S3_ENDPOINT, AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY (tools/dev/test.sh starts s3s-fs and sets them)"
+        ),
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", fastrand::u32(..))
+}
+
+pub fn s3_options(endpoint: &str, bucket: &str, key: &str, secret: &str) -> S3Options {
+    S3Options {
+        bucket: bucket.to_owned(),
+        prefix: "store".to_owned(),
+        endpoint: Some(endpoint.to_owned()),
+        region: Some("us-east-1".to_owned()),
+        path_style: Some(true),
+        part_size: Some(5 << 20),
+        static_credentials: Some((key.to_owned(), secret.to_owned())),
+    }
+}
+
+pub fn fast_retries() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 4,
+        base_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(200),
+    }
+}
+
+/// A fresh bucket on the shared test server, behind the retry policy.
+pub async fn fresh_s3_store(tag: &str) -> (Arc<dyn ObjectStore>, S3Store) {
+    let env = s3_env();
+    let bucket = unique(&format!("t-{tag}"));
+    let s3 = S3Store::connect(&s3_options(&env.endpoint, &bucket, &env.access_key, &env.secret_key)).await;
+    s3.ensure_bucket().await.expect("create a test bucket");
+    (Arc::new(Resilient::new(Arc::new(s3.clone()), fast_retries(), 8)), s3)
+}
+
+/// A private s3s-fs process, for tests that must stop and restart it.
+pub struct PrivateS3 {
+    pub endpoint: String,
+    pub port: u16,
+    pub root: PathBuf,
+    child: Option<Child>,
+}
+
+pub const PRIVATE_KEY: &str = "cairnprivate";
+pub const PRIVATE_SECRET: &str = "cairnprivatesecret";
+
+impl PrivateS3 {
+    pub fn start(root: &Path) -> PrivateS3 {
+        std::fs::create_dir_all(root).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut s = PrivateS3 {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            port,
+            root: root.to_owned(),
+            child: None,
+        };
+        s.restart();
+        s
+    }
+
+    pub fn restart(&mut self) {
+        let bin = std::env::var("CAIRN_TEST_S3S_FS").unwrap_or_else(|_| "s3s-fs".to_owned());
+        let child = Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", PRIVATE_KEY, "--secret-key", PRIVATE_SECRET])
+            .arg(&self.root)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.root.with_extension("log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{bin}` (install: cargo install s3s-fs@0.14.1 --locked --features binary): {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs did not start listening: {}",
+                std::fs::read_to_string(self.root.with_extension("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateS3 {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Deterministic test image bytes: a mix of zero, compressible, random and
+/// repeated chunks, as a disk has.
+pub fn test_image(chunks: usize, chunk_size: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut out = Vec::with_capacity(chunks * chunk_size);
+    for i in 0..chunks {
+        match i % 5 {
+            0 => out.extend(std::iter::repeat_n(0u8, chunk_size)),
+            1 => out.extend((0..chunk_size).map(|_| rng.u8(..))),
+            2 => out.extend((0..chunk_size).map(|j| b"text of a file, more or less "[j % 29] ^ (i as u8 & 3))),
+            3 => {
+                let start = out.len() - chunk_size;
+                out.extend_from_within(start..start + chunk_size);
+            }
+            _ => out.extend((0..chunk_size).map(|j| ((j / 64) as u8).wrapping_add(rng.u8(..4)))),
+        }
+    }
+    out
+}
