@@ -110,6 +110,11 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Deletes the object; deleting a missing object succeeds.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Makes the store ready to be written (creates the bucket if missing).
+    async fn prepare(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Keys are relative paths of `[A-Za-z0-9._-]` segments joined by `/`.

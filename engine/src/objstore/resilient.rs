@@ -243,6 +243,10 @@ impl ObjectStore for Resilient {
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.run(|| self.inner.delete(key)).await
     }
+
+    async fn prepare(&self) -> Result<(), StoreError> {
+        self.run(|| self.inner.prepare()).await
+    }
 }
 
 #[cfg(test)]

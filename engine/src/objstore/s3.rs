@@ -139,8 +139,21 @@ impl S3Store {
             (SdkError::ResponseError(_), _) => (ErrorKind::Transient, "unreadable response"),
             _ => (ErrorKind::InvalidInput, "request refused"),
         };
-        let status = status.map_or_else(|| "no HTTP status".to_owned(), |s| format!("HTTP {s}"));
-        let detail = format!("{hint} ({status}{}{code}): {}", if code.is_empty() { "" } else { ", " }, DisplayErrorContext(&err));
+        let hint = if code == "NoSuchBucket" {
+            "the bucket does not exist (an import creates it; check the URI)"
+        } else {
+            hint
+        };
+        let detail = match (&err, status) {
+            // The service answered: its status, code and message say it all.
+            (SdkError::ServiceError(_), Some(status)) => {
+                let message = err.message().map(|m| format!(": {m}")).unwrap_or_default();
+                let code = if code.is_empty() { String::new() } else { format!(", {code}") };
+                format!("{hint} (HTTP {status}{code}{message})")
+            }
+            // No answer: the cause chain (refused, reset, timed out) matters.
+            _ => format!("{hint}: {}", DisplayErrorContext(&err)),
+        };
         let mut e = StoreError::new(op, &self.uri, key, kind, detail).with_source(err);
         e.throttled = throttled;
         e
@@ -329,6 +342,10 @@ impl ObjectStore for S3Store {
         }
         keys.sort();
         Ok(keys)
+    }
+
+    async fn prepare(&self) -> Result<(), StoreError> {
+        self.ensure_bucket().await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

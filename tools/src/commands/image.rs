@@ -31,6 +31,9 @@ pub fn import_raw(ctx: &Context, file: &Path, name: &str, chunk_size: &str, zstd
     let len = std::fs::metadata(file)
         .with_context(|| format!("cannot read {}", file.display()))?
         .len();
+    ctx.rt
+        .block_on(ctx.remote.prepare())
+        .with_context(|| format!("preparing {} for writing", ctx.remote.uri()))?;
     let store = ctx.chunk_store()?;
     let mut opts = ImportOptions::new(ctx.staging_dir());
     opts.chunk_size = u32::try_from(chunk_size).context("--chunk-size is too large")?;

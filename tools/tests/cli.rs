@@ -1,0 +1,204 @@
+//! The `cairn` binary end to end, on a `file://` store and on the S3 server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+struct Env {
+    dir: tempfile::TempDir,
+    store: String,
+}
+
+impl Env {
+    fn file_store() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store = format!("file://{}", dir.path().join("store").display());
+        Env { dir, store }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cairn(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["--store", &self.store, "--cache-dir"])
+            .arg(self.path("cache"))
+            .args(["--cache-size", "256M"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cairn(&all);
+        assert!(out.status.success(), "cairn {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// 12 MiB: text, random bytes, zeros, repeats; unaligned tail.
+fn write_image(path: &Path, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut img = Vec::new();
+    for i in 0..48usize {
+        match i % 4 {
+            0 => img.extend(std::iter::repeat_n(0u8, 256 << 10)),
+            1 => img.extend((0..256 << 10).map(|_| rng.u8(..))),
+            2 => img.extend((0..256 << 10).map(|j: usize| b"a disk full of text "[j % 20])),
+            _ => {
+                let s = img.len() - (512 << 10);
+                img.extend_from_within(s..s + (256 << 10));
+            }
+        }
+    }
+    img.extend_from_slice(b"an unaligned tail");
+    std::fs::write(path, &img).unwrap();
+    img
+}
+
+fn flip_blocks(src: &Path, dst: &Path, blocks: &[u64]) {
+    let mut img = std::fs::read(src).unwrap();
+    for &b in blocks {
+        img[(b * 4096) as usize] ^= 0x5a;
+    }
+    std::fs::write(dst, img).unwrap();
+}
+
+#[test]
+fn import_export_ls_describe_verify_round_trip() {
+    let env = Env::file_store();
+    let img = env.path("disk.raw");
+    let bytes = write_image(&img, 1);
+
+    let first = env.ok_json(&["image", "import-raw", img.to_str().unwrap(), "--name", "base"]);
+    assert_eq!(first["logical_bytes"], bytes.len() as u64);
+    assert!(first["new_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(first["new_bytes"], first["stored_bytes"]);
+    let id = first["id"].as_str().unwrap().to_owned();
+
+    // Same bytes again: nothing new.
+    let again = env.ok_json(&["image", "import-raw", img.to_str().unwrap(), "--name", "again"]);
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["new_bytes"], 0);
+
+    // 10 scattered 4 KiB changes: at most 10 new chunks.
+    let changed = env.path("changed.raw");
+    flip_blocks(&img, &changed, &[3, 200, 400, 700, 1000, 1500, 2000, 2300, 2600, 3000]);
+    let c = env.ok_json(&["image", "import-raw", changed.to_str().unwrap(), "--name", "changed"]);
+    assert!(c["new_chunks"].as_u64().unwrap() <= 10, "{c}");
+
+    let out = env.path("out.raw");
+    env.ok_json(&["image", "export", "base", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+    // By id too.
+    env.ok_json(&["image", "export", &id, out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+
+    let ls = env.ok_json(&["image", "ls"]);
+    let names: Vec<&str> = ls.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["again", "base", "changed"]);
+
+    let d = env.ok_json(&["image", "describe", "base"]);
+    assert_eq!(d["id"], first["id"]);
+    assert_eq!(d["stored_bytes"], first["stored_bytes"]);
+    assert_eq!(d["missing_chunks"], 0);
+    assert_eq!(d["zero_chunks"], 12);
+
+    let v = env.ok_json(&["verify", "--deep"]);
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
+    assert!(v["chunks_rehashed"].as_u64().unwrap() > 0);
+
+    // Human output too.
+    let o = env.cairn(&["image", "describe", "base"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("missing chunks  0"));
+}
+
+#[test]
+fn verify_names_a_rotten_pack_and_a_missing_one() {
+    let env = Env::file_store();
+    let img = env.path("disk.raw");
+    write_image(&img, 2);
+    env.ok_json(&["image", "import-raw", img.to_str().unwrap(), "--name", "base"]);
+    let packs = env.path("store").join("packs");
+    let pack = std::fs::read_dir(&packs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "pack"))
+        .unwrap();
+
+    // A flipped byte in a frame: the shallow pass cannot see it, --deep must.
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[300] ^= 0x01;
+    std::fs::write(&pack, &bytes).unwrap();
+    assert!(env.cairn(&["verify"]).status.success());
+    let o = env.cairn(&["verify", "--deep"]);
+    assert_eq!(o.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("CRC mismatch") && text.contains(".pack"), "{text}");
+
+    // A missing pack: every manifest's chunks in it are named.
+    std::fs::remove_file(&pack).unwrap();
+    let o = env.cairn(&["verify"]);
+    assert_eq!(o.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("is missing"), "{text}");
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let env = Env::file_store();
+    let o = env.cairn(&["image", "describe", "nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no image named `nope`"), "{}", stderr(&o));
+
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["--store", "ftp://x", "image", "ls"]).output().unwrap();
+    assert!(stderr(&o).contains("expected file:///DIR or s3://BUCKET/PREFIX"), "{}", stderr(&o));
+
+    let img = env.path("disk.raw");
+    write_image(&img, 3);
+    let o = env.cairn(&["image", "import-raw", img.to_str().unwrap(), "--name", "bad/name"]);
+    assert!(stderr(&o).contains("not a valid image name"), "{}", stderr(&o));
+    let o = env.cairn(&["image", "import-raw", img.to_str().unwrap(), "--name", "x", "--chunk-size", "3000"]);
+    assert!(stderr(&o).contains("power of two"), "{}", stderr(&o));
+    let o = env.cairn(&["image", "import-raw", "/nonexistent", "--name", "x"]);
+    assert!(stderr(&o).contains("/nonexistent"), "{}", stderr(&o));
+
+    // A manifest of a future version: a clear error naming the version.
+    let r = env.ok_json(&["image", "import-raw", img.to_str().unwrap(), "--name", "ok"]);
+    let id = r["id"].as_str().unwrap();
+    let mpath = env.path("store").join("manifests").join(id);
+    let mut m = std::fs::read(&mpath).unwrap();
+    m[8] = 9;
+    std::fs::write(&mpath, &m).unwrap();
+    let o = env.cairn(&["image", "describe", "ok"]);
+    assert_eq!(o.status.code(), Some(1));
+    // The digest no longer matches either; the digest check comes first.
+    assert!(stderr(&o).contains(id), "{}", stderr(&o));
+}
+
+#[test]
+fn s3_store_round_trip_through_the_cli() {
+    let endpoint = std::env::var("CAIRN_TEST_S3_ENDPOINT")
+        .expect("this test needs the S3 test server: run tools/dev/test.sh (it sets CAIRN_TEST_S3_ENDPOINT)");
+    let mut env = Env::file_store();
+    env.store = format!("s3://cairn-cli-{:08x}/images?endpoint={endpoint}", fastrand::u32(..));
+    let img = env.path("disk.raw");
+    let bytes = write_image(&img, 4);
+    let r = env.ok_json(&["image", "import-raw", img.to_str().unwrap(), "--name", "base"]);
+    assert!(r["new_bytes"].as_u64().unwrap() > 0);
+    // A different host: a fresh cache, everything from S3.
+    std::fs::remove_dir_all(env.path("cache")).unwrap();
+    let out = env.path("out.raw");
+    env.ok_json(&["image", "export", "base", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+    let v = env.ok_json(&["verify", "--deep"]);
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
+}
