@@ -34,7 +34,9 @@ pub enum CatalogError {
 impl CatalogError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            CatalogError::NoSuchImage { .. } | CatalogError::NoSuchManifest { .. } => ErrorKind::NotFound,
+            CatalogError::NoSuchImage { .. } | CatalogError::NoSuchManifest { .. } => {
+                ErrorKind::NotFound
+            }
             CatalogError::BadName(_) => ErrorKind::InvalidInput,
             CatalogError::BadRef { .. } => ErrorKind::Corrupt,
             CatalogError::Store(e) => e.kind(),
@@ -47,7 +49,9 @@ pub fn check_name(name: &str) -> Result<(), CatalogError> {
     let ok = (1..=128).contains(&name.len())
         && !name.starts_with('.')
         && name.parse::<ManifestId>().is_err()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -56,19 +60,31 @@ pub fn check_name(name: &str) -> Result<(), CatalogError> {
 }
 
 /// Points `name` at manifest `id`, replacing what it pointed at.
-pub async fn set_image(store: &dyn ObjectStore, name: &str, id: &ManifestId) -> Result<(), CatalogError> {
+pub async fn set_image(
+    store: &dyn ObjectStore,
+    name: &str,
+    id: &ManifestId,
+) -> Result<(), CatalogError> {
     check_name(name)?;
     let body = Bytes::from(format!("{id}\n"));
-    store.put(&layout::image_ref_key(name), body, PutMode::Overwrite).await?;
+    store
+        .put(&layout::image_ref_key(name), body, PutMode::Overwrite)
+        .await?;
     Ok(())
 }
 
 /// The manifest id a name or an id names.
-pub async fn resolve(store: &dyn ObjectStore, name_or_id: &str) -> Result<ManifestId, CatalogError> {
+pub async fn resolve(
+    store: &dyn ObjectStore,
+    name_or_id: &str,
+) -> Result<ManifestId, CatalogError> {
     if let Ok(id) = name_or_id.parse::<ManifestId>() {
         return match store.head(&layout::manifest_key(&id)).await? {
             Some(_) => Ok(id),
-            None => Err(CatalogError::NoSuchManifest { id, store: store.uri().to_owned() }),
+            None => Err(CatalogError::NoSuchManifest {
+                id,
+                store: store.uri().to_owned(),
+            }),
         };
     }
     check_name(name_or_id)?;
@@ -90,7 +106,9 @@ pub async fn resolve(store: &dyn ObjectStore, name_or_id: &str) -> Result<Manife
 }
 
 /// Every named image, sorted by name.
-pub async fn list_images(store: &dyn ObjectStore) -> Result<Vec<(String, Result<ManifestId, CatalogError>)>, CatalogError> {
+pub async fn list_images(
+    store: &dyn ObjectStore,
+) -> Result<Vec<(String, Result<ManifestId, CatalogError>)>, CatalogError> {
     let mut out = Vec::new();
     for key in store.list(layout::IMAGE_REFS).await? {
         let name = key[layout::IMAGE_REFS.len()..].to_owned();
@@ -101,15 +119,22 @@ pub async fn list_images(store: &dyn ObjectStore) -> Result<Vec<(String, Result<
 }
 
 /// Fetches and checks (digest, format) manifest `id`.
-pub async fn load_manifest(store: &dyn ObjectStore, id: &ManifestId) -> Result<Manifest, CatalogError> {
+pub async fn load_manifest(
+    store: &dyn ObjectStore,
+    id: &ManifestId,
+) -> Result<Manifest, CatalogError> {
     let bytes = match store.get(&layout::manifest_key(id), None).await {
         Ok(b) => b,
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            return Err(CatalogError::NoSuchManifest { id: *id, store: store.uri().to_owned() })
+            return Err(CatalogError::NoSuchManifest {
+                id: *id,
+                store: store.uri().to_owned(),
+            })
         }
         Err(e) => return Err(e.into()),
     };
-    Manifest::decode_verified(&bytes, *id).map_err(|source| CatalogError::Manifest { id: *id, source })
+    Manifest::decode_verified(&bytes, *id)
+        .map_err(|source| CatalogError::Manifest { id: *id, source })
 }
 
 #[cfg(test)]

@@ -160,7 +160,10 @@ impl Claim {
     fn finish(&mut self, id: &ChunkId, outcome: Outcome) {
         if let Some(p) = self.pending.remove(id) {
             if outcome.is_err() {
-                self.inner.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .stats
+                    .fetch_errors
+                    .fetch_add(1, Ordering::Relaxed);
             }
             self.inner.lock_inflight().remove(id);
             p.complete(outcome);
@@ -172,7 +175,13 @@ impl Drop for Claim {
     fn drop(&mut self) {
         let ids: Vec<ChunkId> = self.pending.keys().copied().collect();
         for id in ids {
-            self.finish(&id, Err(ChunkStoreError::Cancelled { id, why: "the fetch task ended early" }));
+            self.finish(
+                &id,
+                Err(ChunkStoreError::Cancelled {
+                    id,
+                    why: "the fetch task ended early",
+                }),
+            );
         }
     }
 }
@@ -189,7 +198,10 @@ impl Inner {
 
 impl ChunkStore {
     /// Opens the cache and loads the store's pack indexes.
-    pub async fn open(remote: Arc<dyn ObjectStore>, cfg: ChunkStoreConfig) -> Result<ChunkStore, ChunkStoreError> {
+    pub async fn open(
+        remote: Arc<dyn ObjectStore>,
+        cfg: ChunkStoreConfig,
+    ) -> Result<ChunkStore, ChunkStoreError> {
         let cache_err = |e: CacheError| ChunkStoreError::Cache {
             id: ChunkId::from_bytes([0; 32]),
             source: Arc::new(e),
@@ -233,14 +245,22 @@ impl ChunkStore {
 
     /// Loads pack indexes other writers have added since the last look.
     pub async fn refresh(&self) -> Result<usize, ChunkStoreError> {
-        locate::refresh(&self.inner.map, self.inner.remote.as_ref(), &self.inner.index_dir)
-            .await
-            .map_err(|e| ChunkStoreError::Locate(Arc::new(e)))
+        locate::refresh(
+            &self.inner.map,
+            self.inner.remote.as_ref(),
+            &self.inner.index_dir,
+        )
+        .await
+        .map_err(|e| ChunkStoreError::Locate(Arc::new(e)))
     }
 
     /// Records a pack this process has just uploaded.
     pub fn add_pack(&self, index: &PackIndex) {
-        self.inner.map.write().unwrap_or_else(|p| p.into_inner()).add(index);
+        self.inner
+            .map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(index);
     }
 
     /// Whether some pack holds the chunk (as far as this host knows).
@@ -315,7 +335,10 @@ impl ChunkStore {
             for id in ids {
                 if let Some(p) = inflight.get(id) {
                     if !mine.contains_key(id) {
-                        self.inner.stats.single_flight_waits.fetch_add(1, Ordering::Relaxed);
+                        self.inner
+                            .stats
+                            .single_flight_waits
+                            .fetch_add(1, Ordering::Relaxed);
                         waits.push(p.clone());
                     }
                     continue;
@@ -347,7 +370,11 @@ impl ChunkStore {
 async fn fetch_claimed(mut claim: Claim) {
     let inner = claim.inner.clone();
     let ids: Vec<ChunkId> = claim.pending.keys().copied().collect();
-    let mut unknown: Vec<ChunkId> = ids.iter().filter(|id| !inner.map().contains(id)).copied().collect();
+    let mut unknown: Vec<ChunkId> = ids
+        .iter()
+        .filter(|id| !inner.map().contains(id))
+        .copied()
+        .collect();
     if !unknown.is_empty() {
         // Another host may have added packs since we last looked.
         if let Err(e) = locate::refresh(&inner.map, inner.remote.as_ref(), &inner.index_dir).await {
@@ -372,12 +399,22 @@ async fn fetch_claimed(mut claim: Claim) {
     }
     let mut tasks = Vec::new();
     for (pack, entries) in by_pack {
-        for run in split_long_runs(PackIndex::runs(entries, inner.cfg.merge_gap), inner.cfg.max_run_bytes) {
+        for run in split_long_runs(
+            PackIndex::runs(entries, inner.cfg.merge_gap),
+            inner.cfg.max_run_bytes,
+        ) {
             let run_claim = Claim {
                 inner: inner.clone(),
-                pending: run.iter().filter_map(|e| claim.pending.remove(&e.id).map(|p| (e.id, p))).collect(),
+                pending: run
+                    .iter()
+                    .filter_map(|e| claim.pending.remove(&e.id).map(|p| (e.id, p)))
+                    .collect(),
             };
-            tasks.push(tokio::spawn(fetch_run(run_claim, layout::pack_key(&pack), run)));
+            tasks.push(tokio::spawn(fetch_run(
+                run_claim,
+                layout::pack_key(&pack),
+                run,
+            )));
         }
     }
     for t in tasks {
@@ -416,14 +453,21 @@ async fn fetch_run(mut claim: Claim, key: String, run: Vec<IndexEntry>) {
             tracing::warn!(pack = %key, error = %e, "fetching a pack range failed");
             let e = Arc::new(e);
             for entry in &run {
-                let err = ChunkStoreError::Remote { id: entry.id, key: key.clone(), source: e.clone() };
+                let err = ChunkStoreError::Remote {
+                    id: entry.id,
+                    key: key.clone(),
+                    source: e.clone(),
+                };
                 claim.finish(&entry.id, Err(err));
             }
             return;
         }
     };
     inner.stats.remote_gets.fetch_add(1, Ordering::Relaxed);
-    inner.stats.remote_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    inner
+        .stats
+        .remote_bytes
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
     // Decompressing and hashing is CPU work: keep it off the async workers.
     let _ = tokio::task::spawn_blocking(move || {
         for (entry, frame_bytes) in pack::frames_of_run(&run, &bytes) {
@@ -434,7 +478,12 @@ async fn fetch_run(mut claim: Claim, key: String, run: Vec<IndexEntry>) {
     .await;
 }
 
-fn verify_and_cache(inner: &Inner, key: &str, entry: IndexEntry, frame_bytes: Option<&[u8]>) -> Outcome {
+fn verify_and_cache(
+    inner: &Inner,
+    key: &str,
+    entry: IndexEntry,
+    frame_bytes: Option<&[u8]>,
+) -> Outcome {
     let corrupt = |source: FrameError| {
         inner.stats.digest_failures.fetch_add(1, Ordering::Relaxed);
         tracing::error!(chunk = %entry.id, object = key, error = %source, "remote chunk failed verification; not cached");
@@ -451,10 +500,13 @@ fn verify_and_cache(inner: &Inner, key: &str, entry: IndexEntry, frame_bytes: Op
         })
     })?;
     let raw = frame::decode_chunk(frame_bytes, entry.id, Verify::Digest).map_err(corrupt)?;
-    inner.cache.insert(entry.id, &raw).map_err(|e| ChunkStoreError::Cache {
-        id: entry.id,
-        source: Arc::new(e),
-    })?;
+    inner
+        .cache
+        .insert(entry.id, &raw)
+        .map_err(|e| ChunkStoreError::Cache {
+            id: entry.id,
+            source: Arc::new(e),
+        })?;
     inner.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }

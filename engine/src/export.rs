@@ -37,8 +37,16 @@ impl ExportError {
 const BATCH_CHUNKS: usize = 64;
 
 /// Writes the image `manifest` describes to `path` (created or truncated).
-pub fn export_raw(store: &ChunkStore, manifest: &Manifest, path: &Path, progress: &dyn Fn(u64)) -> Result<(), ExportError> {
-    let werr = |source| ExportError::Write { path: path.to_owned(), source };
+pub fn export_raw(
+    store: &ChunkStore,
+    manifest: &Manifest,
+    path: &Path,
+    progress: &dyn Fn(u64),
+) -> Result<(), ExportError> {
+    let werr = |source| ExportError::Write {
+        path: path.to_owned(),
+        source,
+    };
     let file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -46,7 +54,8 @@ pub fn export_raw(store: &ChunkStore, manifest: &Manifest, path: &Path, progress
         .open(path)
         .map_err(werr)?;
     file.set_len(manifest.logical_size).map_err(werr)?;
-    let indexed: Vec<(usize, &Option<crate::id::ChunkId>)> = manifest.chunks.iter().enumerate().collect();
+    let indexed: Vec<(usize, &Option<crate::id::ChunkId>)> =
+        manifest.chunks.iter().enumerate().collect();
     let batches: Vec<_> = indexed.chunks(BATCH_CHUNKS).collect();
     let ids_of = |batch: &[(usize, &Option<crate::id::ChunkId>)]| -> Vec<crate::id::ChunkId> {
         batch.iter().filter_map(|(_, id)| **id).collect()

@@ -30,7 +30,9 @@ pub enum FrameError {
     Truncated { have: usize, need: usize },
     #[error("bad frame magic {found:02x?}")]
     BadMagic { found: [u8; 4] },
-    #[error("frame format version {0} is not supported (this build reads version {FRAME_VERSION})")]
+    #[error(
+        "frame format version {0} is not supported (this build reads version {FRAME_VERSION})"
+    )]
     UnsupportedVersion(u8),
     #[error("unknown frame codec {0}")]
     UnknownCodec(u8),
@@ -49,7 +51,11 @@ pub enum FrameError {
         source: std::io::Error,
     },
     #[error("chunk {id} decompressed to {got} bytes, header says {want}")]
-    RawLength { id: ChunkId, got: usize, want: usize },
+    RawLength {
+        id: ChunkId,
+        got: usize,
+        want: usize,
+    },
     #[error("frame holds chunk {found}, expected {expected}")]
     WrongChunk { expected: ChunkId, found: ChunkId },
     #[error("bytes of chunk {expected} hash to {actual}")]
@@ -161,7 +167,8 @@ impl FrameEncoder {
             raw.len()
         );
         self.scratch.clear();
-        self.scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(raw.len()));
         let compressed = self
             .compressor
             .compress_to_buffer(raw, &mut self.scratch)
@@ -224,7 +231,11 @@ pub enum Verify {
 }
 
 /// Decodes the chunk in `frame`, which must be chunk `expected`.
-pub fn decode_chunk(frame: &[u8], expected: ChunkId, verify: Verify) -> Result<Vec<u8>, FrameError> {
+pub fn decode_chunk(
+    frame: &[u8],
+    expected: ChunkId,
+    verify: Verify,
+) -> Result<Vec<u8>, FrameError> {
     let (header, payload) = decode(frame)?;
     if header.id != expected {
         return Err(FrameError::WrongChunk {
@@ -236,12 +247,11 @@ pub fn decode_chunk(frame: &[u8], expected: ChunkId, verify: Verify) -> Result<V
         Codec::Raw => payload.to_vec(),
         Codec::Zstd => {
             let want = header.raw_len as usize;
-            let raw = zstd::bulk::decompress(payload, want).map_err(|source| {
-                FrameError::Decompress {
+            let raw =
+                zstd::bulk::decompress(payload, want).map_err(|source| FrameError::Decompress {
                     id: header.id,
                     source,
-                }
-            })?;
+                })?;
             if raw.len() != want {
                 return Err(FrameError::RawLength {
                     id: header.id,
@@ -297,7 +307,10 @@ mod tests {
         for byte in 0..f.len() {
             let mut bad = f.clone();
             bad[byte] ^= 0x10;
-            assert!(decode_chunk(&bad, id, Verify::Crc).is_err(), "flip at {byte} not caught");
+            assert!(
+                decode_chunk(&bad, id, Verify::Crc).is_err(),
+                "flip at {byte} not caught"
+            );
         }
     }
 

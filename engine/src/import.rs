@@ -69,7 +69,9 @@ pub enum ImportError {
 impl ImportError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            ImportError::Read { .. } | ImportError::Staging { .. } | ImportError::Task(_) => ErrorKind::Io,
+            ImportError::Read { .. } | ImportError::Staging { .. } | ImportError::Task(_) => {
+                ErrorKind::Io
+            }
             ImportError::Pack(e) => e.kind(),
             ImportError::Store(e) => e.kind(),
             ImportError::Manifest(e) => e.kind(),
@@ -204,7 +206,11 @@ impl Importer<'_> {
             let oldest = self.uploads.remove(0);
             self.join(oldest)?;
         }
-        self.uploads.push(self.store.runtime().spawn(upload_pack(self.store.clone(), path, index)));
+        self.uploads.push(
+            self.store
+                .runtime()
+                .spawn(upload_pack(self.store.clone(), path, index)),
+        );
         Ok(())
     }
 
@@ -231,21 +237,35 @@ impl Importer<'_> {
 }
 
 /// Uploads a finished pack, then its index object, then drops the local file.
-async fn upload_pack(store: ChunkStore, path: PathBuf, index: PackIndex) -> Result<PackIndex, ImportError> {
+async fn upload_pack(
+    store: ChunkStore,
+    path: PathBuf,
+    index: PackIndex,
+) -> Result<PackIndex, ImportError> {
     let remote = store.remote();
     remote.put_file(&layout::pack_key(&index.id), &path).await?;
     remote
-        .put(&layout::pack_index_key(&index.id), Bytes::from(index.encode_tail()), PutMode::IfAbsent)
+        .put(
+            &layout::pack_index_key(&index.id),
+            Bytes::from(index.encode_tail()),
+            PutMode::IfAbsent,
+        )
         .await?;
     tokio::fs::remove_file(&path)
         .await
-        .map_err(|source| ImportError::Staging { path: path.clone(), source })?;
+        .map_err(|source| ImportError::Staging {
+            path: path.clone(),
+            source,
+        })?;
     Ok(index)
 }
 
 /// Uploads packs an interrupted import left in staging. Returns how many.
 fn recover_staging(store: &ChunkStore, dir: &Path) -> Result<u64, ImportError> {
-    let staging = |source| ImportError::Staging { path: dir.to_owned(), source };
+    let staging = |source| ImportError::Staging {
+        path: dir.to_owned(),
+        source,
+    };
     let mut recovered = 0;
     for entry in fs::read_dir(dir).map_err(staging)? {
         let path = entry.map_err(staging)?.path();
@@ -255,7 +275,9 @@ fn recover_staging(store: &ChunkStore, dir: &Path) -> Result<u64, ImportError> {
         match pack::recover(&path) {
             Ok(r) if !r.index.entries.is_empty() => {
                 tracing::info!(path = %path.display(), frames = r.index.entries.len(), cut = r.truncated_bytes, "recovered an interrupted pack");
-                let index = store.runtime().block_on(upload_pack(store.clone(), path, r.index))?;
+                let index = store
+                    .runtime()
+                    .block_on(upload_pack(store.clone(), path, r.index))?;
                 store.add_pack(&index);
                 recovered += 1;
             }
@@ -267,7 +289,11 @@ fn recover_staging(store: &ChunkStore, dir: &Path) -> Result<u64, ImportError> {
 }
 
 /// Reads `file` in batches of whole chunks on its own thread.
-fn spawn_reader(mut file: File, path: PathBuf, batch: usize) -> mpsc::Receiver<Result<Vec<u8>, ImportError>> {
+fn spawn_reader(
+    mut file: File,
+    path: PathBuf,
+    batch: usize,
+) -> mpsc::Receiver<Result<Vec<u8>, ImportError>> {
     let (tx, rx) = mpsc::sync_channel(2);
     std::thread::spawn(move || loop {
         let mut buf = Vec::with_capacity(batch);
@@ -276,7 +302,10 @@ fn spawn_reader(mut file: File, path: PathBuf, batch: usize) -> mpsc::Receiver<R
             Ok(0) => true,
             Ok(_) => tx.send(Ok(buf)).is_err(),
             Err(source) => {
-                let _ = tx.send(Err(ImportError::Read { path: path.clone(), source }));
+                let _ = tx.send(Err(ImportError::Read {
+                    path: path.clone(),
+                    source,
+                }));
                 true
             }
         };
@@ -296,10 +325,16 @@ pub fn import_raw(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(Manifest, ImportReport), ImportError> {
     opts.check()?;
-    let read_err = |source| ImportError::Read { path: path.to_owned(), source };
+    let read_err = |source| ImportError::Read {
+        path: path.to_owned(),
+        source,
+    };
     let file = File::open(path).map_err(read_err)?;
     let logical = file.metadata().map_err(read_err)?.len();
-    let staging = |source| ImportError::Staging { path: opts.staging_dir.clone(), source };
+    let staging = |source| ImportError::Staging {
+        path: opts.staging_dir.clone(),
+        source,
+    };
     fs::create_dir_all(&opts.staging_dir).map_err(staging)?;
     // One import at a time per staging directory: recovery must not take
     // a pack another import is still writing.
@@ -318,7 +353,8 @@ pub fn import_raw(
         new_frames: HashMap::new(),
         new_bytes: 0,
     };
-    let mut chunks: Vec<Option<ChunkId>> = Vec::with_capacity(Manifest::chunk_count_for(logical, opts.chunk_size) as usize);
+    let mut chunks: Vec<Option<ChunkId>> =
+        Vec::with_capacity(Manifest::chunk_count_for(logical, opts.chunk_size) as usize);
     let mut done = 0u64;
     let result = (|| {
         for buf in rx {
@@ -334,7 +370,9 @@ pub fn import_raw(
                 .enumerate()
                 .filter_map(|(i, id)| {
                     let id = (*id)?;
-                    let new = !imp.new_frames.contains_key(&id) && !store.contains(&id) && batch_new.insert(id);
+                    let new = !imp.new_frames.contains_key(&id)
+                        && !store.contains(&id)
+                        && batch_new.insert(id);
                     new.then_some(i)
                 })
                 .collect();
@@ -369,9 +407,11 @@ pub fn import_raw(
     let manifest = Manifest::new_disk(logical, opts.chunk_size, chunks);
     let encoded = manifest.encode();
     let id = crate::id::ManifestId::of(&encoded);
-    store
-        .runtime()
-        .block_on(store.remote().put(&layout::manifest_key(&id), Bytes::from(encoded), PutMode::IfAbsent))?;
+    store.runtime().block_on(store.remote().put(
+        &layout::manifest_key(&id),
+        Bytes::from(encoded),
+        PutMode::IfAbsent,
+    ))?;
 
     let distinct = manifest.distinct_chunks();
     let stored_bytes = distinct
@@ -395,7 +435,11 @@ pub fn import_raw(
         zero_chunks: manifest.zero_chunks() as u64,
         distinct_chunks: distinct.len() as u64,
         new_chunks: imp.new_frames.len() as u64,
-        dedup_ratio: if distinct.is_empty() { 1.0 } else { stored_refs as f64 / distinct.len() as f64 },
+        dedup_ratio: if distinct.is_empty() {
+            1.0
+        } else {
+            stored_refs as f64 / distinct.len() as f64
+        },
         recovered_packs,
     };
     Ok((manifest, report))

@@ -23,10 +23,10 @@ pub mod pack;
 
 pub use error::ErrorKind;
 pub use id::{ChunkId, ManifestId, PackId};
-pub mod chunkstore;
-pub mod layout;
-pub mod locate;
 pub mod catalog;
+pub mod chunkstore;
 pub mod export;
 pub mod import;
+pub mod layout;
+pub mod locate;
 pub mod verify;

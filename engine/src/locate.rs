@@ -95,7 +95,11 @@ impl PackMap {
 /// Loads every index object `map` does not know yet, preferring the local
 /// copies under `local` (written on first fetch). No lock is held while
 /// fetching. Returns how many packs were added.
-pub async fn refresh(map: &RwLock<PackMap>, store: &dyn ObjectStore, local: &Path) -> Result<usize, LocateError> {
+pub async fn refresh(
+    map: &RwLock<PackMap>,
+    store: &dyn ObjectStore,
+    local: &Path,
+) -> Result<usize, LocateError> {
     let keys = store.list(layout::PACKS).await?;
     let todo: Vec<(String, PackId)> = {
         let m = map.read().unwrap_or_else(|p| p.into_inner());
@@ -119,12 +123,19 @@ fn local_copy(local: &Path, pack: &PackId) -> PathBuf {
     local.join(format!("{pack}.idx"))
 }
 
-async fn load_index(store: &dyn ObjectStore, local: &Path, key: &str, pack: PackId) -> Result<PackIndex, LocateError> {
+async fn load_index(
+    store: &dyn ObjectStore,
+    local: &Path,
+    key: &str,
+    pack: PackId,
+) -> Result<PackIndex, LocateError> {
     let path = local_copy(local, &pack);
     if let Ok(bytes) = tokio::fs::read(&path).await {
         match PackIndex::decode_tail(&bytes) {
             Ok(index) if index.id == pack => return Ok(index),
-            _ => tracing::warn!(path = %path.display(), "local index copy is bad; fetching it again"),
+            _ => {
+                tracing::warn!(path = %path.display(), "local index copy is bad; fetching it again")
+            }
         }
     }
     let bytes: Bytes = store.get(key, None).await?;

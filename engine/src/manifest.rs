@@ -114,7 +114,8 @@ impl Manifest {
     fn check(&self) -> Result<(), ManifestError> {
         let bad = |m: String| Err(ManifestError::Inconsistent(m));
         if !self.chunk_size.is_power_of_two()
-            || !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&(self.chunk_size.trailing_zeros() as u8))
+            || !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT)
+                .contains(&(self.chunk_size.trailing_zeros() as u8))
         {
             return bad(format!(
                 "chunk size {} is not a power of two between 4 KiB and 16 MiB",
@@ -208,7 +209,10 @@ impl Manifest {
         if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
             return Err(ManifestError::Crc);
         }
-        let mut r = Reader { bytes: body, pos: 10 };
+        let mut r = Reader {
+            bytes: body,
+            pos: 10,
+        };
         let inconsistent = |m: String| ManifestError::Inconsistent(m);
         let kind = match r.array::<1>()?[0] {
             1 => ManifestKind::Disk,
@@ -237,7 +241,10 @@ impl Manifest {
         // Every run takes at least 5 bytes, so a count this large cannot be
         // backed by the bytes present: refuse before allocating.
         if count > (body.len() as u64) * 256 {
-            return Err(inconsistent(format!("{count} chunks in {} bytes", body.len())));
+            return Err(inconsistent(format!(
+                "{count} chunks in {} bytes",
+                body.len()
+            )));
         }
         let mut chunks = Vec::with_capacity(count as usize);
         let mut last_tag = None;
@@ -251,7 +258,9 @@ impl Manifest {
                 )));
             }
             if chunks.len() as u64 + run > count {
-                return Err(inconsistent(format!("runs exceed the {count} chunks declared")));
+                return Err(inconsistent(format!(
+                    "runs exceed the {count} chunks declared"
+                )));
             }
             match tag {
                 RUN_ZERO => chunks.extend(std::iter::repeat_n(None, run as usize)),
@@ -314,7 +323,11 @@ mod tests {
 
     fn sample() -> Manifest {
         let c = |i: u8| Some(ChunkId::of(&[i]));
-        Manifest::new_disk(5 * 65536 + 100, 65536, vec![c(1), None, None, c(2), c(1), c(3)])
+        Manifest::new_disk(
+            5 * 65536 + 100,
+            65536,
+            vec![c(1), None, None, c(2), c(1), c(3)],
+        )
     }
 
     #[test]

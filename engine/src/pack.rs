@@ -230,11 +230,11 @@ fn pack_header() -> [u8; PACK_HEADER_LEN as usize] {
 
 /// Splits the bytes of a run (read from `run[0].offset`) into its frames.
 pub fn frames_of_run<'a>(
-    run: &[IndexEntry],
+    run: &'a [IndexEntry],
     bytes: &'a [u8],
 ) -> impl Iterator<Item = (IndexEntry, Option<&'a [u8]>)> + 'a {
     let base = run.first().map_or(0, |e| e.offset);
-    run.to_vec().into_iter().map(move |e| {
+    run.iter().copied().map(move |e| {
         let start = (e.offset - base) as usize;
         let end = start + e.frame_len as usize;
         (e, bytes.get(start..end))
@@ -361,7 +361,9 @@ pub fn recover(path: &Path) -> Result<Recovered, PackError> {
         if reader.read_exact(&mut buf).is_err() {
             break;
         }
-        let Ok(h) = FrameHeader::parse(&buf) else { break };
+        let Ok(h) = FrameHeader::parse(&buf) else {
+            break;
+        };
         buf.resize(h.frame_len(), 0);
         if reader.read_exact(&mut buf[FRAME_HEADER_LEN..]).is_err() {
             break;
@@ -495,7 +497,10 @@ mod tests {
         let index = write_pack(&dir.path().join("p"), 3);
         let mut tail = index.encode_tail();
         tail[5] ^= 1;
-        assert!(matches!(PackIndex::decode_tail(&tail), Err(PackError::BadIndex(_))));
+        assert!(matches!(
+            PackIndex::decode_tail(&tail),
+            Err(PackError::BadIndex(_))
+        ));
         let mut tail = index.encode_tail();
         let n = tail.len();
         tail[n - FOOTER_LEN + 8] = 200; // count
@@ -505,7 +510,12 @@ mod tests {
 
     #[test]
     fn runs_merge_small_gaps_only() {
-        let e = |offset, len| IndexEntry { id: ChunkId::of(&[]), offset, frame_len: len, raw_len: 1 };
+        let e = |offset, len| IndexEntry {
+            id: ChunkId::of(&[]),
+            offset,
+            frame_len: len,
+            raw_len: 1,
+        };
         let runs = PackIndex::runs(vec![e(100, 100), e(16, 84), e(300, 10), e(10_000, 5)], 100);
         assert_eq!(runs.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 1]);
     }

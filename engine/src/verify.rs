@@ -36,7 +36,10 @@ pub struct VerifyReport {
 
 impl VerifyReport {
     fn problem(&mut self, object: impl Into<String>, what: impl Into<String>) {
-        let p = Problem { object: object.into(), what: what.into() };
+        let p = Problem {
+            object: object.into(),
+            what: what.into(),
+        };
         tracing::warn!(object = %p.object, "{}", p.what);
         self.problems.push(p);
     }
@@ -44,14 +47,21 @@ impl VerifyReport {
 
 /// Checks the whole store. Only failures to reach the store are errors;
 /// everything found wrong is a [`Problem`] in the report.
-pub async fn verify(store: &dyn ObjectStore, deep: bool, progress: &(dyn Fn(&str) + Sync)) -> Result<VerifyReport, StoreError> {
+pub async fn verify(
+    store: &dyn ObjectStore,
+    deep: bool,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<VerifyReport, StoreError> {
     let mut report = VerifyReport::default();
     let mut map = PackMap::default();
     let mut indexes = Vec::new();
     let keys = store.list(layout::PACKS).await?;
     let key_set: HashSet<&str> = keys.iter().map(String::as_str).collect();
     for key in &keys {
-        if let Some(pack_id) = key.strip_prefix(layout::PACKS).and_then(|k| k.strip_suffix(".pack")) {
+        if let Some(pack_id) = key
+            .strip_prefix(layout::PACKS)
+            .and_then(|k| k.strip_suffix(".pack"))
+        {
             if !key_set.contains(format!("{}{pack_id}.idx", layout::PACKS).as_str()) {
                 report.problem(key, "pack has no index object: its upload was interrupted; rerun the import that wrote it");
             }
@@ -72,7 +82,10 @@ pub async fn verify(store: &dyn ObjectStore, deep: bool, progress: &(dyn Fn(&str
     }
     report.packs = indexes.len() as u64;
 
-    for (name, id) in crate::catalog::list_images(store).await.map_err(catalog_store_error)? {
+    for (name, id) in crate::catalog::list_images(store)
+        .await
+        .map_err(catalog_store_error)?
+    {
         report.images += 1;
         if let Err(e) = id {
             report.problem(layout::image_ref_key(&name), e.to_string());
@@ -82,8 +95,14 @@ pub async fn verify(store: &dyn ObjectStore, deep: bool, progress: &(dyn Fn(&str
     for key in store.list(layout::MANIFESTS).await? {
         progress(&key);
         report.manifests += 1;
-        let Some(id) = key.strip_prefix(layout::MANIFESTS).and_then(|h| h.parse::<ManifestId>().ok()) else {
-            report.problem(&key, "object under manifests/ is not named by a manifest id");
+        let Some(id) = key
+            .strip_prefix(layout::MANIFESTS)
+            .and_then(|h| h.parse::<ManifestId>().ok())
+        else {
+            report.problem(
+                &key,
+                "object under manifests/ is not named by a manifest id",
+            );
             continue;
         };
         let bytes = store.get(&key, None).await?;
@@ -101,7 +120,11 @@ pub async fn verify(store: &dyn ObjectStore, deep: bool, progress: &(dyn Fn(&str
                 None => report.problem(&key, format!("chunk {i} ({chunk}) is in no pack")),
                 Some(loc) if loc.entry.raw_len != manifest.chunk_len(i) => report.problem(
                     &key,
-                    format!("chunk {i} ({chunk}) is {} bytes in its pack, the manifest needs {}", loc.entry.raw_len, manifest.chunk_len(i)),
+                    format!(
+                        "chunk {i} ({chunk}) is {} bytes in its pack, the manifest needs {}",
+                        loc.entry.raw_len,
+                        manifest.chunk_len(i)
+                    ),
                 ),
                 Some(_) => {}
             }
@@ -121,13 +144,23 @@ pub async fn verify(store: &dyn ObjectStore, deep: bool, progress: &(dyn Fn(&str
 fn catalog_store_error(e: crate::catalog::CatalogError) -> StoreError {
     match e {
         crate::catalog::CatalogError::Store(s) => s,
-        other => StoreError::new("list", "", layout::IMAGE_REFS, other.kind(), other.to_string()),
+        other => StoreError::new(
+            "list",
+            "",
+            layout::IMAGE_REFS,
+            other.kind(),
+            other.to_string(),
+        ),
     }
 }
 
 /// Loads index object `key` and checks it against its pack's size. The
 /// outer error is the store failing; the inner one is a problem found.
-async fn check_index(store: &dyn ObjectStore, key: &str, pack: PackId) -> Result<Result<PackIndex, String>, StoreError> {
+async fn check_index(
+    store: &dyn ObjectStore,
+    key: &str,
+    pack: PackId,
+) -> Result<Result<PackIndex, String>, StoreError> {
     let bytes = store.get(key, None).await?;
     let index = match PackIndex::decode_tail(&bytes) {
         Ok(i) => i,
@@ -138,15 +171,25 @@ async fn check_index(store: &dyn ObjectStore, key: &str, pack: PackId) -> Result
     }
     let want = index.index_offset() + (index.entries.len() * INDEX_ENTRY_LEN + FOOTER_LEN) as u64;
     match store.head(&layout::pack_key(&pack)).await? {
-        None => Ok(Err(format!("its pack {} is missing", layout::pack_key(&pack)))),
-        Some(len) if len != want => Ok(Err(format!("its pack is {len} bytes, the index says {want}"))),
+        None => Ok(Err(format!(
+            "its pack {} is missing",
+            layout::pack_key(&pack)
+        ))),
+        Some(len) if len != want => Ok(Err(format!(
+            "its pack is {len} bytes, the index says {want}"
+        ))),
         Some(_) => Ok(Ok(index)),
     }
 }
 
 const DEEP_READ_BYTES: u64 = 8 << 20;
 
-async fn rehash_pack(store: &dyn ObjectStore, key: &str, index: &PackIndex, report: &mut VerifyReport) -> Result<(), StoreError> {
+async fn rehash_pack(
+    store: &dyn ObjectStore,
+    key: &str,
+    index: &PackIndex,
+    report: &mut VerifyReport,
+) -> Result<(), StoreError> {
     let mut run: Vec<pack::IndexEntry> = Vec::new();
     let entries = index.entries.iter().copied();
     for e in entries.map(Some).chain(std::iter::once(None)) {
@@ -164,12 +207,22 @@ async fn rehash_pack(store: &dyn ObjectStore, key: &str, index: &PackIndex, repo
                 pack::frames_of_run(&batch, &bytes)
                     .filter_map(|(e, f)| {
                         let f = f?;
-                        frame::decode_chunk(f, e.id, Verify::Digest).err().map(|err| (e.id, err.to_string()))
+                        frame::decode_chunk(f, e.id, Verify::Digest)
+                            .err()
+                            .map(|err| (e.id, err.to_string()))
                     })
                     .collect()
             })
             .await
-            .map_err(|e| StoreError::new("verify", store.uri(), key, crate::ErrorKind::Io, e.to_string()))?;
+            .map_err(|e| {
+                StoreError::new(
+                    "verify",
+                    store.uri(),
+                    key,
+                    crate::ErrorKind::Io,
+                    e.to_string(),
+                )
+            })?;
             for (chunk, what) in bad {
                 report.problem(key, format!("chunk {chunk}: {what}"));
             }

@@ -30,7 +30,11 @@ impl Fixture {
     /// An image imported into a fresh bucket.
     fn new(tag: &str, chunks: usize, pack_target: u64) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let (remote, _) = rt.block_on(common::fresh_s3_store(tag));
         let image = common::test_image(chunks, CS, 7);
         let path = dir.path().join("image.raw");
@@ -40,7 +44,13 @@ impl Fixture {
         opts.chunk_size = CS as u32;
         opts.pack_target = pack_target;
         let (manifest, _) = import_raw(&store, &path, &opts, &|_| {}).unwrap();
-        Fixture { _dir: dir, rt, remote, image, manifest }
+        Fixture {
+            _dir: dir,
+            rt,
+            remote,
+            image,
+            manifest,
+        }
     }
 
     /// A store handle with its own, empty cache: everything comes from S3.
@@ -49,12 +59,19 @@ impl Fixture {
     }
 
     fn chunk(&self, i: usize) -> (ChunkId, &[u8]) {
-        (self.manifest.chunks[i].unwrap(), &self.image[i * CS..(i + 1) * CS])
+        (
+            self.manifest.chunks[i].unwrap(),
+            &self.image[i * CS..(i + 1) * CS],
+        )
     }
 }
 
 fn open(rt: &tokio::runtime::Runtime, remote: &Arc<dyn ObjectStore>, cache: &Path) -> ChunkStore {
-    rt.block_on(ChunkStore::open(remote.clone(), ChunkStoreConfig::new(cache.to_owned(), 256 << 20))).unwrap()
+    rt.block_on(ChunkStore::open(
+        remote.clone(),
+        ChunkStoreConfig::new(cache.to_owned(), 256 << 20),
+    ))
+    .unwrap()
 }
 
 #[test]
@@ -117,7 +134,10 @@ fn adjacent_misses_are_merged_into_few_ranged_gets() {
     let gets = store.stats().remote_gets.load(Ordering::Relaxed);
     // One pack, a few MiB: one GET (at most one per 8 MiB run).
     assert_eq!(gets, 1, "{} chunks took {gets} GETs", ids.len());
-    assert_eq!(store.stats().chunks_fetched.load(Ordering::Relaxed), ids.len() as u64);
+    assert_eq!(
+        store.stats().chunks_fetched.load(Ordering::Relaxed),
+        ids.len() as u64
+    );
 }
 
 #[test]
@@ -139,7 +159,10 @@ fn a_flipped_byte_in_a_cached_chunk_is_fetched_again_never_served() {
     let mut buf = vec![0u8; CS];
     store.read(&id, 0, &mut buf).unwrap();
     assert_eq!(buf, bytes);
-    assert_eq!(store.cache().stats().crc_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        store.cache().stats().crc_failures.load(Ordering::Relaxed),
+        1
+    );
     assert_eq!(store.stats().chunks_fetched.load(Ordering::Relaxed), 1);
     // The cache now holds a good copy again.
     let mut again = vec![0u8; CS];
@@ -166,7 +189,8 @@ fn a_remote_chunk_that_does_not_hash_to_its_id_is_refused_and_not_cached() {
     crc.update(&pack[at..at + 48]);
     crc.update(&pack[at + frame::FRAME_HEADER_LEN..at + frame_len]);
     pack[at + 48..at + 52].copy_from_slice(&crc.finalize().to_le_bytes());
-    f.rt.block_on(f.remote.put(&key, Bytes::from(pack), PutMode::Overwrite)).unwrap();
+    f.rt.block_on(f.remote.put(&key, Bytes::from(pack), PutMode::Overwrite))
+        .unwrap();
 
     let mut buf = vec![0u8; CS];
     let err = store.read(&id, 0, &mut buf).unwrap_err();
@@ -185,7 +209,11 @@ fn a_remote_chunk_that_does_not_hash_to_its_id_is_refused_and_not_cached() {
 #[test]
 fn a_pack_torn_by_a_crash_is_recovered_and_uploaded_by_the_next_import() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let (remote, _) = rt.block_on(common::fresh_s3_store("torn"));
     let image = common::test_image(20, CS, 3);
     let staging = dir.path().join("staging");
@@ -202,7 +230,12 @@ fn a_pack_torn_by_a_crash_is_recovered_and_uploaded_by_the_next_import() {
     }
     drop(w);
     let len = std::fs::metadata(&torn).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&torn).unwrap().set_len(len - 100).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&torn)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
 
     let path = dir.path().join("image.raw");
     std::fs::write(&path, &image).unwrap();
@@ -217,23 +250,45 @@ fn a_pack_torn_by_a_crash_is_recovered_and_uploaded_by_the_next_import() {
         assert!(store.contains(id));
     }
     let distinct = manifest.distinct_chunks();
-    let recovered_in_image = stored[..6].iter().filter(|id| distinct.contains(id)).count() as u64;
-    assert_eq!(report.new_chunks, distinct.len() as u64 - recovered_in_image);
+    let recovered_in_image = stored[..6]
+        .iter()
+        .filter(|id| distinct.contains(id))
+        .count() as u64;
+    assert_eq!(
+        report.new_chunks,
+        distinct.len() as u64 - recovered_in_image
+    );
     let out = dir.path().join("out.raw");
-    export_raw(&open(&rt, &remote, &dir.path().join("c2")), &manifest, &out, &|_| {}).unwrap();
+    export_raw(
+        &open(&rt, &remote, &dir.path().join("c2")),
+        &manifest,
+        &out,
+        &|_| {},
+    )
+    .unwrap();
     assert_eq!(std::fs::read(out).unwrap(), image);
 }
 
 #[test]
 fn an_import_cut_off_by_the_server_stopping_fails_cleanly_and_a_rerun_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let mut server = common::PrivateS3::start(&dir.path().join("s3root"));
     let bucket = "cairn-interrupt";
-    let opts = common::s3_options(&server.endpoint, bucket, common::PRIVATE_KEY, common::PRIVATE_SECRET);
+    let opts = common::s3_options(
+        &server.endpoint,
+        bucket,
+        common::PRIVATE_KEY,
+        common::PRIVATE_SECRET,
+    );
     let s3 = rt.block_on(S3Store::connect(&opts));
     rt.block_on(s3.ensure_bucket()).unwrap();
-    let remote: Arc<dyn ObjectStore> = Arc::new(Resilient::new(Arc::new(s3), common::fast_retries(), 8));
+    let remote: Arc<dyn ObjectStore> =
+        Arc::new(Resilient::new(Arc::new(s3), common::fast_retries(), 8));
 
     // 2000 chunks of 64 KiB (125 MiB), packs of 1 MiB: many uploads.
     let image = common::test_image(2000, CS, 11);
@@ -243,16 +298,30 @@ fn an_import_cut_off_by_the_server_stopping_fails_cleanly_and_a_rerun_resumes() 
     iopts.chunk_size = CS as u32;
     iopts.pack_target = 1 << 20;
 
-    let packs_dir = dir.path().join("s3root").join(bucket).join("store").join("packs");
+    let packs_dir = dir
+        .path()
+        .join("s3root")
+        .join(bucket)
+        .join("store")
+        .join("packs");
     let result = std::thread::scope(|s| {
         let import = s.spawn(|| {
             let store = open(&rt, &remote, &dir.path().join("cache"));
             import_raw(&store, &path, &iopts, &|_| {})
         });
         // Stop the server once a few packs have landed.
-        let idx_count = || std::fs::read_dir(&packs_dir).map_or(0, |d| {
-            d.filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".idx")).count()
-        });
+        let idx_count = || {
+            std::fs::read_dir(&packs_dir).map_or(0, |d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".idx")
+                })
+                .count()
+            })
+        };
         while idx_count() < 3 && !import.is_finished() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -270,11 +339,24 @@ fn an_import_cut_off_by_the_server_stopping_fails_cleanly_and_a_rerun_resumes() 
     let (manifest, report) = import_raw(&store, &path, &iopts, &|_| {}).unwrap();
     // The rerun reused what reached the store.
     let all_new = report.stored_bytes;
-    assert!(report.new_bytes < all_new, "rerun wrote {} of {} bytes", report.new_bytes, all_new);
+    assert!(
+        report.new_bytes < all_new,
+        "rerun wrote {} of {} bytes",
+        report.new_bytes,
+        all_new
+    );
     let out = dir.path().join("out.raw");
-    export_raw(&open(&rt, &remote, &dir.path().join("c2")), &manifest, &out, &|_| {}).unwrap();
+    export_raw(
+        &open(&rt, &remote, &dir.path().join("c2")),
+        &manifest,
+        &out,
+        &|_| {},
+    )
+    .unwrap();
     assert_eq!(std::fs::read(out).unwrap(), image);
     // And the store verifies clean.
-    let report = rt.block_on(cairn_engine::verify::verify(remote.as_ref(), true, &|_| {})).unwrap();
+    let report = rt
+        .block_on(cairn_engine::verify::verify(remote.as_ref(), true, &|_| {}))
+        .unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

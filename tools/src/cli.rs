@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "cairn", version, about = "Content-addressed snapshot and block storage for microVM sandboxes")]
+#[command(
+    name = "cairn",
+    version,
+    about = "Content-addressed snapshot and block storage for microVM sandboxes"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,

@@ -24,7 +24,10 @@ fn default_store() -> Result<String> {
     let Some(data) = dirs::data_dir() else {
         bail!("no user data directory is known here: pass --store file:///DIR or set CAIRN_STORE");
     };
-    Ok(format!("file://{}", data.join("cairn").join("store").display()))
+    Ok(format!(
+        "file://{}",
+        data.join("cairn").join("store").display()
+    ))
 }
 
 fn default_cache_dir(uri: &StoreUri) -> Result<PathBuf> {
@@ -36,7 +39,13 @@ fn default_cache_dir(uri: &StoreUri) -> Result<PathBuf> {
             };
             let tag: String = format!("{}-{}", o.bucket, o.prefix)
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect();
             Ok(base.join("cairn").join(tag))
         }
@@ -54,8 +63,12 @@ impl Context {
             Some(d) => d.clone(),
             None => default_cache_dir(&uri)?,
         };
-        let cache_size = parse_size(&g.cache_size).map_err(anyhow::Error::msg).context("--cache-size")?;
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
+        let cache_size = parse_size(&g.cache_size)
+            .map_err(anyhow::Error::msg)
+            .context("--cache-size")?;
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .max(2);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .enable_all()
@@ -76,7 +89,13 @@ impl Context {
         let cfg = ChunkStoreConfig::new(self.cache_dir.clone(), self.cache_size);
         self.rt
             .block_on(ChunkStore::open(self.remote.clone(), cfg))
-            .with_context(|| format!("opening store {} with cache {}", self.remote.uri(), self.cache_dir.display()))
+            .with_context(|| {
+                format!(
+                    "opening store {} with cache {}",
+                    self.remote.uri(),
+                    self.cache_dir.display()
+                )
+            })
     }
 
     pub fn staging_dir(&self) -> PathBuf {

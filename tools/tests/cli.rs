@@ -35,8 +35,13 @@ impl Env {
         let mut all = args.to_vec();
         all.push("--json");
         let out = self.cairn(&all);
-        assert!(out.status.success(), "cairn {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        assert!(
+            out.status.success(),
+            "cairn {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
     }
 }
 
@@ -78,21 +83,43 @@ fn import_export_ls_describe_verify_round_trip() {
     let img = env.path("disk.raw");
     let bytes = write_image(&img, 1);
 
-    let first = env.ok_json(&["image", "import-raw", img.to_str().unwrap(), "--name", "base"]);
+    let first = env.ok_json(&[
+        "image",
+        "import-raw",
+        img.to_str().unwrap(),
+        "--name",
+        "base",
+    ]);
     assert_eq!(first["logical_bytes"], bytes.len() as u64);
     assert!(first["new_bytes"].as_u64().unwrap() > 0);
     assert_eq!(first["new_bytes"], first["stored_bytes"]);
     let id = first["id"].as_str().unwrap().to_owned();
 
     // Same bytes again: nothing new.
-    let again = env.ok_json(&["image", "import-raw", img.to_str().unwrap(), "--name", "again"]);
+    let again = env.ok_json(&[
+        "image",
+        "import-raw",
+        img.to_str().unwrap(),
+        "--name",
+        "again",
+    ]);
     assert_eq!(again["id"], first["id"]);
     assert_eq!(again["new_bytes"], 0);
 
     // 10 scattered 4 KiB changes: at most 10 new chunks.
     let changed = env.path("changed.raw");
-    flip_blocks(&img, &changed, &[3, 200, 400, 700, 1000, 1500, 2000, 2300, 2600, 3000]);
-    let c = env.ok_json(&["image", "import-raw", changed.to_str().unwrap(), "--name", "changed"]);
+    flip_blocks(
+        &img,
+        &changed,
+        &[3, 200, 400, 700, 1000, 1500, 2000, 2300, 2600, 3000],
+    );
+    let c = env.ok_json(&[
+        "image",
+        "import-raw",
+        changed.to_str().unwrap(),
+        "--name",
+        "changed",
+    ]);
     assert!(c["new_chunks"].as_u64().unwrap() <= 10, "{c}");
 
     let out = env.path("out.raw");
@@ -103,7 +130,12 @@ fn import_export_ls_describe_verify_round_trip() {
     assert_eq!(std::fs::read(&out).unwrap(), bytes);
 
     let ls = env.ok_json(&["image", "ls"]);
-    let names: Vec<&str> = ls.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["again", "base", "changed"]);
 
     let d = env.ok_json(&["image", "describe", "base"]);
@@ -126,7 +158,13 @@ fn verify_names_a_rotten_pack_and_a_missing_one() {
     let env = Env::file_store();
     let img = env.path("disk.raw");
     write_image(&img, 2);
-    env.ok_json(&["image", "import-raw", img.to_str().unwrap(), "--name", "base"]);
+    env.ok_json(&[
+        "image",
+        "import-raw",
+        img.to_str().unwrap(),
+        "--name",
+        "base",
+    ]);
     let packs = env.path("store").join("packs");
     let pack = std::fs::read_dir(&packs)
         .unwrap()
@@ -142,7 +180,10 @@ fn verify_names_a_rotten_pack_and_a_missing_one() {
     let o = env.cairn(&["verify", "--deep"]);
     assert_eq!(o.status.code(), Some(3));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("CRC mismatch") && text.contains(".pack"), "{text}");
+    assert!(
+        text.contains("CRC mismatch") && text.contains(".pack"),
+        "{text}"
+    );
 
     // A missing pack: every manifest's chunks in it are named.
     std::fs::remove_file(&pack).unwrap();
@@ -157,16 +198,45 @@ fn bad_input_gets_clear_errors() {
     let env = Env::file_store();
     let o = env.cairn(&["image", "describe", "nope"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("no image named `nope`"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no image named `nope`"),
+        "{}",
+        stderr(&o)
+    );
 
-    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["--store", "ftp://x", "image", "ls"]).output().unwrap();
-    assert!(stderr(&o).contains("expected file:///DIR or s3://BUCKET/PREFIX"), "{}", stderr(&o));
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["--store", "ftp://x", "image", "ls"])
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&o).contains("expected file:///DIR or s3://BUCKET/PREFIX"),
+        "{}",
+        stderr(&o)
+    );
 
     let img = env.path("disk.raw");
     write_image(&img, 3);
-    let o = env.cairn(&["image", "import-raw", img.to_str().unwrap(), "--name", "bad/name"]);
-    assert!(stderr(&o).contains("not a valid image name"), "{}", stderr(&o));
-    let o = env.cairn(&["image", "import-raw", img.to_str().unwrap(), "--name", "x", "--chunk-size", "3000"]);
+    let o = env.cairn(&[
+        "image",
+        "import-raw",
+        img.to_str().unwrap(),
+        "--name",
+        "bad/name",
+    ]);
+    assert!(
+        stderr(&o).contains("not a valid image name"),
+        "{}",
+        stderr(&o)
+    );
+    let o = env.cairn(&[
+        "image",
+        "import-raw",
+        img.to_str().unwrap(),
+        "--name",
+        "x",
+        "--chunk-size",
+        "3000",
+    ]);
     assert!(stderr(&o).contains("power of two"), "{}", stderr(&o));
     let o = env.cairn(&["image", "import-raw", "/nonexistent", "--name", "x"]);
     assert!(stderr(&o).contains("/nonexistent"), "{}", stderr(&o));
@@ -189,10 +259,19 @@ fn s3_store_round_trip_through_the_cli() {
     let endpoint = std::env::var("CAIRN_TEST_S3_ENDPOINT")
         .expect("this test needs the S3 test server: run tools/dev/test.sh (it sets CAIRN_TEST_S3_ENDPOINT)");
     let mut env = Env::file_store();
-    env.store = format!("s3://cairn-cli-{:08x}/images?endpoint={endpoint}", fastrand::u32(..));
+    env.store = format!(
+        "s3://cairn-cli-{:08x}/images?endpoint={endpoint}",
+        fastrand::u32(..)
+    );
     let img = env.path("disk.raw");
     let bytes = write_image(&img, 4);
-    let r = env.ok_json(&["image", "import-raw", img.to_str().unwrap(), "--name", "base"]);
+    let r = env.ok_json(&[
+        "image",
+        "import-raw",
+        img.to_str().unwrap(),
+        "--name",
+        "base",
+    ]);
     assert!(r["new_bytes"].as_u64().unwrap() > 0);
     // A different host: a fresh cache, everything from S3.
     std::fs::remove_dir_all(env.path("cache")).unwrap();

@@ -91,7 +91,10 @@ impl CachedChunk {
     /// Opens and checks the header of the cached chunk at `path`.
     pub fn open(path: &Path, id: ChunkId) -> Result<CachedChunk, EntryError> {
         let file = File::open(path).map_err(|source| EntryError::Io { id, source })?;
-        let len = file.metadata().map_err(|source| EntryError::Io { id, source })?.len();
+        let len = file
+            .metadata()
+            .map_err(|source| EntryError::Io { id, source })?
+            .len();
         let mut head = [0u8; HEADER_LEN];
         file.read_exact_at(&mut head, 0)
             .map_err(|_| EntryError::Invalid(format!("{}: too short", path.display())))?;
@@ -159,9 +162,12 @@ impl CachedChunk {
         }
         let first = (offset >> BLOCK_SHIFT) as usize;
         let last = ((end - 1) >> BLOCK_SHIFT) as usize;
-        let aligned_start = offset % BLOCK as u64 == 0;
-        let aligned_end = end % BLOCK as u64 == 0 || end == u64::from(self.raw_len);
-        let io = |source| EntryError::Io { id: self.id, source };
+        let aligned_start = offset.is_multiple_of(BLOCK as u64);
+        let aligned_end = end.is_multiple_of(BLOCK as u64) || end == u64::from(self.raw_len);
+        let io = |source| EntryError::Io {
+            id: self.id,
+            source,
+        };
         if aligned_start && aligned_end {
             // The common case: whole blocks straight into the caller's buffer.
             self.file

@@ -39,7 +39,9 @@ pub enum CacheError {
 impl CacheError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            CacheError::Entry(EntryError::Crc { .. } | EntryError::Invalid(_)) => ErrorKind::Corrupt,
+            CacheError::Entry(EntryError::Crc { .. } | EntryError::Invalid(_)) => {
+                ErrorKind::Corrupt
+            }
             CacheError::Entry(EntryError::OutOfRange { .. }) | CacheError::TooSmall { .. } => {
                 ErrorKind::InvalidInput
             }
@@ -94,7 +96,10 @@ impl ChunkCache {
     pub fn open(dir: &Path, capacity: u64) -> Result<ChunkCache, CacheError> {
         let min = MIN_CAPACITY;
         if capacity < min {
-            return Err(CacheError::TooSmall { size: capacity, min });
+            return Err(CacheError::TooSmall {
+                size: capacity,
+                min,
+            });
         }
         let chunks = dir.join("chunks");
         let io = |path: &Path| {
@@ -119,7 +124,10 @@ impl ChunkCache {
         for entry in fs::read_dir(&chunks).map_err(io(&chunks))? {
             let entry = entry.map_err(io(&chunks))?;
             let path = entry.path();
-            let id = entry.file_name().to_str().and_then(|n| n.parse::<ChunkId>().ok());
+            let id = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<ChunkId>().ok());
             let valid = id.and_then(|id| CachedChunk::open(&path, id).ok().map(|c| (id, c)));
             match valid {
                 Some((id, c)) => {
@@ -129,7 +137,10 @@ impl ChunkCache {
                 None => {
                     tracing::info!(path = %path.display(), "cache: discarding a temporary or invalid file");
                     fs::remove_file(&path).map_err(io(&path))?;
-                    cache.stats.discarded_on_open.fetch_add(1, Ordering::Relaxed);
+                    cache
+                        .stats
+                        .discarded_on_open
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -138,7 +149,14 @@ impl ChunkCache {
             let mut s = cache.lock();
             for (_, id, bytes) in found {
                 let tick = s.next_tick();
-                s.slots.insert(id, Slot { bytes, tick, handle: None });
+                s.slots.insert(
+                    id,
+                    Slot {
+                        bytes,
+                        tick,
+                        handle: None,
+                    },
+                );
                 s.lru.insert(tick, id);
                 s.used += bytes;
             }
@@ -248,7 +266,9 @@ impl ChunkCache {
     pub fn insert(&self, id: ChunkId, raw: &[u8]) -> Result<(), CacheError> {
         let bytes = file_len(raw.len() as u32);
         let path = self.path_of(&id);
-        let tmp = self.dir.join(format!(".tmp-{}-{:08x}", id.short(), fastrand::u32(..)));
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{}-{:08x}", id.short(), fastrand::u32(..)));
         let io = |p: &Path| {
             let path = p.to_owned();
             move |source| CacheError::Io { path, source }
@@ -256,13 +276,21 @@ impl ChunkCache {
         self.evict_to(bytes)?;
         {
             let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-            f.write_all(&entry::encode_header(id, raw)).map_err(io(&tmp))?;
+            f.write_all(&entry::encode_header(id, raw))
+                .map_err(io(&tmp))?;
             f.write_all(raw).map_err(io(&tmp))?;
         }
         fs::rename(&tmp, &path).map_err(io(&path))?;
         let mut s = self.lock();
         let tick = s.next_tick();
-        if let Some(old) = s.slots.insert(id, Slot { bytes, tick, handle: None }) {
+        if let Some(old) = s.slots.insert(
+            id,
+            Slot {
+                bytes,
+                tick,
+                handle: None,
+            },
+        ) {
             s.lru.remove(&old.tick);
             s.open.remove(&old.tick);
             s.used -= old.bytes;
@@ -337,7 +365,9 @@ mod tests {
     use super::*;
 
     fn chunk(seed: u8, len: usize) -> (ChunkId, Vec<u8>) {
-        let raw: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed)).collect();
+        let raw: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed))
+            .collect();
         (ChunkId::of(&raw), raw)
     }
 
@@ -349,7 +379,13 @@ mod tests {
         let cache = ChunkCache::open(dir.path(), CAP).unwrap();
         let (id, raw) = chunk(3, 65536 + 100);
         cache.insert(id, &raw).unwrap();
-        for (off, len) in [(0, 4096), (4096, 8192), (10, 5000), (65536, 100), (65000, 636)] {
+        for (off, len) in [
+            (0, 4096),
+            (4096, 8192),
+            (10, 5000),
+            (65536, 100),
+            (65000, 636),
+        ] {
             let mut buf = vec![0u8; len];
             assert!(cache.read(&id, off as u64, &mut buf).unwrap());
             assert_eq!(buf, raw[off..off + len]);

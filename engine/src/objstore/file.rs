@@ -45,7 +45,13 @@ impl FileStore {
         Ok(self.root.join(key))
     }
 
-    fn err(&self, op: &'static str, key: &str, kind: ErrorKind, detail: impl Into<String>) -> StoreError {
+    fn err(
+        &self,
+        op: &'static str,
+        key: &str,
+        kind: ErrorKind,
+        detail: impl Into<String>,
+    ) -> StoreError {
         StoreError::new(op, &self.uri, key, kind, detail)
     }
 
@@ -82,7 +88,9 @@ impl FileStore {
                 fs::remove_file(tmp)?;
                 match linked {
                     Ok(()) => PutOutcome::Created,
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => PutOutcome::AlreadyExisted,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        PutOutcome::AlreadyExisted
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -187,7 +195,11 @@ impl ObjectStore for FileStore {
         let path = self.path_of("put", key)?;
         let this = self.clone();
         let key = key.to_owned();
-        blocking(move || this.put_sync(&path, &data, mode).map_err(this.io_err("put", &key))).await
+        blocking(move || {
+            this.put_sync(&path, &data, mode)
+                .map_err(this.io_err("put", &key))
+        })
+        .await
     }
 
     async fn put_file(&self, key: &str, src: &Path) -> Result<PutOutcome, StoreError> {
@@ -195,7 +207,11 @@ impl ObjectStore for FileStore {
         let this = self.clone();
         let key = key.to_owned();
         let src = src.to_owned();
-        blocking(move || this.put_file_sync(&path, &src).map_err(this.io_err("put", &key))).await
+        blocking(move || {
+            this.put_file_sync(&path, &src)
+                .map_err(this.io_err("put", &key))
+        })
+        .await
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {

@@ -46,12 +46,22 @@ pub struct StoreError {
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} `{}` in {}: {}", self.op, self.key, self.store, self.detail)
+        write!(
+            f,
+            "{} `{}` in {}: {}",
+            self.op, self.key, self.store, self.detail
+        )
     }
 }
 
 impl StoreError {
-    pub fn new(op: &'static str, store: &str, key: &str, kind: ErrorKind, detail: impl Into<String>) -> StoreError {
+    pub fn new(
+        op: &'static str,
+        store: &str,
+        key: &str,
+        kind: ErrorKind,
+        detail: impl Into<String>,
+    ) -> StoreError {
         StoreError {
             op,
             store: store.to_owned(),

@@ -114,11 +114,16 @@ impl Limiter {
             Outcome::Success => s.limit = (s.limit + 1.0 / s.limit).min(self.max),
             Outcome::Throttled => {
                 let now = Instant::now();
-                if s.last_cut.is_none_or(|t| now.duration_since(t) > CUT_WINDOW) {
+                if s.last_cut
+                    .is_none_or(|t| now.duration_since(t) > CUT_WINDOW)
+                {
                     s.limit = (s.limit / 2.0).max(1.0);
                     s.last_cut = Some(now);
                     s.throttle_events += 1;
-                    tracing::warn!(limit = s.limit, "object store is throttling; cutting request concurrency");
+                    tracing::warn!(
+                        limit = s.limit,
+                        "object store is throttling; cutting request concurrency"
+                    );
                 }
             }
             Outcome::Other => {}
@@ -167,7 +172,11 @@ pub struct Resilient {
 }
 
 impl Resilient {
-    pub fn new(inner: Arc<dyn ObjectStore>, policy: RetryPolicy, max_concurrency: usize) -> Resilient {
+    pub fn new(
+        inner: Arc<dyn ObjectStore>,
+        policy: RetryPolicy,
+        max_concurrency: usize,
+    ) -> Resilient {
         Resilient {
             inner,
             policy,
@@ -194,7 +203,11 @@ impl Resilient {
                     return Ok(v);
                 }
                 Err(e) => {
-                    permit.finish(if e.throttled { Outcome::Throttled } else { Outcome::Other });
+                    permit.finish(if e.throttled {
+                        Outcome::Throttled
+                    } else {
+                        Outcome::Other
+                    });
                     if !e.kind.is_transient() || attempt >= self.policy.max_attempts {
                         if attempt > 1 {
                             return Err(StoreError {
@@ -287,8 +300,18 @@ mod tests {
         }
         async fn get(&self, key: &str, _: Option<Range<u64>>) -> Result<Bytes, StoreError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            if self.flaky.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |f| f.checked_sub(1)).is_ok() {
-                return Err(StoreError::new("get", "fake", key, ErrorKind::Transient, "503"));
+            if self
+                .flaky
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |f| f.checked_sub(1))
+                .is_ok()
+            {
+                return Err(StoreError::new(
+                    "get",
+                    "fake",
+                    key,
+                    ErrorKind::Transient,
+                    "503",
+                ));
             }
             let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             self.peak.fetch_max(now, Ordering::SeqCst);
@@ -315,7 +338,13 @@ mod tests {
             unimplemented!()
         }
         async fn delete(&self, key: &str) -> Result<(), StoreError> {
-            Err(StoreError::new("delete", "fake", key, ErrorKind::PermissionDenied, "403"))
+            Err(StoreError::new(
+                "delete",
+                "fake",
+                key,
+                ErrorKind::PermissionDenied,
+                "403",
+            ))
         }
     }
 
@@ -350,7 +379,9 @@ mod tests {
     #[test]
     fn increase_is_slow_and_decrease_is_fast() {
         let l = Limiter::new(8, 64);
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(async {
             l.acquire().await.finish(Outcome::Throttled);
             assert_eq!(l.limit(), 4);
@@ -374,9 +405,18 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::PermissionDenied);
 
         let fake = ThrottlingFake::new(100, 1000);
-        let policy = RetryPolicy { max_attempts: 3, ..fast_policy() };
-        let err = Resilient::new(fake.clone(), policy, 4).get("k", None).await.unwrap_err();
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            ..fast_policy()
+        };
+        let err = Resilient::new(fake.clone(), policy, 4)
+            .get("k", None)
+            .await
+            .unwrap_err();
         assert_eq!(fake.calls.load(Ordering::SeqCst), 3);
-        assert!(err.to_string().contains("gave up after 3 attempts"), "{err}");
+        assert!(
+            err.to_string().contains("gave up after 3 attempts"),
+            "{err}"
+        );
     }
 }

@@ -87,7 +87,10 @@ impl S3Store {
             } else {
                 format!("{prefix}/")
             },
-            part_size: opts.part_size.unwrap_or(DEFAULT_PART_SIZE).max(MIN_PART_SIZE),
+            part_size: opts
+                .part_size
+                .unwrap_or(DEFAULT_PART_SIZE)
+                .max(MIN_PART_SIZE),
             uri,
         }
     }
@@ -101,15 +104,29 @@ impl S3Store {
             }
             Err(_) => {}
         }
-        match self.client.create_bucket().bucket(&self.bucket).send().await {
+        match self
+            .client
+            .create_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.code(), Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(self.classify("create bucket", "", e)),
         }
     }
 
     fn full_key(&self, op: &'static str, key: &str) -> Result<String, StoreError> {
-        check_key(key).map_err(|m| StoreError::new(op, &self.uri, key, ErrorKind::InvalidInput, m))?;
+        check_key(key)
+            .map_err(|m| StoreError::new(op, &self.uri, key, ErrorKind::InvalidInput, m))?;
         Ok(format!("{}{key}", self.prefix))
     }
 
@@ -148,7 +165,11 @@ impl S3Store {
             // The service answered: its status, code and message say it all.
             (SdkError::ServiceError(_), Some(status)) => {
                 let message = err.message().map(|m| format!(": {m}")).unwrap_or_default();
-                let code = if code.is_empty() { String::new() } else { format!(", {code}") };
+                let code = if code.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {code}")
+                };
                 format!("{hint} (HTTP {status}{code}{message})")
             }
             // No answer: the cause chain (refused, reset, timed out) matters.
@@ -159,7 +180,13 @@ impl S3Store {
         e
     }
 
-    async fn put_multipart(&self, key: &str, full: &str, path: &Path, len: u64) -> Result<(), StoreError> {
+    async fn put_multipart(
+        &self,
+        key: &str,
+        full: &str,
+        path: &Path,
+        len: u64,
+    ) -> Result<(), StoreError> {
         let created = self
             .client
             .create_multipart_upload()
@@ -185,9 +212,23 @@ impl S3Store {
         result
     }
 
-    async fn upload_parts(&self, key: &str, full: &str, path: &Path, len: u64, upload_id: &str) -> Result<(), StoreError> {
+    async fn upload_parts(
+        &self,
+        key: &str,
+        full: &str,
+        path: &Path,
+        len: u64,
+        upload_id: &str,
+    ) -> Result<(), StoreError> {
         let io = |e: std::io::Error| {
-            StoreError::new("put", &self.uri, key, ErrorKind::Io, format!("reading {}: {e}", path.display())).with_source(e)
+            StoreError::new(
+                "put",
+                &self.uri,
+                key,
+                ErrorKind::Io,
+                format!("reading {}: {e}", path.display()),
+            )
+            .with_source(e)
         };
         let mut file = tokio::fs::File::open(path).await.map_err(io)?;
         let mut parts = Vec::new();
@@ -222,7 +263,11 @@ impl S3Store {
             .bucket(&self.bucket)
             .key(full)
             .upload_id(upload_id)
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
             .send()
             .await
             .map_err(|e| self.classify("put", key, e))?;
@@ -251,7 +296,14 @@ impl ObjectStore for S3Store {
             .collect()
             .await
             .map_err(|e| {
-                StoreError::new("get", &self.uri, key, ErrorKind::Transient, format!("body cut short: {e}")).with_source(e)
+                StoreError::new(
+                    "get",
+                    &self.uri,
+                    key,
+                    ErrorKind::Transient,
+                    format!("body cut short: {e}"),
+                )
+                .with_source(e)
             })?
             .into_bytes();
         if let Some(r) = range {
@@ -261,7 +313,12 @@ impl ObjectStore for S3Store {
                     &self.uri,
                     key,
                     ErrorKind::Transient,
-                    format!("asked for {} bytes at {}, got {}", r.end - r.start, r.start, bytes.len()),
+                    format!(
+                        "asked for {} bytes at {}, got {}",
+                        r.end - r.start,
+                        r.start,
+                        bytes.len()
+                    ),
                 ));
             }
         }
@@ -281,7 +338,9 @@ impl ObjectStore for S3Store {
         }
         match req.send().await {
             Ok(_) => Ok(PutOutcome::Created),
-            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(412) => Ok(PutOutcome::AlreadyExisted),
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(412) => {
+                Ok(PutOutcome::AlreadyExisted)
+            }
             Err(e) => Err(self.classify("put", key, e)),
         }
     }
@@ -290,11 +349,25 @@ impl ObjectStore for S3Store {
         let full = self.full_key("put", key)?;
         let len = tokio::fs::metadata(path)
             .await
-            .map_err(|e| StoreError::new("put", &self.uri, key, ErrorKind::Io, format!("{}: {e}", path.display())))?
+            .map_err(|e| {
+                StoreError::new(
+                    "put",
+                    &self.uri,
+                    key,
+                    ErrorKind::Io,
+                    format!("{}: {e}", path.display()),
+                )
+            })?
             .len();
         if len <= self.part_size as u64 {
             let data = tokio::fs::read(path).await.map_err(|e| {
-                StoreError::new("put", &self.uri, key, ErrorKind::Io, format!("{}: {e}", path.display()))
+                StoreError::new(
+                    "put",
+                    &self.uri,
+                    key,
+                    ErrorKind::Io,
+                    format!("{}: {e}", path.display()),
+                )
             })?;
             return self.put(key, Bytes::from(data), PutMode::IfAbsent).await;
         }
@@ -308,7 +381,14 @@ impl ObjectStore for S3Store {
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let full = self.full_key("head", key)?;
-        match self.client.head_object().bucket(&self.bucket).key(&full).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
             Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
             Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => Ok(None),
             Err(e) => Err(self.classify("head", key, e)),
@@ -350,7 +430,14 @@ impl ObjectStore for S3Store {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let full = self.full_key("delete", key)?;
-        match self.client.delete_object().bucket(&self.bucket).key(&full).send().await {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => Ok(()),
             Err(e) => Err(self.classify("delete", key, e)),

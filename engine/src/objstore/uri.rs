@@ -54,7 +54,9 @@ impl FromStr for StoreUri {
         };
         if let Some(path) = uri.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(err("a file:// URI needs an absolute path, as in file:///var/lib/cairn"));
+                return Err(err(
+                    "a file:// URI needs an absolute path, as in file:///var/lib/cairn",
+                ));
             }
             return Ok(StoreUri::File(PathBuf::from(path)));
         }
@@ -68,11 +70,15 @@ impl FromStr for StoreUri {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
         if !bucket_ok {
-            return Err(err("the bucket name must be 3 to 63 characters of a-z, 0-9, '.' and '-'"));
+            return Err(err(
+                "the bucket name must be 3 to 63 characters of a-z, 0-9, '.' and '-'",
+            ));
         }
         let prefix = prefix.trim_matches('/');
         if !prefix.is_empty() && super::check_key(prefix).is_err() {
-            return Err(err("the prefix must be segments of A-Z, a-z, 0-9, '.', '_' and '-'"));
+            return Err(err(
+                "the prefix must be segments of A-Z, a-z, 0-9, '.', '_' and '-'",
+            ));
         }
         let mut opts = S3Options {
             bucket: bucket.to_owned(),
@@ -80,17 +86,27 @@ impl FromStr for StoreUri {
             ..S3Options::default()
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').ok_or_else(|| err("query options are key=value"))?;
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| err("query options are key=value"))?;
             match k {
                 "endpoint" => opts.endpoint = Some(v.to_owned()),
                 "region" => opts.region = Some(v.to_owned()),
                 "path_style" => {
-                    opts.path_style = Some(v.parse().map_err(|_| err("path_style is true or false"))?)
+                    opts.path_style =
+                        Some(v.parse().map_err(|_| err("path_style is true or false"))?)
                 }
                 "part_size" => {
-                    opts.part_size = Some(v.parse().map_err(|_| err("part_size is a number of bytes"))?)
+                    opts.part_size = Some(
+                        v.parse()
+                            .map_err(|_| err("part_size is a number of bytes"))?,
+                    )
                 }
-                _ => return Err(err(&format!("unknown option `{k}` (known: endpoint, region, path_style, part_size)"))),
+                _ => {
+                    return Err(err(&format!(
+                        "unknown option `{k}` (known: endpoint, region, path_style, part_size)"
+                    )))
+                }
             }
         }
         Ok(StoreUri::S3(opts))
@@ -118,17 +134,30 @@ pub async fn open_store(uri: &StoreUri) -> Result<Arc<dyn ObjectStore>, StoreErr
                 &uri.to_string(),
                 "",
                 ErrorKind::Io,
-                format!("cannot create or open the store directory {}: {e}", root.display()),
+                format!(
+                    "cannot create or open the store directory {}: {e}",
+                    root.display()
+                ),
             )
         })?),
         #[cfg(feature = "s3")]
         StoreUri::S3(opts) => Arc::new(super::S3Store::connect(opts).await),
         #[cfg(not(feature = "s3"))]
         StoreUri::S3(_) => {
-            return Err(StoreError::new("open", &uri.to_string(), "", ErrorKind::Unsupported, "this build has no S3 support"))
+            return Err(StoreError::new(
+                "open",
+                &uri.to_string(),
+                "",
+                ErrorKind::Unsupported,
+                "this build has no S3 support",
+            ))
         }
     };
-    Ok(Arc::new(Resilient::new(inner, RetryPolicy::default(), MAX_CONCURRENCY)))
+    Ok(Arc::new(Resilient::new(
+        inner,
+        RetryPolicy::default(),
+        MAX_CONCURRENCY,
+    )))
 }
 
 #[cfg(test)]
@@ -137,7 +166,10 @@ mod tests {
 
     #[test]
     fn parses_and_rejects() {
-        match "s3://my-bucket/a/b?endpoint=http://127.0.0.1:9000&path_style=true".parse().unwrap() {
+        match "s3://my-bucket/a/b?endpoint=http://127.0.0.1:9000&path_style=true"
+            .parse()
+            .unwrap()
+        {
             StoreUri::S3(o) => {
                 assert_eq!((o.bucket.as_str(), o.prefix.as_str()), ("my-bucket", "a/b"));
                 assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
@@ -145,8 +177,18 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!("file:///tmp/x".parse().unwrap(), StoreUri::File(_)));
-        for bad in ["file://rel", "s3://", "s3://B/x", "s3://ok-bucket/x?bogus=1", "http://x", "s3://bkt/../x"] {
+        assert!(matches!(
+            "file:///tmp/x".parse().unwrap(),
+            StoreUri::File(_)
+        ));
+        for bad in [
+            "file://rel",
+            "s3://",
+            "s3://B/x",
+            "s3://ok-bucket/x?bogus=1",
+            "http://x",
+            "s3://bkt/../x",
+        ] {
             let e = bad.parse::<StoreUri>().unwrap_err();
             assert!(e.to_string().contains(bad), "{e}");
         }

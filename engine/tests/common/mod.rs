@@ -24,8 +24,16 @@ pub struct S3Env {
 /// is missing: a test that claims S3 never quietly passes without one.
 pub fn s3_env() -> S3Env {
     let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    match (get("CAIRN_TEST_S3_ENDPOINT"), get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY")) {
-        (Some(endpoint), Some(access_key), Some(secret_key)) => S3Env { endpoint, access_key, secret_key },
+    match (
+        get("CAIRN_TEST_S3_ENDPOINT"),
+        get("AWS_ACCESS_KEY_ID"),
+        get("AWS_SECRET_ACCESS_KEY"),
+    ) {
+        (Some(endpoint), Some(access_key), Some(secret_key)) => S3Env {
+            endpoint,
+            access_key,
+            secret_key,
+        },
         _ => panic!(
             "this test needs the S3 test server: set CAIRN_TEST_S3_ENDPOINT, AWS_ACCESS_KEY_ID and \
              AWS_SECRET_ACCESS_KEY (tools/dev/test.sh starts s3s-fs and sets them)"
@@ -61,9 +69,18 @@ pub fn fast_retries() -> RetryPolicy {
 pub async fn fresh_s3_store(tag: &str) -> (Arc<dyn ObjectStore>, S3Store) {
     let env = s3_env();
     let bucket = unique(&format!("t-{tag}"));
-    let s3 = S3Store::connect(&s3_options(&env.endpoint, &bucket, &env.access_key, &env.secret_key)).await;
+    let s3 = S3Store::connect(&s3_options(
+        &env.endpoint,
+        &bucket,
+        &env.access_key,
+        &env.secret_key,
+    ))
+    .await;
     s3.ensure_bucket().await.expect("create a test bucket");
-    (Arc::new(Resilient::new(Arc::new(s3.clone()), fast_retries(), 8)), s3)
+    (
+        Arc::new(Resilient::new(Arc::new(s3.clone()), fast_retries(), 8)),
+        s3,
+    )
 }
 
 /// A private s3s-fs process, for tests that must stop and restart it.
@@ -80,7 +97,11 @@ pub const PRIVATE_SECRET: &str = "cairnprivatesecret";
 impl PrivateS3 {
     pub fn start(root: &Path) -> PrivateS3 {
         std::fs::create_dir_all(root).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut s = PrivateS3 {
             endpoint: format!("http://127.0.0.1:{port}"),
             port,
@@ -136,7 +157,9 @@ pub fn test_image(chunks: usize, chunk_size: usize, seed: u64) -> Vec<u8> {
         match i % 5 {
             0 => out.extend(std::iter::repeat_n(0u8, chunk_size)),
             1 => out.extend((0..chunk_size).map(|_| rng.u8(..))),
-            2 => out.extend((0..chunk_size).map(|j| b"text of a file, more or less "[j % 29] ^ (i as u8 & 3))),
+            2 => out.extend(
+                (0..chunk_size).map(|j| b"text of a file, more or less "[j % 29] ^ (i as u8 & 3)),
+            ),
             3 => {
                 let start = out.len() - chunk_size;
                 out.extend_from_within(start..start + chunk_size);

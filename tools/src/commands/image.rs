@@ -25,9 +25,17 @@ struct Imported {
     throughput_mib_s: f64,
 }
 
-pub fn import_raw(ctx: &Context, file: &Path, name: &str, chunk_size: &str, zstd_level: i32) -> Result<ExitCode> {
+pub fn import_raw(
+    ctx: &Context,
+    file: &Path,
+    name: &str,
+    chunk_size: &str,
+    zstd_level: i32,
+) -> Result<ExitCode> {
     catalog::check_name(name)?;
-    let chunk_size = parse_size(chunk_size).map_err(anyhow::Error::msg).context("--chunk-size")?;
+    let chunk_size = parse_size(chunk_size)
+        .map_err(anyhow::Error::msg)
+        .context("--chunk-size")?;
     let len = std::fs::metadata(file)
         .with_context(|| format!("cannot read {}", file.display()))?
         .len();
@@ -44,7 +52,8 @@ pub fn import_raw(ctx: &Context, file: &Path, name: &str, chunk_size: &str, zstd
         .with_context(|| format!("importing {} into {}", file.display(), store.remote().uri()))?;
     bar.finish_and_clear();
     let id: ManifestId = report.id.parse()?;
-    ctx.rt.block_on(catalog::set_image(store.remote().as_ref(), name, &id))?;
+    ctx.rt
+        .block_on(catalog::set_image(store.remote().as_ref(), name, &id))?;
     let seconds = started.elapsed().as_secs_f64();
     let out = Imported {
         name: name.to_owned(),
@@ -104,7 +113,12 @@ pub fn export(ctx: &Context, image: &str, file: &Path) -> Result<ExitCode> {
         seconds: started.elapsed().as_secs_f64(),
     };
     emit(ctx.json, &out, || {
-        format!("exported {image} ({}) to {} in {:.2} s\n", human(out.logical_bytes), out.file, out.seconds)
+        format!(
+            "exported {image} ({}) to {} in {:.2} s\n",
+            human(out.logical_bytes),
+            out.file,
+            out.seconds
+        )
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -121,17 +135,30 @@ pub fn ls(ctx: &Context) -> Result<ExitCode> {
     let remote = ctx.remote.as_ref();
     let mut rows = Vec::new();
     for (name, id) in ctx.rt.block_on(catalog::list_images(remote))? {
-        let loaded = id.and_then(|id| Ok((id, ctx.rt.block_on(catalog::load_manifest(remote, &id))?)));
+        let loaded =
+            id.and_then(|id| Ok((id, ctx.rt.block_on(catalog::load_manifest(remote, &id))?)));
         rows.push(match loaded {
-            Ok((id, m)) => Listed { name, id: Some(id.to_hex()), logical_bytes: Some(m.logical_size), error: None },
-            Err(e) => Listed { name, id: None, logical_bytes: None, error: Some(e.to_string()) },
+            Ok((id, m)) => Listed {
+                name,
+                id: Some(id.to_hex()),
+                logical_bytes: Some(m.logical_size),
+                error: None,
+            },
+            Err(e) => Listed {
+                name,
+                id: None,
+                logical_bytes: None,
+                error: Some(e.to_string()),
+            },
         });
     }
     emit(ctx.json, &rows, || {
         let mut s = format!("{:<32} {:<14} {:>12}\n", "NAME", "ID", "SIZE");
         for r in &rows {
             let id = r.id.as_deref().map_or("?", |i| &i[..12]);
-            let size = r.logical_bytes.map_or_else(|| r.error.clone().unwrap_or_default(), human);
+            let size = r
+                .logical_bytes
+                .map_or_else(|| r.error.clone().unwrap_or_default(), human);
             s += &format!("{:<32} {:<14} {:>12}\n", r.name, id, size);
         }
         s
@@ -157,10 +184,12 @@ pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
     let store = ctx.chunk_store()?;
     let distinct = m.distinct_chunks();
     let (stored, missing) = store.with_pack_map(|map| {
-        distinct.iter().fold((0u64, 0usize), |(s, miss), c| match map.locate(c) {
-            Some(l) => (s + u64::from(l.entry.frame_len), miss),
-            None => (s, miss + 1),
-        })
+        distinct
+            .iter()
+            .fold((0u64, 0usize), |(s, miss), c| match map.locate(c) {
+                Some(l) => (s + u64::from(l.entry.frame_len), miss),
+                None => (s, miss + 1),
+            })
     });
     let out = Described {
         id: id.to_hex(),

@@ -16,9 +16,12 @@ pub const EXIT_PROBLEMS: u8 = 3;
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let ctx = Context::new(&cli.global)?;
     match cli.command {
-        Command::Image(ImageCommand::ImportRaw { file, name, chunk_size, zstd_level }) => {
-            image::import_raw(&ctx, &file, &name, &chunk_size, zstd_level)
-        }
+        Command::Image(ImageCommand::ImportRaw {
+            file,
+            name,
+            chunk_size,
+            zstd_level,
+        }) => image::import_raw(&ctx, &file, &name, &chunk_size, zstd_level),
         Command::Image(ImageCommand::Export { image, file }) => image::export(&ctx, &image, &file),
         Command::Image(ImageCommand::Ls) => image::ls(&ctx),
         Command::Image(ImageCommand::Describe { image }) => image::describe(&ctx, &image),

@@ -8,10 +8,19 @@ use crate::context::Context;
 use crate::output::{emit, spinner};
 
 pub fn verify(ctx: &Context, deep: bool) -> Result<ExitCode> {
-    let bar = spinner(ctx.json, if deep { "verifying (deep)" } else { "verifying" });
-    let report = ctx.rt.block_on(cairn_engine::verify::verify(ctx.remote.as_ref(), deep, &|what| {
-        bar.set_message(what.to_owned())
-    }))?;
+    let bar = spinner(
+        ctx.json,
+        if deep {
+            "verifying (deep)"
+        } else {
+            "verifying"
+        },
+    );
+    let report = ctx.rt.block_on(cairn_engine::verify::verify(
+        ctx.remote.as_ref(),
+        deep,
+        &|what| bar.set_message(what.to_owned()),
+    ))?;
     bar.finish_and_clear();
     emit(ctx.json, &report, || {
         let mut s = format!(
@@ -19,7 +28,10 @@ pub fn verify(ctx: &Context, deep: bool) -> Result<ExitCode> {
             report.packs, report.manifests, report.images, report.chunk_refs_checked
         );
         if deep {
-            s += &format!(", {} chunks re-hashed ({} bytes read)", report.chunks_rehashed, report.bytes_read);
+            s += &format!(
+                ", {} chunks re-hashed ({} bytes read)",
+                report.chunks_rehashed, report.bytes_read
+            );
         }
         s += "\n";
         if report.problems.is_empty() {
