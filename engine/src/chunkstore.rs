@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use tokio::runtime::Handle;
 
-use crate::cache::{CacheError, ChunkCache};
+use crate::cache::{CacheError, ChunkCache, EntryError};
 use crate::error::ErrorKind;
 use crate::frame::{self, FrameError, Verify};
 use crate::id::ChunkId;
@@ -104,31 +104,58 @@ impl ChunkStoreConfig {
     }
 }
 
-type Outcome = Result<(), ChunkStoreError>;
+/// What a fetch hands its waiters: the verified bytes of the chunk, so the
+/// reader that missed is answered before the chunk is written to the cache.
+type Outcome = Result<Arc<[u8]>, ChunkStoreError>;
 
+/// One chunk in flight. It is answered (waiters get the bytes) before it
+/// is settled (cached, or given up on, and out of the in-flight map).
 #[derive(Default)]
 struct Pending {
-    outcome: Mutex<Option<Outcome>>,
-    ready: Condvar,
+    state: Mutex<PendingState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PendingState {
+    outcome: Option<Outcome>,
+    settled: bool,
 }
 
 impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn complete(&self, outcome: Outcome) {
-        let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-        if o.is_none() {
-            *o = Some(outcome);
-            self.ready.notify_all();
+        let mut st = self.lock();
+        if st.outcome.is_none() {
+            st.outcome = Some(outcome);
+            self.changed.notify_all();
         }
     }
 
+    fn settle(&self) {
+        self.lock().settled = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits for the answer.
     fn wait(&self) -> Outcome {
-        let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(r) = o.as_ref() {
-                return r.clone();
-            }
-            o = self.ready.wait(o).unwrap_or_else(|p| p.into_inner());
+        self.wait_until(|st| st.outcome.is_some())
+    }
+
+    /// Waits until the chunk is cached (or failed for good).
+    fn wait_settled(&self) -> Outcome {
+        self.wait_until(|st| st.settled)
+    }
+
+    fn wait_until(&self, done: impl Fn(&PendingState) -> bool) -> Outcome {
+        let mut st = self.lock();
+        while !done(&st) || st.outcome.is_none() {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
+        st.outcome.clone().expect("checked above")
     }
 }
 
@@ -157,6 +184,14 @@ struct Claim {
 }
 
 impl Claim {
+    /// Wakes the waiters of `id` without leaving the in-flight map.
+    fn answer(&self, id: &ChunkId, outcome: &Outcome) {
+        if let Some(p) = self.pending.get(id) {
+            p.complete(outcome.clone());
+        }
+    }
+
+    /// Answers `id` (unless already answered) and leaves the in-flight map.
     fn finish(&mut self, id: &ChunkId, outcome: Outcome) {
         if let Some(p) = self.pending.remove(id) {
             if outcome.is_err() {
@@ -167,6 +202,7 @@ impl Claim {
             }
             self.inner.lock_inflight().remove(id);
             p.complete(outcome);
+            p.settle();
         }
     }
 }
@@ -288,10 +324,31 @@ impl ChunkStore {
         for _ in 0..4 {
             match self.inner.cache.read(id, offset, buf) {
                 Ok(true) => return Ok(()),
-                Ok(false) => self.fetch(std::slice::from_ref(id))?,
-                // The cache has dropped the bad copy; fetch a good one.
-                Err(e) if e.kind() == ErrorKind::Corrupt => self.fetch(std::slice::from_ref(id))?,
+                // A miss, or the cache dropped a bad copy: fetch a good one.
+                Ok(false) => {}
+                Err(e) if e.kind() == ErrorKind::Corrupt => {}
                 Err(e) => return Err(cache_err(e)),
+            }
+            // Serve straight from the fetched bytes; `None` means the chunk
+            // reached the cache meanwhile, so read it there.
+            let (mut waits, claim) = self.claim_missing(std::slice::from_ref(id));
+            self.run_here(claim);
+            if let Some(pending) = waits.pop() {
+                let raw = pending.wait()?;
+                let start = usize::try_from(offset).unwrap_or(usize::MAX);
+                let Some(src) = start
+                    .checked_add(buf.len())
+                    .and_then(|end| raw.get(start..end))
+                else {
+                    return Err(cache_err(CacheError::Entry(EntryError::OutOfRange {
+                        id: *id,
+                        offset,
+                        len: buf.len(),
+                        raw_len: raw.len() as u32,
+                    })));
+                };
+                buf.copy_from_slice(src);
+                return Ok(());
             }
         }
         Err(ChunkStoreError::Cancelled {
@@ -310,10 +367,11 @@ impl ChunkStore {
     /// Makes every chunk in `ids` local, fetching what is missing (merged
     /// where adjacent) and waiting for fetches already under way.
     pub fn fetch(&self, ids: &[ChunkId]) -> Result<(), ChunkStoreError> {
-        let waits = self.start_fetch(ids);
+        let (waits, claim) = self.claim_missing(ids);
+        self.run_here(claim);
         let mut first_err = None;
         for p in waits {
-            if let Err(e) = p.wait() {
+            if let Err(e) = p.wait_settled() {
                 first_err.get_or_insert(e);
             }
         }
@@ -322,12 +380,22 @@ impl ChunkStore {
 
     /// Starts fetching whatever of `ids` is not local, without waiting.
     pub fn prefetch(&self, ids: &[ChunkId]) {
-        self.start_fetch(ids);
+        if let (_, Some(claim)) = self.claim_missing(ids) {
+            self.inner.rt.spawn(fetch_claimed(claim));
+        }
     }
 
-    /// Claims the missing chunks no one is fetching and spawns one fetch
-    /// for them; returns the slots to wait on (ours and others').
-    fn start_fetch(&self, ids: &[ChunkId]) -> Vec<Arc<Pending>> {
+    /// Runs a claimed fetch on the calling thread (as a plain ranged GET
+    /// would be), sparing two thread hand-offs on a miss.
+    fn run_here(&self, claim: Option<Claim>) {
+        if let Some(claim) = claim {
+            self.inner.rt.block_on(fetch_claimed(claim));
+        }
+    }
+
+    /// Claims the missing chunks no one is fetching; returns the slots to
+    /// wait on (ours and others') and the claim to fetch, if any.
+    fn claim_missing(&self, ids: &[ChunkId]) -> (Vec<Arc<Pending>>, Option<Claim>) {
         let mut waits = Vec::new();
         let mut mine = HashMap::new();
         {
@@ -354,14 +422,11 @@ impl ChunkStore {
                 waits.push(p);
             }
         }
-        if !mine.is_empty() {
-            let claim = Claim {
-                inner: self.inner.clone(),
-                pending: mine,
-            };
-            self.inner.rt.spawn(fetch_claimed(claim));
-        }
-        waits
+        let claim = (!mine.is_empty()).then(|| Claim {
+            inner: self.inner.clone(),
+            pending: mine,
+        });
+        (waits, claim)
     }
 }
 
@@ -397,7 +462,7 @@ async fn fetch_claimed(mut claim: Claim) {
             }
         }
     }
-    let mut tasks = Vec::new();
+    let mut runs = Vec::new();
     for (pack, entries) in by_pack {
         for run in split_long_runs(
             PackIndex::runs(entries, inner.cfg.merge_gap),
@@ -410,18 +475,24 @@ async fn fetch_claimed(mut claim: Claim) {
                     .filter_map(|e| claim.pending.remove(&e.id).map(|p| (e.id, p)))
                     .collect(),
             };
-            tasks.push(tokio::spawn(fetch_run(
-                run_claim,
-                layout::pack_key(&pack),
-                run,
-            )));
+            runs.push(fetch_run(run_claim, layout::pack_key(&pack), run));
         }
     }
+    if runs.len() == 1 {
+        // The common miss: one run, no need for another task.
+        runs.pop().expect("one run").await;
+        return;
+    }
+    let tasks: Vec<_> = runs.into_iter().map(tokio::spawn).collect();
     for t in tasks {
         // A panicked run fails its own chunks through its claim's Drop.
         let _ = t.await;
     }
 }
+
+/// Runs this small are decoded on the async worker: a hop to the blocking
+/// pool would cost more than the work.
+const INLINE_DECODE_BYTES: usize = 512 << 10;
 
 fn split_long_runs(runs: Vec<Vec<IndexEntry>>, max_bytes: u64) -> Vec<Vec<IndexEntry>> {
     let mut out = Vec::new();
@@ -468,22 +539,45 @@ async fn fetch_run(mut claim: Claim, key: String, run: Vec<IndexEntry>) {
         .stats
         .remote_bytes
         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    // Decompressing and hashing is CPU work: keep it off the async workers.
-    let _ = tokio::task::spawn_blocking(move || {
-        for (entry, frame_bytes) in pack::frames_of_run(&run, &bytes) {
-            let outcome = verify_and_cache(&claim.inner, &key, entry, frame_bytes);
-            claim.finish(&entry.id, outcome);
+    let inline = bytes.len() <= INLINE_DECODE_BYTES;
+    let verify_all = move || {
+        let outcomes: Vec<(ChunkId, Outcome)> = pack::frames_of_run(&run, &bytes)
+            .map(|(entry, frame_bytes)| {
+                let outcome = verify(&claim.inner, &key, entry, frame_bytes);
+                claim.answer(&entry.id, &outcome);
+                (entry.id, outcome)
+            })
+            .collect();
+        (claim, outcomes)
+    };
+    let (claim, outcomes) = if inline {
+        verify_all()
+    } else {
+        // Decompressing and hashing a long run is CPU work: keep it off
+        // the async workers.
+        match tokio::task::spawn_blocking(verify_all).await {
+            Ok(done) => done,
+            // The claim went down with the task and failed its waiters.
+            Err(_) => return,
         }
-    })
-    .await;
+    };
+    // The waiters have their bytes; caching happens off their path. The
+    // chunks stay in flight until cached, so no second fetch starts.
+    tokio::task::spawn_blocking(move || cache_and_finish(claim, outcomes));
 }
 
-fn verify_and_cache(
-    inner: &Inner,
-    key: &str,
-    entry: IndexEntry,
-    frame_bytes: Option<&[u8]>,
-) -> Outcome {
+fn cache_and_finish(mut claim: Claim, outcomes: Vec<(ChunkId, Outcome)>) {
+    for (id, outcome) in outcomes {
+        if let Ok(raw) = &outcome {
+            if let Err(e) = claim.inner.cache.insert(id, raw) {
+                tracing::warn!(chunk = %id, error = %e, "cache: could not keep a fetched chunk");
+            }
+        }
+        claim.finish(&id, outcome);
+    }
+}
+
+fn verify(inner: &Inner, key: &str, entry: IndexEntry, frame_bytes: Option<&[u8]>) -> Outcome {
     let corrupt = |source: FrameError| {
         inner.stats.digest_failures.fetch_add(1, Ordering::Relaxed);
         tracing::error!(chunk = %entry.id, object = key, error = %source, "remote chunk failed verification; not cached");
@@ -500,13 +594,6 @@ fn verify_and_cache(
         })
     })?;
     let raw = frame::decode_chunk(frame_bytes, entry.id, Verify::Digest).map_err(corrupt)?;
-    inner
-        .cache
-        .insert(entry.id, &raw)
-        .map_err(|e| ChunkStoreError::Cache {
-            id: entry.id,
-            source: Arc::new(e),
-        })?;
     inner.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-    Ok(())
+    Ok(raw.into())
 }

@@ -34,6 +34,8 @@ pub enum FrameError {
         "frame format version {0} is not supported (this build reads version {FRAME_VERSION})"
     )]
     UnsupportedVersion(u8),
+    #[error("reserved frame header bytes are not zero")]
+    Reserved,
     #[error("unknown frame codec {0}")]
     UnknownCodec(u8),
     #[error("frame lengths out of range: raw {raw_len}, payload {payload_len}")]
@@ -101,6 +103,9 @@ impl FrameHeader {
         }
         if bytes[4] != FRAME_VERSION {
             return Err(FrameError::UnsupportedVersion(bytes[4]));
+        }
+        if bytes[6..8] != [0, 0] {
+            return Err(FrameError::Reserved);
         }
         let codec = match bytes[5] {
             0 => Codec::Raw,
@@ -230,6 +235,25 @@ pub enum Verify {
     Digest,
 }
 
+thread_local! {
+    /// One zstd decompression context per thread: creating one costs more
+    /// than decompressing a small chunk.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut()
+            .expect("decompressor just created")
+            .decompress(payload, capacity)
+    })
+}
+
 /// Decodes the chunk in `frame`, which must be chunk `expected`.
 pub fn decode_chunk(
     frame: &[u8],
@@ -247,11 +271,10 @@ pub fn decode_chunk(
         Codec::Raw => payload.to_vec(),
         Codec::Zstd => {
             let want = header.raw_len as usize;
-            let raw =
-                zstd::bulk::decompress(payload, want).map_err(|source| FrameError::Decompress {
-                    id: header.id,
-                    source,
-                })?;
+            let raw = decompress(payload, want).map_err(|source| FrameError::Decompress {
+                id: header.id,
+                source,
+            })?;
             if raw.len() != want {
                 return Err(FrameError::RawLength {
                     id: header.id,

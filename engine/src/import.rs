@@ -32,7 +32,7 @@ use crate::objstore::{PutMode, StoreError};
 use crate::pack::{self, PackError, PackIndex, PackWriter};
 
 /// The default chunk size; README's "Chunk size" section has the measurements.
-pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 pub const DEFAULT_PACK_TARGET: u64 = 32 << 20;
 /// Packs being uploaded while the next one fills.
@@ -331,6 +331,54 @@ pub fn import_raw(
     };
     let file = File::open(path).map_err(read_err)?;
     let logical = file.metadata().map_err(read_err)?.len();
+    let cs = opts.chunk_size as usize;
+    let batch = (BATCH_BYTES / cs).max(1) * cs;
+    let rx = spawn_reader(file, path.to_owned(), batch);
+    let (manifest, report) = import_pieces(
+        store,
+        rx.into_iter().map(|b| b.map(Piece::Bytes)),
+        logical,
+        opts,
+        progress,
+    )
+    .map_err(|e| match e {
+        ImportError::Read { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof => {
+            read_err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the file changed size during import ({logical} bytes at start)"),
+            ))
+        }
+        e => e,
+    })?;
+    Ok((manifest, report))
+}
+
+/// Part of an image, in order: bytes of whole chunks (the last may be
+/// short) to cut, hash and store, or the ids of chunks known already.
+pub enum Piece {
+    Bytes(Vec<u8>),
+    Known(Vec<Option<ChunkId>>),
+}
+
+/// Builds and stores the manifest of a `logical`-byte image from `pieces`,
+/// storing every chunk the store does not have yet. The core of every
+/// import (raw files, overlay snapshots).
+pub fn import_pieces(
+    store: &ChunkStore,
+    pieces: impl Iterator<Item = Result<Piece, ImportError>>,
+    logical: u64,
+    opts: &ImportOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(Manifest, ImportReport), ImportError> {
+    opts.check()?;
+    let count = Manifest::chunk_count_for(logical, opts.chunk_size);
+    if count > crate::manifest::MAX_CHUNKS {
+        return Err(ImportError::Options(format!(
+            "{logical} bytes make {count} chunks of {} bytes, more than a manifest holds ({}): use a larger --chunk-size",
+            opts.chunk_size,
+            crate::manifest::MAX_CHUNKS
+        )));
+    }
     let staging = |source| ImportError::Staging {
         path: opts.staging_dir.clone(),
         source,
@@ -343,8 +391,6 @@ pub fn import_raw(
     let recovered_packs = recover_staging(store, &opts.staging_dir)?;
 
     let cs = opts.chunk_size as usize;
-    let batch = (BATCH_BYTES / cs).max(1) * cs;
-    let rx = spawn_reader(file, path.to_owned(), batch);
     let mut imp = Importer {
         store,
         opts,
@@ -353,12 +399,24 @@ pub fn import_raw(
         new_frames: HashMap::new(),
         new_bytes: 0,
     };
-    let mut chunks: Vec<Option<ChunkId>> =
-        Vec::with_capacity(Manifest::chunk_count_for(logical, opts.chunk_size) as usize);
+    let mut chunks: Vec<Option<ChunkId>> = Vec::with_capacity(count as usize);
     let mut done = 0u64;
     let result = (|| {
-        for buf in rx {
-            let buf = buf?;
+        for piece in pieces {
+            let buf = match piece? {
+                Piece::Bytes(b) => b,
+                Piece::Known(ids) => {
+                    for id in ids {
+                        done += u64::from(
+                            (logical.saturating_sub(chunks.len() as u64 * cs as u64)).min(cs as u64)
+                                as u32,
+                        );
+                        chunks.push(id);
+                    }
+                    progress(done);
+                    continue;
+                }
+            };
             let ids: Vec<Option<ChunkId>> = buf
                 .par_chunks(cs)
                 .map(|c| (!is_zero(c)).then(|| ChunkId::of(c)))
@@ -398,11 +456,14 @@ pub fn import_raw(
         let _ = imp.finish();
         return Err(e);
     }
-    if done != logical {
-        return Err(read_err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("the file changed size during import ({logical} bytes at start, {done} read)"),
-        )));
+    if done != logical || chunks.len() as u64 != count {
+        return Err(ImportError::Read {
+            path: opts.staging_dir.clone(),
+            source: io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the source gave {done} of {logical} bytes"),
+            ),
+        });
     }
     let manifest = Manifest::new_disk(logical, opts.chunk_size, chunks);
     let encoded = manifest.encode();

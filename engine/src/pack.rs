@@ -208,6 +208,11 @@ fn parse_footer(tail: &[u8]) -> Result<Footer, PackError> {
     if version != PACK_VERSION {
         return Err(PackError::UnsupportedVersion(version));
     }
+    if f[20..24] != [0; 4] {
+        return Err(PackError::BadIndex(
+            "reserved footer bytes are not zero".into(),
+        ));
+    }
     let count = u32::from_le_bytes(f[8..12].try_into().expect("4 bytes"));
     if count > MAX_INDEX_ENTRIES {
         return Err(PackError::BadIndex(format!(

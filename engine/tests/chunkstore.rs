@@ -148,6 +148,8 @@ fn a_flipped_byte_in_a_cached_chunk_is_fetched_again_never_served() {
     let (id, bytes) = f.chunk(1);
     let mut buf = vec![0u8; CS];
     store.read(&id, 0, &mut buf).unwrap();
+    // A read is answered before the chunk is cached; wait for the cache.
+    store.fetch(&[id]).unwrap();
     // Rot the cached copy on disk.
     let path = cache_dir.join("chunks").join(id.to_hex());
     let mut cached = std::fs::read(&path).unwrap();

@@ -2,26 +2,33 @@
 # Installs what cairn's build, tests and benchmarks need on a fresh Debian 12
 # machine: system packages, the Rust toolchain's parts, and s3s-fs (the S3
 # server the tests use). Idempotent: skips what is already there.
+# CAIRN_SETUP_S3=0 skips s3s-fs (the file:// demo does not need it).
 set -euo pipefail
+sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
 
 need_apt=()
-for pkg in libclang-dev zstd b3sum e2fsprogs; do
+for pkg in libclang-dev zstd b3sum e2fsprogs time debootstrap iproute2 curl \
+    qemu-system-x86 busybox-static cpio kmod xz-utils; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
 if ! command -v cargo >/dev/null; then
-    echo "setup: cargo is missing; install Rust (rustup) first" >&2
-    exit 1
+    echo "setup: installing the Rust toolchain (rustup, stable)" >&2
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component clippy,rustfmt >&2
+    export PATH="$HOME/.cargo/bin:$PATH"
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 
-if ! command -v s3s-fs >/dev/null || ! s3s-fs --version 2>/dev/null | grep -q '0.14.1'; then
+if [ "${CAIRN_SETUP_S3:-1}" != 0 ] && { ! command -v s3s-fs >/dev/null || ! s3s-fs --version 2>/dev/null | grep -q '0.14.1'; }; then
     echo "setup: building s3s-fs 0.14.1 (about 2 minutes)" >&2
     cargo install s3s-fs@0.14.1 --locked --features binary --quiet
 fi

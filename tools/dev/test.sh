@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs what is needed, starts the
-# S3 server, builds once (release), then lint and tests.
+# S3 server, builds the guest fixture and cairn once (release), then lint,
+# unit and integration tests, the QEMU end-to-end tests and a fuzz smoke run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tools/dev/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+# The guest for the QEMU end-to-end tests (reused when already built).
+CAIRN_GUEST_DIR=$(fixtures/build-guest.sh)
+export CAIRN_GUEST_DIR
 eval "$(tools/dev/s3-server.sh start)"
 trap 'tools/dev/s3-server.sh stop' EXIT
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo test --release --workspace
+tools/dev/fuzz.sh "${CAIRN_FUZZ_SECONDS:-20}"

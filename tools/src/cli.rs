@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+/// `cairn_engine::import::DEFAULT_CHUNK_SIZE` as the CLI spells it.
+pub const DEFAULT_CHUNK_SIZE_ARG: &str = "64K";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "cairn",
@@ -39,6 +42,9 @@ pub enum Command {
     /// Images: import, export, list, describe.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Disks: serve an image lazily to a VMM.
+    #[command(subcommand)]
+    Disk(DiskCommand),
     /// Check that every chunk of every manifest is in the store.
     Verify {
         /// Also re-read every pack and re-hash every chunk.
@@ -56,7 +62,7 @@ pub enum ImageCommand {
         #[arg(long)]
         name: String,
         /// Chunk size, a power of two from 4K to 16M.
-        #[arg(long, default_value = "256K")]
+        #[arg(long, default_value = DEFAULT_CHUNK_SIZE_ARG)]
         chunk_size: String,
         /// zstd level for new chunks (1 fastest).
         #[arg(long, default_value_t = cairn_engine::import::DEFAULT_ZSTD_LEVEL)]
@@ -74,5 +80,37 @@ pub enum ImageCommand {
     Describe {
         /// Image name or manifest id.
         image: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCommand {
+    /// Serve IMAGE over vhost-user-blk with a private, writable overlay.
+    /// Prints a line when ready; SIGINT/SIGTERM flush and exit.
+    Serve {
+        /// Image name or manifest id.
+        image: String,
+        /// The vhost-user socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The overlay directory (created if new; reused if it is this image's).
+        #[arg(long)]
+        overlay: PathBuf,
+        /// Refuse writes and offer the disk read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// Virtqueues, one worker thread each.
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+    },
+    /// Fold a stopped overlay into a new image that shares every unchanged
+    /// chunk with its parent.
+    Snapshot {
+        /// The overlay directory (`cairn disk serve` must not be using it).
+        #[arg(long)]
+        overlay: PathBuf,
+        /// Name to give the new image.
+        #[arg(long)]
+        name: String,
     },
 }

@@ -3,6 +3,7 @@
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
+use std::io::Write as _;
 
 pub fn bytes_bar(total: u64, json: bool, what: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
@@ -38,10 +39,13 @@ pub fn emit<T: Serialize>(
     value: &T,
     text: impl FnOnce() -> String,
 ) -> anyhow::Result<()> {
+    // Written, not printed: a closed stdout is an error here, not a panic.
+    let mut out = std::io::stdout().lock();
     if json {
-        println!("{}", serde_json::to_string(value)?);
+        writeln!(out, "{}", serde_json::to_string(value)?)?;
     } else {
-        print!("{}", text());
+        write!(out, "{}", text())?;
     }
+    out.flush()?;
     Ok(())
 }

@@ -44,6 +44,10 @@ mod tests {
     fn sizes() {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert_eq!(parse_size("256K").unwrap(), 256 << 10);
+        assert_eq!(
+            parse_size(crate::cli::DEFAULT_CHUNK_SIZE_ARG).unwrap(),
+            u64::from(cairn_engine::import::DEFAULT_CHUNK_SIZE)
+        );
         assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
         assert!(parse_size("x").is_err());
         assert!(parse_size("5Q").is_err());

@@ -2,7 +2,9 @@
 //!
 //! Everything here sits on top of `cairn-engine` and adds only transport: the
 //! engine sees bytes and offsets, this crate turns them into virtio-blk
-//! requests and page-fault answers. Nothing here yet: the vhost-user-blk
-//! backend (issue 3) and the page server (issue 4) land in this crate.
+//! requests and page-fault answers. So far: virtio-blk request parsing
+//! (`blk::request`); the vhost-user-blk backend and the page server come next.
+
+pub mod blk;
 
 pub use cairn_engine as engine;

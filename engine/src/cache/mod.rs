@@ -64,15 +64,22 @@ pub struct CacheStats {
 
 struct Slot {
     bytes: u64,
+    /// Tick of the last use.
     tick: u64,
-    handle: Option<Arc<CachedChunk>>,
+    /// Tick under which the slot sits in `State::lru`. Behind `tick` when
+    /// the slot was used since: a hit only bumps `tick`, and eviction
+    /// requeues such slots instead of evicting them (lazy LRU: a hit costs
+    /// one map lookup, not a reordering).
+    queued: u64,
+    /// The mapped file and the tick under which it sits in `State::open`.
+    handle: Option<(Arc<CachedChunk>, u64)>,
 }
 
 struct State {
     slots: HashMap<ChunkId, Slot>,
-    /// Every slot by last use.
+    /// Every slot, by `Slot::queued`.
     lru: BTreeMap<u64, ChunkId>,
-    /// Slots with an open file, by last use.
+    /// Slots with a mapped file, by the tick they were queued under.
     open: BTreeMap<u64, ChunkId>,
     used: u64,
     tick: u64,
@@ -86,7 +93,8 @@ pub struct ChunkCache {
     stats: CacheStats,
 }
 
-const MAX_OPEN_FILES: usize = 512;
+/// Mapped chunk files kept at once (their descriptors are closed once mapped).
+const MAX_MAPPED: usize = 1024;
 /// Four of the largest chunks.
 pub const MIN_CAPACITY: u64 = 64 << 20;
 
@@ -110,7 +118,7 @@ impl ChunkCache {
         let cache = ChunkCache {
             dir: chunks.clone(),
             capacity,
-            max_open: MAX_OPEN_FILES,
+            max_open: MAX_MAPPED,
             state: Mutex::new(State {
                 slots: HashMap::new(),
                 lru: BTreeMap::new(),
@@ -154,6 +162,7 @@ impl ChunkCache {
                     Slot {
                         bytes,
                         tick,
+                        queued: tick,
                         handle: None,
                     },
                 );
@@ -161,7 +170,7 @@ impl ChunkCache {
                 s.used += bytes;
             }
         }
-        cache.evict_to(0)?;
+        cache.reserve(0)?;
         Ok(cache)
     }
 
@@ -201,28 +210,19 @@ impl ChunkCache {
     /// The cached chunk, if present; counts a hit or a miss.
     pub fn get(&self, id: &ChunkId) -> Result<Option<Arc<CachedChunk>>, CacheError> {
         let mut s = self.lock();
-        let Some(slot) = s.slots.get(id) else {
+        let tick = s.next_tick();
+        let Some(slot) = s.slots.get_mut(id) else {
             drop(s);
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
-        let old = slot.tick;
-        let had_handle = slot.handle.clone();
-        let tick = s.next_tick();
-        s.lru.remove(&old);
-        s.lru.insert(tick, *id);
-        if had_handle.is_some() {
-            s.open.remove(&old);
-            s.open.insert(tick, *id);
-        }
-        let slot = s.slots.get_mut(id).expect("slot present");
         slot.tick = tick;
-        if let Some(h) = had_handle {
-            return Ok(Some(h));
+        if let Some((h, _)) = &slot.handle {
+            return Ok(Some(h.clone()));
         }
-        // Open outside the lock would race eviction for little gain: opening
-        // an existing file is a few microseconds, once per chunk.
+        // Opened under the lock so eviction cannot race it: mapping an
+        // existing file is a few microseconds, once per chunk.
         let handle = match CachedChunk::open(&self.path_of(id), *id) {
             Ok(h) => Arc::new(h),
             Err(e) => {
@@ -232,14 +232,9 @@ impl ChunkCache {
                 return Err(e.into());
             }
         };
-        slot.handle = Some(handle.clone());
+        slot.handle = Some((handle.clone(), tick));
         s.open.insert(tick, *id);
-        while s.open.len() > self.max_open {
-            let (_, victim) = s.open.pop_first().expect("non-empty");
-            if let Some(v) = s.slots.get_mut(&victim) {
-                v.handle = None;
-            }
-        }
+        s.close_to(self.max_open);
         Ok(Some(handle))
     }
 
@@ -273,30 +268,41 @@ impl ChunkCache {
             let path = p.to_owned();
             move |source| CacheError::Io { path, source }
         };
-        self.evict_to(bytes)?;
-        {
+        self.reserve(bytes)?;
+        let written = (|| {
             let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
             f.write_all(&entry::encode_header(id, raw))
                 .map_err(io(&tmp))?;
             f.write_all(raw).map_err(io(&tmp))?;
+            drop(f);
+            fs::rename(&tmp, &path).map_err(io(&path))
+        })();
+        if let Err(e) = written {
+            self.lock().used -= bytes;
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
         }
-        fs::rename(&tmp, &path).map_err(io(&path))?;
+        // A chunk just fetched is usually read next: map it now, while its
+        // pages are hot, rather than on that read.
+        let handle = CachedChunk::open(&path, id).ok().map(Arc::new);
         let mut s = self.lock();
         let tick = s.next_tick();
-        if let Some(old) = s.slots.insert(
-            id,
-            Slot {
-                bytes,
-                tick,
-                handle: None,
-            },
-        ) {
-            s.lru.remove(&old.tick);
-            s.open.remove(&old.tick);
+        let mapped = handle.is_some();
+        let slot = Slot {
+            bytes,
+            tick,
+            queued: tick,
+            handle: handle.map(|h| (h, tick)),
+        };
+        if let Some(old) = s.slots.insert(id, slot) {
+            s.unqueue(&old);
             s.used -= old.bytes;
         }
         s.lru.insert(tick, id);
-        s.used += bytes;
+        if mapped {
+            s.open.insert(tick, id);
+            s.close_to(self.max_open);
+        }
         drop(s);
         self.stats.inserts.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -306,8 +312,7 @@ impl ChunkCache {
     pub fn remove(&self, id: &ChunkId) {
         let mut s = self.lock();
         if let Some(slot) = s.slots.remove(id) {
-            s.lru.remove(&slot.tick);
-            s.open.remove(&slot.tick);
+            s.unqueue(&slot);
             s.used -= slot.bytes;
             drop(s);
             if let Err(e) = fs::remove_file(self.path_of(id)) {
@@ -316,19 +321,23 @@ impl ChunkCache {
         }
     }
 
-    /// Evicts least recently used chunks until `incoming` more bytes fit.
-    fn evict_to(&self, incoming: u64) -> Result<(), CacheError> {
+    /// Evicts least recently used chunks until `incoming` more bytes fit,
+    /// then counts them as used, so concurrent inserts cannot together
+    /// overshoot the bound.
+    fn reserve(&self, incoming: u64) -> Result<(), CacheError> {
         loop {
             let victim = {
                 let mut s = self.lock();
                 if s.used + incoming <= self.capacity {
+                    s.used += incoming;
                     return Ok(());
                 }
-                let Some((_, id)) = s.lru.pop_first() else {
+                let Some(id) = s.pop_least_recent() else {
+                    s.used += incoming;
                     return Ok(());
                 };
                 let slot = s.slots.remove(&id).expect("lru and slots agree");
-                s.open.remove(&slot.tick);
+                s.unqueue(&slot);
                 s.used -= slot.bytes;
                 id
             };
@@ -347,7 +356,12 @@ impl ChunkCache {
     pub fn bytes_on_disk(&self) -> io::Result<u64> {
         let mut total = 0;
         for e in fs::read_dir(&self.dir)? {
-            total += e?.metadata()?.len();
+            match e?.metadata() {
+                Ok(m) => total += m.len(),
+                // Evicted between the listing and the look.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(total)
     }
@@ -357,6 +371,45 @@ impl State {
     fn next_tick(&mut self) -> u64 {
         self.tick += 1;
         self.tick
+    }
+
+    /// Takes `slot` (already out of `slots`) out of the queues.
+    fn unqueue(&mut self, slot: &Slot) {
+        self.lru.remove(&slot.queued);
+        if let Some((_, t)) = &slot.handle {
+            self.open.remove(t);
+        }
+    }
+
+    /// The least recently used chunk, taken out of `lru` (still in
+    /// `slots`). Slots used since they were queued go to the back.
+    fn pop_least_recent(&mut self) -> Option<ChunkId> {
+        while let Some((queued, id)) = self.lru.pop_first() {
+            let slot = self.slots.get_mut(&id).expect("lru and slots agree");
+            if slot.tick == queued {
+                return Some(id);
+            }
+            slot.queued = slot.tick;
+            self.lru.insert(slot.tick, id);
+        }
+        None
+    }
+
+    /// Unmaps the least recently used files until at most `max` stay mapped.
+    fn close_to(&mut self, max: usize) {
+        while self.open.len() > max {
+            let (queued, id) = self.open.pop_first().expect("non-empty");
+            let slot = self.slots.get_mut(&id).expect("open and slots agree");
+            let Some((h, _)) = slot.handle.take() else {
+                continue;
+            };
+            if slot.tick != queued {
+                // Used since it was mapped: keep it, queued anew. A slot's
+                // own ticks never collide with another's.
+                slot.handle = Some((h, slot.tick));
+                self.open.insert(slot.tick, id);
+            }
+        }
     }
 }
 

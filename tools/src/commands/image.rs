@@ -25,6 +25,46 @@ struct Imported {
     throughput_mib_s: f64,
 }
 
+/// Points `name` at the new image and prints what `verb` did.
+pub(crate) fn name_and_report(
+    ctx: &Context,
+    store: &cairn_engine::chunkstore::ChunkStore,
+    name: &str,
+    report: cairn_engine::import::ImportReport,
+    started: Instant,
+    verb: &str,
+) -> Result<()> {
+    let id: ManifestId = report.id.parse()?;
+    ctx.rt
+        .block_on(catalog::set_image(store.remote().as_ref(), name, &id))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let out = Imported {
+        name: name.to_owned(),
+        throughput_mib_s: report.logical_bytes as f64 / (1 << 20) as f64 / seconds.max(1e-9),
+        report,
+        seconds,
+    };
+    emit(ctx.json, &out, || {
+        let r = &out.report;
+        format!(
+            "{verb} {name}\n  id             {}\n  logical size   {} ({} bytes)\n  stored bytes   {}\n  new bytes      {}\n  chunks         {} of {} ({} zero, {} distinct, {} new)\n  dedup ratio    {:.2}\n  took           {:.2} s ({:.0} MiB/s)\n",
+            r.id,
+            human(r.logical_bytes),
+            r.logical_bytes,
+            human(r.stored_bytes),
+            human(r.new_bytes),
+            r.chunks,
+            human(u64::from(r.chunk_size)),
+            r.zero_chunks,
+            r.distinct_chunks,
+            r.new_chunks,
+            r.dedup_ratio,
+            out.seconds,
+            out.throughput_mib_s,
+        )
+    })
+}
+
 pub fn import_raw(
     ctx: &Context,
     file: &Path,
@@ -51,39 +91,11 @@ pub fn import_raw(
     let (_, report) = engine_import(&store, file, &opts, &|done| bar.set_position(done))
         .with_context(|| format!("importing {} into {}", file.display(), store.remote().uri()))?;
     bar.finish_and_clear();
-    let id: ManifestId = report.id.parse()?;
-    ctx.rt
-        .block_on(catalog::set_image(store.remote().as_ref(), name, &id))?;
-    let seconds = started.elapsed().as_secs_f64();
-    let out = Imported {
-        name: name.to_owned(),
-        throughput_mib_s: report.logical_bytes as f64 / (1 << 20) as f64 / seconds.max(1e-9),
-        report,
-        seconds,
-    };
-    emit(ctx.json, &out, || {
-        let r = &out.report;
-        format!(
-            "imported {name}\n  id             {}\n  logical size   {} ({} bytes)\n  stored bytes   {}\n  new bytes      {}\n  chunks         {} of {} ({} zero, {} distinct, {} new)\n  dedup ratio    {:.2}\n  took           {:.2} s ({:.0} MiB/s)\n",
-            r.id,
-            human(r.logical_bytes),
-            r.logical_bytes,
-            human(r.stored_bytes),
-            human(r.new_bytes),
-            r.chunks,
-            human(u64::from(r.chunk_size)),
-            r.zero_chunks,
-            r.distinct_chunks,
-            r.new_chunks,
-            r.dedup_ratio,
-            out.seconds,
-            out.throughput_mib_s,
-        )
-    })?;
+    name_and_report(ctx, &store, name, report, started, "imported")?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn load(ctx: &Context, image: &str) -> Result<(ManifestId, Manifest)> {
+pub(crate) fn load(ctx: &Context, image: &str) -> Result<(ManifestId, Manifest)> {
     let remote = ctx.remote.as_ref();
     let id = ctx.rt.block_on(catalog::resolve(remote, image))?;
     let manifest = ctx.rt.block_on(catalog::load_manifest(remote, &id))?;

@@ -1,5 +1,6 @@
 //! One function per command; each returns the process exit code.
 
+mod disk;
 mod image;
 mod verify;
 
@@ -7,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::cli::{Cli, Command, ImageCommand};
+use crate::cli::{Cli, Command, DiskCommand, ImageCommand};
 use crate::context::Context;
 
 /// `cairn verify` found problems (distinct from failing to run).
@@ -25,6 +26,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Image(ImageCommand::Export { image, file }) => image::export(&ctx, &image, &file),
         Command::Image(ImageCommand::Ls) => image::ls(&ctx),
         Command::Image(ImageCommand::Describe { image }) => image::describe(&ctx, &image),
+        Command::Disk(DiskCommand::Serve {
+            image,
+            socket,
+            overlay,
+            read_only,
+            queues,
+        }) => disk::serve(&ctx, &image, &socket, &overlay, read_only, queues),
+        Command::Disk(DiskCommand::Snapshot { overlay, name }) => {
+            disk::snapshot(&ctx, &overlay, &name)
+        }
         Command::Verify { deep } => verify::verify(&ctx, deep),
     }
 }

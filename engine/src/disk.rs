@@ -1,0 +1,187 @@
+//! The lazy disk: an image manifest seen through a private overlay.
+//!
+//! A read takes each block from the overlay if it holds it, else from the
+//! image's chunk through the chunk store (local cache, then the remote
+//! tier); zero chunks read as zeros without any I/O. Writes go to the
+//! overlay in whole blocks; the edges of a write that is not block-aligned
+//! are first filled from what the disk holds (read-modify-write).
+
+use std::sync::Arc;
+
+use crate::chunkstore::{ChunkStore, ChunkStoreError};
+use crate::error::ErrorKind;
+use crate::manifest::Manifest;
+use crate::overlay::{OverlayError, OverlayQueue, BLOCK};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{len} bytes at {offset} are outside the {size}-byte disk")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    #[error(transparent)]
+    Chunk(#[from] ChunkStoreError),
+}
+
+impl DiskError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DiskError::OutOfRange { .. } => ErrorKind::InvalidInput,
+            DiskError::Overlay(e) => e.kind(),
+            DiskError::Chunk(e) => e.kind(),
+        }
+    }
+}
+
+/// One queue's view of the disk. Cheap to make: one per I/O thread.
+pub struct LazyDisk {
+    manifest: Arc<Manifest>,
+    store: ChunkStore,
+    overlay: OverlayQueue,
+}
+
+impl LazyDisk {
+    pub fn new(manifest: Arc<Manifest>, store: ChunkStore, overlay: OverlayQueue) -> LazyDisk {
+        LazyDisk {
+            manifest,
+            store,
+            overlay,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.manifest.logical_size
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    pub fn overlay(&self) -> &OverlayQueue {
+        &self.overlay
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(DiskError::OutOfRange {
+                offset,
+                len,
+                size: self.size(),
+            }),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.check(offset, buf.len() as u64)?;
+        let o = self.overlay.overlay();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let block = pos / BLOCK;
+            // Extend over blocks of the same source (overlay or image).
+            let dirty = o.is_dirty(block);
+            let mut end_block = block + 1;
+            let last_block = (offset + buf.len() as u64 - 1) / BLOCK;
+            while end_block <= last_block && o.is_dirty(end_block) == dirty {
+                end_block += 1;
+            }
+            let end = (end_block * BLOCK).min(offset + buf.len() as u64);
+            let part = &mut buf[done..done + (end - pos) as usize];
+            if dirty {
+                self.read_overlay(pos, part)?;
+            } else {
+                self.read_image(pos, part)?;
+            }
+            done += part.len();
+        }
+        Ok(())
+    }
+
+    fn read_overlay(&self, pos: u64, part: &mut [u8]) -> Result<(), DiskError> {
+        let first = pos / BLOCK;
+        let skip = (pos % BLOCK) as usize;
+        if skip == 0 && (part.len() as u64).is_multiple_of(BLOCK) {
+            return Ok(self.overlay.read_blocks(first, part)?);
+        }
+        let span = (skip + part.len()).div_ceil(BLOCK as usize) * BLOCK as usize;
+        let span = span.min((self.size() - first * BLOCK) as usize);
+        let mut tmp = vec![0u8; span];
+        self.overlay.read_blocks(first, &mut tmp)?;
+        part.copy_from_slice(&tmp[skip..skip + part.len()]);
+        Ok(())
+    }
+
+    /// Reads from the image, chunk by chunk.
+    fn read_image(&self, pos: u64, part: &mut [u8]) -> Result<(), DiskError> {
+        let cs = u64::from(self.manifest.chunk_size);
+        let mut done = 0usize;
+        while done < part.len() {
+            let at = pos + done as u64;
+            let index = (at / cs) as usize;
+            let within = at % cs;
+            let n = ((cs - within) as usize).min(part.len() - done);
+            let out = &mut part[done..done + n];
+            match self.manifest.chunks[index] {
+                Some(id) => self.store.read(&id, within, out)?,
+                None => out.fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        self.check(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = offset + data.len() as u64;
+        if offset.is_multiple_of(BLOCK) && (end.is_multiple_of(BLOCK) || end == self.size()) {
+            return Ok(self.overlay.write_blocks(offset / BLOCK, data)?);
+        }
+        // Widen to whole blocks, filling the edges from the disk.
+        let first = offset / BLOCK;
+        let span_end = end.div_ceil(BLOCK).saturating_mul(BLOCK).min(self.size());
+        let mut span = vec![0u8; (span_end - first * BLOCK) as usize];
+        self.read(first * BLOCK, &mut span)?;
+        let skip = (offset - first * BLOCK) as usize;
+        span[skip..skip + data.len()].copy_from_slice(data);
+        Ok(self.overlay.write_blocks(first, &span)?)
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros (WRITE_ZEROES, DISCARD).
+    /// Whole blocks are punched out of the overlay; partial edges are
+    /// written.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.check(offset, len)?;
+        let end = offset + len;
+        let first_whole = offset.div_ceil(BLOCK);
+        let end_whole = if end == self.size() {
+            end.div_ceil(BLOCK)
+        } else {
+            end / BLOCK
+        };
+        if first_whole >= end_whole {
+            return self.write(offset, &vec![0u8; len as usize]);
+        }
+        let head = first_whole * BLOCK - offset;
+        if head > 0 {
+            self.write(offset, &vec![0u8; head as usize])?;
+        }
+        self.overlay
+            .zero_blocks(first_whole, end_whole - first_whole)?;
+        let tail_start = (end_whole * BLOCK).min(end);
+        if tail_start < end {
+            self.write(tail_start, &vec![0u8; (end - tail_start) as usize])?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<(), DiskError> {
+        Ok(self.overlay.flush()?)
+    }
+}

@@ -1,0 +1,124 @@
+//! The lazy disk (image + overlay) against a plain byte-vector model:
+//! random reads, unaligned writes, write-zeroes and flushes, then a reopen.
+
+mod common;
+
+use std::sync::Arc;
+
+use cairn_engine::chunkstore::{ChunkStore, ChunkStoreConfig};
+use cairn_engine::disk::LazyDisk;
+use cairn_engine::export::export_raw;
+use cairn_engine::import::{import_raw, ImportOptions};
+use cairn_engine::objstore::{open_store, StoreUri};
+use cairn_engine::overlay::Overlay;
+use cairn_engine::snapshot::snapshot_overlay;
+
+const CS: usize = 64 << 10;
+
+#[test]
+fn random_io_matches_a_model_and_flushed_state_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let uri: StoreUri = format!("file://{}", dir.path().join("store").display())
+        .parse()
+        .unwrap();
+    let remote = rt.block_on(open_store(&uri)).unwrap();
+    rt.block_on(remote.prepare()).unwrap();
+    let store = rt
+        .block_on(ChunkStore::open(
+            remote,
+            ChunkStoreConfig::new(dir.path().join("cache"), 256 << 20),
+        ))
+        .unwrap();
+    // 24 chunks and a short tail, so the last block is partial too.
+    let mut image = common::test_image(24, CS, 3);
+    image.extend_from_slice(&[0x5a; 1000]);
+    let path = dir.path().join("image.raw");
+    std::fs::write(&path, &image).unwrap();
+    let mut opts = ImportOptions::new(dir.path().join("staging"));
+    opts.chunk_size = CS as u32;
+    let (manifest, _) = import_raw(&store, &path, &opts, &|_| {}).unwrap();
+    let manifest = Arc::new(manifest);
+    let size = image.len() as u64;
+
+    let ov_dir = dir.path().join("overlay");
+    let overlay = Overlay::open_or_create(&ov_dir, &manifest.id(), size).unwrap();
+    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.queue());
+    let mut whole = vec![0u8; image.len()];
+    disk.read(0, &mut whole).unwrap();
+    assert!(whole == image, "an untouched disk reads as its image");
+
+    let mut model = image.clone();
+    let mut flushed = model.clone();
+    let mut rng = fastrand::Rng::with_seed(11);
+    for step in 0..400 {
+        let off = rng.u64(..size);
+        let len = rng.u64(1..=(size - off).min(40_000));
+        let (o, l) = (off as usize, len as usize);
+        match rng.u8(..10) {
+            0..=3 => {
+                let mut buf = vec![0u8; l];
+                disk.read(off, &mut buf).unwrap();
+                assert!(buf == model[o..o + l], "step {step}: read {len} at {off}");
+            }
+            4..=6 => {
+                let data: Vec<u8> = (0..l).map(|_| rng.u8(..)).collect();
+                disk.write(off, &data).unwrap();
+                model[o..o + l].copy_from_slice(&data);
+            }
+            7 | 8 => {
+                disk.write_zeroes(off, len).unwrap();
+                model[o..o + l].fill(0);
+            }
+            _ => {
+                disk.flush().unwrap();
+                flushed.clone_from(&model);
+            }
+        }
+    }
+    disk.flush().unwrap();
+    flushed.clone_from(&model);
+    assert!(
+        disk.read(size - 10, &mut [0u8; 11]).is_err(),
+        "past the end"
+    );
+    drop(disk);
+    drop(overlay);
+
+    let overlay = Overlay::open_or_create(&ov_dir, &manifest.id(), size).unwrap();
+    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.queue());
+    disk.read(0, &mut whole).unwrap();
+    assert!(
+        whole == flushed,
+        "a reopened overlay serves what was flushed"
+    );
+    drop(disk);
+
+    // Fold the overlay into a snapshot: its bytes are the disk's, and every
+    // chunk the overlay did not touch keeps its parent's id.
+    let (snap, report) =
+        snapshot_overlay(&store, manifest.clone(), &overlay, &opts, &|_| {}).unwrap();
+    let out = dir.path().join("snapshot.raw");
+    export_raw(&store, &snap, &out, &|_| {}).unwrap();
+    assert!(std::fs::read(&out).unwrap() == flushed);
+    let cs = CS as u64;
+    let mut touched = 0;
+    for (i, (new, old)) in snap.chunks.iter().zip(&manifest.chunks).enumerate() {
+        let blocks = (i as u64 * cs / 4096)..((i as u64 + 1) * cs).min(size).div_ceil(4096);
+        if blocks.clone().any(|b| overlay.is_dirty(b)) {
+            touched += 1;
+        } else {
+            assert_eq!(new, old, "untouched chunk {i} must be shared");
+        }
+    }
+    assert!(touched > 0);
+    assert!(
+        report.new_chunks <= touched,
+        "{} new for {touched} touched",
+        report.new_chunks
+    );
+}

@@ -1,0 +1,152 @@
+//! `cairn disk serve`: an image plus a private overlay, served over
+//! vhost-user-blk.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use cairn_engine::disk::LazyDisk;
+use cairn_engine::import::ImportOptions;
+use cairn_engine::overlay::Overlay;
+use cairn_engine::snapshot::snapshot_overlay;
+use cairn_vmm_glue::blk::{serve as serve_blk, BlkBackend, DeviceConfig};
+use serde::Serialize;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use super::image::{load, name_and_report};
+use crate::context::Context;
+use crate::output::{bytes_bar, emit};
+
+#[derive(Serialize)]
+struct Ready<'a> {
+    ready: bool,
+    image: String,
+    socket: &'a Path,
+    overlay: &'a Path,
+    logical_bytes: u64,
+    queues: u16,
+    read_only: bool,
+    overlay_blocks: u64,
+}
+
+#[derive(Serialize)]
+struct Stopped {
+    stopped: bool,
+    signal: i32,
+    remote_bytes: u64,
+    remote_gets: u64,
+    chunks_fetched: u64,
+}
+
+pub fn serve(
+    ctx: &Context,
+    image: &str,
+    socket: &Path,
+    overlay_dir: &Path,
+    read_only: bool,
+    queues: u16,
+) -> Result<ExitCode> {
+    if queues == 0 || queues > 64 {
+        bail!("--queues must be 1 to 64, not {queues}");
+    }
+    let (id, manifest) = load(ctx, image)?;
+    let store = ctx.chunk_store()?;
+    let overlay = Overlay::open_or_create(overlay_dir, &id, manifest.logical_size)
+        .with_context(|| format!("opening overlay {}", overlay_dir.display()))?;
+    let manifest = Arc::new(manifest);
+    let disks = (0..queues)
+        .map(|_| LazyDisk::new(manifest.clone(), store.clone(), overlay.queue()))
+        .collect();
+    let cfg = DeviceConfig {
+        capacity_bytes: manifest.logical_size,
+        read_only,
+        queues,
+        serial: format!("cairn-{}", id.short()),
+    };
+    let backend = BlkBackend::new(cfg, disks);
+
+    // SIGINT/SIGTERM: make every completed write durable, report, exit.
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing signal handlers")?;
+    let (json, on_exit_overlay, on_exit_store) = (ctx.json, overlay.clone(), store.clone());
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            let code = match on_exit_overlay.flush() {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: flushing the overlay on exit failed: {e}");
+                    1
+                }
+            };
+            let s = on_exit_store.stats();
+            let stopped = Stopped {
+                stopped: true,
+                signal,
+                remote_bytes: s.remote_bytes.load(Ordering::Relaxed),
+                remote_gets: s.remote_gets.load(Ordering::Relaxed),
+                chunks_fetched: s.chunks_fetched.load(Ordering::Relaxed),
+            };
+            let _ = emit(json, &stopped, || {
+                format!(
+                    "stopped: overlay flushed; fetched {} bytes in {} GETs from the store\n",
+                    stopped.remote_bytes, stopped.remote_gets
+                )
+            });
+            let _ = std::io::stdout().flush();
+            std::process::exit(code);
+        }
+    });
+
+    let ready = Ready {
+        ready: true,
+        image: id.to_hex(),
+        socket,
+        overlay: overlay_dir,
+        logical_bytes: manifest.logical_size,
+        queues,
+        read_only,
+        overlay_blocks: overlay.dirty_count(),
+    };
+    serve_blk(socket, backend, || {
+        let _ = emit(json, &ready, || {
+            format!(
+                "ready: serving {} ({} bytes) on {} with {} queue(s); overlay {}\n",
+                image,
+                ready.logical_bytes,
+                socket.display(),
+                queues,
+                overlay_dir.display()
+            )
+        });
+        let _ = std::io::stdout().flush();
+    })
+    .with_context(|| format!("serving vhost-user-blk on {}", socket.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cairn disk snapshot`: folds a stopped overlay into a new image.
+pub fn snapshot(ctx: &Context, overlay_dir: &Path, name: &str) -> Result<ExitCode> {
+    cairn_engine::catalog::check_name(name)?;
+    let overlay = Overlay::open(overlay_dir).with_context(|| {
+        format!(
+            "opening overlay {} (is `cairn disk serve` still using it? stop it first)",
+            overlay_dir.display()
+        )
+    })?;
+    let (_, base) = load(ctx, &overlay.meta().base)?;
+    let store = ctx.chunk_store()?;
+    let opts = ImportOptions::new(ctx.staging_dir());
+    let bar = bytes_bar(base.logical_size, ctx.json, "snapshotting");
+    let started = Instant::now();
+    let (_, report) = snapshot_overlay(&store, Arc::new(base), &overlay, &opts, &|d| {
+        bar.set_position(d)
+    })
+    .with_context(|| format!("snapshotting overlay {}", overlay_dir.display()))?;
+    bar.finish_and_clear();
+    name_and_report(ctx, &store, name, report, started, "snapshot")?;
+    Ok(ExitCode::SUCCESS)
+}

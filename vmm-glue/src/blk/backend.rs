@@ -1,0 +1,281 @@
+//! The vhost-user-blk backend: one worker thread per queue, each with its
+//! own view of the disk, so no lock is shared by all queues on the I/O
+//! path (the overlay's dirty map is atomic; FLUSH gathers every queue).
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cairn_engine::disk::LazyDisk;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
+use virtio_queue::QueueOwnedT;
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config::{DeviceConfig, CONFIG_LEN, QUEUE_SIZE, WRITEBACK_OFFSET};
+use super::exec::{execute, ExecConfig};
+use super::request::{parse, Limits};
+
+type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+struct Worker {
+    disk: LazyDisk,
+    mem: Option<Memory>,
+    scratch: Vec<u8>,
+}
+
+pub struct BlkBackend {
+    cfg: DeviceConfig,
+    exec: ExecConfig,
+    limits: Limits,
+    /// One per queue; each is locked by its own worker thread (and by the
+    /// control thread when guest memory changes).
+    workers: Vec<Mutex<Worker>>,
+    event_idx: AtomicBool,
+    /// The guest's write-cache setting (CONFIG_WCE); off means every write
+    /// is flushed before it completes.
+    writeback: AtomicBool,
+    exits: Mutex<Vec<(EventConsumer, EventNotifier)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl BlkBackend {
+    /// A backend over `disks`, one per queue (`cfg.queues` of them).
+    pub fn new(cfg: DeviceConfig, disks: Vec<LazyDisk>) -> Arc<BlkBackend> {
+        assert_eq!(
+            disks.len(),
+            usize::from(cfg.queues),
+            "one disk view per queue"
+        );
+        let exec = ExecConfig {
+            read_only: cfg.read_only,
+            serial: cfg.serial.clone(),
+        };
+        Arc::new(BlkBackend {
+            limits: cfg.limits(),
+            exec,
+            workers: disks
+                .into_iter()
+                .map(|disk| {
+                    Mutex::new(Worker {
+                        disk,
+                        mem: None,
+                        scratch: Vec::new(),
+                    })
+                })
+                .collect(),
+            event_idx: AtomicBool::new(false),
+            writeback: AtomicBool::new(true),
+            exits: Mutex::new(Vec::new()),
+            cfg,
+        })
+    }
+
+    /// Fresh exit events for the worker threads of a new connection.
+    fn new_session(&self) -> io::Result<()> {
+        let mut exits = lock(&self.exits);
+        exits.clear();
+        for _ in 0..self.cfg.queues {
+            exits.push(new_event_consumer_and_notifier(EventFlag::empty())?);
+        }
+        Ok(())
+    }
+
+    /// Tells this connection's worker threads to exit.
+    fn end_session(&self) {
+        for (_, notifier) in lock(&self.exits).iter() {
+            let _ = notifier.notify();
+        }
+    }
+
+    /// Serves the queue `index` until it has nothing available.
+    fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+        let mut worker = lock(&self.workers[index]);
+        let Worker { disk, mem, scratch } = &mut *worker;
+        let Some(atomic) = mem.clone() else {
+            return Err(io::Error::other("queue kicked before guest memory was set"));
+        };
+        let mem = atomic.memory();
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let writethrough = !self.writeback.load(Ordering::Acquire);
+        let qerr = |e: virtio_queue::Error| io::Error::other(e.to_string());
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(qerr)?;
+            }
+            let chains: Vec<_> = vring
+                .get_mut()
+                .get_queue_mut()
+                .iter(mem.clone())
+                .map_err(qerr)?
+                .collect();
+            for chain in chains {
+                let head = chain.head_index();
+                let used = match parse(chain, &*mem, &self.limits) {
+                    Ok(req) => {
+                        tracing::trace!(queue = index, kind = ?req.kind, sector = req.sector, len = req.data_len, "request");
+                        let done = execute(&req, disk, &*mem, &self.exec, writethrough, scratch);
+                        match mem.write_obj(done.status, req.status) {
+                            Ok(()) => done.used_len,
+                            Err(e) => {
+                                tracing::warn!("cannot write the status byte: {e}");
+                                0
+                            }
+                        }
+                    }
+                    Err(rej) => {
+                        tracing::warn!(queue = index, "refused a request: {}", rej.why);
+                        match rej.status.map(|at| mem.write_obj(rej.code, at)) {
+                            Some(Ok(())) => 1,
+                            _ => 0,
+                        }
+                    }
+                };
+                vring.add_used(head, used).map_err(qerr)?;
+            }
+            if !event_idx || !vring.enable_notification().map_err(qerr)? {
+                break;
+            }
+        }
+        if !event_idx || vring.needs_notification().map_err(qerr)? {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.cfg.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        self.cfg.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        // Without CONFIG_WCE the guest cannot turn the cache off; with it,
+        // it starts on (writeback) until the guest says otherwise.
+        let _ = features & (1 << VIRTIO_BLK_F_CONFIG_WCE);
+        self.writeback.store(true, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self
+            .cfg
+            .config_space(self.writeback.load(Ordering::Acquire));
+        let start = (offset as usize).min(CONFIG_LEN);
+        let end = start.saturating_add(size as usize).min(CONFIG_LEN);
+        let mut out = space[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if offset == WRITEBACK_OFFSET && buf.len() == 1 {
+            let on = buf[0] != 0;
+            tracing::info!(writeback = on, "guest set the write cache mode");
+            self.writeback.store(on, Ordering::Release);
+            return Ok(());
+        }
+        tracing::warn!(
+            offset,
+            len = buf.len(),
+            "guest wrote a read-only config field"
+        );
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "only the writeback byte is writable",
+        ))
+    }
+
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        for w in &self.workers {
+            lock(w).mem = Some(mem.clone());
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.cfg.queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let exits = lock(&self.exits);
+        let (c, n) = exits.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let index = usize::from(device_event);
+        let vring = vrings
+            .get(index)
+            .ok_or_else(|| io::Error::other(format!("event for unknown queue {index}")))?;
+        self.process(index, vring)
+    }
+}
+
+/// Listens on `socket` and serves one VMM connection after another until
+/// the process ends; `ready` runs once the socket accepts connections.
+pub fn serve(socket: &Path, backend: Arc<BlkBackend>, ready: impl FnOnce()) -> io::Result<()> {
+    let mut listener = Listener::new(socket, true).map_err(io::Error::other)?;
+    ready();
+    loop {
+        backend.new_session()?;
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = VhostUserDaemon::new("cairn-blk".into(), backend.clone(), mem)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        daemon
+            .start(&mut listener)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        tracing::info!("VMM connected");
+        let result = daemon.wait();
+        backend.end_session();
+        // Whatever ended the connection, what was written stays put.
+        if let Some(w) = backend.workers.first() {
+            if let Err(e) = lock(w).disk.flush() {
+                tracing::error!("flush after disconnect failed: {e}");
+            }
+        }
+        match result {
+            Ok(()) => tracing::info!("VMM disconnected"),
+            Err(e) => tracing::info!("VMM connection ended: {e}"),
+        }
+    }
+}

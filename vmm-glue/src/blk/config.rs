@@ -1,0 +1,130 @@
+//! What the virtio-blk device advertises: feature bits, the config space
+//! and the limits requests are checked against.
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use super::request::{Limits, SECTOR};
+
+/// `VHOST_USER_F_PROTOCOL_FEATURES`.
+const PROTOCOL_FEATURES_BIT: u32 = 30;
+/// The logical block size the guest sees (and the overlay's block).
+pub const BLOCK_SIZE: u32 = 4096;
+pub const QUEUE_SIZE: usize = 256;
+const SEG_MAX: u32 = 126;
+const SIZE_MAX: u32 = 1 << 20;
+const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR as u32;
+const MAX_DISCARD_SEG: u32 = 32;
+/// Bytes of `struct virtio_blk_config` up to and including the
+/// write-zeroes fields.
+pub const CONFIG_LEN: usize = 60;
+/// Offset of the `writeback` byte (CONFIG_WCE).
+pub const WRITEBACK_OFFSET: u32 = 32;
+
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub capacity_bytes: u64,
+    pub read_only: bool,
+    pub queues: u16,
+    /// Returned by GET_ID: at most 20 bytes.
+    pub serial: String,
+}
+
+impl DeviceConfig {
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_bytes / SECTOR
+    }
+
+    pub fn features(&self) -> u64 {
+        let mut bits = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            PROTOCOL_FEATURES_BIT,
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_CONFIG_WCE,
+            VIRTIO_BLK_F_MQ,
+        ]
+        .to_vec();
+        if self.read_only {
+            bits.push(VIRTIO_BLK_F_RO);
+        } else {
+            bits.extend([VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]);
+        }
+        bits.into_iter().fold(0, |acc, b| acc | (1u64 << b))
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            capacity_sectors: self.capacity_sectors(),
+            seg_max: SEG_MAX,
+            size_max: SIZE_MAX,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_discard_seg: MAX_DISCARD_SEG,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg: MAX_DISCARD_SEG,
+        }
+    }
+
+    /// `struct virtio_blk_config`, little-endian, with `writeback` as given.
+    pub fn config_space(&self, writeback: bool) -> [u8; CONFIG_LEN] {
+        let l = self.limits();
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
+        c[8..12].copy_from_slice(&l.size_max.to_le_bytes());
+        c[12..16].copy_from_slice(&l.seg_max.to_le_bytes());
+        // 16..20: geometry, not offered.
+        c[20..24].copy_from_slice(&BLOCK_SIZE.to_le_bytes());
+        // Topology: physical block = logical block, no alignment offset,
+        // minimum and optimal I/O one block.
+        c[24] = 0;
+        c[25] = 0;
+        c[26..28].copy_from_slice(&1u16.to_le_bytes());
+        c[28..32].copy_from_slice(&1u32.to_le_bytes());
+        c[32] = u8::from(writeback);
+        c[34..36].copy_from_slice(&self.queues.to_le_bytes());
+        c[36..40].copy_from_slice(&l.max_discard_sectors.to_le_bytes());
+        c[40..44].copy_from_slice(&l.max_discard_seg.to_le_bytes());
+        c[44..48].copy_from_slice(&(BLOCK_SIZE / SECTOR as u32).to_le_bytes());
+        c[48..52].copy_from_slice(&l.max_write_zeroes_sectors.to_le_bytes());
+        c[52..56].copy_from_slice(&l.max_write_zeroes_seg.to_le_bytes());
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_space_fields_sit_where_virtio_puts_them() {
+        let d = DeviceConfig {
+            capacity_bytes: 1 << 30,
+            read_only: false,
+            queues: 4,
+            serial: "x".into(),
+        };
+        let c = d.config_space(true);
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2 << 20);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);
+        assert_eq!(c[32], 1);
+        assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 4);
+        assert_eq!(d.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        let ro = DeviceConfig {
+            read_only: true,
+            ..d
+        };
+        assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(ro.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    }
+}

@@ -1,0 +1,9 @@
+//! vhost-user-blk: serving a lazy disk to a VMM.
+
+pub mod backend;
+pub mod config;
+pub mod exec;
+pub mod request;
+
+pub use backend::{serve, BlkBackend};
+pub use config::DeviceConfig;
