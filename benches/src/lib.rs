@@ -1,6 +1,10 @@
 //! Shared pieces of cairn's benchmarks: timing, statistics, tables, and
 //! running other tools side by side with cairn.
 
+pub mod backends;
+pub mod blk_client;
+pub mod guest;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};

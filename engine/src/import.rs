@@ -15,7 +15,8 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -288,32 +289,72 @@ fn recover_staging(store: &ChunkStore, dir: &Path) -> Result<u64, ImportError> {
     Ok(recovered)
 }
 
-/// Reads `file` in batches of whole chunks on its own thread.
+/// Where the next data at or after `pos` starts in `file` (`len` when only
+/// a hole follows). Filesystems without SEEK_DATA report all data.
+fn next_data(file: &File, pos: u64, len: u64) -> u64 {
+    match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(pos)) {
+        Ok(at) => at.min(len),
+        Err(rustix::io::Errno::NXIO) => len,
+        Err(_) => pos,
+    }
+}
+
+/// Reads the first `len` bytes of `file` on its own thread, in batches of
+/// whole chunks of `cs` bytes. Whole chunks inside holes of a sparse file
+/// are not read: they arrive as zero chunks.
 fn spawn_reader(
-    mut file: File,
+    file: File,
     path: PathBuf,
+    len: u64,
+    cs: u64,
     batch: usize,
-) -> mpsc::Receiver<Result<Vec<u8>, ImportError>> {
+) -> mpsc::Receiver<Result<Piece, ImportError>> {
     let (tx, rx) = mpsc::sync_channel(2);
-    std::thread::spawn(move || loop {
-        let mut buf = Vec::with_capacity(batch);
-        let read = (&mut file).take(batch as u64).read_to_end(&mut buf);
-        let done = match read {
-            Ok(0) => true,
-            Ok(_) => tx.send(Ok(buf)).is_err(),
-            Err(source) => {
-                let _ = tx.send(Err(ImportError::Read {
-                    path: path.clone(),
-                    source,
-                }));
-                true
+    std::thread::spawn(move || {
+        let mut pos = 0u64;
+        while pos < len {
+            let holes = (next_data(&file, pos, len) - pos) / cs;
+            let piece = if holes > 0 {
+                pos += holes * cs;
+                Ok(Piece::Known(vec![None; holes as usize]))
+            } else {
+                let want = (batch as u64).min(len - pos) as usize;
+                let mut buf = vec![0u8; want];
+                match read_fully_at(&file, &mut buf, pos) {
+                    Ok(n) => {
+                        buf.truncate(n);
+                        pos = if n < want { len } else { pos + n as u64 };
+                        Ok(Piece::Bytes(buf))
+                    }
+                    Err(source) => {
+                        pos = len;
+                        Err(ImportError::Read {
+                            path: path.clone(),
+                            source,
+                        })
+                    }
+                }
+            };
+            if tx.send(piece).is_err() {
+                return;
             }
-        };
-        if done {
-            return;
         }
     });
     rx
+}
+
+/// Reads into `buf` at `pos` until it is full or the file ends; the count.
+fn read_fully_at(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], pos + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// Imports the raw image at `path`. Call from a plain thread (it blocks on
@@ -333,23 +374,17 @@ pub fn import_raw(
     let logical = file.metadata().map_err(read_err)?.len();
     let cs = opts.chunk_size as usize;
     let batch = (BATCH_BYTES / cs).max(1) * cs;
-    let rx = spawn_reader(file, path.to_owned(), batch);
-    let (manifest, report) = import_pieces(
-        store,
-        rx.into_iter().map(|b| b.map(Piece::Bytes)),
-        logical,
-        opts,
-        progress,
-    )
-    .map_err(|e| match e {
-        ImportError::Read { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof => {
-            read_err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("the file changed size during import ({logical} bytes at start)"),
-            ))
-        }
-        e => e,
-    })?;
+    let rx = spawn_reader(file, path.to_owned(), logical, cs as u64, batch);
+    let (manifest, report) = import_pieces(store, rx.into_iter(), logical, opts, progress)
+        .map_err(|e| match e {
+            ImportError::Read { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof => {
+                read_err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file changed size during import ({logical} bytes at start)"),
+                ))
+            }
+            e => e,
+        })?;
     Ok((manifest, report))
 }
 

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use cairn_engine::chunkstore::{ChunkStore, ChunkStoreConfig};
@@ -15,25 +17,77 @@ use cairn_engine::snapshot::snapshot_overlay;
 
 const CS: usize = 64 << 10;
 
-#[test]
-fn random_io_matches_a_model_and_flushed_state_survives_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let uri: StoreUri = format!("file://{}", dir.path().join("store").display())
+/// A `file://` store in `dir` with a 256 MiB cache.
+fn file_store(dir: &Path, rt: &tokio::runtime::Runtime) -> ChunkStore {
+    let uri: StoreUri = format!("file://{}", dir.join("store").display())
         .parse()
         .unwrap();
     let remote = rt.block_on(open_store(&uri)).unwrap();
     rt.block_on(remote.prepare()).unwrap();
-    let store = rt
-        .block_on(ChunkStore::open(
-            remote,
-            ChunkStoreConfig::new(dir.path().join("cache"), 256 << 20),
-        ))
-        .unwrap();
+    rt.block_on(ChunkStore::open(
+        remote,
+        ChunkStoreConfig::new(dir.join("cache"), 256 << 20),
+    ))
+    .unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_sparse_image_imports_without_reading_its_holes_and_exports_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let store = file_store(dir.path(), &rt);
+    // 4 GiB, almost all hole: data at the start, unaligned in the middle,
+    // and in the short last chunk.
+    let size = (4u64 << 30) + 1000;
+    let path = dir.path().join("sparse.raw");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(size).unwrap();
+    let mut data = vec![0u8; 3 * CS];
+    fastrand::Rng::with_seed(8).fill(&mut data);
+    let spots = [0u64, (2 << 30) + 12345, size - 700];
+    for &at in &spots {
+        let n = (data.len() as u64).min(size - at) as usize;
+        f.write_all_at(&data[..n], at).unwrap();
+    }
+    drop(f);
+    let opts = ImportOptions::new(dir.path().join("staging"));
+    let (manifest, report) = import_raw(&store, &path, &opts, &|_| {}).unwrap();
+    assert_eq!(manifest.logical_size, size);
+    // Nonzero chunks: 3 at the start, 4 straddling the unaligned spot and
+    // the short last one.
+    assert_eq!(manifest.chunks.len() - manifest.zero_chunks(), 3 + 4 + 1);
+    assert_eq!(report.logical_bytes, size);
+
+    let out = dir.path().join("out.raw");
+    export_raw(&store, &manifest, &out, &|_| {}).unwrap();
+    let back = std::fs::File::open(&out).unwrap();
+    assert_eq!(back.metadata().unwrap().len(), size);
+    for &at in &spots {
+        let n = (data.len() as u64).min(size - at) as usize;
+        let mut buf = vec![0u8; n + 4096];
+        let start = at.saturating_sub(2048);
+        let len = (n as u64 + 4096).min(size - start) as usize;
+        back.read_exact_at(&mut buf[..len], start).unwrap();
+        let mut want = vec![0u8; len];
+        let lead = (at - start) as usize;
+        want[lead..lead + n].copy_from_slice(&data[..n]);
+        assert!(buf[..len] == want[..], "bytes around {at}");
+    }
+}
+
+#[test]
+fn random_io_matches_a_model_and_flushed_state_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let store = file_store(dir.path(), &rt);
     // 24 chunks and a short tail, so the last block is partial too.
     let mut image = common::test_image(24, CS, 3);
     image.extend_from_slice(&[0x5a; 1000]);

@@ -93,7 +93,10 @@ pub fn parse<M: GuestMemory>(
     for d in descs {
         if all.len() == max_descs {
             // Find the status, if any, to answer: the chain is too long.
-            let status = all.last().filter(|d| d.is_write_only()).map(|d| d.addr());
+            let status = all
+                .last()
+                .filter(|d| d.is_write_only() && mem.check_range(d.addr(), 1, Permissions::Write))
+                .map(|d| d.addr());
             return Err(reject(
                 status,
                 VIRTIO_BLK_S_IOERR,
@@ -388,6 +391,12 @@ mod tests {
         ];
         let e = case(VIRTIO_BLK_T_IN, 0, &many);
         assert!(e.why.contains("longer"), "{e:?}");
+        // Too many, and the last one looked at lies outside guest memory
+        // (found by the fuzzer): no status to write.
+        let mut wild = many;
+        wild[5] = desc(MEM + 4096, 512, true);
+        let e = case(VIRTIO_BLK_T_IN, 0, &wild);
+        assert!(e.why.contains("longer") && e.status.is_none(), "{e:?}");
         // No writable status: cannot be answered.
         let e = case(
             VIRTIO_BLK_T_IN,

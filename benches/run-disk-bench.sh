@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the disk benchmark on a fresh machine: installs what is needed
+# (QEMU, qemu-storage-daemon, the S3 server), builds or reuses the guest
+# fixture, builds cairn in release mode and prints the figures. Extra
+# arguments go to disk-bench (e.g. --only io --seconds 5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/dev/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+CAIRN_GUEST_DIR=$(fixtures/build-guest.sh)
+export CAIRN_GUEST_DIR
+sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+# s3s-fs does not set TCP_NODELAY; see run-store-bench.sh.
+$sudo ip route change local 127.0.0.1 dev lo proto kernel scope host src 127.0.0.1 \
+    table local quickack 1 ||
+    echo "warning: could not set quickack on lo; S3 latencies include 40 ms delayed-ACK stalls" >&2
+eval "$(tools/dev/s3-server.sh start)"
+trap 'tools/dev/s3-server.sh stop' EXIT
+cargo build --release --workspace --bins
+mkdir -p target/bench
+target/release/disk-bench --json-out target/bench/disk.json "$@"

@@ -1,0 +1,427 @@
+//! The disk benchmark: `cairn disk serve` side by side with
+//! `qemu-storage-daemon` exporting the same image as a raw file, both over
+//! vhost-user-blk, in one run:
+//!
+//! - io: a libblkio client issues 4 KiB random reads at depth 1 and 32,
+//!   128 KiB sequential reads and 4 KiB writes each followed by FLUSH
+//!   (cairn with a warm cache; the raw file in the page cache);
+//! - memory: cairn's peak RSS serving a 1 GiB image and a sparse 64 GiB one;
+//! - boot: QEMU start to the guest's `/init` for cairn cold (chunks only in
+//!   the S3 server), cairn warm, and qemu-storage-daemon.
+//!
+//! `benches/run-disk-bench.sh` installs what is needed and runs this; see
+//! the README's "Disk benchmark" section.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use cairn_benches::backends::{Backend, CairnStore, Rss, RssSampler};
+use cairn_benches::blk_client::{Client, Job, JobStats};
+use cairn_benches::guest::{boot, Boot};
+use cairn_benches::{cairn_bin, median, quantile, warm_page_cache, Table};
+use clap::Parser;
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+#[derive(Parser)]
+struct Args {
+    /// Size of the synthetic image for the io and memory parts (MiB).
+    #[arg(long, default_value_t = 1024)]
+    image_mib: u64,
+    /// Size of the sparse image for the memory part (GiB).
+    #[arg(long, default_value_t = 64)]
+    sparse_gib: u64,
+    /// Seconds each io job runs per backend and round.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Rounds of each io job and boot (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// The guest fixture (fixtures/build-guest.sh prints its directory).
+    #[arg(long, env = "CAIRN_GUEST_DIR", default_value = "fixtures/out/guest")]
+    guest: PathBuf,
+    /// The S3 endpoint for the cold boot (tools/dev/s3-server.sh sets it).
+    #[arg(long, env = "CAIRN_TEST_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// Run only these parts (io, memory, boot). Default: all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Work directory (default: a temporary directory).
+    #[arg(long)]
+    work: Option<PathBuf>,
+    /// Write the figures as JSON here too.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let tmp = tempfile::tempdir_in(args.work.clone().unwrap_or_else(std::env::temp_dir))?;
+    let bin = cairn_bin()?;
+    let wanted = |part: &str| args.only.is_empty() || args.only.iter().any(|o| o == part);
+    let mut results = serde_json::Map::new();
+    if wanted("io") || wanted("memory") {
+        results.insert(
+            "io".into(),
+            bench_io(&args, &bin, tmp.path(), wanted("io"))?,
+        );
+    }
+    if wanted("memory") {
+        results.insert("memory".into(), bench_sparse(&args, &bin, tmp.path())?);
+    }
+    if wanted("boot") {
+        results.insert("boot".into(), bench_boot(&args, &bin, tmp.path())?);
+    }
+    if let Some(out) = &args.json_out {
+        std::fs::write(out, serde_json::to_vec_pretty(&Value::Object(results))?)?;
+        println!("figures written to {}", out.display());
+    }
+    Ok(())
+}
+
+/// A synthetic image of `size` bytes with no zero chunks: 64 KiB stretches
+/// of random bytes and of compressible text, alternating at random.
+fn make_image(path: &Path, size: u64) -> Result<()> {
+    let f = std::fs::File::create(path)?;
+    let mut rng = fastrand::Rng::with_seed(42);
+    let text = b"cairn serves disks lazily from a content-addressed store. ";
+    let mut buf = vec![0u8; 64 << 10];
+    for at in (0..size).step_by(buf.len()) {
+        if rng.bool() {
+            rng.fill(&mut buf);
+        } else {
+            let skew = rng.usize(..text.len());
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = text[(i + skew) % text.len()];
+            }
+        }
+        let n = (size - at).min(buf.len() as u64) as usize;
+        f.write_all_at(&buf[..n], at)?;
+    }
+    Ok(())
+}
+
+/// Reads a few random blocks through `client` and compares them with `raw`.
+fn check_bytes(client: &mut Client, raw: &Path, what: &str) -> Result<()> {
+    let f = std::fs::File::open(raw)?;
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..64 {
+        let off = rng.u64(..client.capacity() / 4096) * 4096;
+        let mut want = vec![0u8; 4096];
+        f.read_exact_at(&mut want, off)?;
+        ensure!(
+            client.read(off, 4096)? == want,
+            "{what} returned wrong bytes at {off}"
+        );
+    }
+    Ok(())
+}
+
+fn kib_str(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn bench_io(args: &Args, bin: &Path, work: &Path, run_jobs: bool) -> Result<Value> {
+    let size = args.image_mib * MIB;
+    let raw = work.join("disk.raw");
+    make_image(&raw, size)?;
+    let cache_dir = work.join("io-cache");
+    let store = format!("file://{}", work.join("store").display());
+    let cairn = CairnStore {
+        bin,
+        store: &store,
+        cache_dir: &cache_dir,
+        cache_size: "4G",
+    };
+    cairn.import(&raw, "bench")?;
+    println!(
+        "disk benchmark: {} MiB synthetic image; {} s per job, {} rounds",
+        args.image_mib, args.seconds, args.rounds
+    );
+
+    let server = cairn.serve("bench", &work.join("io-overlay"), &work.join("cairn.sock"))?;
+    let rss = RssSampler::start(server.pid());
+    let mut c = Client::connect(&server.socket)?;
+    ensure!(c.capacity() == size, "cairn reports {} bytes", c.capacity());
+    let t = Instant::now();
+    c.read_all()?;
+    let fill_s = t.elapsed().as_secs_f64();
+    check_bytes(&mut c, &raw, "cairn")?;
+
+    let qsd_raw = work.join("qsd.raw");
+    std::fs::copy(&raw, &qsd_raw)?;
+    warm_page_cache(&qsd_raw)?;
+    let qsd = Backend::qemu_storage_daemon(&qsd_raw, &work.join("qsd.sock"))?;
+    let mut q = Client::connect(&qsd.socket)?;
+    check_bytes(&mut q, &raw, "qemu-storage-daemon")?;
+    println!(
+        "  warmed cairn's cache: {} MiB from the file:// store in {fill_s:.2} s",
+        args.image_mib
+    );
+
+    let jobs = [
+        ("4K random read QD1", Job::RandRead { bs: 4096, depth: 1 }),
+        (
+            "4K random read QD32",
+            Job::RandRead {
+                bs: 4096,
+                depth: 32,
+            },
+        ),
+        ("128K sequential read QD1", Job::SeqRead { bs: 128 << 10 }),
+        ("4K write + FLUSH QD1", Job::WriteFlush { bs: 4096 }),
+    ];
+    let mut out = Vec::new();
+    if run_jobs {
+        let mut table = Table::new(&[
+            "job",
+            "cairn IOPS",
+            "qsd IOPS",
+            "IOPS ratio",
+            "cairn p50 µs",
+            "qsd p50 µs",
+            "p50 ratio",
+            "cairn p99 µs",
+            "qsd p99 µs",
+        ]);
+        for (name, job) in jobs {
+            let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+            for round in 0..args.rounds {
+                // Alternate who goes first, so drift hits both alike.
+                if round % 2 == 0 {
+                    mine.push(c.run(job, args.seconds)?);
+                    theirs.push(q.run(job, args.seconds)?);
+                } else {
+                    theirs.push(q.run(job, args.seconds)?);
+                    mine.push(c.run(job, args.seconds)?);
+                }
+            }
+            let (a, b) = (summarize(&mine), summarize(&theirs));
+            table.row(vec![
+                name.into(),
+                format!("{:.0}", a.iops),
+                format!("{:.0}", b.iops),
+                format!("{:.2}x", a.iops / b.iops),
+                format!("{:.0}", a.p50_us),
+                format!("{:.0}", b.p50_us),
+                format!("{:.2}x", a.p50_us / b.p50_us),
+                format!("{:.0}", a.p99_us),
+                format!("{:.0}", b.p99_us),
+            ]);
+            out.push(json!({
+                "job": name,
+                "cairn": a,
+                "qemu_storage_daemon": b,
+                "iops_ratio": a.iops / b.iops,
+                "p50_ratio": a.p50_us / b.p50_us,
+            }));
+        }
+        println!("\nvhost-user-blk, libblkio client (IOPS and p50 are medians over rounds):");
+        table.print();
+    }
+    drop(q);
+    drop(qsd);
+    drop(c);
+    let mem = rss.finish();
+    server.stop()?;
+    println!(
+        "  cairn disk serve memory over the io run ({} MiB image): peak anonymous {}, VmHWM {} (includes mapped cache pages)",
+        args.image_mib,
+        kib_str(mem.peak_anon_kib),
+        kib_str(mem.hwm_kib)
+    );
+    Ok(json!({ "image_mib": args.image_mib, "cache_fill_s": fill_s, "jobs": out, "rss": mem }))
+}
+
+#[derive(serde::Serialize)]
+struct Summary {
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+    mib_s: f64,
+}
+
+fn summarize(runs: &[JobStats]) -> Summary {
+    let all: Vec<f64> = runs.iter().flat_map(|r| r.lat_us.iter().copied()).collect();
+    Summary {
+        iops: median(runs.iter().map(JobStats::iops).collect()),
+        p50_us: median(
+            runs.iter()
+                .map(|r| quantile(r.lat_us.clone(), 0.5))
+                .collect(),
+        ),
+        p99_us: quantile(all, 0.99),
+        mib_s: median(
+            runs.iter()
+                .map(|r| r.bytes as f64 / MIB as f64 / r.secs)
+                .collect(),
+        ),
+    }
+}
+
+/// Memory serving a sparse image: random reads over all of it, every data
+/// stretch read, writes scattered over all of it.
+fn bench_sparse(args: &Args, bin: &Path, work: &Path) -> Result<Value> {
+    let size = args.sparse_gib * GIB;
+    let raw = work.join("sparse.raw");
+    let f = std::fs::File::create(&raw)?;
+    f.set_len(size)?;
+    let mut rng = fastrand::Rng::with_seed(3);
+    let mut data = vec![0u8; MIB as usize];
+    for gib in 0..args.sparse_gib {
+        rng.fill(&mut data);
+        f.write_all_at(&data, gib * GIB + rng.u64(..GIB - MIB))?;
+    }
+    drop(f);
+    let cache_dir = work.join("sparse-cache");
+    let store = format!("file://{}", work.join("store").display());
+    let cairn = CairnStore {
+        bin,
+        store: &store,
+        cache_dir: &cache_dir,
+        cache_size: "1G",
+    };
+    let t = Instant::now();
+    cairn.import(&raw, "sparse")?;
+    let import_s = t.elapsed().as_secs_f64();
+    let server = cairn.serve(
+        "sparse",
+        &work.join("sparse-overlay"),
+        &work.join("sparse.sock"),
+    )?;
+    let rss = RssSampler::start(server.pid());
+    let mut c = Client::connect(&server.socket)?;
+    check_bytes(&mut c, &raw, "cairn (sparse)")?;
+    c.run(
+        Job::RandRead {
+            bs: 4096,
+            depth: 32,
+        },
+        args.seconds,
+    )?;
+    c.run(Job::WriteFlush { bs: 4096 }, args.seconds)?;
+    c.run(
+        Job::RandRead {
+            bs: 128 << 10,
+            depth: 8,
+        },
+        args.seconds,
+    )?;
+    drop(c);
+    let mem: Rss = rss.finish();
+    server.stop()?;
+    println!(
+        "  cairn disk serve memory, {} GiB sparse image ({} MiB of data, imported in {import_s:.1} s): peak anonymous {}, VmHWM {}",
+        args.sparse_gib,
+        args.sparse_gib,
+        kib_str(mem.peak_anon_kib),
+        kib_str(mem.hwm_kib)
+    );
+    Ok(json!({ "sparse_gib": args.sparse_gib, "import_s": import_s, "rss": mem }))
+}
+
+fn bench_boot(args: &Args, bin: &Path, work: &Path) -> Result<Value> {
+    let rootfs = args.guest.join("rootfs.ext4");
+    ensure!(
+        rootfs.exists(),
+        "{} missing: run fixtures/build-guest.sh (benches/run-disk-bench.sh does)",
+        rootfs.display()
+    );
+    let endpoint = args
+        .s3_endpoint
+        .as_deref()
+        .context("the boot part needs the S3 server: start tools/dev/s3-server.sh")?;
+    let store = format!(
+        "s3://bench-boot-{:08x}/guest?endpoint={endpoint}",
+        fastrand::u32(..)
+    );
+    let import_cache = work.join("boot-import-cache");
+    CairnStore {
+        bin,
+        store: &store,
+        cache_dir: &import_cache,
+        cache_size: "1G",
+    }
+    .import(&rootfs, "guest")?;
+    let image = std::fs::metadata(&rootfs)?.len();
+    let qsd_raw = work.join("boot-qsd.raw");
+    std::fs::copy(&rootfs, &qsd_raw)?;
+    warm_page_cache(&qsd_raw)?;
+    let socket = work.join("boot.sock");
+
+    let (mut cold, mut warm, mut qsd, mut fetched) = (vec![], vec![], vec![], vec![]);
+    for round in 0..args.rounds {
+        let cache_dir = work.join(format!("boot-cache-{round}"));
+        let cairn = CairnStore {
+            bin,
+            store: &store,
+            cache_dir: &cache_dir,
+            cache_size: "1G",
+        };
+        let boot_cairn = |tag: &str| -> Result<(Boot, u64)> {
+            let overlay = work.join(format!("boot-overlay-{round}-{tag}"));
+            let server = cairn.serve("guest", &overlay, &socket)?;
+            let b = boot(&args.guest, &socket, "boot")?;
+            let stopped = server.stop()?.unwrap_or_default();
+            Ok((b, stopped["remote_bytes"].as_u64().unwrap_or(0)))
+        };
+        let (b, bytes) = boot_cairn("cold")?;
+        cold.push(b);
+        fetched.push(bytes);
+        let (b, bytes) = boot_cairn("warm")?;
+        ensure!(bytes == 0, "a warm boot fetched {bytes} bytes");
+        warm.push(b);
+        let server = Backend::qemu_storage_daemon(&qsd_raw, &socket)?;
+        qsd.push(boot(&args.guest, &socket, "boot")?);
+        server.stop()?;
+        println!(
+            "  boot round {}: cold {:.2} s, warm {:.2} s, qsd {:.2} s to /init",
+            round + 1,
+            cold[round].to_init_s,
+            warm[round].to_init_s,
+            qsd[round].to_init_s
+        );
+    }
+    let med = |v: &[Boot], f: fn(&Boot) -> f64| median(v.iter().map(f).collect());
+    let reference = med(&qsd, |b| b.to_init_s);
+    let mut table = Table::new(&[
+        "backend",
+        "QEMU start to /init",
+        "ratio to qsd",
+        "guest uptime at /init",
+        "to power-off",
+    ]);
+    let mut out = serde_json::Map::new();
+    for (name, v) in [
+        ("cairn cold (S3 only)", &cold),
+        ("cairn warm (local cache)", &warm),
+        ("qemu-storage-daemon (raw file)", &qsd),
+    ] {
+        let to_init = med(v, |b| b.to_init_s);
+        table.row(vec![
+            name.into(),
+            format!("{to_init:.2} s"),
+            format!("{:.2}x", to_init / reference),
+            format!("{:.2} s", med(v, |b| b.guest_uptime_s)),
+            format!("{:.2} s", med(v, |b| b.total_s)),
+        ]);
+        out.insert(
+            name.into(),
+            json!({ "to_init_s": to_init, "ratio": to_init / reference, "total_s": med(v, |b| b.total_s) }),
+        );
+    }
+    let frac = median(fetched.iter().map(|&b| b as f64).collect()) / image as f64;
+    println!(
+        "\nboot (median of {} rounds; cold boots fetched {:.1}% of the {} MiB image from S3):",
+        args.rounds,
+        frac * 100.0,
+        image / MIB
+    );
+    table.print();
+    out.insert("fetched_fraction".into(), json!(frac));
+    Ok(Value::Object(out))
+}

@@ -1,0 +1,235 @@
+//! A host-side vhost-user-blk client for benchmarks: libblkio (the library
+//! QEMU and fio use) driving a backend's socket at a chosen queue depth.
+
+use std::mem::MaybeUninit;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+/// The deepest queue a job may ask for; each slot has its own buffer.
+pub const MAX_DEPTH: usize = 32;
+/// The largest request a job may issue.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// What a job issues, over and over until its time is up.
+#[derive(Debug, Clone, Copy)]
+pub enum Job {
+    /// Reads of `bs` bytes at random `bs`-aligned offsets, `depth` in flight.
+    RandRead { bs: usize, depth: usize },
+    /// Reads of `bs` bytes one after another from the start (wrapping).
+    SeqRead { bs: usize },
+    /// A write of `bs` bytes at a random offset, then a FLUSH; one pair in
+    /// flight.
+    WriteFlush { bs: usize },
+}
+
+/// The outcome of a job: operations done and each one's latency.
+pub struct JobStats {
+    pub ops: u64,
+    pub bytes: u64,
+    pub secs: f64,
+    pub lat_us: Vec<f64>,
+}
+
+impl JobStats {
+    pub fn iops(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+}
+
+pub struct Client {
+    // Dropped last: the region and queue belong to it.
+    q: Blkioq,
+    region: MemoryRegion,
+    capacity: u64,
+    rng: fastrand::Rng,
+    _blkio: Blkio,
+}
+
+impl Client {
+    /// Connects to the vhost-user-blk socket at `socket` with one queue.
+    pub fn connect(socket: &Path) -> Result<Client> {
+        let path = socket.to_str().context("socket path is not UTF-8")?;
+        let mut b = Blkio::new("virtio-blk-vhost-user").context("libblkio driver")?;
+        b.set_str("path", path)?;
+        b.connect()
+            .with_context(|| format!("connecting to {path}"))?;
+        b.set_i32("num-queues", 1)?;
+        let mut started = b.start().context("starting the vhost-user-blk device")?;
+        let capacity = b.get_u64("capacity")?;
+        let region = b.alloc_mem_region(MAX_DEPTH * MAX_REQUEST)?;
+        b.map_mem_region(&region)?;
+        let q = started.queues.remove(0);
+        Ok(Client {
+            q,
+            region,
+            capacity,
+            rng: fastrand::Rng::with_seed(0x5eed),
+            _blkio: b,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn slot(&self, slot: usize) -> *mut u8 {
+        assert!(slot < MAX_DEPTH);
+        (self.region.addr + slot * MAX_REQUEST) as *mut u8
+    }
+
+    /// The bytes of `slot` after a completed read of `len` bytes.
+    fn slot_bytes(&self, slot: usize, len: usize) -> &[u8] {
+        assert!(len <= MAX_REQUEST);
+        // SAFETY: slot `slot` is `MAX_REQUEST` bytes inside the region
+        // libblkio mapped for us (alive while `_blkio` is); nothing is in
+        // flight into it when this is called (callers wait first).
+        unsafe { std::slice::from_raw_parts(self.slot(slot), len) }
+    }
+
+    /// Waits for at least one completion; each one's slot, checked.
+    fn reap(&mut self, out: &mut Vec<usize>) -> Result<()> {
+        let mut done = [const { MaybeUninit::<Completion>::uninit() }; MAX_DEPTH];
+        let n = self.q.do_io(&mut done, 1, None, None)?;
+        for c in &done[..n] {
+            // SAFETY: do_io initialised the first `n` completions.
+            let c = unsafe { c.assume_init_read() };
+            if c.ret != 0 {
+                bail!("request in slot {} failed: {}", c.user_data, c.ret);
+            }
+            out.push(c.user_data);
+        }
+        Ok(())
+    }
+
+    fn wait_one(&mut self) -> Result<()> {
+        let mut slots = Vec::with_capacity(1);
+        self.reap(&mut slots)
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.q.read(offset, self.slot(0), len, 0, ReqFlags::empty());
+        self.wait_one()?;
+        Ok(self.slot_bytes(0, len).to_vec())
+    }
+
+    /// Reads the whole disk once, `MAX_REQUEST` at a time, 8 in flight.
+    pub fn read_all(&mut self) -> Result<()> {
+        let mut next = 0u64;
+        let mut in_flight = 0;
+        let mut slots = Vec::new();
+        loop {
+            while in_flight < 8 && next < self.capacity {
+                let len = (MAX_REQUEST as u64).min(self.capacity - next) as usize;
+                self.q.read(
+                    next,
+                    self.slot(in_flight),
+                    len,
+                    in_flight,
+                    ReqFlags::empty(),
+                );
+                next += len as u64;
+                in_flight += 1;
+            }
+            if in_flight == 0 {
+                return Ok(());
+            }
+            slots.clear();
+            self.reap(&mut slots)?;
+            in_flight -= slots.len();
+        }
+    }
+
+    fn random_offset(&mut self, bs: usize) -> u64 {
+        self.rng.u64(..self.capacity / bs as u64) * bs as u64
+    }
+
+    /// Runs `job` for `secs` seconds.
+    pub fn run(&mut self, job: Job, secs: f64) -> Result<JobStats> {
+        let until = Instant::now() + Duration::from_secs_f64(secs);
+        match job {
+            Job::RandRead { bs, depth } => self.run_reads(bs, depth, until, true),
+            Job::SeqRead { bs } => self.run_reads(bs, 1, until, false),
+            Job::WriteFlush { bs } => self.run_write_flush(bs, until),
+        }
+    }
+
+    fn run_reads(
+        &mut self,
+        bs: usize,
+        depth: usize,
+        until: Instant,
+        random: bool,
+    ) -> Result<JobStats> {
+        assert!(depth <= MAX_DEPTH && bs <= MAX_REQUEST);
+        let started = Instant::now();
+        let mut issued_at = [started; MAX_DEPTH];
+        let mut seq = 0u64;
+        let mut lat_us = Vec::new();
+        let mut slots = Vec::with_capacity(MAX_DEPTH);
+        let mut submit = |c: &mut Client, slot: usize, issued_at: &mut [Instant; MAX_DEPTH]| {
+            let offset = if random {
+                c.random_offset(bs)
+            } else {
+                if seq + bs as u64 > c.capacity {
+                    seq = 0;
+                }
+                seq += bs as u64;
+                seq - bs as u64
+            };
+            issued_at[slot] = Instant::now();
+            c.q.read(offset, c.slot(slot), bs, slot, ReqFlags::empty());
+        };
+        for slot in 0..depth {
+            submit(self, slot, &mut issued_at);
+        }
+        let mut in_flight = depth;
+        while in_flight > 0 {
+            slots.clear();
+            self.reap(&mut slots)?;
+            let now = Instant::now();
+            for &slot in &slots {
+                lat_us.push((now - issued_at[slot]).as_secs_f64() * 1e6);
+                if now < until {
+                    submit(self, slot, &mut issued_at);
+                } else {
+                    in_flight -= 1;
+                }
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        Ok(JobStats {
+            ops: lat_us.len() as u64,
+            bytes: (lat_us.len() * bs) as u64,
+            secs,
+            lat_us,
+        })
+    }
+
+    fn run_write_flush(&mut self, bs: usize, until: Instant) -> Result<JobStats> {
+        let started = Instant::now();
+        let mut lat_us = Vec::new();
+        let mut stamp = 0u8;
+        while Instant::now() < until {
+            stamp = stamp.wrapping_add(1);
+            // SAFETY: slot 0 is ours and idle (every request was waited for).
+            unsafe { std::ptr::write_bytes(self.slot(0), stamp, bs) };
+            let offset = self.random_offset(bs);
+            let t = Instant::now();
+            self.q.write(offset, self.slot(0), bs, 0, ReqFlags::empty());
+            self.wait_one()?;
+            self.q.flush(0, ReqFlags::empty());
+            self.wait_one()?;
+            lat_us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(JobStats {
+            ops: lat_us.len() as u64,
+            bytes: (lat_us.len() * bs) as u64,
+            secs: started.elapsed().as_secs_f64(),
+            lat_us,
+        })
+    }
+}
