@@ -81,6 +81,10 @@ pub struct FetchStats {
     /// Requests that found the chunk already being fetched and waited.
     pub single_flight_waits: AtomicU64,
     pub fetch_errors: AtomicU64,
+    /// Chunks fetched ahead of the guest by read-ahead.
+    pub readahead_chunks: AtomicU64,
+    /// Read-ahead requests dropped because its budget was spent.
+    pub readahead_dropped: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +95,10 @@ pub struct ChunkStoreConfig {
     pub merge_gap: u64,
     /// A merged GET stops growing at this many bytes.
     pub max_run_bytes: u64,
+    /// Read-ahead bytes in flight at most (all disks of this store): what
+    /// is beyond is dropped, not queued, so read-ahead never holds up
+    /// the reads a guest is waiting on.
+    pub readahead_budget: u64,
 }
 
 impl ChunkStoreConfig {
@@ -100,6 +108,7 @@ impl ChunkStoreConfig {
             cache_capacity,
             merge_gap: 64 << 10,
             max_run_bytes: 8 << 20,
+            readahead_budget: 4 << 20,
         }
     }
 }
@@ -168,6 +177,8 @@ struct Inner {
     inflight: Mutex<HashMap<ChunkId, Arc<Pending>>>,
     stats: FetchStats,
     cfg: ChunkStoreConfig,
+    /// Read-ahead bytes in flight.
+    readahead_in_flight: AtomicU64,
 }
 
 /// A cheap, clonable handle on a store with its local cache.
@@ -253,6 +264,7 @@ impl ChunkStore {
                 inflight: Mutex::new(HashMap::new()),
                 stats: FetchStats::default(),
                 cfg,
+                readahead_in_flight: AtomicU64::new(0),
             }),
         };
         store.refresh().await?;
@@ -383,6 +395,52 @@ impl ChunkStore {
         if let (_, Some(claim)) = self.claim_missing(ids) {
             self.inner.rt.spawn(fetch_claimed(claim));
         }
+    }
+
+    /// Read-ahead: starts fetching whatever of `ids` (chunks of about
+    /// `chunk_bytes` each) is not local, in the background, if the
+    /// read-ahead budget allows; otherwise drops the request. Returns
+    /// whether it was taken (or nothing was missing).
+    pub fn read_ahead(&self, ids: &[ChunkId], chunk_bytes: u64) -> bool {
+        let inner = &self.inner;
+        let missing: Vec<ChunkId> = ids
+            .iter()
+            .filter(|id| !inner.cache.contains(id))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return true;
+        }
+        let bytes = missing.len() as u64 * chunk_bytes;
+        let budget = inner.cfg.readahead_budget;
+        let taken = inner
+            .readahead_in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + bytes <= budget).then_some(used + bytes)
+            })
+            .is_ok();
+        if !taken {
+            inner
+                .stats
+                .readahead_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let (_, claim) = self.claim_missing(&missing);
+        let Some(claim) = claim else {
+            inner.readahead_in_flight.fetch_sub(bytes, Ordering::AcqRel);
+            return true;
+        };
+        inner
+            .stats
+            .readahead_chunks
+            .fetch_add(claim.pending.len() as u64, Ordering::Relaxed);
+        let done = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            fetch_claimed(claim).await;
+            done.readahead_in_flight.fetch_sub(bytes, Ordering::AcqRel);
+        });
+        true
     }
 
     /// Runs a claimed fetch on the calling thread (as a plain ranged GET

@@ -6,6 +6,7 @@
 //! overlay in whole blocks; the edges of a write that is not block-aligned
 //! are first filled from what the disk holds (read-modify-write).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::chunkstore::{ChunkStore, ChunkStoreError};
@@ -33,11 +34,29 @@ impl DiskError {
     }
 }
 
+/// Read-ahead never looks further than this many chunks past a read.
+pub const MAX_READAHEAD_CHUNKS: u64 = 32;
+
+/// One queue's sequential-read detector. A read that continues where the
+/// last one ended doubles the window (up to [`MAX_READAHEAD_CHUNKS`]); any
+/// other read resets it. Chunks are fetched ahead, through the store's
+/// read-ahead budget, once the reader is half-way through what was
+/// fetched ahead last time.
+#[derive(Default)]
+struct ReadAhead {
+    /// The chunk after the last read's end.
+    next: AtomicU64,
+    /// Chunks before this one were already asked for.
+    ahead_until: AtomicU64,
+    window: AtomicU64,
+}
+
 /// One queue's view of the disk. Cheap to make: one per I/O thread.
 pub struct LazyDisk {
     manifest: Arc<Manifest>,
     store: ChunkStore,
     overlay: OverlayQueue,
+    readahead: ReadAhead,
 }
 
 impl LazyDisk {
@@ -46,6 +65,7 @@ impl LazyDisk {
             manifest,
             store,
             overlay,
+            readahead: ReadAhead::default(),
         }
     }
 
@@ -75,6 +95,9 @@ impl LazyDisk {
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         self.check(offset, buf.len() as u64)?;
+        if !buf.is_empty() {
+            self.read_ahead(offset, buf.len() as u64);
+        }
         let o = self.overlay.overlay();
         let mut done = 0usize;
         while done < buf.len() {
@@ -97,6 +120,42 @@ impl LazyDisk {
             done += part.len();
         }
         Ok(())
+    }
+
+    /// Feeds the sequential-read detector with a read of `len` bytes at
+    /// `offset` and asks for chunks ahead when a stream is found.
+    fn read_ahead(&self, offset: u64, len: u64) {
+        let ra = &self.readahead;
+        let cs = u64::from(self.manifest.chunk_size);
+        let (first, end) = (offset / cs, (offset + len).div_ceil(cs));
+        let sequential = {
+            let next = ra.next.swap(end, Ordering::Relaxed);
+            first + 1 == next || first == next
+        };
+        if !sequential {
+            ra.window.store(0, Ordering::Relaxed);
+            ra.ahead_until.store(end, Ordering::Relaxed);
+            return;
+        }
+        let window = (ra.window.load(Ordering::Relaxed) * 2).clamp(2, MAX_READAHEAD_CHUNKS);
+        let ahead = ra.ahead_until.load(Ordering::Relaxed).max(end);
+        // Half of what was asked for is still ahead: nothing to do yet.
+        if ahead >= end + window / 2 {
+            return;
+        }
+        let until = (end + window).min(self.manifest.chunks.len() as u64);
+        let ids: Vec<_> = (ahead..until)
+            .filter(|&c| {
+                // A chunk the overlay covers whole is never read from the image.
+                let last = ((c + 1) * cs).min(self.size()).div_ceil(BLOCK);
+                !(c * cs / BLOCK..last).all(|b| self.overlay.overlay().is_dirty(b))
+            })
+            .filter_map(|c| self.manifest.chunks[c as usize])
+            .collect();
+        if self.store.read_ahead(&ids, cs) {
+            ra.window.store(window, Ordering::Relaxed);
+            ra.ahead_until.store(until, Ordering::Relaxed);
+        }
     }
 
     fn read_overlay(&self, pos: u64, part: &mut [u8]) -> Result<(), DiskError> {

@@ -5,6 +5,7 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cairn_engine::chunkstore::{ChunkStore, ChunkStoreConfig};
@@ -174,5 +175,59 @@ fn random_io_matches_a_model_and_flushed_state_survives_a_reopen() {
         report.new_chunks <= touched,
         "{} new for {touched} touched",
         report.new_chunks
+    );
+}
+
+#[test]
+fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let store = file_store(dir.path(), &rt);
+    let mut image = vec![0u8; 96 * CS];
+    fastrand::Rng::with_seed(21).fill(&mut image);
+    let path = dir.path().join("image.raw");
+    std::fs::write(&path, &image).unwrap();
+    let opts = ImportOptions::new(dir.path().join("staging"));
+    let (manifest, _) = import_raw(&store, &path, &opts, &|_| {}).unwrap();
+    let manifest = Arc::new(manifest);
+    let cold = |name: &str| {
+        let remote = store.remote().clone();
+        rt.block_on(ChunkStore::open(
+            remote,
+            ChunkStoreConfig::new(dir.path().join(name), 256 << 20),
+        ))
+        .unwrap()
+    };
+    let ahead = |s: &ChunkStore| s.stats().readahead_chunks.load(Ordering::Relaxed);
+
+    // Random 4 KiB reads, each in another chunk: no read-ahead.
+    let random = cold("cache-random");
+    let overlay =
+        Overlay::open_or_create(&dir.path().join("ov1"), &manifest.id(), image.len() as u64)
+            .unwrap();
+    let disk = LazyDisk::new(manifest.clone(), random.clone(), overlay.queue());
+    let mut buf = vec![0u8; 4096];
+    for c in [50u64, 3, 77, 12, 90, 41, 8, 66] {
+        disk.read(c * CS as u64, &mut buf).unwrap();
+        assert!(buf[..] == image[(c as usize) * CS..][..4096]);
+    }
+    assert_eq!(ahead(&random), 0);
+
+    // A sequential stream of 32 KiB reads: chunks arrive ahead of it.
+    let seq = cold("cache-seq");
+    let overlay =
+        Overlay::open_or_create(&dir.path().join("ov2"), &manifest.id(), image.len() as u64)
+            .unwrap();
+    let disk = LazyDisk::new(manifest.clone(), seq.clone(), overlay.queue());
+    let mut buf = vec![0u8; 32 << 10];
+    for (i, at) in (0..image.len()).step_by(buf.len()).enumerate() {
+        disk.read(at as u64, &mut buf).unwrap();
+        assert!(buf[..] == image[at..at + buf.len()], "read {i} at {at}");
+    }
+    assert!(ahead(&seq) > 0, "a sequential stream reads ahead");
+    let stats = seq.stats();
+    assert!(
+        stats.remote_gets.load(Ordering::Relaxed) < 96,
+        "read-ahead merges chunks into fewer GETs than chunks"
     );
 }

@@ -98,7 +98,7 @@ fn map_file(file: &File) -> io::Result<Mmap> {
     // intact. The cache directory is private to cairn: a process that
     // truncated a file there behind its back could fault a reader (SIGBUS),
     // the same contract as any mapped file cache.
-    unsafe { MmapOptions::new().map(file) }
+    unsafe { MmapOptions::new().populate().map(file) }
 }
 
 impl CachedChunk {

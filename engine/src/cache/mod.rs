@@ -94,7 +94,7 @@ pub struct ChunkCache {
 }
 
 /// Mapped chunk files kept at once (their descriptors are closed once mapped).
-const MAX_MAPPED: usize = 1024;
+const MAX_MAPPED: usize = 16384;
 /// Four of the largest chunks.
 pub const MIN_CAPACITY: u64 = 64 << 20;
 

@@ -12,10 +12,10 @@
 //! covers writes completed on every queue, as virtio asks.
 
 pub mod journal;
+mod uring;
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -276,6 +276,7 @@ impl Overlay {
         OverlayQueue {
             overlay: self.clone(),
             pending,
+            ring: uring::Ring::new(),
         }
     }
 
@@ -356,6 +357,7 @@ fn create(dir: &Path, base: &ManifestId, logical_size: u64) -> Result<(), Overla
 pub struct OverlayQueue {
     overlay: Arc<Overlay>,
     pending: Arc<Mutex<Vec<u64>>>,
+    ring: uring::Ring,
 }
 
 impl OverlayQueue {
@@ -368,8 +370,8 @@ impl OverlayQueue {
     pub fn read_blocks(&self, first: u64, buf: &mut [u8]) -> Result<(), OverlayError> {
         let o = &self.overlay;
         o.check_range(first, (buf.len() as u64).div_ceil(BLOCK))?;
-        o.data
-            .read_exact_at(buf, first * BLOCK)
+        self.ring
+            .read_exact_at(&o.data, buf, first * BLOCK)
             .map_err(o.io_err(DATA))
     }
 
@@ -378,8 +380,8 @@ impl OverlayQueue {
         let o = &self.overlay;
         let count = (data.len() as u64).div_ceil(BLOCK);
         o.check_range(first, count)?;
-        o.data
-            .write_all_at(data, first * BLOCK)
+        self.ring
+            .write_all_at(&o.data, data, first * BLOCK)
             .map_err(o.io_err(DATA))?;
         self.mark(first, count);
         Ok(())
@@ -391,13 +393,9 @@ impl OverlayQueue {
         o.check_range(first, count)?;
         let (off, len) = (first * BLOCK, count * BLOCK);
         let len = len.min(o.meta.logical_size - off);
-        rustix::fs::fallocate(
-            &o.data,
-            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-            off,
-            len,
-        )
-        .map_err(|e| o.io_err(DATA)(e.into()))?;
+        self.ring
+            .punch_hole(&o.data, off, len)
+            .map_err(o.io_err(DATA))?;
         self.mark(first, count);
         Ok(())
     }

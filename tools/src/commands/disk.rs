@@ -40,6 +40,7 @@ struct Stopped {
     remote_bytes: u64,
     remote_gets: u64,
     chunks_fetched: u64,
+    readahead_chunks: u64,
 }
 
 pub fn serve(
@@ -89,6 +90,7 @@ pub fn serve(
                 remote_bytes: s.remote_bytes.load(Ordering::Relaxed),
                 remote_gets: s.remote_gets.load(Ordering::Relaxed),
                 chunks_fetched: s.chunks_fetched.load(Ordering::Relaxed),
+                readahead_chunks: s.readahead_chunks.load(Ordering::Relaxed),
             };
             let _ = emit(json, &stopped, || {
                 format!(
