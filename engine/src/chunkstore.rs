@@ -393,7 +393,7 @@ impl ChunkStore {
     /// Starts fetching whatever of `ids` is not local, without waiting.
     pub fn prefetch(&self, ids: &[ChunkId]) {
         if let (_, Some(claim)) = self.claim_missing(ids) {
-            self.inner.rt.spawn(fetch_claimed(claim));
+            self.inner.rt.spawn(fetch_claimed(claim, Caching::Behind));
         }
     }
 
@@ -437,7 +437,7 @@ impl ChunkStore {
             .fetch_add(claim.pending.len() as u64, Ordering::Relaxed);
         let done = self.inner.clone();
         self.inner.rt.spawn(async move {
-            fetch_claimed(claim).await;
+            fetch_claimed(claim, Caching::Awaited).await;
             done.readahead_in_flight.fetch_sub(bytes, Ordering::AcqRel);
         });
         true
@@ -447,7 +447,9 @@ impl ChunkStore {
     /// would be), sparing two thread hand-offs on a miss.
     fn run_here(&self, claim: Option<Claim>) {
         if let Some(claim) = claim {
-            self.inner.rt.block_on(fetch_claimed(claim));
+            self.inner
+                .rt
+                .block_on(fetch_claimed(claim, Caching::Behind));
         }
     }
 
@@ -490,7 +492,7 @@ impl ChunkStore {
 
 /// Locates the claimed chunks, groups them into merged runs per pack and
 /// fetches the runs concurrently.
-async fn fetch_claimed(mut claim: Claim) {
+async fn fetch_claimed(mut claim: Claim, caching: Caching) {
     let inner = claim.inner.clone();
     let ids: Vec<ChunkId> = claim.pending.keys().copied().collect();
     let mut unknown: Vec<ChunkId> = ids
@@ -533,7 +535,7 @@ async fn fetch_claimed(mut claim: Claim) {
                     .filter_map(|e| claim.pending.remove(&e.id).map(|p| (e.id, p)))
                     .collect(),
             };
-            runs.push(fetch_run(run_claim, layout::pack_key(&pack), run));
+            runs.push(fetch_run(run_claim, layout::pack_key(&pack), run, caching));
         }
     }
     if runs.len() == 1 {
@@ -569,8 +571,18 @@ fn split_long_runs(runs: Vec<Vec<IndexEntry>>, max_bytes: u64) -> Vec<Vec<IndexE
     out
 }
 
+/// Whether a fetch returns once its waiters have their bytes (the chunks
+/// are cached behind it) or only once the chunks are in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caching {
+    Behind,
+    /// For read-ahead: its budget must cover the chunks until they are
+    /// cached, or an unbounded backlog of decoded chunks could pile up.
+    Awaited,
+}
+
 /// One ranged GET, then verify and cache each frame of the run.
-async fn fetch_run(mut claim: Claim, key: String, run: Vec<IndexEntry>) {
+async fn fetch_run(mut claim: Claim, key: String, run: Vec<IndexEntry>, caching: Caching) {
     let inner = claim.inner.clone();
     let (Some(first), Some(last)) = (run.first(), run.last()) else {
         return;
@@ -621,7 +633,10 @@ async fn fetch_run(mut claim: Claim, key: String, run: Vec<IndexEntry>) {
     };
     // The waiters have their bytes; caching happens off their path. The
     // chunks stay in flight until cached, so no second fetch starts.
-    tokio::task::spawn_blocking(move || cache_and_finish(claim, outcomes));
+    let cached = tokio::task::spawn_blocking(move || cache_and_finish(claim, outcomes));
+    if caching == Caching::Awaited {
+        let _ = cached.await;
+    }
 }
 
 fn cache_and_finish(mut claim: Claim, outcomes: Vec<(ChunkId, Outcome)>) {

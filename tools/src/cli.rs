@@ -32,6 +32,10 @@ pub struct Global {
     /// Bound on the local cache's size on disk, e.g. 512M, 10G.
     #[arg(long, global = true, env = "CAIRN_CACHE_SIZE", default_value = "10G")]
     pub cache_size: String,
+    /// Bytes that read-ahead of sequential disk reads may have in flight
+    /// from the store (0 turns it off).
+    #[arg(long, global = true, env = "CAIRN_READAHEAD", default_value = "4M")]
+    pub readahead: String,
     /// Print one JSON object on stdout instead of text; no progress bars.
     #[arg(long, global = true)]
     pub json: bool,

@@ -17,6 +17,7 @@ pub struct Context {
     pub remote: Arc<dyn ObjectStore>,
     pub cache_dir: PathBuf,
     pub cache_size: u64,
+    pub readahead: u64,
     pub json: bool,
 }
 
@@ -66,6 +67,9 @@ impl Context {
         let cache_size = parse_size(&g.cache_size)
             .map_err(anyhow::Error::msg)
             .context("--cache-size")?;
+        let readahead = parse_size(&g.readahead)
+            .map_err(anyhow::Error::msg)
+            .context("--readahead")?;
         let threads = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .max(2);
@@ -80,13 +84,15 @@ impl Context {
             remote,
             cache_dir,
             cache_size,
+            readahead,
             json: g.json,
         })
     }
 
     /// The chunk store with its cache; loads the store's pack indexes.
     pub fn chunk_store(&self) -> Result<ChunkStore> {
-        let cfg = ChunkStoreConfig::new(self.cache_dir.clone(), self.cache_size);
+        let mut cfg = ChunkStoreConfig::new(self.cache_dir.clone(), self.cache_size);
+        cfg.readahead_budget = self.readahead;
         self.rt
             .block_on(ChunkStore::open(self.remote.clone(), cfg))
             .with_context(|| {
