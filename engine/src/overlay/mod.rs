@@ -82,6 +82,16 @@ const DATA: &str = "data";
 const JOURNAL: &str = "journal";
 const LOCK: &str = "lock";
 
+/// The journal file and what FLUSH knows; only FLUSH takes it.
+struct JournalState {
+    file: File,
+    end: u64,
+    /// `Overlay::writes` at the last completed FLUSH.
+    synced_writes: u64,
+    /// Blocks a failed FLUSH took from the queues: the next one retries.
+    unjournaled: Vec<u64>,
+}
+
 /// A bitmap of atomics, one bit per block.
 struct Bitmap(Vec<AtomicU64>);
 
@@ -109,7 +119,12 @@ pub struct Overlay {
     /// Blocks the journal names (survive a crash).
     durable: Bitmap,
     /// The journal and its end; only FLUSH takes it.
-    journal: Mutex<(File, u64)>,
+    journal: Mutex<JournalState>,
+    /// Writes completed so far (bumped after each one lands in the data
+    /// file): a FLUSH with none since the last one has nothing to sync.
+    writes: AtomicU64,
+    /// Syncs of the data file so far.
+    data_syncs: AtomicU64,
     /// Every queue's not-yet-journaled blocks; taken when a queue is made
     /// and by FLUSH.
     queues: Mutex<Vec<Arc<Mutex<Vec<u64>>>>>,
@@ -236,7 +251,14 @@ impl Overlay {
             data,
             dirty,
             durable,
-            journal: Mutex::new((journal, good as u64)),
+            journal: Mutex::new(JournalState {
+                file: journal,
+                end: good as u64,
+                synced_writes: 0,
+                unjournaled: Vec::new(),
+            }),
+            writes: AtomicU64::new(0),
+            data_syncs: AtomicU64::new(0),
             queues: Mutex::new(Vec::new()),
             _lock: lock_file,
         }))
@@ -258,6 +280,11 @@ impl Overlay {
     /// Whether the overlay holds block `b` (else the image does).
     pub fn is_dirty(&self, b: u64) -> bool {
         self.dirty.get(b)
+    }
+
+    /// Syncs of the data file so far (FLUSHes with nothing new skip it).
+    pub fn data_syncs(&self) -> u64 {
+        self.data_syncs.load(Ordering::Relaxed)
     }
 
     /// Number of blocks the overlay holds.
@@ -300,19 +327,39 @@ impl Overlay {
     /// Makes every write completed before this call durable.
     pub fn flush(&self) -> Result<(), OverlayError> {
         let mut j = lock(&self.journal);
-        let mut blocks = Vec::new();
+        // Read before taking the queues' blocks: a write that lands after
+        // this is covered by the next FLUSH, never skipped.
+        let writes = self.writes.load(Ordering::Acquire);
+        let mut blocks = std::mem::take(&mut j.unjournaled);
         for q in lock(&self.queues).iter() {
             blocks.append(&mut lock(q));
         }
+        if writes == j.synced_writes && blocks.is_empty() {
+            return Ok(());
+        }
+        let result = self.sync_and_journal(&mut j, &mut blocks);
+        match &result {
+            Ok(()) => j.synced_writes = writes,
+            Err(_) => j.unjournaled = blocks,
+        }
+        result
+    }
+
+    /// Syncs the data file, then journals `blocks` (those not durable yet).
+    fn sync_and_journal(
+        &self,
+        j: &mut JournalState,
+        blocks: &mut Vec<u64>,
+    ) -> Result<(), OverlayError> {
         // Data first: a journal record must never name unsynced data.
         self.data.sync_data().map_err(self.io_err(DATA))?;
+        self.data_syncs.fetch_add(1, Ordering::Relaxed);
         blocks.retain(|&b| !self.durable.get(b));
         if blocks.is_empty() {
             return Ok(());
         }
-        let extents = journal::coalesce(blocks);
-        let (file, end) = &mut *j;
-        *end = journal::append(file, *end, &extents).map_err(self.io_err(JOURNAL))?;
+        let extents = journal::coalesce(blocks.clone());
+        j.end = journal::append(&j.file, j.end, &extents).map_err(self.io_err(JOURNAL))?;
         for e in extents {
             for b in e.start..e.start + u64::from(e.count) {
                 self.durable.set(b);
@@ -400,6 +447,7 @@ impl OverlayQueue {
         Ok(())
     }
 
+    /// Records a completed write of `count` blocks from `first`.
     fn mark(&self, first: u64, count: u64) {
         let o = &self.overlay;
         let mut fresh = Vec::new();
@@ -412,6 +460,7 @@ impl OverlayQueue {
         if !fresh.is_empty() {
             lock(&self.pending).append(&mut fresh);
         }
+        o.writes.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn flush(&self) -> Result<(), OverlayError> {
@@ -441,6 +490,18 @@ mod tests {
         let o = Overlay::open(dir.path()).unwrap();
         let dirty: Vec<u64> = (0..64).filter(|&b| o.is_dirty(b)).collect();
         assert_eq!(dirty, [3, 4, 10]);
+        // A FLUSH with no write since the last one syncs nothing; a rewrite
+        // of a journaled block syncs the data but journals nothing new.
+        let q = o.queue();
+        let syncs = o.data_syncs();
+        q.flush().unwrap();
+        assert_eq!(o.data_syncs(), syncs);
+        q.write_blocks(3, &[0xab; BLOCK as usize]).unwrap();
+        q.flush().unwrap();
+        assert_eq!(o.data_syncs(), syncs + 1);
+        q.flush().unwrap();
+        assert_eq!(o.data_syncs(), syncs + 1);
+        drop(q);
         let mut buf = vec![0u8; 2 * BLOCK as usize];
         o.queue().read_blocks(3, &mut buf).unwrap();
         assert!(buf.iter().all(|&x| x == 0xab));
