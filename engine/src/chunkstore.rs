@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use tokio::runtime::Handle;
 
-use crate::cache::{CacheError, ChunkCache, EntryError};
+use crate::cache::{CacheError, ChunkCache, EntryError, HotChunks};
 use crate::error::ErrorKind;
 use crate::frame::{self, FrameError, Verify};
 use crate::id::ChunkId;
@@ -329,12 +329,38 @@ impl ChunkStore {
     /// if it is not cached. A cached copy that fails its CRC is dropped and
     /// fetched again; it is never served.
     pub fn read(&self, id: &ChunkId, offset: u64, buf: &mut [u8]) -> Result<(), ChunkStoreError> {
+        self.read_via(None, id, offset, buf)
+    }
+
+    /// As [`ChunkStore::read`], looking in `hot` (the caller's recently
+    /// used chunks) before the shared cache.
+    pub fn read_hot(
+        &self,
+        hot: &mut HotChunks,
+        id: &ChunkId,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ChunkStoreError> {
+        self.read_via(Some(hot), id, offset, buf)
+    }
+
+    fn read_via(
+        &self,
+        mut hot: Option<&mut HotChunks>,
+        id: &ChunkId,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ChunkStoreError> {
         let cache_err = |e: CacheError| ChunkStoreError::Cache {
             id: *id,
             source: Arc::new(e),
         };
         for _ in 0..4 {
-            match self.inner.cache.read(id, offset, buf) {
+            let cached = match hot.as_deref_mut() {
+                Some(hot) => self.inner.cache.read_hot(hot, id, offset, buf),
+                None => self.inner.cache.read(id, offset, buf),
+            };
+            match cached {
                 Ok(true) => return Ok(()),
                 // A miss, or the cache dropped a bad copy: fetch a good one.
                 Ok(false) => {}

@@ -7,8 +7,9 @@
 //! are first filled from what the disk holds (read-modify-write).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use crate::cache::HotChunks;
 use crate::chunkstore::{ChunkStore, ChunkStoreError};
 use crate::error::ErrorKind;
 use crate::manifest::Manifest;
@@ -57,6 +58,9 @@ pub struct LazyDisk {
     store: ChunkStore,
     overlay: OverlayQueue,
     readahead: ReadAhead,
+    /// This queue's recently read chunks: warm reads take no lock shared
+    /// with other queues.
+    hot: Mutex<HotChunks>,
 }
 
 impl LazyDisk {
@@ -66,6 +70,7 @@ impl LazyDisk {
             store,
             overlay,
             readahead: ReadAhead::default(),
+            hot: Mutex::new(HotChunks::default()),
         }
     }
 
@@ -183,7 +188,10 @@ impl LazyDisk {
             let n = ((cs - within) as usize).min(part.len() - done);
             let out = &mut part[done..done + n];
             match self.manifest.chunks[index] {
-                Some(id) => self.store.read(&id, within, out)?,
+                Some(id) => {
+                    let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+                    self.store.read_hot(&mut hot, &id, within, out)?;
+                }
                 None => out.fill(0),
             }
             done += n;

@@ -231,3 +231,50 @@ fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
         "read-ahead merges chunks into fewer GETs than chunks"
     );
 }
+
+#[test]
+fn a_cached_chunk_that_rots_under_a_reading_queue_is_fetched_again_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let store = file_store(dir.path(), &rt);
+    let mut image = vec![0u8; 8 * CS];
+    fastrand::Rng::with_seed(4).fill(&mut image);
+    let path = dir.path().join("image.raw");
+    std::fs::write(&path, &image).unwrap();
+    let opts = ImportOptions::new(dir.path().join("staging"));
+    let (manifest, _) = import_raw(&store, &path, &opts, &|_| {}).unwrap();
+    let manifest = Arc::new(manifest);
+    let overlay =
+        Overlay::open_or_create(&dir.path().join("ov"), &manifest.id(), image.len() as u64)
+            .unwrap();
+    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.queue());
+    let id = manifest.chunks[2].unwrap();
+    let want = &image[2 * CS..3 * CS];
+    let mut buf = vec![0u8; CS];
+    disk.read(2 * CS as u64, &mut buf).unwrap();
+    store.fetch(&[id]).unwrap(); // wait until it is cached
+                                 // Twice: the chunk is now in this queue's hot set, mapped.
+    for _ in 0..2 {
+        disk.read(2 * CS as u64, &mut buf).unwrap();
+        assert!(buf == want);
+    }
+    // Rot the cached file in place, under the live mapping.
+    let cached = dir.path().join("cache/chunks").join(id.to_hex());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cached)
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut byte = [0u8];
+    std::fs::File::open(&cached)
+        .unwrap()
+        .read_exact_at(&mut byte, len - 100)
+        .unwrap();
+    f.write_all_at(&[byte[0] ^ 1], len - 100).unwrap();
+    disk.read(2 * CS as u64, &mut buf).unwrap();
+    assert!(buf == want, "a rotten cached chunk is never served");
+    assert_eq!(
+        store.cache().stats().crc_failures.load(Ordering::Relaxed),
+        1
+    );
+}

@@ -244,17 +244,51 @@ impl ChunkCache {
         let Some(chunk) = self.get(id)? else {
             return Ok(false);
         };
-        match chunk.read_at(offset, buf) {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                if matches!(e, EntryError::Crc { .. }) {
-                    tracing::warn!(chunk = %id, "cache: CRC mismatch, dropping the cached chunk");
-                    self.stats.crc_failures.fetch_add(1, Ordering::Relaxed);
-                    self.remove(id);
-                }
-                Err(e.into())
+        self.read_from(&chunk, offset, buf).map(|()| true)
+    }
+
+    /// Reads through `hot` (one reader's recently used chunks) first, so a
+    /// hit there takes no lock shared with other readers; otherwise as
+    /// [`ChunkCache::read`], remembering the chunk in `hot`.
+    pub fn read_hot(
+        &self,
+        hot: &mut HotChunks,
+        id: &ChunkId,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<bool, CacheError> {
+        let chunk = match hot.get(id) {
+            Some(chunk) => chunk,
+            None => {
+                let Some(chunk) = self.get(id)? else {
+                    return Ok(false);
+                };
+                hot.put(*id, chunk.clone());
+                chunk
             }
+        };
+        let read = self.read_from(&chunk, offset, buf);
+        if read.is_err() {
+            hot.forget(id);
         }
+        read.map(|()| true)
+    }
+
+    fn read_from(
+        &self,
+        chunk: &CachedChunk,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), CacheError> {
+        chunk.read_at(offset, buf).map_err(|e| {
+            if matches!(e, EntryError::Crc { .. }) {
+                let id = chunk.id();
+                tracing::warn!(chunk = %id, "cache: CRC mismatch, dropping the cached chunk");
+                self.stats.crc_failures.fetch_add(1, Ordering::Relaxed);
+                self.remove(&id);
+            }
+            e.into()
+        })
     }
 
     /// Stores a verified chunk, evicting older ones to stay within bounds.
@@ -410,6 +444,68 @@ impl State {
                 self.open.insert(slot.tick, id);
             }
         }
+    }
+}
+
+/// One reader's (one queue's) recently used chunks, mapped. Hits here skip
+/// the cache's shared lock. An entry is let go after [`HotChunks::REFRESH`]
+/// reads, so the shared LRU still hears of chunks in use; a chunk evicted
+/// meanwhile stays readable through its mapping (eviction unlinks, it does
+/// not truncate) until then, so the cache may exceed its bound by at most
+/// `CAPACITY` chunks per reader.
+pub struct HotChunks {
+    entries: HashMap<ChunkId, (Arc<CachedChunk>, u64)>,
+    reads: u64,
+}
+
+impl Default for HotChunks {
+    fn default() -> HotChunks {
+        HotChunks {
+            entries: HashMap::with_capacity(Self::CAPACITY),
+            reads: 0,
+        }
+    }
+}
+
+impl HotChunks {
+    pub const CAPACITY: usize = 64;
+    pub const REFRESH: u64 = 4096;
+
+    fn get(&mut self, id: &ChunkId) -> Option<Arc<CachedChunk>> {
+        self.reads += 1;
+        let (chunk, since) = self.entries.get(id)?;
+        if self.reads - since > Self::REFRESH {
+            self.entries.remove(id);
+            return None;
+        }
+        Some(chunk.clone())
+    }
+
+    fn put(&mut self, id: ChunkId, chunk: Arc<CachedChunk>) {
+        if self.entries.len() >= Self::CAPACITY {
+            // Drop the oldest entry.
+            if let Some(old) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, since))| *since)
+                .map(|(id, _)| *id)
+            {
+                self.entries.remove(&old);
+            }
+        }
+        self.entries.insert(id, (chunk, self.reads));
+    }
+
+    fn forget(&mut self, id: &ChunkId) {
+        self.entries.remove(id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 

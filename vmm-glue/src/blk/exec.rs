@@ -2,7 +2,7 @@
 
 use cairn_engine::disk::LazyDisk;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::request::{Kind, Request, SECTOR};
 
@@ -65,6 +65,14 @@ fn run<M: GuestMemory>(
     }
     match &req.kind {
         Kind::Read => {
+            // The common request, one buffer: read straight into it.
+            if let [(addr, len)] = req.data[..] {
+                if let Some(read) = with_guest_buffer(mem, addr, len, |buf| disk.read(offset, buf))
+                {
+                    read.map_err(|e| e.to_string())?;
+                    return Ok(len);
+                }
+            }
             scratch.resize(req.data_len as usize, 0);
             disk.read(offset, scratch).map_err(|e| e.to_string())?;
             scatter(mem, &req.data, scratch)?;
@@ -102,6 +110,35 @@ fn run<M: GuestMemory>(
             Ok(0)
         }
     }
+}
+
+/// Runs `f` on the guest buffer of `len` bytes at `addr` as a byte slice,
+/// if the buffer lies in one region of guest memory (else `None`).
+#[allow(unsafe_code)]
+fn with_guest_buffer<M: GuestMemory, R>(
+    mem: &M,
+    addr: GuestAddress,
+    len: u32,
+    f: impl FnOnce(&mut [u8]) -> R,
+) -> Option<R> {
+    let slice = mem
+        .get_slices(addr, len as usize, Permissions::Write)
+        .ok()?
+        .next()?
+        .ok()?;
+    if slice.len() != len as usize {
+        return None; // spans regions: the caller copies through scratch
+    }
+    let guard = slice.ptr_guard_mut();
+    // SAFETY: the slice is `len` bytes mapped in one region, which stays
+    // mapped while `mem` is borrowed (the slice's lifetime is tied to it). The request parser checked the buffer is
+    // device-writable: by the virtio contract the guest does not touch it
+    // until the request is completed, and a guest that does can only
+    // scramble bytes of its own buffer (any byte value is valid for `u8`).
+    // No dirty-page bitmap is kept (`Bitmap = ()`), so none is bypassed.
+    // The slice lives only for the call of `f`.
+    let buf = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), len as usize) };
+    Some(f(buf))
 }
 
 /// Copies `src` into the guest buffers in order (as much as fits).
