@@ -9,11 +9,7 @@ tools/dev/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 CAIRN_GUEST_DIR=$(fixtures/build-guest.sh)
 export CAIRN_GUEST_DIR
-sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
-# s3s-fs does not set TCP_NODELAY; see run-store-bench.sh.
-$sudo ip route change local 127.0.0.1 dev lo proto kernel scope host src 127.0.0.1 \
-    table local quickack 1 ||
-    echo "warning: could not set quickack on lo; S3 latencies include 40 ms delayed-ACK stalls" >&2
+benches/loopback-quickack.sh
 eval "$(tools/dev/s3-server.sh start)"
 trap 'tools/dev/s3-server.sh stop' EXIT
 cargo build --release --workspace --bins

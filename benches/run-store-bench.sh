@@ -10,13 +10,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
 image=$($sudo fixtures/build-rootfs-image.sh)
 $sudo chown "$(id -u):$(id -g)" "$image"
-# s3s-fs does not set TCP_NODELAY: a streamed body written after its headers
-# waits for the client's delayed ACK (40 ms on Linux), which would swamp both
-# cairn and the direct-GET baseline. Real S3 endpoints do not behave so;
-# turning delayed ACKs off on the loopback route removes the artefact.
-$sudo ip route change local 127.0.0.1 dev lo proto kernel scope host src 127.0.0.1 \
-    table local quickack 1 ||
-    echo "warning: could not set quickack on lo; S3 latencies include 40 ms delayed-ACK stalls" >&2
+benches/loopback-quickack.sh
 eval "$(tools/dev/s3-server.sh start)"
 trap 'tools/dev/s3-server.sh stop' EXIT
 cargo build --release --workspace --bins
