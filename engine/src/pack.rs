@@ -347,6 +347,11 @@ pub fn recover(path: &Path) -> Result<Recovered, PackError> {
     if header[0..8] != PACK_MAGIC {
         return Err(PackError::BadMagic);
     }
+    let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    if version != PACK_VERSION {
+        // Recovery rewrites the pack: never in a layout this build does not know.
+        return Err(PackError::UnsupportedVersion(version));
+    }
     if let Ok(index) = read_index(&mut file, len) {
         return Ok(Recovered {
             index,
@@ -494,6 +499,15 @@ mod tests {
         let again = recover(&path).unwrap();
         assert!(again.was_complete);
         assert_eq!(again.index, r.index);
+        // A pack of a version this build does not know is not rewritten.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8] = 9;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            recover(&path),
+            Err(PackError::UnsupportedVersion(9))
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "left untouched");
     }
 
     #[test]

@@ -113,8 +113,12 @@ impl CachedChunk {
         }
         let map = map_file(&file).map_err(io)?;
         let head = &map[..HEADER_LEN];
-        if head[0..4] != MAGIC || head[4] != VERSION || u32::from(head[5]) != BLOCK_SHIFT {
-            return Err(invalid("bad magic, version or block size"));
+        if head[0..4] != MAGIC
+            || head[4] != VERSION
+            || u32::from(head[5]) != BLOCK_SHIFT
+            || head[6..8] != [0, 0]
+        {
+            return Err(invalid("bad magic, version, block size or reserved bytes"));
         }
         let raw_len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
         if raw_len == 0 || raw_len > MAX_CHUNK_LEN {
