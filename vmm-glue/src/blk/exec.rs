@@ -131,12 +131,13 @@ fn with_guest_buffer<M: GuestMemory, R>(
     }
     let guard = slice.ptr_guard_mut();
     // SAFETY: the slice is `len` bytes mapped in one region, which stays
-    // mapped while `mem` is borrowed (the slice's lifetime is tied to it). The request parser checked the buffer is
-    // device-writable: by the virtio contract the guest does not touch it
-    // until the request is completed, and a guest that does can only
-    // scramble bytes of its own buffer (any byte value is valid for `u8`).
-    // No dirty-page bitmap is kept (`Bitmap = ()`), so none is bypassed.
-    // The slice lives only for the call of `f`.
+    // mapped while `mem` is borrowed (the slice's lifetime is tied to it),
+    // and the byte slice lives only for the call of `f`. The request parser
+    // checked the buffer is device-writable: by the virtio contract the
+    // guest does not touch it until the request is completed, and a guest
+    // that does can only scramble bytes of its own buffer (any byte value
+    // is valid for `u8`). No dirty-page bitmap is kept (`Bitmap = ()`), so
+    // none is bypassed.
     let buf = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), len as usize) };
     Some(f(buf))
 }
