@@ -58,30 +58,52 @@ impl Ring {
         }
     }
 
+    /// Moves `len` bytes in as many submissions as it takes: `entry(done,
+    /// n)` builds the one for bytes `done..done + n`. A submission that
+    /// moves nothing fails with `stuck`.
+    ///
+    /// SAFETY: every entry `entry` builds must point only at memory that
+    /// stays valid, and is not otherwise used, until this returns.
+    #[allow(unsafe_code)]
+    unsafe fn run_all(
+        ring: &mut IoUring,
+        len: usize,
+        stuck: io::ErrorKind,
+        mut entry: impl FnMut(usize, u32) -> squeue::Entry,
+    ) -> io::Result<()> {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(u32::MAX as usize) as u32;
+            // SAFETY: passed on to our caller.
+            match unsafe { Ring::run(ring, entry(done, n)) }? {
+                0 => return Err(stuck.into()),
+                moved => done += moved,
+            }
+        }
+        Ok(())
+    }
+
     /// Fills `buf` from `file` at `offset`; a read past the end fails.
     #[allow(unsafe_code)]
     pub fn read_exact_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let Some(mut ring) = self.lock() else {
             return file.read_exact_at(buf, offset);
         };
-        let mut done = 0;
-        while done < buf.len() {
-            let rest = &mut buf[done..];
-            let entry = opcode::Read::new(
-                types::Fd(file.as_raw_fd()),
-                rest.as_mut_ptr(),
-                rest.len() as u32,
+        let (fd, ptr) = (types::Fd(file.as_raw_fd()), buf.as_mut_ptr());
+        // SAFETY: every entry points into `buf`, borrowed mutably for the
+        // whole call.
+        unsafe {
+            Ring::run_all(
+                &mut ring,
+                buf.len(),
+                io::ErrorKind::UnexpectedEof,
+                |done, n| {
+                    opcode::Read::new(fd, ptr.wrapping_add(done), n)
+                        .offset(offset + done as u64)
+                        .build()
+                },
             )
-            .offset(offset + done as u64)
-            .build();
-            // SAFETY: `rest` is borrowed mutably for this call and `run`
-            // returns only after the kernel is done with it.
-            match unsafe { Ring::run(&mut ring, entry) }? {
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                n => done += n,
-            }
         }
-        Ok(())
     }
 
     /// Writes all of `buf` to `file` at `offset`.
@@ -90,24 +112,15 @@ impl Ring {
         let Some(mut ring) = self.lock() else {
             return file.write_all_at(buf, offset);
         };
-        let mut done = 0;
-        while done < buf.len() {
-            let rest = &buf[done..];
-            let entry = opcode::Write::new(
-                types::Fd(file.as_raw_fd()),
-                rest.as_ptr(),
-                rest.len() as u32,
-            )
-            .offset(offset + done as u64)
-            .build();
-            // SAFETY: `rest` is borrowed for this call and `run` returns
-            // only after the kernel is done with it.
-            match unsafe { Ring::run(&mut ring, entry) }? {
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                n => done += n,
-            }
+        let (fd, ptr) = (types::Fd(file.as_raw_fd()), buf.as_ptr());
+        // SAFETY: every entry points into `buf`, borrowed for the whole call.
+        unsafe {
+            Ring::run_all(&mut ring, buf.len(), io::ErrorKind::WriteZero, |done, n| {
+                opcode::Write::new(fd, ptr.wrapping_add(done), n)
+                    .offset(offset + done as u64)
+                    .build()
+            })
         }
-        Ok(())
     }
 
     /// Frees `len` bytes at `offset` of `file` (they read as zeros after),
