@@ -61,6 +61,7 @@ pub struct LazyDisk {
     /// This queue's recently read chunks: warm reads take no lock shared
     /// with other queues.
     hot: Mutex<HotChunks>,
+    reads_ahead: bool,
 }
 
 impl LazyDisk {
@@ -71,7 +72,15 @@ impl LazyDisk {
             overlay,
             readahead: ReadAhead::default(),
             hot: Mutex::new(HotChunks::default()),
+            reads_ahead: true,
         }
+    }
+
+    /// This view without read-ahead, for a reader that knows exactly what
+    /// it will read.
+    pub fn without_read_ahead(mut self) -> LazyDisk {
+        self.reads_ahead = false;
+        self
     }
 
     pub fn size(&self) -> u64 {
@@ -100,7 +109,7 @@ impl LazyDisk {
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         self.check(offset, buf.len() as u64)?;
-        if !buf.is_empty() {
+        if self.reads_ahead && !buf.is_empty() {
             self.read_ahead(offset, buf.len() as u64);
         }
         let o = self.overlay.overlay();
@@ -152,8 +161,8 @@ impl LazyDisk {
         let ids: Vec<_> = (ahead..until)
             .filter(|&c| {
                 // A chunk the overlay covers whole is never read from the image.
-                let last = ((c + 1) * cs).min(self.size()).div_ceil(BLOCK);
-                !(c * cs / BLOCK..last).all(|b| self.overlay.overlay().is_dirty(b))
+                let o = self.overlay.overlay();
+                !o.blocks_in(c * cs, (c + 1) * cs).all(|b| o.is_dirty(b))
             })
             .filter_map(|c| self.manifest.chunks[c as usize])
             .collect();

@@ -12,7 +12,7 @@ use crate::chunkstore::ChunkStore;
 use crate::disk::LazyDisk;
 use crate::import::{import_pieces, ImportError, ImportOptions, ImportReport, Piece};
 use crate::manifest::Manifest;
-use crate::overlay::{Overlay, BLOCK};
+use crate::overlay::Overlay;
 
 /// Chunks read per piece of the snapshot.
 const BATCH_BYTES: u64 = 8 << 20;
@@ -39,14 +39,17 @@ pub fn snapshot_overlay(
     }
     let mut opts = opts.clone();
     opts.chunk_size = base.chunk_size;
-    let disk = LazyDisk::new(base.clone(), store.clone(), overlay.queue());
+    // It reads exactly the chunks it needs: read-ahead would fetch
+    // untouched ones, which the snapshot takes by id.
+    let disk = LazyDisk::new(base.clone(), store.clone(), overlay.queue()).without_read_ahead();
     let cs = u64::from(base.chunk_size);
     let size = base.logical_size;
     let n = base.chunks.len();
     let touched = |i: usize| {
-        let first = i as u64 * cs / BLOCK;
-        let end = ((i as u64 + 1) * cs).min(size).div_ceil(BLOCK);
-        (first..end).any(|b| overlay.is_dirty(b))
+        let i = i as u64;
+        overlay
+            .blocks_in(i * cs, (i + 1) * cs)
+            .any(|b| overlay.is_dirty(b))
     };
     let mut i = 0usize;
     let pieces = std::iter::from_fn(move || {

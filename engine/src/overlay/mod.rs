@@ -277,6 +277,11 @@ impl Overlay {
         self.blocks
     }
 
+    /// The blocks that hold bytes `start..end` of the disk (cut at its end).
+    pub fn blocks_in(&self, start: u64, end: u64) -> std::ops::Range<u64> {
+        start / BLOCK..end.min(self.meta.logical_size).div_ceil(BLOCK)
+    }
+
     /// Whether the overlay holds block `b` (else the image does).
     pub fn is_dirty(&self, b: u64) -> bool {
         self.dirty.get(b)
