@@ -3,6 +3,8 @@
 //! writes survive SIGTERM and kill -9 once flushed, write-zeroes and
 //! discard read back zeros, read-only refuses writes, queues are honoured.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -34,16 +36,10 @@ impl Env {
         }
         let env = Env { dir, store, image };
         std::fs::write(env.path("image.raw"), &env.image).unwrap();
-        let out = env
-            .cairn()
-            .args(["image", "import-raw", "--name", "base"])
-            .arg(env.path("image.raw"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        common::run_ok(
+            env.cairn()
+                .args(["image", "import-raw", "--name", "base"])
+                .arg(env.path("image.raw")),
         );
         env
     }

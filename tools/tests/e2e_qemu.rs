@@ -5,6 +5,8 @@
 //! (tools/dev/s3-server.sh); `tools/dev/test.sh` provides all three. Fails
 //! loudly when any is missing.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,16 +45,10 @@ impl Env {
             store,
             guest: guest_dir(),
         };
-        let out = env
-            .cairn("import-cache")
-            .args(["--json", "image", "import-raw", "--name", "guest"])
-            .arg(env.guest.join("rootfs.ext4"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        common::run_ok(
+            env.cairn("import-cache")
+                .args(["--json", "image", "import-raw", "--name", "guest"])
+                .arg(env.guest.join("rootfs.ext4")),
         );
         env
     }
@@ -252,17 +248,11 @@ fn boots_lazily_from_s3_and_fsynced_files_survive_a_second_boot() {
 
     // Fold the overlay into a snapshot: few new chunks; it boots on a fresh
     // overlay with the files in it; its exported bytes pass e2fsck.
-    let out = env
-        .cairn("cold-cache")
-        .args(["--json", "disk", "snapshot", "--overlay"])
-        .arg(env.path("overlay"))
-        .args(["--name", "snap"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        env.cairn("cold-cache")
+            .args(["--json", "disk", "snapshot", "--overlay"])
+            .arg(env.path("overlay"))
+            .args(["--name", "snap"]),
     );
     let snap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let (new, all) = (
@@ -281,28 +271,13 @@ fn boots_lazily_from_s3_and_fsynced_files_survive_a_second_boot() {
     assert_eq!(field(&check, "files"), "8", "{check}");
     server.stop();
     let raw = env.path("snap.raw");
-    let out = env
-        .cairn("cold-cache")
-        .args(["image", "export", "snap"])
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run_ok(
+        env.cairn("cold-cache")
+            .args(["image", "export", "snap"])
+            .arg(&raw),
     );
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "e2fsck -fn on the exported snapshot: {}{}",
-        String::from_utf8_lossy(&fsck.stdout),
-        String::from_utf8_lossy(&fsck.stderr)
-    );
+    // e2fsck -fn on the exported snapshot: clean.
+    common::run_ok(Command::new("e2fsck").arg("-fn").arg(&raw));
 }
 
 #[test]
