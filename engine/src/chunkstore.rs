@@ -346,47 +346,62 @@ impl ChunkStore {
 
     fn read_via(
         &self,
-        mut hot: Option<&mut HotChunks>,
+        hot: Option<&mut HotChunks>,
         id: &ChunkId,
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), ChunkStoreError> {
+        self.with_slice(hot, id, offset, buf.len(), |s| buf.copy_from_slice(s))
+    }
+
+    /// Runs `f` on the `len` bytes at `offset` of chunk `id`, fetching the
+    /// chunk first if it is not cached: in place in the cache's mapping
+    /// (CRC-checked) or in the fetched, verified bytes, never copied. A
+    /// cached copy that fails its CRC is dropped and fetched again.
+    pub fn with_slice<T>(
+        &self,
+        mut hot: Option<&mut HotChunks>,
+        id: &ChunkId,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, ChunkStoreError> {
         let cache_err = |e: CacheError| ChunkStoreError::Cache {
             id: *id,
             source: Arc::new(e),
         };
+        let mut f = Some(f);
         for _ in 0..4 {
-            let cached = match hot.as_deref_mut() {
-                Some(hot) => self.inner.cache.read_hot(hot, id, offset, buf),
-                None => self.inner.cache.read(id, offset, buf),
-            };
+            let cached = self
+                .inner
+                .cache
+                .with_slice(hot.as_deref_mut(), id, offset, len, |s| {
+                    (f.take().expect("called once"))(s)
+                });
             match cached {
-                Ok(true) => return Ok(()),
+                Ok(Some(out)) => return Ok(out),
                 // A miss, or the cache dropped a bad copy: fetch a good one.
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(e) if e.kind() == ErrorKind::Corrupt => {}
                 Err(e) => return Err(cache_err(e)),
             }
-            // Serve straight from the fetched bytes; `None` means the chunk
-            // reached the cache meanwhile, so read it there.
+            // Serve straight from the fetched bytes; no waiter means the
+            // chunk reached the cache meanwhile, so read it there.
             let (mut waits, claim) = self.claim_missing(std::slice::from_ref(id));
             self.run_here(claim);
             if let Some(pending) = waits.pop() {
                 let raw = pending.wait()?;
                 let start = usize::try_from(offset).unwrap_or(usize::MAX);
-                let Some(src) = start
-                    .checked_add(buf.len())
-                    .and_then(|end| raw.get(start..end))
+                let Some(src) = start.checked_add(len).and_then(|end| raw.get(start..end))
                 else {
                     return Err(cache_err(CacheError::Entry(EntryError::OutOfRange {
                         id: *id,
                         offset,
-                        len: buf.len(),
+                        len,
                         raw_len: raw.len() as u32,
                     })));
                 };
-                buf.copy_from_slice(src);
-                return Ok(());
+                return Ok((f.take().expect("called once"))(src));
             }
         }
         Err(ChunkStoreError::Cancelled {

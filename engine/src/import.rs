@@ -28,7 +28,7 @@ use crate::error::ErrorKind;
 use crate::frame::FrameEncoder;
 use crate::id::ChunkId;
 use crate::layout;
-use crate::manifest::{Manifest, ManifestError};
+use crate::manifest::{Manifest, ManifestError, ManifestKind};
 use crate::objstore::{PutMode, StoreError};
 use crate::pack::{self, PackError, PackIndex, PackWriter};
 
@@ -89,6 +89,9 @@ pub struct ImportOptions {
     pub pack_target: u64,
     /// Where packs are built before upload (on local disk).
     pub staging_dir: PathBuf,
+    /// What the manifest describes, and its layout metadata.
+    pub kind: ManifestKind,
+    pub meta: Vec<u8>,
 }
 
 impl ImportOptions {
@@ -98,6 +101,8 @@ impl ImportOptions {
             zstd_level: DEFAULT_ZSTD_LEVEL,
             pack_target: DEFAULT_PACK_TARGET,
             staging_dir,
+            kind: ManifestKind::Disk,
+            meta: Vec::new(),
         }
     }
 
@@ -500,7 +505,13 @@ pub fn import_pieces(
             ),
         });
     }
-    let manifest = Manifest::new_disk(logical, opts.chunk_size, chunks);
+    let manifest = Manifest {
+        kind: opts.kind,
+        logical_size: logical,
+        chunk_size: opts.chunk_size,
+        chunks,
+        meta: opts.meta.clone(),
+    };
     let encoded = manifest.encode();
     let id = crate::id::ManifestId::of(&encoded);
     store.runtime().block_on(store.remote().put(

@@ -5,14 +5,16 @@
 //! packs/<pack id>.idx       the pack's index and footer alone (one GET)
 //! manifests/<manifest id>   canonical manifest bytes
 //! refs/images/<name>        "<manifest id>\n"
+//! wsets/<manifest id>       the recorded working set of a memory image
 //! ```
-//! Everything but `refs/` is content-addressed and written once.
+//! Everything but `refs/` and `wsets/` is content-addressed and written once.
 
 use crate::id::{ManifestId, PackId};
 
 pub const PACKS: &str = "packs/";
 pub const MANIFESTS: &str = "manifests/";
 pub const IMAGE_REFS: &str = "refs/images/";
+pub const WORKING_SETS: &str = "wsets/";
 
 pub fn pack_key(id: &PackId) -> String {
     format!("{PACKS}{id}.pack")
@@ -33,4 +35,8 @@ pub fn manifest_key(id: &ManifestId) -> String {
 
 pub fn image_ref_key(name: &str) -> String {
     format!("{IMAGE_REFS}{name}")
+}
+
+pub fn working_set_key(id: &ManifestId) -> String {
+    format!("{WORKING_SETS}{id}")
 }

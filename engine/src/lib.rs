@@ -19,6 +19,7 @@ pub mod error;
 pub mod frame;
 pub mod id;
 pub mod manifest;
+pub mod memory;
 pub mod objstore;
 pub mod overlay;
 pub mod pack;

@@ -6,5 +6,6 @@
 //! (`blk::request`); the vhost-user-blk backend and the page server come next.
 
 pub mod blk;
+pub mod uffd;
 
 pub use cairn_engine as engine;

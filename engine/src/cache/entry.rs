@@ -164,19 +164,26 @@ impl CachedChunk {
     /// Reads `buf.len()` bytes at `offset` within the chunk, checking the
     /// CRC of every 4 KiB block the read touches.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), EntryError> {
-        let end = offset + buf.len() as u64;
+        buf.copy_from_slice(self.slice_at(offset, buf.len())?);
+        Ok(())
+    }
+
+    /// The `len` bytes at `offset` within the chunk, straight from the
+    /// mapping, once the CRC of every 4 KiB block they touch checks out.
+    pub fn slice_at(&self, offset: u64, len: usize) -> Result<&[u8], EntryError> {
+        let end = offset + len as u64;
         if end > u64::from(self.raw_len) {
             return Err(EntryError::OutOfRange {
                 id: self.id,
                 offset,
-                len: buf.len(),
+                len,
                 raw_len: self.raw_len,
             });
         }
-        if buf.is_empty() {
-            return Ok(());
-        }
         let data = &self.map[self.data_off..];
+        if len == 0 {
+            return Ok(&data[..0]);
+        }
         let first = (offset >> BLOCK_SHIFT) as usize;
         let last = ((end - 1) >> BLOCK_SHIFT) as usize;
         for block in first..=last {
@@ -184,8 +191,7 @@ impl CachedChunk {
             let stop = (start + BLOCK).min(self.raw_len as usize);
             self.check(block, &data[start..stop])?;
         }
-        buf.copy_from_slice(&data[offset as usize..end as usize]);
-        Ok(())
+        Ok(&data[offset as usize..end as usize])
     }
 
     fn check(&self, block: usize, bytes: &[u8]) -> Result<(), EntryError> {

@@ -241,10 +241,8 @@ impl ChunkCache {
     /// Reads from a cached chunk. A CRC failure removes the chunk (so the
     /// caller can fetch it again) and is reported, never served.
     pub fn read(&self, id: &ChunkId, offset: u64, buf: &mut [u8]) -> Result<bool, CacheError> {
-        let Some(chunk) = self.get(id)? else {
-            return Ok(false);
-        };
-        self.read_from(&chunk, offset, buf).map(|()| true)
+        self.with_slice(None, id, offset, buf.len(), |s| buf.copy_from_slice(s))
+            .map(|done| done.is_some())
     }
 
     /// Reads through `hot` (one reader's recently used chunks) first, so a
@@ -257,30 +255,53 @@ impl ChunkCache {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<bool, CacheError> {
-        let chunk = match hot.get(id) {
+        self.with_slice(Some(hot), id, offset, buf.len(), |s| {
+            buf.copy_from_slice(s)
+        })
+        .map(|done| done.is_some())
+    }
+
+    /// Runs `f` on `len` CRC-checked bytes at `offset` of a cached chunk,
+    /// in place in its mapping (no copy), looking in `hot` (if given) first
+    /// as [`ChunkCache::read_hot`] does. `None` if the chunk is not cached.
+    pub fn with_slice<T>(
+        &self,
+        mut hot: Option<&mut HotChunks>,
+        id: &ChunkId,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Option<T>, CacheError> {
+        let chunk = match hot.as_deref_mut().and_then(|hot| hot.get(id)) {
             Some(chunk) => chunk,
             None => {
                 let Some(chunk) = self.get(id)? else {
-                    return Ok(false);
+                    return Ok(None);
                 };
-                hot.put(*id, chunk.clone());
+                if let Some(hot) = hot.as_deref_mut() {
+                    hot.put(*id, chunk.clone());
+                }
                 chunk
             }
         };
-        let read = self.read_from(&chunk, offset, buf);
-        if read.is_err() {
-            hot.forget(id);
+        match self.slice_of(&chunk, offset, len) {
+            Ok(s) => Ok(Some(f(s))),
+            Err(e) => {
+                if let Some(hot) = hot {
+                    hot.forget(id);
+                }
+                Err(e)
+            }
         }
-        read.map(|()| true)
     }
 
-    fn read_from(
+    fn slice_of<'c>(
         &self,
-        chunk: &CachedChunk,
+        chunk: &'c CachedChunk,
         offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), CacheError> {
-        chunk.read_at(offset, buf).map_err(|e| {
+        len: usize,
+    ) -> Result<&'c [u8], CacheError> {
+        chunk.slice_at(offset, len).map_err(|e| {
             if matches!(e, EntryError::Crc { .. }) {
                 let id = chunk.id();
                 tracing::warn!(chunk = %id, "cache: CRC mismatch, dropping the cached chunk");

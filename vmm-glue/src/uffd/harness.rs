@@ -1,0 +1,232 @@
+//! A stand-in for the VMM side of a resume, for tests and benchmarks.
+//!
+//! It does what Firecracker does on a snapshot resume with an external
+//! page-fault handler: maps each guest memory region as private anonymous
+//! memory (with `MAP_HUGETLB` for huge-page regions), creates a
+//! userfaultfd asking for REMOVE events, registers every region in
+//! MISSING mode and sends the handshake (JSON plus the descriptor) over
+//! the handler's socket. Then the caller plays the guest: it touches
+//! guest memory (by offset in the memory file) from as many threads as it
+//! likes and compares what it reads with the source. It is real memory and
+//! a real userfaultfd: nothing is simulated but the VMM process itself.
+
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use userfaultfd::{FeatureFlags, Uffd, UffdBuilder};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// A region to map: its size and page size (4096, or 2 MiB for huge pages).
+#[derive(Debug, Clone, Copy)]
+pub struct RegionSpec {
+    pub size: u64,
+    pub page_size: u64,
+}
+
+struct Mapped {
+    base: *mut u8,
+    size: u64,
+    page_size: u64,
+    /// Where the region starts in the memory file.
+    offset: u64,
+}
+
+/// The VMM's side: mapped guest memory, its userfaultfd and the socket.
+pub struct VmmHarness {
+    regions: Vec<Mapped>,
+    uffd: Uffd,
+    stream: Option<UnixStream>,
+}
+
+// SAFETY: the mappings are owned by the harness for its whole life and
+// only accessed through volatile byte reads and writes or plain copies,
+// which are sound from any thread (the memory is shared by design, as
+// guest memory is among vCPU threads).
+unsafe impl Send for VmmHarness {}
+// SAFETY: as above.
+unsafe impl Sync for VmmHarness {}
+
+fn map_region(size: u64, page_size: u64) -> io::Result<*mut u8> {
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    if page_size > 4096 {
+        flags |= libc::MAP_HUGETLB;
+    }
+    // SAFETY: a fresh anonymous mapping at an address the kernel picks;
+    // no existing memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+impl VmmHarness {
+    /// Maps the regions back to back in the memory file and registers them.
+    pub fn new(specs: &[RegionSpec]) -> io::Result<VmmHarness> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(FeatureFlags::EVENT_REMOVE)
+            .create()
+            .map_err(|e| io::Error::other(format!("creating a userfaultfd: {e}")))?;
+        let mut harness = VmmHarness {
+            regions: Vec::new(),
+            uffd,
+            stream: None,
+        };
+        let mut offset = 0;
+        for s in specs {
+            let base = map_region(s.size, s.page_size)?;
+            harness.regions.push(Mapped {
+                base,
+                size: s.size,
+                page_size: s.page_size,
+                offset,
+            });
+            harness
+                .uffd
+                .register(base.cast(), s.size as usize)
+                .map_err(|e| io::Error::other(format!("registering a region: {e}")))?;
+            offset += s.size;
+        }
+        Ok(harness)
+    }
+
+    /// Whether `count` huge pages of 2 MiB can be mapped here now.
+    pub fn huge_pages_available(count: u64) -> bool {
+        let size = count * (2 << 20);
+        match map_region(size, 2 << 20) {
+            Ok(p) => {
+                // SAFETY: unmapping the probe mapping made just above.
+                unsafe { libc::munmap(p.cast(), size as usize) };
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Bytes of guest memory (the memory file's size).
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// The handshake Firecracker sends: current shape, with both page size fields.
+    pub fn handshake_json(&self) -> String {
+        let items: Vec<String> = self
+            .regions
+            .iter()
+            .map(|r| {
+                format!(
+                    r#"{{"base_host_virt_addr":{},"size":{},"offset":{},"page_size":{},"page_size_kib":{}}}"#,
+                    r.base as u64, r.size, r.offset, r.page_size, r.page_size
+                )
+            })
+            .collect();
+        format!("[{}]", items.join(","))
+    }
+
+    pub fn uffd_fd(&self) -> RawFd {
+        self.uffd.as_raw_fd()
+    }
+
+    /// Connects to the page server and sends the handshake.
+    pub fn connect(&mut self, socket: &Path) -> io::Result<()> {
+        let json = self.handshake_json();
+        self.stream = Some(send_handshake(socket, json.as_bytes(), Some(self.uffd_fd()))?);
+        Ok(())
+    }
+
+    /// Closes the connection, as a VMM that exits does.
+    pub fn disconnect(&mut self) {
+        self.stream = None;
+    }
+
+    fn at(&self, offset: u64) -> (*mut u8, &Mapped) {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| (r.offset..r.offset + r.size).contains(&offset))
+            .unwrap_or_else(|| panic!("offset {offset} is outside guest memory"));
+        // SAFETY: `offset - r.offset` is within the region's mapping.
+        (unsafe { r.base.add((offset - r.offset) as usize) }, r)
+    }
+
+    /// Reads the byte at `offset` of the memory file, as a guest would.
+    pub fn read_byte(&self, offset: u64) -> u8 {
+        let (p, _) = self.at(offset);
+        // SAFETY: `p` points into a live mapping of ours; a missing page
+        // faults and is filled by the page server.
+        unsafe { p.read_volatile() }
+    }
+
+    /// Writes the byte at `offset`, as a guest would.
+    pub fn write_byte(&self, offset: u64, value: u8) {
+        let (p, _) = self.at(offset);
+        // SAFETY: as in `read_byte`; the mapping is writable.
+        unsafe { p.write_volatile(value) }
+    }
+
+    /// Copies guest memory at `offset` into `buf` (within one region).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) {
+        let (p, r) = self.at(offset);
+        assert!(offset + buf.len() as u64 <= r.offset + r.size, "read crosses a region");
+        // SAFETY: the source range lies in one live mapping of ours and
+        // does not overlap `buf`, which is ordinary heap or stack memory.
+        unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) }
+    }
+
+    /// Gives pages back (`madvise(MADV_DONTNEED)`), as a balloon does: the
+    /// page server gets a REMOVE event and later faults there read zeros.
+    pub fn remove(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (p, r) = self.at(offset);
+        assert!(offset % r.page_size == 0 && len % r.page_size == 0);
+        // SAFETY: the range lies in one of our mappings; dropping its pages
+        // is what the caller asked for.
+        let rc = unsafe { libc::madvise(p.cast(), len as usize, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The page size of the region holding `offset`.
+    pub fn page_size_at(&self, offset: u64) -> u64 {
+        self.at(offset).1.page_size
+    }
+}
+
+impl Drop for VmmHarness {
+    fn drop(&mut self) {
+        for r in &self.regions {
+            // SAFETY: each region was mapped by `new` and is unmapped once.
+            unsafe { libc::munmap(r.base.cast(), r.size as usize) };
+        }
+    }
+}
+
+/// Connects to `socket` and sends `json` with `fd` attached (or none), as
+/// the handshake does. For tests of bad handshakes too.
+pub fn send_handshake(socket: &Path, json: &[u8], fd: Option<RawFd>) -> io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(socket)?;
+    match fd {
+        Some(fd) => {
+            stream
+                .send_with_fd(json, fd)
+                .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        }
+        None => stream.write_all(json)?,
+    }
+    Ok(stream)
+}
