@@ -392,8 +392,7 @@ impl ChunkStore {
             if let Some(pending) = waits.pop() {
                 let raw = pending.wait()?;
                 let start = usize::try_from(offset).unwrap_or(usize::MAX);
-                let Some(src) = start.checked_add(len).and_then(|end| raw.get(start..end))
-                else {
+                let Some(src) = start.checked_add(len).and_then(|end| raw.get(start..end)) else {
                     return Err(cache_err(CacheError::Entry(EntryError::OutOfRange {
                         id: *id,
                         offset,

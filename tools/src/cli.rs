@@ -49,6 +49,9 @@ pub enum Command {
     /// Disks: serve an image lazily to a VMM.
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Memory snapshots: import, export, serve over userfaultfd.
+    #[command(subcommand)]
+    Mem(MemCommand),
     /// Check that every chunk of every manifest is in the store.
     Verify {
         /// Also re-read every pack and re-hash every chunk.
@@ -116,5 +119,65 @@ pub enum DiskCommand {
         /// Name to give the new image.
         #[arg(long)]
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MemCommand {
+    /// Import a VMM memory file: a full one, or (with --parent) a sparse
+    /// diff over an earlier snapshot, as Firecracker writes them.
+    Import {
+        file: PathBuf,
+        /// Name to give the snapshot.
+        #[arg(long)]
+        name: String,
+        /// The snapshot a diff file was taken over (name or id).
+        #[arg(long)]
+        parent: Option<String>,
+        /// Guest page size the file was written with (4K, or 2M for huge pages).
+        #[arg(long, default_value = "4K")]
+        page_size: String,
+        /// Chunk size, a power of two from 4K to 16M (a diff takes its parent's).
+        #[arg(long, default_value = DEFAULT_CHUNK_SIZE_ARG)]
+        chunk_size: String,
+    },
+    /// Write a memory snapshot back to a file, byte for byte.
+    Export {
+        /// Snapshot name or manifest id.
+        snapshot: String,
+        file: PathBuf,
+    },
+    /// Serve SNAPSHOT to VMMs resuming from it, over Firecracker's
+    /// page-fault handler protocol. Prints a ready line, then one report
+    /// per resume; SIGINT/SIGTERM exit.
+    Serve {
+        /// Snapshot name or manifest id.
+        snapshot: String,
+        /// The Unix socket the VMM connects to.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Do not install the recorded working set ahead of the guest.
+        #[arg(long)]
+        no_prefetch: bool,
+        /// Record the pages this resume touches, in order, and store them
+        /// as the snapshot's working set (faults then resolve one page each
+        /// unless --fault-size is given).
+        #[arg(long)]
+        record: bool,
+        /// Bytes one fault resolves: the aligned run around the page.
+        #[arg(long)]
+        fault_size: Option<String>,
+        /// Cap prefetch at this many bytes a second (e.g. 500M).
+        #[arg(long)]
+        prefetch_rate: Option<String>,
+        /// Do not kill the VMM when the server cannot go on.
+        #[arg(long)]
+        no_kill_vmm: bool,
+        /// Seconds a connected VMM has to send its handshake.
+        #[arg(long, default_value_t = 10)]
+        handshake_timeout: u64,
+        /// Exit after the first resume ends.
+        #[arg(long)]
+        once: bool,
     },
 }

@@ -255,10 +255,8 @@ impl ChunkCache {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<bool, CacheError> {
-        self.with_slice(Some(hot), id, offset, buf.len(), |s| {
-            buf.copy_from_slice(s)
-        })
-        .map(|done| done.is_some())
+        self.with_slice(Some(hot), id, offset, buf.len(), |s| buf.copy_from_slice(s))
+            .map(|done| done.is_some())
     }
 
     /// Runs `f` on `len` CRC-checked bytes at `offset` of a cached chunk,

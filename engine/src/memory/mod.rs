@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 pub use import::{import_memory, MemImportError};
 
-use crate::chunkstore::{ChunkStore, ChunkStoreError};
 use crate::cache::HotChunks;
+use crate::chunkstore::{ChunkStore, ChunkStoreError};
 use crate::id::{ChunkId, ManifestId};
 use crate::manifest::{Manifest, ManifestKind};
 
@@ -103,8 +103,8 @@ impl MemLayout {
         if count > MAX_REGIONS || bytes.len() != 48 + count * 24 {
             return Err(bad("region count does not match the length"));
         }
-        let parent = (bytes[5] == 1)
-            .then(|| ManifestId::from_bytes(bytes[16..48].try_into().expect("32")));
+        let parent =
+            (bytes[5] == 1).then(|| ManifestId::from_bytes(bytes[16..48].try_into().expect("32")));
         let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8"));
         let regions: Vec<MemRegion> = (0..count)
             .map(|i| {
@@ -124,7 +124,9 @@ impl MemLayout {
                 && r.size % r.page_size == 0
                 && r.offset.checked_add(r.size).is_some_and(|e| e <= size);
             if !fits {
-                return Err(bad("regions are not back to back, page-aligned and within the image"));
+                return Err(bad(
+                    "regions are not back to back, page-aligned and within the image",
+                ));
             }
             end += r.size;
         }
@@ -248,14 +250,20 @@ mod tests {
         let mut l = MemLayout::single(1 << 30, 4096);
         l.parent = Some(ManifestId::of(b"parent"));
         assert_eq!(MemLayout::decode(&l.encode(), 1 << 30).unwrap(), l);
-        assert!(MemLayout::decode(&l.encode(), 1 << 20).is_err(), "region past the image");
+        assert!(
+            MemLayout::decode(&l.encode(), 1 << 20).is_err(),
+            "region past the image"
+        );
         let mut gap = MemLayout::single(1 << 20, 4096);
         gap.regions[0].offset = 4096;
         assert!(MemLayout::decode(&gap.encode(), 1 << 30).is_err());
         let mut odd = MemLayout::single(3 << 20, 4096);
         odd.regions[0].page_size = 2 << 20;
         odd.regions[0].size = (3 << 20) + 4096;
-        assert!(MemLayout::decode(&odd.encode(), 4 << 20).is_err(), "unaligned");
+        assert!(
+            MemLayout::decode(&odd.encode(), 4 << 20).is_err(),
+            "unaligned"
+        );
         assert!(MemLayout::decode(&l.encode()[..40], 1 << 30).is_err());
     }
 }

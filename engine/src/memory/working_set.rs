@@ -251,7 +251,10 @@ mod tests {
             pages: ManifestId::of(b"pages"),
             runs: vec![
                 PageRun { first: 7, count: 1 },
-                PageRun { first: 0, count: 16 },
+                PageRun {
+                    first: 0,
+                    count: 16,
+                },
                 PageRun {
                     first: 512,
                     count: 512,
@@ -279,15 +282,12 @@ mod tests {
     fn rechunk_keeps_bytes_and_cuts_whole_chunks() {
         let input = vec![vec![1u8; 5000], vec![2u8; 3000], vec![3u8; 100]];
         let all: Vec<u8> = input.concat();
-        let out: Vec<Vec<u8>> = rechunk(
-            input.into_iter().map(|b| Ok(Piece::Bytes(b))),
-            4096,
-        )
-        .map(|p| match p.unwrap() {
-            Piece::Bytes(b) => b,
-            Piece::Known(_) => unreachable!(),
-        })
-        .collect();
+        let out: Vec<Vec<u8>> = rechunk(input.into_iter().map(|b| Ok(Piece::Bytes(b))), 4096)
+            .map(|p| match p.unwrap() {
+                Piece::Bytes(b) => b,
+                Piece::Known(_) => unreachable!(),
+            })
+            .collect();
         assert_eq!(out.concat(), all);
         assert!(out[..out.len() - 1].iter().all(|b| b.len() % 4096 == 0));
     }

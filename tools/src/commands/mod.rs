@@ -2,13 +2,14 @@
 
 mod disk;
 mod image;
+mod mem;
 mod verify;
 
 use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::cli::{Cli, Command, DiskCommand, ImageCommand};
+use crate::cli::{Cli, Command, DiskCommand, ImageCommand, MemCommand};
 use crate::context::Context;
 
 /// `cairn verify` found problems (distinct from failing to run).
@@ -36,6 +37,47 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Disk(DiskCommand::Snapshot { overlay, name }) => {
             disk::snapshot(&ctx, &overlay, &name)
         }
+        Command::Mem(MemCommand::Import {
+            file,
+            name,
+            parent,
+            page_size,
+            chunk_size,
+        }) => mem::import(
+            &ctx,
+            &file,
+            &name,
+            parent.as_deref(),
+            &page_size,
+            &chunk_size,
+        ),
+        Command::Mem(MemCommand::Export { snapshot, file }) => {
+            image::export(&ctx, &snapshot, &file)
+        }
+        Command::Mem(MemCommand::Serve {
+            snapshot,
+            socket,
+            no_prefetch,
+            record,
+            fault_size,
+            prefetch_rate,
+            no_kill_vmm,
+            handshake_timeout,
+            once,
+        }) => mem::serve(
+            &ctx,
+            &snapshot,
+            &socket,
+            mem::ServeArgs {
+                prefetch: !no_prefetch,
+                record,
+                fault_size,
+                prefetch_rate,
+                kill_vmm: !no_kill_vmm,
+                handshake_timeout,
+                once,
+            },
+        ),
         Command::Verify { deep } => verify::verify(&ctx, deep),
     }
 }

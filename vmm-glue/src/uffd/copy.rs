@@ -34,7 +34,9 @@ fn fail(what: &str, dst: u64, len: usize, e: UffdError) -> io::Error {
     let errno = errno_of(&e).map_or(String::new(), |n| {
         format!(": {}", io::Error::from_raw_os_error(n))
     });
-    io::Error::other(format!("{what} of {len} bytes at {dst:#x} failed{errno} ({e})"))
+    io::Error::other(format!(
+        "{what} of {len} bytes at {dst:#x} failed{errno} ({e})"
+    ))
 }
 
 /// Installs `src` at `dst` (both whole pages of `page` bytes) and wakes

@@ -28,13 +28,15 @@ const MAX_PAGE_SIZE: u64 = 1 << 30;
 pub enum HandshakeError {
     #[error("the VMM sent nothing within {0:?} of connecting")]
     Timeout(Duration),
-    #[error("the VMM closed the connection before completing the handshake ({0} bytes received)")]
+    #[error("the VMM closed the connection before sending its handshake ({0} bytes received)")]
     Closed(usize),
     #[error("reading the handshake failed")]
     Io(#[source] io::Error),
     #[error("the handshake is over {MAX_HANDSHAKE_BYTES} bytes")]
     TooLarge,
-    #[error("the handshake carried no userfaultfd (expected one SCM_RIGHTS descriptor with the JSON)")]
+    #[error(
+        "the handshake carried no userfaultfd (expected one SCM_RIGHTS descriptor with the JSON)"
+    )]
     NoFd,
     #[error("the handshake is not a JSON array of regions: {0}")]
     Malformed(String),
@@ -163,14 +165,11 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<(Vec<u8>, File)
     let mut json = Vec::new();
     let mut fd: Option<File> = None;
     let mut buf = vec![0u8; 256 << 10];
+    let mut closed = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(if json.is_empty() {
-                HandshakeError::Timeout(timeout)
-            } else {
-                HandshakeError::Closed(json.len())
-            });
+            break;
         }
         stream
             .set_read_timeout(Some(left))
@@ -179,7 +178,8 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<(Vec<u8>, File)
             Ok((0, None)) => {
                 // Nothing yet, or the peer has gone: check again shortly.
                 if peer_closed(stream) {
-                    return Err(HandshakeError::Closed(json.len()));
+                    closed = true;
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
@@ -204,8 +204,13 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<(Vec<u8>, File)
         }
     }
     stream.set_read_timeout(None).map_err(HandshakeError::Io)?;
-    let fd = fd.ok_or(HandshakeError::NoFd)?;
-    Ok((json, fd))
+    match (json.is_empty(), fd) {
+        (true, _) if closed => Err(HandshakeError::Closed(0)),
+        (true, _) => Err(HandshakeError::Timeout(timeout)),
+        // What came is parsed (and its faults named) by `parse_regions`.
+        (false, Some(fd)) => Ok((json, fd)),
+        (false, None) => Err(HandshakeError::NoFd),
+    }
 }
 
 /// Whether the peer has closed its end (a zero-byte read means EOF then).
@@ -275,7 +280,11 @@ mod tests {
         ];
         for (json, want) in cases {
             let err = parse_regions(json, 1 << 20).unwrap_err().to_string();
-            assert!(err.contains(want), "{}: {err}", String::from_utf8_lossy(json));
+            assert!(
+                err.contains(want),
+                "{}: {err}",
+                String::from_utf8_lossy(json)
+            );
         }
     }
 }

@@ -14,6 +14,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::Mutex;
 
 use userfaultfd::{FeatureFlags, Uffd, UffdBuilder};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -36,7 +37,8 @@ struct Mapped {
 /// The VMM's side: mapped guest memory, its userfaultfd and the socket.
 pub struct VmmHarness {
     regions: Vec<Mapped>,
-    uffd: Uffd,
+    /// `None` once closed (see [`VmmHarness::close_uffd`]).
+    uffd: Mutex<Option<Uffd>>,
     stream: Option<UnixStream>,
 }
 
@@ -83,7 +85,7 @@ impl VmmHarness {
             .map_err(|e| io::Error::other(format!("creating a userfaultfd: {e}")))?;
         let mut harness = VmmHarness {
             regions: Vec::new(),
-            uffd,
+            uffd: Mutex::new(None),
             stream: None,
         };
         let mut offset = 0;
@@ -95,12 +97,11 @@ impl VmmHarness {
                 page_size: s.page_size,
                 offset,
             });
-            harness
-                .uffd
-                .register(base.cast(), s.size as usize)
+            uffd.register(base.cast(), s.size as usize)
                 .map_err(|e| io::Error::other(format!("registering a region: {e}")))?;
             offset += s.size;
         }
+        harness.uffd = Mutex::new(Some(uffd));
         Ok(harness)
     }
 
@@ -137,14 +138,31 @@ impl VmmHarness {
         format!("[{}]", items.join(","))
     }
 
+    /// The userfaultfd (-1 once closed).
     pub fn uffd_fd(&self) -> RawFd {
-        self.uffd.as_raw_fd()
+        self.uffd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(-1, |u| u.as_raw_fd())
+    }
+
+    /// Closes the VMM's userfaultfd. Once the page server has closed its
+    /// copy too, the regions are unregistered and threads blocked in a
+    /// fault wake up (reading zeros): how a test gets its threads back
+    /// after the server failed on purpose.
+    pub fn close_uffd(&self) {
+        *self.uffd.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Connects to the page server and sends the handshake.
     pub fn connect(&mut self, socket: &Path) -> io::Result<()> {
         let json = self.handshake_json();
-        self.stream = Some(send_handshake(socket, json.as_bytes(), Some(self.uffd_fd()))?);
+        self.stream = Some(send_handshake(
+            socket,
+            json.as_bytes(),
+            Some(self.uffd_fd()),
+        )?);
         Ok(())
     }
 
@@ -181,7 +199,10 @@ impl VmmHarness {
     /// Copies guest memory at `offset` into `buf` (within one region).
     pub fn read(&self, offset: u64, buf: &mut [u8]) {
         let (p, r) = self.at(offset);
-        assert!(offset + buf.len() as u64 <= r.offset + r.size, "read crosses a region");
+        assert!(
+            offset + buf.len() as u64 <= r.offset + r.size,
+            "read crosses a region"
+        );
         // SAFETY: the source range lies in one live mapping of ours and
         // does not overlap `buf`, which is ordinary heap or stack memory.
         unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) }
@@ -229,4 +250,36 @@ pub fn send_handshake(socket: &Path, json: &[u8], fd: Option<RawFd>) -> io::Resu
         None => stream.write_all(json)?,
     }
     Ok(stream)
+}
+
+/// Deterministic guest memory of `size` bytes (whole 4 KiB pages) that
+/// looks like a guest's: zero pages, text-like compressible pages, random
+/// pages and repeated pages, mixed at page granularity in stretches.
+pub fn synthetic_memory(size: u64, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut out = vec![0u8; size as usize];
+    let text = b"the quick brown fox jumps over the lazy dog; fn main() { let x = 42; } ";
+    let mut page = 0usize;
+    let pages = (size / 4096) as usize;
+    while page < pages {
+        let stretch = rng.usize(1..=32).min(pages - page);
+        let kind = rng.u8(..10);
+        for p in page..page + stretch {
+            let dst = &mut out[p * 4096..(p + 1) * 4096];
+            match kind {
+                0..=3 => {}
+                4..=6 => {
+                    let salt = rng.u8(..);
+                    for (i, b) in dst.iter_mut().enumerate() {
+                        *b = text[(i + usize::from(salt)) % text.len()];
+                    }
+                    dst[..8].copy_from_slice(&(p as u64).to_le_bytes());
+                }
+                7 | 8 => rng.fill(dst),
+                _ => dst.fill(0xa5),
+            }
+        }
+        page += stretch;
+    }
+    out
 }

@@ -44,6 +44,8 @@ pub const DEFAULT_FAULT_BYTES: u64 = 64 << 10;
 const PREFETCH_WINDOW: u64 = 8 << 20;
 /// The most one prefetch copy installs, so a fault never waits long.
 const PREFETCH_COPY_BYTES: u64 = 256 << 10;
+/// The longest a prefetch copy waits for the fault loop to be idle.
+const PREFETCH_MAX_YIELD: Duration = Duration::from_micros(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -209,7 +211,10 @@ pub fn serve_connection(
             tracing::error!(error = %DisplayChain(e), "the page server cannot go on");
             if cfg.kill_vmm_on_failure {
                 if let Some(pid) = pid {
-                    tracing::error!(pid = pid.as_raw_nonzero().get(), "killing the VMM, which would otherwise hang on its next fault");
+                    tracing::error!(
+                        pid = pid.as_raw_nonzero().get(),
+                        "killing the VMM, which would otherwise hang on its next fault"
+                    );
                     let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
                 }
             }
@@ -256,7 +261,12 @@ fn handshake_and_serve(
         tracing::warn!(?regions, recorded = ?snapshot.layout.regions, "the VMM's regions differ from those recorded with the snapshot");
     }
     let handshake_done = Instant::now();
-    let remote_before = snapshot.image.store().stats().remote_bytes.load(Ordering::Relaxed);
+    let remote_before = snapshot
+        .image
+        .store()
+        .stats()
+        .remote_bytes
+        .load(Ordering::Relaxed);
     let session = Session::new(snapshot, regions, uffd, cfg, handshake_done);
     let served = session.run(stream);
     let mut report = session.report();
@@ -270,7 +280,11 @@ fn handshake_and_serve(
         - remote_before;
     served?;
     if let Some(opts) = &cfg.record {
-        let runs = session.recorded.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let runs = session
+            .recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let bytes = runs.iter().map(PageRun::len).sum();
         if !runs.is_empty() {
             let (ws, _) = WorkingSet::record(snapshot.image.store(), &snapshot.image, runs, opts)?;
@@ -452,7 +466,11 @@ impl<'a> Session<'a> {
                     removed = true;
                 }
                 Event::Unmap { start, end } => {
-                    tracing::warn!(start = start as u64, end = end as u64, "the VMM unmapped guest memory");
+                    tracing::warn!(
+                        start = start as u64,
+                        end = end as u64,
+                        "the VMM unmapped guest memory"
+                    );
                     self.apply_remove(start as u64, end as u64);
                     removed = true;
                 }
@@ -530,11 +548,15 @@ impl<'a> Session<'a> {
                 Install::Done { existed } => {
                     let bytes = (end - first) * ps;
                     self.counters.faults.fetch_add(1, Ordering::Relaxed);
-                    self.counters.fault_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    self.counters
+                        .fault_bytes
+                        .fetch_add(bytes - existed * ps, Ordering::Relaxed);
                     self.counters
                         .already_present
                         .fetch_add(existed, Ordering::Relaxed);
-                    if self.cfg.record.is_some() {
+                    // A run another thread's fault had installed is not
+                    // a first touch.
+                    if self.cfg.record.is_some() && existed < end - first {
                         self.record(PageRun {
                             first: (r.offset + first * ps) / UNIT,
                             count: (bytes / UNIT) as u32,
@@ -702,7 +724,10 @@ impl<'a> Session<'a> {
                 };
                 let ps = rs.r.page_size;
                 let piece_end = end.min(rs.r.offset + rs.r.size);
-                let (p0, p1) = ((off - rs.r.offset) / ps, (piece_end - rs.r.offset).div_ceil(ps));
+                let (p0, p1) = (
+                    (off - rs.r.offset) / ps,
+                    (piece_end - rs.r.offset).div_ceil(ps),
+                );
                 let ws_at = src + (off - run.offset());
                 installed += self.prefetch_pages(&mut hot, pages, ws_at, rs, p0, p1)?;
                 if self.stop.load(Ordering::Acquire) {
@@ -750,7 +775,14 @@ impl<'a> Session<'a> {
                 q += 1;
             }
             loop {
-                while self.faults_waiting.load(Ordering::Acquire) {
+                // Faults first: wait (briefly) while the fault loop has
+                // work, so a prefetch copy does not compete with it. The
+                // wait is bounded, or a guest faulting without pause would
+                // starve the prefetch that is there to end its faults.
+                let waited = Instant::now();
+                while self.faults_waiting.load(Ordering::Acquire)
+                    && waited.elapsed() < PREFETCH_MAX_YIELD
+                {
                     if self.stop.load(Ordering::Acquire) {
                         return Ok(installed);
                     }
@@ -759,13 +791,14 @@ impl<'a> Session<'a> {
                 let generation = self.remove_generation.load(Ordering::Acquire);
                 match self.install(hot, pages, ws_at + (p - p0) * ps, rs, p, q - p)? {
                     Install::Done { existed } => {
+                        let bytes = (q - p - existed) * ps;
                         self.counters
                             .already_present
                             .fetch_add(existed, Ordering::Relaxed);
                         self.counters
                             .prefetch_bytes
-                            .fetch_add((q - p) * ps, Ordering::Relaxed);
-                        installed += (q - p) * ps;
+                            .fetch_add(bytes, Ordering::Relaxed);
+                        installed += bytes;
                         break;
                     }
                     Install::Busy { done } => {

@@ -117,7 +117,10 @@ mod tests {
         assert_eq!(Histogram::default().quantile_us(0.5), 0.0);
         for ns in [0u64, 15, 16, 17, 1000, 123_456_789] {
             let b = Histogram::bucket(ns);
-            assert!(Histogram::floor(b) <= ns && ns - Histogram::floor(b) <= ns / 16, "{ns}");
+            assert!(
+                Histogram::floor(b) <= ns && ns - Histogram::floor(b) <= ns / 16,
+                "{ns}"
+            );
         }
     }
 }

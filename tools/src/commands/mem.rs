@@ -1,0 +1,220 @@
+//! `cairn mem …`: memory snapshots.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use cairn_engine::import::ImportOptions;
+use cairn_engine::memory::{import_memory, MemLayout};
+use cairn_vmm_glue::uffd::{self, DisplayChain, ResumeReport, ServeConfig, ServedSnapshot};
+use serde::Serialize;
+
+use super::image::{load, name_and_report};
+use crate::context::Context;
+use crate::output::{bytes_bar, emit};
+use crate::size::{human, parse_size};
+
+fn size_arg(text: &str, what: &str) -> Result<u64> {
+    parse_size(text)
+        .map_err(anyhow::Error::msg)
+        .context(what.to_owned())
+}
+
+pub fn import(
+    ctx: &Context,
+    file: &Path,
+    name: &str,
+    parent: Option<&str>,
+    page_size: &str,
+    chunk_size: &str,
+) -> Result<ExitCode> {
+    cairn_engine::catalog::check_name(name)?;
+    let page_size = size_arg(page_size, "--page-size")?;
+    if !page_size.is_power_of_two() || !(4096..=1 << 30).contains(&page_size) {
+        bail!("--page-size must be a power of two from 4K to 1G, not {page_size}");
+    }
+    let len = std::fs::metadata(file)
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .len();
+    if len % page_size != 0 {
+        bail!(
+            "{} is {len} bytes, not a whole number of {page_size}-byte pages: is it a memory file?",
+            file.display()
+        );
+    }
+    ctx.rt
+        .block_on(ctx.remote.prepare())
+        .with_context(|| format!("preparing {} for writing", ctx.remote.uri()))?;
+    let store = ctx.chunk_store()?;
+    let mut layout = MemLayout::single(len, page_size as u32);
+    let parent = match parent {
+        Some(p) => {
+            let (id, m) = load(ctx, p)?;
+            layout.parent = Some(id);
+            Some(Arc::new(m))
+        }
+        None => None,
+    };
+    let mut opts = ImportOptions::new(ctx.staging_dir());
+    opts.chunk_size = u32::try_from(size_arg(chunk_size, "--chunk-size")?)
+        .context("--chunk-size is too large")?;
+    let bar = bytes_bar(len, ctx.json, "importing memory");
+    let started = Instant::now();
+    let (_, report) = import_memory(&store, file, &layout, parent, &opts, &|d| {
+        bar.set_position(d)
+    })
+    .with_context(|| format!("importing memory file {}", file.display()))?;
+    bar.finish_and_clear();
+    name_and_report(
+        ctx,
+        &store,
+        name,
+        report,
+        started,
+        "imported memory snapshot",
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub struct ServeArgs {
+    pub prefetch: bool,
+    pub record: bool,
+    pub fault_size: Option<String>,
+    pub prefetch_rate: Option<String>,
+    pub kill_vmm: bool,
+    pub handshake_timeout: u64,
+    pub once: bool,
+}
+
+#[derive(Serialize)]
+struct Ready<'a> {
+    ready: bool,
+    snapshot: String,
+    socket: &'a Path,
+    memory_bytes: u64,
+    working_set_bytes: u64,
+    prefetch: bool,
+    record: bool,
+    fault_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct Resumed<'a> {
+    resume: &'a ResumeReport,
+}
+
+pub fn serve(ctx: &Context, snapshot: &str, socket: &Path, args: ServeArgs) -> Result<ExitCode> {
+    let (id, _) = load(ctx, snapshot)?;
+    let store = ctx.chunk_store()?;
+    let served = ServedSnapshot::open(&store, id)
+        .map_err(|e| anyhow::anyhow!("{}", DisplayChain(&e)))
+        .with_context(|| format!("opening memory snapshot {snapshot}"))?;
+    let fault_bytes = match (&args.fault_size, args.record) {
+        (Some(s), _) => size_arg(s, "--fault-size")?,
+        // Recording wants every first touch, in order: one page a fault.
+        (None, true) => 4096,
+        (None, false) => uffd::DEFAULT_FAULT_BYTES,
+    };
+    let cfg = ServeConfig {
+        fault_bytes,
+        prefetch: args.prefetch && !args.record,
+        prefetch_rate: args
+            .prefetch_rate
+            .as_deref()
+            .map(|r| size_arg(r, "--prefetch-rate"))
+            .transpose()?,
+        record: args.record.then(|| ImportOptions::new(ctx.staging_dir())),
+        kill_vmm_on_failure: args.kill_vmm,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+    };
+    let ready = Ready {
+        ready: true,
+        snapshot: id.to_hex(),
+        socket,
+        memory_bytes: served.image.size(),
+        working_set_bytes: served.working_set.as_ref().map_or(0, |(ws, _)| ws.bytes()),
+        prefetch: cfg.prefetch,
+        record: args.record,
+        fault_bytes,
+    };
+    let json = ctx.json;
+    let mut failed = false;
+    uffd::serve(
+        socket,
+        &served,
+        &cfg,
+        || {
+            let _ = emit(json, &ready, || {
+                format!(
+                    "ready: serving memory snapshot {snapshot} ({}, working set {}) on {}\n",
+                    human(ready.memory_bytes),
+                    human(ready.working_set_bytes),
+                    socket.display()
+                )
+            });
+        },
+        |outcome| {
+            match outcome {
+                Ok(r) => {
+                    let _ = emit(json, &Resumed { resume: &r }, || resume_text(&r));
+                }
+                Err(e) => {
+                    eprintln!("error: resume of {snapshot} failed: {}", DisplayChain(&e));
+                    failed = true;
+                }
+            }
+            !args.once
+        },
+    )
+    .with_context(|| format!("serving on {}", socket.display()))?;
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn resume_text(r: &ResumeReport) -> String {
+    let mut s = format!(
+        "resume of {} by pid {}: {} regions, {:.2} s\n  handshake       {:.0} us; first fault answered {} after it\n  faults          {} (p50 {:.1} us, p99 {:.1} us, max {:.1} us), {} installed on demand\n",
+        &r.snapshot[..12],
+        r.vmm_pid.map_or("?".into(), |p| p.to_string()),
+        r.regions.len(),
+        r.seconds,
+        r.handshake_us,
+        r.first_fault_us.map_or("never".into(), |u| format!("{u:.0} us")),
+        r.faults,
+        r.fault_p50_us,
+        r.fault_p99_us,
+        r.fault_max_us,
+        human(r.fault_bytes),
+    );
+    if r.working_set_bytes > 0 {
+        s += &format!(
+            "  prefetch        {} of a {} working set{}\n",
+            human(r.prefetch_bytes),
+            human(r.working_set_bytes),
+            r.prefetch_ms.map_or(String::new(), |ms| format!(
+                ", done {ms:.0} ms after the handshake"
+            ))
+        );
+    }
+    s += &format!(
+        "  zero bytes      {}; races {} (fault on a page being prefetched {}); busy retries {}; removed pages {}\n  from the store  {}\n",
+        human(r.zero_bytes),
+        r.already_present,
+        r.fault_on_prefetching,
+        r.retried_busy,
+        r.removed_pages,
+        human(r.remote_bytes)
+    );
+    if let (Some(runs), Some(bytes)) = (r.recorded_runs, r.recorded_bytes) {
+        s += &format!(
+            "  recorded        {} in {runs} runs as the working set\n",
+            human(bytes)
+        );
+    }
+    s
+}
