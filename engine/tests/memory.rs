@@ -37,12 +37,20 @@ fn full_and_diff_memory_files_round_trip_and_share_unchanged_chunks() {
     assert_eq!(parent.kind, ManifestKind::Memory);
     assert_eq!(MemLayout::of(&parent).unwrap(), layout);
     assert!(report.zero_chunks > 0, "zero chunks are elided");
-    assert!(report.distinct_chunks < report.chunks - report.zero_chunks, "repeats stored once");
+    assert!(
+        report.distinct_chunks < report.chunks - report.zero_chunks,
+        "repeats stored once"
+    );
 
     // A Firecracker-style diff: the parent's size, sparse, with a few pages
     // written, one of them with zeros over data (a real change).
     let diff = dir.path().join("diff.mem");
-    let f = OpenOptions::new().create(true).write(true).open(&diff).unwrap();
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&diff)
+        .unwrap();
     f.set_len(base.len() as u64).unwrap();
     let mut expected = base.clone();
     let page_a = 5 * cs + 4096; // inside chunk 5
@@ -58,7 +66,10 @@ fn full_and_diff_memory_files_round_trip_and_share_unchanged_chunks() {
     let parent = Arc::new(parent);
     let (child, report) =
         import_memory(&store, &diff, &dl, Some(parent.clone()), &opts, &|_| {}).unwrap();
-    assert!(report.new_chunks <= 3, "only the changed chunks are new: {report:?}");
+    assert!(
+        report.new_chunks <= 3,
+        "only the changed chunks are new: {report:?}"
+    );
     let changed: Vec<usize> = (0..64)
         .filter(|&i| child.chunks[i] != parent.chunks[i])
         .collect();
@@ -67,14 +78,24 @@ fn full_and_diff_memory_files_round_trip_and_share_unchanged_chunks() {
 
     let out = dir.path().join("out.mem");
     export_raw(&store, &child, &out, &|_| {}).unwrap();
-    assert!(std::fs::read(&out).unwrap() == expected, "diff export differs");
+    assert!(
+        std::fs::read(&out).unwrap() == expected,
+        "diff export differs"
+    );
     export_raw(&store, &parent, &out, &|_| {}).unwrap();
     assert!(std::fs::read(&out).unwrap() == base, "full export differs");
 
     // A diff of another size is refused, naming both sizes.
     let short = dir.path().join("short.mem");
     std::fs::write(&short, vec![1u8; 8192]).unwrap();
-    let err = import_memory(&store, &short, &MemLayout::single(8192, 4096), Some(parent), &opts, &|_| {})
-        .unwrap_err();
+    let err = import_memory(
+        &store,
+        &short,
+        &MemLayout::single(8192, 4096),
+        Some(parent),
+        &opts,
+        &|_| {},
+    )
+    .unwrap_err();
     assert!(matches!(err, MemImportError::DiffSize { .. }), "{err}");
 }

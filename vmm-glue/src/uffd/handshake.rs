@@ -123,7 +123,10 @@ pub fn parse_regions(json: &[u8], image_size: u64) -> Result<Vec<GuestRegion>, H
         if r.size == 0 {
             return Err(bad("size 0".into()));
         }
-        if r.base % page_size != 0 || r.size % page_size != 0 || r.offset % page_size != 0 {
+        if !r.base.is_multiple_of(page_size)
+            || !r.size.is_multiple_of(page_size)
+            || !r.offset.is_multiple_of(page_size)
+        {
             return Err(bad(format!(
                 "base {:#x}, size {} and offset {} must be multiples of the page size {page_size}",
                 r.base, r.size, r.offset

@@ -212,7 +212,7 @@ impl VmmHarness {
     /// page server gets a REMOVE event and later faults there read zeros.
     pub fn remove(&self, offset: u64, len: u64) -> io::Result<()> {
         let (p, r) = self.at(offset);
-        assert!(offset % r.page_size == 0 && len % r.page_size == 0);
+        assert!(offset.is_multiple_of(r.page_size) && len.is_multiple_of(r.page_size));
         // SAFETY: the range lies in one of our mappings; dropping its pages
         // is what the caller asked for.
         let rc = unsafe { libc::madvise(p.cast(), len as usize, libc::MADV_DONTNEED) };

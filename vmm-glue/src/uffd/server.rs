@@ -65,7 +65,7 @@ pub enum ServeError {
     Catalog {
         id: String,
         #[source]
-        source: CatalogError,
+        source: Box<CatalogError>,
     },
     #[error(transparent)]
     Layout(#[from] LayoutError),
@@ -124,7 +124,7 @@ impl ServedSnapshot {
                 .block_on(catalog::load_manifest(remote.as_ref(), &id))
                 .map_err(|source| ServeError::Catalog {
                     id: id.to_hex(),
-                    source,
+                    source: Box::new(source),
                 })
         };
         let manifest = Arc::new(load(id)?);
@@ -774,7 +774,7 @@ impl<'a> Session<'a> {
             while q < p1 && q - p < per_copy && rs.pages.claim(q) {
                 q += 1;
             }
-            loop {
+            {
                 // Faults first: wait (briefly) while the fault loop has
                 // work, so a prefetch copy does not compete with it. The
                 // wait is bounded, or a guest faulting without pause would
@@ -799,7 +799,6 @@ impl<'a> Session<'a> {
                             .prefetch_bytes
                             .fetch_add(bytes, Ordering::Relaxed);
                         installed += bytes;
-                        break;
                     }
                     Install::Busy { done } => {
                         // A REMOVE is pending: let the fault loop apply it,
@@ -818,7 +817,6 @@ impl<'a> Session<'a> {
                             std::thread::yield_now();
                         }
                         q = resume;
-                        break;
                     }
                     Install::Gone => {
                         self.stop.store(true, Ordering::Release);

@@ -50,6 +50,15 @@ impl Histogram {
         self.max_ns = self.max_ns.max(ns);
     }
 
+    /// Adds another histogram's samples to this one.
+    pub fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.max_ns = self.max_ns.max(other.max_ns);
+    }
+
     pub fn count(&self) -> u64 {
         self.count
     }
