@@ -4,7 +4,6 @@
 //! with the memory file the snapshot was imported from.
 
 #[path = "../../engine/tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
