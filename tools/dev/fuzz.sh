@@ -13,7 +13,7 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="$root/target/fuzz"
 for spec in engine:frame_decode engine:pack_index_decode engine:manifest_decode \
-    vmm-glue:blk_request; do
+    vmm-glue:blk_request vmm-glue:uffd_handshake; do
     crate=${spec%%:*} target=${spec#*:}
     cd "$root/$crate"
     echo "fuzz: $crate $target for ${seconds}s" >&2
