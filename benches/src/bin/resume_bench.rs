@@ -186,6 +186,24 @@ fn drop_page_cache(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A private mapping of `size` bytes: of `file`, or anonymous guest memory.
+fn map_private(file: Option<&File>, size: u64, prot: i32) -> Result<usize> {
+    let (flags, fd) = match file {
+        Some(f) => (libc::MAP_PRIVATE, f.as_raw_fd()),
+        None => (
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+        ),
+    };
+    // SAFETY: a fresh private mapping at an address the kernel picks; writes
+    // (where allowed) go to private copies, never to the file.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), size as usize, prot, flags, fd, 0) };
+    if p == libc::MAP_FAILED {
+        bail!("mmap: {}", std::io::Error::last_os_error());
+    }
+    Ok(p as usize)
+}
+
 /// (a): the memory file mapped MAP_PRIVATE, touched directly.
 fn run_mmap(file: &Path, size: u64, w: &Workload, cold: bool) -> Result<Run> {
     if cold {
@@ -194,21 +212,8 @@ fn run_mmap(file: &Path, size: u64, w: &Workload, cold: bool) -> Result<Run> {
         warm_page_cache(file)?;
     }
     let f = File::open(file)?;
-    // SAFETY: a private read-write mapping of a file we opened; writes go
-    // to private copies, never to the file.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        bail!("mmap: {}", std::io::Error::last_os_error());
-    }
+    let base =
+        map_private(Some(&f), size, libc::PROT_READ | libc::PROT_WRITE)? as *mut libc::c_void;
     let before = rusage_faults();
     let name = if cold {
         "(a) mmap, cold page cache"
@@ -228,28 +233,8 @@ fn run_4k_handler(file: &Path, size: u64, w: &Workload) -> Result<Run> {
     use userfaultfd::{Event, UffdBuilder};
     warm_page_cache(file)?;
     let f = File::open(file)?;
-    // SAFETY: a private read-only mapping of the memory file.
-    let src = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            size as usize,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            f.as_raw_fd(),
-            0,
-        )
-    } as usize;
-    // SAFETY: a fresh anonymous mapping for guest memory.
-    let guest = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    } as usize;
+    let src = map_private(Some(&f), size, libc::PROT_READ)?;
+    let guest = map_private(None, size, libc::PROT_READ | libc::PROT_WRITE)?;
     let uffd = UffdBuilder::new()
         .close_on_exec(true)
         .non_blocking(true)
