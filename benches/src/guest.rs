@@ -20,29 +20,83 @@ pub struct Boot {
     pub total_s: f64,
 }
 
+/// The guest's root disk.
+#[derive(Debug, Clone, Copy)]
+pub enum Disk<'a> {
+    /// A vhost-user-blk backend listening on this socket.
+    VhostUser(&'a Path),
+    /// A raw file served by QEMU's own virtio-blk (through the host's page
+    /// cache, as qemu-storage-daemon serves its file).
+    VirtioBlk(&'a Path),
+}
+
+/// One QEMU run of a guest fixture.
+pub struct Launch<'a> {
+    /// Holds `vmlinuz` and `initramfs.cpio.gz`.
+    pub guest_dir: &'a Path,
+    pub disk: Disk<'a>,
+    pub memory_mib: u64,
+    /// Appended to the kernel command line.
+    pub append: String,
+    pub timeout: Duration,
+}
+
+/// What a run printed and how long it took.
+pub struct Console {
+    pub boot: Boot,
+    pub lines: Vec<String>,
+}
+
 /// Boots the guest in `guest_dir` with its root disk on `socket` and the
 /// job `cairn.test=job`; waits for it to power off.
 pub fn boot(guest_dir: &Path, socket: &Path, job: &str) -> Result<Boot> {
+    let launch = Launch {
+        guest_dir,
+        disk: Disk::VhostUser(socket),
+        memory_mib: 512,
+        append: format!("cairn.test={job}"),
+        timeout: Duration::from_secs(180),
+    };
+    Ok(run(&launch)?.boot)
+}
+
+/// Boots a guest and waits for it to power off; a line with
+/// `CAIRN-GUEST:` (the guest's own failure report) fails the run.
+pub fn run(l: &Launch) -> Result<Console> {
     let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "512", "-smp", "1", "-nographic"])
-        .args(["-no-reboot", "-net", "none"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
-        .args(["-numa", "node,memdev=mem", "-chardev"])
-        .arg(format!("socket,id=c0,path={}", socket.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"])
+    let mem = l.memory_mib;
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-smp", "1", "-nographic"])
+        .args(["-m", &format!("{mem}M"), "-no-reboot", "-net", "none"])
+        .arg("-object")
+        .arg(format!("memory-backend-memfd,id=mem,size={mem}M,share=on"))
+        .args(["-numa", "node,memdev=mem"]);
+    match l.disk {
+        Disk::VhostUser(socket) => qemu
+            .arg("-chardev")
+            .arg(format!("socket,id=c0,path={}", socket.display()))
+            .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]),
+        Disk::VirtioBlk(file) => qemu
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=d0,cache=writeback",
+                file.display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=d0,num-queues=1"]),
+    };
+    let mut child = qemu
         .arg("-kernel")
-        .arg(guest_dir.join("vmlinuz"))
+        .arg(l.guest_dir.join("vmlinuz"))
         .arg("-initrd")
-        .arg(guest_dir.join("initramfs.cpio.gz"))
+        .arg(l.guest_dir.join("initramfs.cpio.gz"))
         .arg("-append")
-        .arg(format!("console=ttyS0 quiet panic=-1 cairn.test={job}"))
+        .arg(format!("console=ttyS0 quiet panic=-1 {}", l.append))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
     let stdout = child.stdout.take().expect("piped");
-    let (tx, lines) = mpsc::channel();
+    let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if tx.send((Instant::now(), line)).is_err() {
@@ -50,11 +104,12 @@ pub fn boot(guest_dir: &Path, socket: &Path, job: &str) -> Result<Boot> {
             }
         }
     });
-    let deadline = started + Duration::from_secs(180);
+    let deadline = started + l.timeout;
     let mut init = None;
+    let mut lines = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
+        match rx.recv_timeout(left) {
             Ok((at, line)) => {
                 if let Some(rest) = line.split("CAIRN-INIT").nth(1) {
                     let uptime = rest
@@ -66,14 +121,16 @@ pub fn boot(guest_dir: &Path, socket: &Path, job: &str) -> Result<Boot> {
                 }
                 if line.contains("CAIRN-GUEST:") {
                     let _ = child.kill();
+                    let _ = child.wait();
                     bail!("the guest failed: {line}");
                 }
+                lines.push(line);
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("the guest did not power off within 180 s");
+                bail!("the guest did not power off within {:?}", l.timeout);
             }
         }
     }
@@ -82,9 +139,12 @@ pub fn boot(guest_dir: &Path, socket: &Path, job: &str) -> Result<Boot> {
     let Some((to_init_s, guest_uptime_s)) = init else {
         bail!("the guest never reached /init");
     };
-    Ok(Boot {
-        to_init_s,
-        guest_uptime_s,
-        total_s,
+    Ok(Console {
+        boot: Boot {
+            to_init_s,
+            guest_uptime_s,
+            total_s,
+        },
+        lines,
     })
 }

@@ -9,6 +9,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # The guest for the QEMU end-to-end tests (reused when already built).
 CAIRN_GUEST_DIR=$(fixtures/build-guest.sh)
 export CAIRN_GUEST_DIR
+# The SQLite benchmark's guest (its program built statically).
+CAIRN_SQLITE_GUEST_DIR=$(fixtures/build-sqlite-guest.sh)
+export CAIRN_SQLITE_GUEST_DIR
 # Huge pages for the page server's 2 MiB-page region tests (root only; the
 # tests say so and use 4 KiB pages where there are none).
 if [ -w /proc/sys/vm/nr_hugepages ] && [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 16 ]; then

@@ -52,6 +52,14 @@ pub enum Command {
     /// Memory snapshots: import, export, serve over userfaultfd.
     #[command(subcommand)]
     Mem(MemCommand),
+    /// Benchmarks: `cairn bench NAME [ARGS]` runs the `NAME-bench` program
+    /// built beside cairn (benches/), e.g. `cairn bench sqlite --help`.
+    /// `--store` is passed on when given.
+    Bench {
+        name: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Check that every chunk of every manifest is in the store.
     Verify {
         /// Also re-read every pack and re-hash every chunk.
@@ -170,6 +178,10 @@ pub enum MemCommand {
         /// Cap prefetch at this many bytes a second (e.g. 500M).
         #[arg(long)]
         prefetch_rate: Option<String>,
+        /// Threads installing the working set side by side.
+        #[arg(long, default_value_t = cairn_vmm_glue::uffd::DEFAULT_PREFETCH_WORKERS as u16,
+              value_parser = clap::value_parser!(u16).range(1..=16))]
+        prefetch_workers: u16,
         /// Do not kill the VMM when the server cannot go on.
         #[arg(long)]
         no_kill_vmm: bool,

@@ -282,3 +282,143 @@ fn s3_store_round_trip_through_the_cli() {
     let v = env.ok_json(&["verify", "--deep"]);
     assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
 }
+
+/// Starts `cairn mem serve ... --once --json`; returns it with its stdout
+/// lines once it printed its ready line.
+fn mem_serve(
+    env: &Env,
+    snapshot: &str,
+    socket: &Path,
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["--json", "--store", &env.store, "--cache-dir"])
+        .arg(env.path("cache"))
+        .args([
+            "mem",
+            "serve",
+            snapshot,
+            "--once",
+            "--no-kill-vmm",
+            "--socket",
+        ])
+        .arg(socket)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(ready["ready"], true, "{ready}");
+    (child, lines)
+}
+
+/// One resume of `snapshot` by a harness VMM that reads `pages` (in
+/// order) and compares each with `memory`; the server's report.
+fn mem_resume(env: &Env, snapshot: &str, memory: &[u8], pages: &[u64], extra: &[&str]) -> Value {
+    use cairn_vmm_glue::uffd::harness::{RegionSpec, VmmHarness};
+    let socket = env.path("mem.sock");
+    let (mut child, mut lines) = mem_serve(env, snapshot, &socket, extra);
+    let mut vmm = VmmHarness::new(&[RegionSpec {
+        size: memory.len() as u64,
+        page_size: 4096,
+    }])
+    .unwrap();
+    vmm.connect(&socket).unwrap();
+    let mut page = vec![0u8; 4096];
+    for &p in pages {
+        let at = (p * 4096) as usize;
+        vmm.read(at as u64, &mut page);
+        assert!(page == memory[at..at + 4096], "page {p} differs");
+    }
+    vmm.disconnect();
+    let report: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert!(child.wait().unwrap().success());
+    report["resume"].clone()
+}
+
+#[test]
+fn mem_import_export_diff_and_serve_through_the_cli() {
+    use std::io::{Seek, SeekFrom, Write};
+    let env = Env::file_store();
+    let size = 8u64 << 20;
+    let memory = cairn_vmm_glue::uffd::harness::synthetic_memory(size, 3);
+    let base = env.path("base.mem");
+    std::fs::write(&base, &memory).unwrap();
+    let imported = env.ok_json(&["mem", "import", base.to_str().unwrap(), "--name", "base"]);
+    assert_eq!(imported["logical_bytes"], size, "{imported}");
+    let out = env.path("base.out");
+    env.ok_json(&["mem", "export", "base", out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == memory, "export differs");
+
+    // A Firecracker diff: written pages are data, the rest holes.
+    let diff = env.path("diff.mem");
+    let mut f = std::fs::File::create(&diff).unwrap();
+    f.set_len(size).unwrap();
+    let mut child = memory.clone();
+    for p in [0u64, 7, 300, 1500, 2047] {
+        let bytes = vec![p as u8 ^ 0xa5; 4096];
+        f.seek(SeekFrom::Start(p * 4096)).unwrap();
+        f.write_all(&bytes).unwrap();
+        child[(p * 4096) as usize..][..4096].copy_from_slice(&bytes);
+    }
+    drop(f);
+    let d = env.path("diff");
+    env.ok_json(&[
+        "mem",
+        "import",
+        diff.to_str().unwrap(),
+        "--name",
+        "child",
+        "--parent",
+        "base",
+    ]);
+    env.ok_json(&["mem", "export", "child", d.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&d).unwrap() == child,
+        "diff over its parent differs"
+    );
+
+    // Serve: record a resume, then the next one prefetches what it touched.
+    let touched: Vec<u64> = (0..2048).filter(|p| p % 7 == 0 || p % 11 == 0).collect();
+    let rec = mem_resume(&env, "child", &child, &touched, &["--record"]);
+    assert!(rec["faults"].as_u64().unwrap() > 0, "{rec}");
+    assert_eq!(rec["recorded_bytes"], touched.len() as u64 * 4096, "{rec}");
+    let pre = mem_resume(&env, "child", &child, &touched, &[]);
+    assert_eq!(
+        pre["working_set_bytes"],
+        touched.len() as u64 * 4096,
+        "{pre}"
+    );
+    let installed = pre["prefetch_bytes"].as_u64().unwrap() + pre["fault_bytes"].as_u64().unwrap();
+    assert!(pre["prefetch_bytes"].as_u64().unwrap() > 0, "{pre}");
+    assert!(installed >= touched.len() as u64 * 4096, "{pre}");
+
+    // Bad input: an unknown snapshot, a diff of another size.
+    let out = env.cairn(&[
+        "mem",
+        "serve",
+        "nope",
+        "--socket",
+        env.path("x.sock").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
+    let short = env.path("short.mem");
+    std::fs::write(&short, vec![1u8; 4096]).unwrap();
+    let out = env.cairn(&[
+        "mem",
+        "import",
+        short.to_str().unwrap(),
+        "--name",
+        "bad",
+        "--parent",
+        "base",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("size"), "{}", stderr(&out));
+}

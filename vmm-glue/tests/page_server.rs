@@ -211,7 +211,7 @@ fn serves_every_byte_records_the_working_set_and_prefetches_it() {
     // 2. The next resume prefetches that set while the guest touches it in
     // the same order, then reads everything sequentially.
     let snap = env.snapshot(id);
-    assert_eq!(snap.working_set.as_ref().unwrap().0.bytes(), rec_bytes);
+    assert_eq!(snap.working_set.as_ref().unwrap().set.bytes(), rec_bytes);
     let (socket, rx) = env.serve_one(snap, no_kill());
     let mut vmm = VmmHarness::new(&specs).unwrap();
     vmm.connect(&socket).unwrap();

@@ -216,6 +216,40 @@ impl WorkingSet {
     }
 }
 
+/// A working set's runs by snapshot offset, to find where a page's bytes
+/// sit in the working set's own image.
+#[derive(Debug, Clone, Default)]
+pub struct RunIndex {
+    /// (run, offset of its bytes in the pages image), by run start.
+    runs: Vec<(PageRun, u64)>,
+}
+
+impl RunIndex {
+    pub fn new(ws: &WorkingSet) -> RunIndex {
+        let mut at = 0;
+        let mut runs: Vec<(PageRun, u64)> = ws
+            .runs
+            .iter()
+            .map(|&r| {
+                at += r.len();
+                (r, at - r.len())
+            })
+            .collect();
+        runs.sort_by_key(|(r, _)| r.first);
+        RunIndex { runs }
+    }
+
+    /// The run holding snapshot bytes `[off, off + len)` whole, with the
+    /// offset of its first byte in the pages image. Where runs overlap
+    /// (a page recorded twice) the one starting last before `off` is
+    /// asked; a miss only means the bytes come from the snapshot itself.
+    pub fn find(&self, off: u64, len: u64) -> Option<(PageRun, u64)> {
+        let i = self.runs.partition_point(|(r, _)| r.offset() <= off);
+        let (run, at) = *self.runs.get(i.checked_sub(1)?)?;
+        (off + len <= run.offset() + run.len()).then_some((run, at))
+    }
+}
+
 /// Re-cuts byte pieces so that each but the last is a whole number of
 /// `chunk` bytes (import cuts every piece from its own start).
 fn rechunk(
@@ -290,5 +324,31 @@ mod tests {
             .collect();
         assert_eq!(out.concat(), all);
         assert!(out[..out.len() - 1].iter().all(|b| b.len() % 4096 == 0));
+    }
+    #[test]
+    fn run_index_finds_the_run_holding_a_range() {
+        let ws = WorkingSet {
+            pages: ManifestId::of(b"pages"),
+            runs: vec![
+                PageRun {
+                    first: 10,
+                    count: 2,
+                },
+                PageRun { first: 0, count: 3 },
+                PageRun {
+                    first: 20,
+                    count: 1,
+                },
+            ],
+        };
+        let ix = RunIndex::new(&ws);
+        let run = |first, count| PageRun { first, count };
+        assert_eq!(ix.find(0, UNIT), Some((run(0, 3), 2 * UNIT)));
+        assert_eq!(ix.find(2 * UNIT, UNIT), Some((run(0, 3), 2 * UNIT)));
+        assert_eq!(ix.find(11 * UNIT, UNIT), Some((run(10, 2), 0)));
+        assert_eq!(ix.find(20 * UNIT, UNIT), Some((run(20, 1), 5 * UNIT)));
+        assert_eq!(ix.find(3 * UNIT, UNIT), None, "between runs");
+        assert_eq!(ix.find(11 * UNIT, 2 * UNIT), None, "past the run's end");
+        assert_eq!(ix.find(30 * UNIT, UNIT), None);
     }
 }

@@ -83,6 +83,7 @@ pub struct ServeArgs {
     pub record: bool,
     pub fault_size: Option<String>,
     pub prefetch_rate: Option<String>,
+    pub prefetch_workers: usize,
     pub kill_vmm: bool,
     pub handshake_timeout: u64,
     pub once: bool,
@@ -125,6 +126,7 @@ pub fn serve(ctx: &Context, snapshot: &str, socket: &Path, args: ServeArgs) -> R
             .as_deref()
             .map(|r| size_arg(r, "--prefetch-rate"))
             .transpose()?,
+        prefetch_workers: args.prefetch_workers,
         record: args.record.then(|| ImportOptions::new(ctx.staging_dir())),
         kill_vmm_on_failure: args.kill_vmm,
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
@@ -134,7 +136,7 @@ pub fn serve(ctx: &Context, snapshot: &str, socket: &Path, args: ServeArgs) -> R
         snapshot: id.to_hex(),
         socket,
         memory_bytes: served.image.size(),
-        working_set_bytes: served.working_set.as_ref().map_or(0, |(ws, _)| ws.bytes()),
+        working_set_bytes: served.working_set.as_ref().map_or(0, |w| w.set.bytes()),
         prefetch: cfg.prefetch,
         record: args.record,
         fault_bytes,
@@ -202,10 +204,10 @@ fn resume_text(r: &ResumeReport) -> String {
         );
     }
     s += &format!(
-        "  zero bytes      {}; races {} (fault on a page being prefetched {}); busy retries {}; removed pages {}\n  from the store  {}\n",
+        "  zero bytes      {}; races {}; faults left to the prefetch {}; busy retries {}; removed pages {}\n  from the store  {}\n",
         human(r.zero_bytes),
         r.already_present,
-        r.fault_on_prefetching,
+        r.faults_waited_for_prefetch,
         r.retried_busy,
         r.removed_pages,
         human(r.remote_bytes)

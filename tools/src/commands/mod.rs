@@ -1,5 +1,6 @@
 //! One function per command; each returns the process exit code.
 
+mod bench;
 mod disk;
 mod image;
 mod mem;
@@ -16,6 +17,9 @@ use crate::context::Context;
 pub const EXIT_PROBLEMS: u8 = 3;
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::Bench { name, args } = &cli.command {
+        return bench::run(name, args, cli.global.store.as_deref());
+    }
     let ctx = Context::new(&cli.global)?;
     match cli.command {
         Command::Image(ImageCommand::ImportRaw {
@@ -61,6 +65,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             record,
             fault_size,
             prefetch_rate,
+            prefetch_workers,
             no_kill_vmm,
             handshake_timeout,
             once,
@@ -73,11 +78,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 record,
                 fault_size,
                 prefetch_rate,
+                prefetch_workers: usize::from(prefetch_workers),
                 kill_vmm: !no_kill_vmm,
                 handshake_timeout,
                 once,
             },
         ),
         Command::Verify { deep } => verify::verify(&ctx, deep),
+        Command::Bench { .. } => unreachable!("handled before the store is opened"),
     }
 }

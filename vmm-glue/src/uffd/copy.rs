@@ -39,9 +39,9 @@ fn fail(what: &str, dst: u64, len: usize, e: UffdError) -> io::Error {
     ))
 }
 
-/// Installs `src` at `dst` (both whole pages of `page` bytes) and wakes
-/// any thread faulting there.
-pub fn copy(uffd: &Uffd, dst: u64, src: &[u8], page: u64) -> io::Result<Install> {
+/// Installs `src` at `dst` (both whole pages of `page` bytes) and, with
+/// `wake`, wakes any thread faulting there.
+pub fn copy(uffd: &Uffd, dst: u64, src: &[u8], page: u64, wake: bool) -> io::Result<Install> {
     let len = src.len() as u64;
     let (mut off, mut existed) = (0u64, 0u64);
     while off < len {
@@ -55,7 +55,7 @@ pub fn copy(uffd: &Uffd, dst: u64, src: &[u8], page: u64) -> io::Result<Install>
                 src.as_ptr().add(off as usize) as *const c_void,
                 (dst + off) as *mut c_void,
                 rest,
-                true,
+                wake,
             )
         };
         match r {
@@ -77,13 +77,21 @@ pub fn copy(uffd: &Uffd, dst: u64, src: &[u8], page: u64) -> io::Result<Install>
     Ok(Install::Done { existed })
 }
 
-/// Installs zero pages over `[dst, dst + len)`. Huge pages take no
-/// ZEROPAGE: they are copied from `zeros` (at least one page of zeros).
-pub fn zero(uffd: &Uffd, dst: u64, len: u64, page: u64, zeros: &[u8]) -> io::Result<Install> {
+/// Installs zero pages over `[dst, dst + len)` (waking faulting threads
+/// with `wake`). Huge pages take no ZEROPAGE: they are copied from `zeros`
+/// (at least one page of zeros).
+pub fn zero(
+    uffd: &Uffd,
+    dst: u64,
+    len: u64,
+    page: u64,
+    zeros: &[u8],
+    wake: bool,
+) -> io::Result<Install> {
     if page > 4096 {
         let mut existed = 0;
         for at in (0..len).step_by(page as usize) {
-            match copy(uffd, dst + at, &zeros[..page as usize], page)? {
+            match copy(uffd, dst + at, &zeros[..page as usize], page, wake)? {
                 Install::Done { existed: e } => existed += e,
                 Install::Busy { done } => return Ok(Install::Busy { done: at + done }),
                 Install::Gone => return Ok(Install::Gone),
@@ -94,14 +102,14 @@ pub fn zero(uffd: &Uffd, dst: u64, len: u64, page: u64, zeros: &[u8]) -> io::Res
     // SAFETY: the range lies in a region the VMM registered with this
     // userfaultfd (checked by the caller); the kernel maps zero pages
     // there and touches no memory of this process.
-    match unsafe { uffd.zeropage(dst as *mut c_void, len as usize, true) } {
+    match unsafe { uffd.zeropage(dst as *mut c_void, len as usize, wake) } {
         Ok(n) if n as u64 == len => Ok(Install::Done { existed: 0 }),
         // Part done, or a page already present, or events pending: the
         // crate does not say how far it got, so go page by page.
         Ok(_) | Err(UffdError::ZeropageFailed(_)) if len > page => {
             let mut existed = 0;
             for at in (0..len).step_by(page as usize) {
-                match zero(uffd, dst + at, page, page, zeros)? {
+                match zero(uffd, dst + at, page, page, zeros, wake)? {
                     Install::Done { existed: e } => existed += e,
                     Install::Busy { done } => return Ok(Install::Busy { done: at + done }),
                     Install::Gone => return Ok(Install::Gone),

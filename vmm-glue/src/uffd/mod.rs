@@ -21,7 +21,7 @@ use std::path::Path;
 pub use handshake::{parse_regions, GuestRegion, HandshakeError};
 pub use server::{
     serve_connection, DisplayChain, ResumeReport, ServeConfig, ServeError, ServedSnapshot,
-    DEFAULT_FAULT_BYTES,
+    DEFAULT_FAULT_BYTES, DEFAULT_PREFETCH_WORKERS,
 };
 pub use stats::Histogram;
 

@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,10 +26,10 @@ use cairn_engine::cache::HotChunks;
 use cairn_engine::catalog::{self, CatalogError};
 use cairn_engine::chunkstore::{ChunkStore, ChunkStoreError};
 use cairn_engine::import::ImportOptions;
-use cairn_engine::memory::working_set::{PageRun, WorkingSet, WorkingSetError, UNIT};
+use cairn_engine::memory::working_set::{PageRun, RunIndex, WorkingSet, WorkingSetError, UNIT};
 use cairn_engine::memory::{LayoutError, MemLayout, MemoryImage, Segment};
 use cairn_engine::ManifestId;
-use rustix::event::{poll, PollFd, PollFlags};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use userfaultfd::{Event, EventBuffer, Uffd};
 
 use super::copy::{self, Install};
@@ -40,12 +40,26 @@ use super::stats::{Counters, Histogram};
 /// How much one fault resolves by default: the aligned 64 KiB around the
 /// page (README, "Memory snapshots", has the sweep behind it).
 pub const DEFAULT_FAULT_BYTES: u64 = 64 << 10;
+/// Prefetch workers by default (README, "Resume benchmark").
+pub const DEFAULT_PREFETCH_WORKERS: usize = 2;
 /// Working-set bytes fetched ahead of the prefetch worker.
 const PREFETCH_WINDOW: u64 = 8 << 20;
 /// The most one prefetch copy installs, so a fault never waits long.
 const PREFETCH_COPY_BYTES: u64 = 256 << 10;
-/// The longest a prefetch copy waits for the fault loop to be idle.
-const PREFETCH_MAX_YIELD: Duration = Duration::from_micros(200);
+/// A fault on a working-set page at most this many working-set bytes ahead
+/// of the prefetcher waits for the prefetcher's copy instead of being
+/// copied by the fault loop: the prefetcher installs it within about a
+/// millisecond, in larger copies, and the two do not compete for the CPU
+/// (README, "Resume benchmark", has the measurements).
+const PREFETCH_LEAD: u64 = 4 << 20;
+/// Working-set bytes one prefetch worker takes before the next one's turn.
+const PREFETCH_STRIPE: u64 = 1 << 20;
+/// A thread whose page the prefetcher installed is woken once the
+/// prefetcher is this many working-set bytes past it, so that it runs
+/// through pages already there instead of faulting on the next one.
+const PREFETCH_WAKE_AHEAD: u64 = 1 << 20;
+/// The longest a fault waits for the prefetcher before it is served anyway.
+const PREFETCH_MAX_WAIT: Duration = Duration::from_millis(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -83,6 +97,9 @@ pub struct ServeConfig {
     pub prefetch: bool,
     /// Prefetch at most this many bytes a second (None: as fast as faults allow).
     pub prefetch_rate: Option<u64>,
+    /// Threads installing the working set side by side, each taking every
+    /// n-th stripe of it.
+    pub prefetch_workers: usize,
     /// Record the pages this resume touches and store them as the
     /// snapshot's working set (staged through these options).
     pub record: Option<ImportOptions>,
@@ -97,6 +114,7 @@ impl Default for ServeConfig {
             fault_bytes: DEFAULT_FAULT_BYTES,
             prefetch: true,
             prefetch_rate: None,
+            prefetch_workers: DEFAULT_PREFETCH_WORKERS,
             record: None,
             kill_vmm_on_failure: true,
             handshake_timeout: Duration::from_secs(10),
@@ -110,7 +128,16 @@ pub struct ServedSnapshot {
     pub id: ManifestId,
     pub image: MemoryImage,
     pub layout: MemLayout,
-    pub working_set: Option<(WorkingSet, MemoryImage)>,
+    pub working_set: Option<Recorded>,
+}
+
+/// A snapshot's recorded working set: its runs, the image holding their
+/// bytes back to back, and the runs by snapshot offset.
+#[derive(Clone)]
+pub struct Recorded {
+    pub set: WorkingSet,
+    pub pages: MemoryImage,
+    index: Arc<RunIndex>,
 }
 
 impl ServedSnapshot {
@@ -147,7 +174,11 @@ impl ServedSnapshot {
                     }
                     .into());
                 }
-                Some((ws, MemoryImage::new(pages, store.clone())))
+                Some(Recorded {
+                    index: Arc::new(RunIndex::new(&ws)),
+                    set: ws,
+                    pages: MemoryImage::new(pages, store.clone()),
+                })
             }
             None => None,
         };
@@ -181,7 +212,9 @@ pub struct ResumeReport {
     pub working_set_bytes: u64,
     pub zero_bytes: u64,
     pub already_present: u64,
-    pub fault_on_prefetching: u64,
+    /// Faults on working-set pages just ahead of the prefetcher, left for
+    /// its copy to resolve.
+    pub faults_waited_for_prefetch: u64,
     pub retried_busy: u64,
     pub removed_pages: u64,
     pub remote_bytes: u64,
@@ -299,6 +332,48 @@ fn handshake_and_serve(
     Ok(report)
 }
 
+/// The image a fault copies from, the snapshot offsets it may cover and
+/// how a snapshot offset maps into it.
+struct FaultSource<'a> {
+    image: &'a MemoryImage,
+    bounds: (u64, u64),
+    /// (snapshot offset, image offset) of one byte.
+    shift: (u64, u64),
+}
+
+impl<'a> FaultSource<'a> {
+    fn snapshot(s: &'a Session<'_>) -> FaultSource<'a> {
+        FaultSource {
+            image: &s.snapshot.image,
+            bounds: (0, u64::MAX),
+            shift: (0, 0),
+        }
+    }
+
+    fn at(&self, snapshot_offset: u64) -> u64 {
+        snapshot_offset - self.shift.0 + self.shift.1
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WaitState {
+    /// Its page is due from the prefetcher.
+    Wait,
+    /// Its page is there: wake the thread.
+    Wake,
+    /// The prefetcher will not bring it in time: serve it.
+    Serve,
+}
+
+/// A fault left to the prefetcher: its page and where that page is in the
+/// working set's order.
+struct Waiting {
+    addr: u64,
+    page: u64,
+    at: u64,
+    since: Instant,
+}
+
 struct RegionState {
     r: GuestRegion,
     pages: PageStates,
@@ -318,6 +393,10 @@ struct Session<'a> {
     recorded: Mutex<Vec<PageRun>>,
     /// The fault loop has events to handle: the prefetcher waits.
     faults_waiting: AtomicBool,
+    /// Prefetch workers still running: faults may be left to them.
+    prefetch_running: AtomicUsize,
+    /// Per worker: working-set bytes before the run it is installing.
+    prefetch_cursors: Vec<AtomicU64>,
     /// Bumped each time the fault loop applies REMOVE events.
     remove_generation: AtomicU64,
     stop: AtomicBool,
@@ -352,6 +431,10 @@ impl<'a> Session<'a> {
             prefetch_done: Mutex::new(None),
             recorded: Mutex::new(Vec::new()),
             faults_waiting: AtomicBool::new(false),
+            prefetch_running: AtomicUsize::new(0),
+            prefetch_cursors: (0..cfg.prefetch_workers.max(1))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             remove_generation: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             zeros: vec![0u8; largest as usize],
@@ -378,10 +461,10 @@ impl<'a> Session<'a> {
                 .snapshot
                 .working_set
                 .as_ref()
-                .map_or(0, |(ws, _)| ws.bytes()),
+                .map_or(0, |w| w.set.bytes()),
             zero_bytes: Counters::get(&c.zero_bytes),
             already_present: Counters::get(&c.already_present),
-            fault_on_prefetching: Counters::get(&c.fault_on_prefetching),
+            faults_waited_for_prefetch: Counters::get(&c.faults_waited_for_prefetch),
             retried_busy: Counters::get(&c.retried_busy),
             removed_pages: Counters::get(&c.removed_pages),
             ..ResumeReport::default()
@@ -391,18 +474,30 @@ impl<'a> Session<'a> {
     /// Runs the fault loop (and the prefetch worker) until the VMM goes.
     fn run(&self, stream: &UnixStream) -> Result<(), ServeError> {
         std::thread::scope(|s| {
-            let prefetcher = match (&self.snapshot.working_set, self.cfg.prefetch) {
-                (Some((ws, pages)), true) => Some(s.spawn(move || {
-                    if let Err(e) = self.prefetch(ws, pages) {
-                        tracing::warn!(error = %DisplayChain(&e), "prefetch stopped; faults are still served on demand");
-                    }
-                })),
-                _ => None,
+            let workers = match (&self.snapshot.working_set, self.cfg.prefetch) {
+                (Some(recorded), true) => {
+                    let n = self.prefetch_cursors.len();
+                    self.prefetch_running.store(n, Ordering::Release);
+                    (0..n)
+                        .map(|k| {
+                            s.spawn(move || {
+                                if let Err(e) = self.prefetch(&recorded.set, &recorded.pages, k) {
+                                    tracing::warn!(error = %DisplayChain(&e), "prefetch stopped; faults are still served on demand");
+                                }
+                                if self.prefetch_running.fetch_sub(1, Ordering::AcqRel) == 1 {
+                                    *self.prefetch_done.lock().unwrap_or_else(|p| p.into_inner()) =
+                                        Some(self.started.elapsed());
+                                }
+                            })
+                        })
+                        .collect()
+                }
+                _ => Vec::new(),
             };
             let result = self.fault_loop(stream);
             self.stop.store(true, Ordering::Release);
-            if let Some(p) = prefetcher {
-                let _ = p.join();
+            for w in workers {
+                let _ = w.join();
             }
             result
         })
@@ -412,6 +507,12 @@ impl<'a> Session<'a> {
         let mut hot = HotChunks::default();
         let mut events = EventBuffer::new(64);
         let mut queued: VecDeque<u64> = VecDeque::new();
+        let mut waiting: Vec<Waiting> = Vec::new();
+        // While faults wait for the prefetcher, look at them this often.
+        let recheck = Timespec {
+            tv_sec: 0,
+            tv_nsec: 100_000,
+        };
         loop {
             let (uffd_ready, socket_ready) = if queued.is_empty() {
                 self.faults_waiting.store(false, Ordering::Release);
@@ -419,7 +520,7 @@ impl<'a> Session<'a> {
                     PollFd::new(&self.uffd, PollFlags::IN),
                     PollFd::new(stream, PollFlags::IN | PollFlags::RDHUP),
                 ];
-                match poll(&mut fds, None) {
+                match poll(&mut fds, (!waiting.is_empty()).then_some(&recheck)) {
                     Ok(_) => {}
                     Err(rustix::io::Errno::INTR) => continue,
                     Err(e) => return Err(ServeError::Uffd(e.into())),
@@ -438,10 +539,111 @@ impl<'a> Session<'a> {
                 }
             }
             while let Some(addr) = queued.pop_front() {
-                if !self.serve_fault(&mut hot, &mut events, &mut queued, addr)? {
+                if let Some(w) = self.leave_to_prefetch(addr) {
+                    waiting.push(w);
+                } else if !self.serve_fault(&mut hot, &mut events, &mut queued, addr)? {
                     return Ok(());
                 }
             }
+            let mut i = 0;
+            while i < waiting.len() {
+                let state = self.waiting_state(&waiting[i]);
+                if state == WaitState::Wait {
+                    i += 1;
+                    continue;
+                }
+                let w = waiting.swap_remove(i);
+                if state == WaitState::Serve {
+                    if !self.serve_fault(&mut hot, &mut events, &mut queued, w.addr)? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                let ps = self.region_of(w.addr).map_or(UNIT, |rs| rs.r.page_size);
+                if let Err(e) = self
+                    .uffd
+                    .wake((w.addr & !(ps - 1)) as *mut libc::c_void, ps as usize)
+                {
+                    tracing::warn!(error = %e, addr = w.addr, "waking a faulting thread failed");
+                }
+                self.counters
+                    .faults_waited_for_prefetch
+                    .fetch_add(1, Ordering::Relaxed);
+                self.fault_served(w.since);
+            }
+        }
+    }
+
+    /// A fault to leave to the prefetcher: a working-set page it is about
+    /// to install (or is installing: its copy wakes the guest).
+    fn leave_to_prefetch(&self, addr: u64) -> Option<Waiting> {
+        if self.prefetch_running.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let rs = self.region_of(addr)?;
+        let (r, ps) = (&rs.r, rs.r.page_size);
+        let page = (addr - r.base) / ps;
+        if rs.pages.is_removed(page) {
+            return None;
+        }
+        let off = r.offset + page * ps;
+        let (run, ws_at) = self.prefetching()?.index.find(off, ps)?;
+        let at = ws_at + (off - run.offset());
+        let cursor = self.prefetch_cursor();
+        (rs.pages.is_present(page) || (cursor..cursor + PREFETCH_LEAD).contains(&at)).then(|| {
+            Waiting {
+                addr,
+                page,
+                at,
+                since: Instant::now(),
+            }
+        })
+    }
+
+    /// How far every prefetch worker has come: what lies before this in
+    /// the working set is installed or being installed.
+    fn prefetch_cursor(&self) -> u64 {
+        self.prefetch_cursors
+            .iter()
+            .map(|c| c.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Where a fault left to the prefetcher stands.
+    fn waiting_state(&self, w: &Waiting) -> WaitState {
+        let Some(rs) = self.region_of(w.addr) else {
+            return WaitState::Serve;
+        };
+        let running = self.prefetch_running.load(Ordering::Acquire) > 0;
+        let cursor = self.prefetch_cursor();
+        let overdue = w.since.elapsed() >= PREFETCH_MAX_WAIT;
+        if rs.pages.is_present(w.page) {
+            // Installed (or being installed) without a wake-up: wake the
+            // thread once the prefetcher is far enough ahead that it runs
+            // a while before faulting again.
+            if !running || overdue || cursor >= w.at.saturating_add(PREFETCH_WAKE_AHEAD) {
+                WaitState::Wake
+            } else {
+                WaitState::Wait
+            }
+        } else if running && cursor <= w.at && !overdue {
+            WaitState::Wait
+        } else {
+            WaitState::Serve
+        }
+    }
+
+    /// Counts a fault answered `since` then in the latency histogram and
+    /// notes the first one.
+    fn fault_served(&self, since: Instant) {
+        self.latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(since.elapsed());
+        let mut first = self.first_fault.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(self.started.elapsed());
         }
     }
 
@@ -517,32 +719,23 @@ impl<'a> Session<'a> {
         let (r, ps) = (&rs.r, rs.r.page_size);
         let page = (addr - r.base) / ps;
         loop {
+            let mut src = FaultSource::snapshot(self);
             let (first, end, zero) = if rs.pages.is_removed(page) {
                 rs.pages.refill(page);
                 (page, page + 1, true)
             } else {
-                if rs.pages.is_present(page) {
-                    self.counters
-                        .fault_on_prefetching
-                        .fetch_add(1, Ordering::Relaxed);
-                }
                 rs.pages.force(page);
-                let (first, end) = self.claim_around(rs, page);
+                src = self.source_of(r.offset + page * ps, ps);
+                let (first, end) = self.claim_around(rs, page, src.bounds);
                 (first, end, false)
             };
             let install = if zero {
                 self.counters.zero_bytes.fetch_add(ps, Ordering::Relaxed);
-                copy::zero(&self.uffd, r.base + page * ps, ps, ps, &self.zeros)
+                copy::zero(&self.uffd, r.base + page * ps, ps, ps, &self.zeros, true)
                     .map_err(ServeError::Uffd)?
             } else {
-                self.install(
-                    hot,
-                    &self.snapshot.image,
-                    r.offset + first * ps,
-                    rs,
-                    first,
-                    end - first,
-                )?
+                let at = src.at(r.offset + first * ps);
+                self.install(hot, src.image, at, rs, first, end - first, true)?
             };
             match install {
                 Install::Done { existed } => {
@@ -580,24 +773,21 @@ impl<'a> Session<'a> {
                 Install::Gone => return Ok(false),
             }
         }
-        let took = t.elapsed();
-        self.latency
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(took);
-        let mut first = self.first_fault.lock().unwrap_or_else(|p| p.into_inner());
-        if first.is_none() {
-            *first = Some(self.started.elapsed());
-        }
+        self.fault_served(t);
         Ok(true)
     }
 
     /// Claims the pages around `page` (already claimed) within its aligned
-    /// run of `fault_bytes`: `[first, end)`.
-    fn claim_around(&self, rs: &RegionState, page: u64) -> (u64, u64) {
-        let per_run = (self.cfg.fault_bytes / rs.r.page_size).max(1);
-        let w0 = page / per_run * per_run;
-        let w1 = (w0 + per_run).min(rs.pages.pages());
+    /// run of `fault_bytes` and within the snapshot offsets `bounds`:
+    /// `[first, end)`.
+    fn claim_around(&self, rs: &RegionState, page: u64, bounds: (u64, u64)) -> (u64, u64) {
+        let ps = rs.r.page_size;
+        let per_run = (self.cfg.fault_bytes / ps).max(1);
+        let in_bounds = |off: u64| off.saturating_sub(rs.r.offset) / ps;
+        let w0 = (page / per_run * per_run).max(in_bounds(bounds.0.div_ceil(ps) * ps));
+        let w1 = (page / per_run * per_run + per_run)
+            .min(rs.pages.pages())
+            .min(in_bounds(bounds.1));
         let mut first = page;
         while first > w0 && rs.pages.claim(first - 1) {
             first -= 1;
@@ -607,6 +797,31 @@ impl<'a> Session<'a> {
             end += 1;
         }
         (first, end)
+    }
+
+    /// Where a fault at snapshot offset `off` takes its bytes from: the
+    /// recorded working set's pages when prefetch is on and `off` is in a
+    /// recorded run (those bytes are fetched, or being fetched, already,
+    /// and the run bounds the copy to pages the guest will touch), else
+    /// the snapshot itself.
+    fn source_of(&self, off: u64, len: u64) -> FaultSource<'_> {
+        if let Some(recorded) = self.prefetching() {
+            if let Some((run, ws_at)) = recorded.index.find(off, len) {
+                return FaultSource {
+                    image: &recorded.pages,
+                    bounds: (run.offset(), run.offset() + run.len()),
+                    shift: (run.offset(), ws_at),
+                };
+            }
+        }
+        FaultSource::snapshot(self)
+    }
+
+    fn prefetching(&self) -> Option<&Recorded> {
+        self.snapshot
+            .working_set
+            .as_ref()
+            .filter(|_| self.cfg.prefetch)
     }
 
     fn record(&self, run: PageRun) {
@@ -620,7 +835,9 @@ impl<'a> Session<'a> {
     }
 
     /// Installs `pages` pages of region `rs` from `first`, taking their
-    /// bytes from `image` at `src`.
+    /// bytes from `image` at `src`; with `wake`, wakes threads faulting
+    /// there (the prefetcher leaves that to the fault loop, in batches).
+    #[allow(clippy::too_many_arguments)]
     fn install(
         &self,
         hot: &mut HotChunks,
@@ -629,6 +846,7 @@ impl<'a> Session<'a> {
         rs: &RegionState,
         first: u64,
         pages: u64,
+        wake: bool,
     ) -> Result<Install, ServeError> {
         let ps = rs.r.page_size;
         let dst = rs.r.base + first * ps;
@@ -645,22 +863,22 @@ impl<'a> Session<'a> {
                 // A huge page is one copy from contiguous bytes.
                 if image.is_zero(at, ps) {
                     self.counters.zero_bytes.fetch_add(ps, Ordering::Relaxed);
-                    copy::zero(&self.uffd, dst + done, ps, ps, &self.zeros)
+                    copy::zero(&self.uffd, dst + done, ps, ps, &self.zeros, wake)
                 } else {
                     let mut bounce = vec![0u8; ps as usize];
                     image.read(hot, at, &mut bounce).map_err(store_err)?;
-                    copy::copy(&self.uffd, dst + done, &bounce, ps)
+                    copy::copy(&self.uffd, dst + done, &bounce, ps, wake)
                 }
                 .map(|i| (i, ps))
             } else {
                 match image.segment(at, len - done) {
                     Segment::Zero { len: n } => {
                         self.counters.zero_bytes.fetch_add(n, Ordering::Relaxed);
-                        copy::zero(&self.uffd, dst + done, n, ps, &self.zeros).map(|i| (i, n))
+                        copy::zero(&self.uffd, dst + done, n, ps, &self.zeros, wake).map(|i| (i, n))
                     }
                     Segment::Data { id, at, len: n } => image
                         .with_segment(hot, &id, at, n, |bytes| {
-                            copy::copy(&self.uffd, dst + done, bytes, ps)
+                            copy::copy(&self.uffd, dst + done, bytes, ps, wake)
                         })
                         .map_err(store_err)?
                         .map(|i| (i, n)),
@@ -678,9 +896,17 @@ impl<'a> Session<'a> {
         Ok(Install::Done { existed })
     }
 
-    /// The prefetch worker: installs the working set in recorded order,
-    /// fetching it a window ahead, giving way to faults.
-    fn prefetch(&self, ws: &WorkingSet, pages: &MemoryImage) -> Result<(), ServeError> {
+    /// Prefetch worker `worker`: installs its stripes of the working set
+    /// (every n-th [`PREFETCH_STRIPE`] of it) in recorded order, fetching
+    /// a window ahead, giving way to faults.
+    fn prefetch(
+        &self,
+        ws: &WorkingSet,
+        pages: &MemoryImage,
+        worker: usize,
+    ) -> Result<(), ServeError> {
+        let workers = self.prefetch_cursors.len() as u64;
+        let cursor = &self.prefetch_cursors[worker];
         let mut hot = HotChunks::default();
         let store = pages.store();
         let m = pages.manifest();
@@ -704,6 +930,11 @@ impl<'a> Session<'a> {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
+            if (src / PREFETCH_STRIPE) % workers != worker as u64 {
+                src += run.len();
+                continue;
+            }
+            cursor.store(src, Ordering::Release);
             // Keep one window in flight ahead of where we read.
             let chunk_now = (src / cs) as usize;
             if chunk_now + window_chunks > fetched_to {
@@ -729,12 +960,13 @@ impl<'a> Session<'a> {
                     (piece_end - rs.r.offset).div_ceil(ps),
                 );
                 let ws_at = src + (off - run.offset());
-                installed += self.prefetch_pages(&mut hot, pages, ws_at, rs, p0, p1)?;
+                installed += self.prefetch_pages(&mut hot, pages, ws_at, rs, (p0, p1), cursor)?;
                 if self.stop.load(Ordering::Acquire) {
                     return Ok(());
                 }
                 if let Some(rate) = self.cfg.prefetch_rate {
-                    let due = Duration::from_secs_f64(installed as f64 / rate as f64);
+                    let share = rate as f64 / workers as f64;
+                    let due = Duration::from_secs_f64(installed as f64 / share);
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
                         std::thread::sleep(wait);
                     }
@@ -743,8 +975,7 @@ impl<'a> Session<'a> {
             }
             src += run.len();
         }
-        *self.prefetch_done.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(self.started.elapsed());
+        cursor.store(u64::MAX, Ordering::Release);
         Ok(())
     }
 
@@ -757,8 +988,8 @@ impl<'a> Session<'a> {
         pages: &MemoryImage,
         ws_at: u64,
         rs: &RegionState,
-        p0: u64,
-        p1: u64,
+        (p0, p1): (u64, u64),
+        cursor: &AtomicU64,
     ) -> Result<u64, ServeError> {
         let ps = rs.r.page_size;
         let per_copy = (PREFETCH_COPY_BYTES / ps).max(1);
@@ -775,22 +1006,20 @@ impl<'a> Session<'a> {
                 q += 1;
             }
             {
-                // Faults first: wait (briefly) while the fault loop has
-                // work, so a prefetch copy does not compete with it. The
-                // wait is bounded, or a guest faulting without pause would
-                // starve the prefetch that is there to end its faults.
-                let waited = Instant::now();
-                while self.faults_waiting.load(Ordering::Acquire)
-                    && waited.elapsed() < PREFETCH_MAX_YIELD
-                {
-                    if self.stop.load(Ordering::Acquire) {
-                        return Ok(installed);
-                    }
+                // Faults first: when the fault loop has work, give it the
+                // CPU once before copying. No more than that: a guest
+                // faulting without pause would starve the prefetch that is
+                // there to end its faults.
+                if self.faults_waiting.load(Ordering::Acquire) {
                     std::thread::yield_now();
                 }
                 let generation = self.remove_generation.load(Ordering::Acquire);
-                match self.install(hot, pages, ws_at + (p - p0) * ps, rs, p, q - p)? {
+                let installed_now = self
+                    .install(hot, pages, ws_at + (p - p0) * ps, rs, p, q - p, false)
+                    .inspect_err(|_| self.give_back(rs, p, q))?;
+                match installed_now {
                     Install::Done { existed } => {
+                        cursor.store(ws_at + (q - p0) * ps, Ordering::Release);
                         let bytes = (q - p - existed) * ps;
                         self.counters
                             .already_present
@@ -827,6 +1056,22 @@ impl<'a> Session<'a> {
             p = q;
         }
         Ok(installed)
+    }
+}
+
+impl Session<'_> {
+    /// Gives back the prefetcher's claim on pages `[p, q)` it could not
+    /// install, and wakes any guest thread the fault loop left waiting on
+    /// them: it faults again and is served on demand.
+    fn give_back(&self, rs: &RegionState, p: u64, q: u64) {
+        for x in p..q {
+            rs.pages.unclaim(x);
+        }
+        let ps = rs.r.page_size;
+        let (start, len) = (rs.r.base + p * ps, (q - p) * ps);
+        if let Err(e) = self.uffd.wake(start as *mut libc::c_void, len as usize) {
+            tracing::warn!(error = %e, start, len, "waking guest threads failed");
+        }
     }
 }
 

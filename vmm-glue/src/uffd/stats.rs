@@ -97,8 +97,8 @@ pub struct Counters {
     /// Copies that had to wait for the VMM's address space to settle (EAGAIN).
     pub retried_busy: AtomicU64,
     pub removed_pages: AtomicU64,
-    /// Faults on pages the prefetcher had claimed but not yet installed.
-    pub fault_on_prefetching: AtomicU64,
+    /// Faults left to the prefetcher, which was about to install their page.
+    pub faults_waited_for_prefetch: AtomicU64,
 }
 
 impl Counters {
