@@ -231,6 +231,23 @@ fn serves_every_byte_records_the_working_set_and_prefetches_it() {
         "every page installed by exactly one side: {prefetched:?}"
     );
 
+    // 2b. Again with no head start: faults on pages the prefetchers are
+    // about to install wait for them and are woken in batches.
+    let (socket, rx) = env.serve_one(env.snapshot(id), no_kill());
+    let mut vmm = VmmHarness::new(&specs).unwrap();
+    vmm.connect(&socket).unwrap();
+    touch_and_check(&vmm, &src, &ws, 2);
+    assert!(
+        whole_memory(&vmm) == src,
+        "memory differs after a racing prefetch"
+    );
+    let raced = finish(vmm, rx);
+    assert_eq!(
+        raced.prefetch_bytes + raced.fault_bytes,
+        size,
+        "every page installed by exactly one side: {raced:?}"
+    );
+
     // 3. On demand with the default 64 KiB fault runs, no prefetch,
     // forwards and backwards from three threads.
     let cfg = ServeConfig {

@@ -488,61 +488,28 @@ fn main() -> Result<()> {
         run_mmap(&file, size, &w, false)?,
         run_4k_handler(&file, size, &w)?,
     ];
+    // Every warm-cache cairn run: the embedded store, its cache.
+    let warm =
+        |name: &str, extra: &[&str]| run_cairn(&fstore, &cache, &work, &w, size, name, extra);
     let mut sweep = Vec::new();
     for kib in &args.sweep_kib {
-        let fs = format!("{kib}K");
-        let r = run_cairn(
-            &fstore,
-            &cache,
-            &work,
-            &w,
-            size,
-            &format!("(c) cairn on demand, {kib} KiB runs, warm cache"),
-            &["--no-prefetch", "--fault-size", &fs],
+        let name = format!("(c) cairn on demand, {kib} KiB runs, warm cache");
+        let r = warm(
+            &name,
+            &["--no-prefetch", "--fault-size", &format!("{kib}K")],
         )?;
         sweep.push((*kib, r));
     }
-    let demand = run_cairn(
-        &fstore,
-        &cache,
-        &work,
-        &w,
-        size,
-        "(c) cairn on demand, warm cache",
-        &["--no-prefetch"],
-    )?;
-    let record = run_cairn(
-        &fstore,
-        &cache,
-        &work,
-        &w,
-        size,
-        "cairn recording resume",
-        &["--record"],
-    )?;
+    let demand = warm("(c) cairn on demand, warm cache", &["--no-prefetch"])?;
+    let record = warm("cairn recording resume", &["--record"])?;
     // The first prefetching resume brings the working set's own chunks
     // into the cache; the second is the warm one.
-    run_cairn(&fstore, &cache, &work, &w, size, "(d) warming", &[])?;
-    let prefetch = run_cairn(
-        &fstore,
-        &cache,
-        &work,
-        &w,
-        size,
-        "(d) cairn recorded prefetch, warm cache",
-        &[],
-    )?;
+    warm("(d) warming", &[])?;
+    let prefetch = warm("(d) cairn recorded prefetch, warm cache", &[])?;
     let mut worker_sweep = Vec::new();
     for n in &args.sweep_workers {
-        let r = run_cairn(
-            &fstore,
-            &cache,
-            &work,
-            &w,
-            size,
-            &format!("(d) cairn recorded prefetch, {n} workers, warm cache"),
-            &["--prefetch-workers", &n.to_string()],
-        )?;
+        let name = format!("(d) cairn recorded prefetch, {n} workers, warm cache");
+        let r = warm(&name, &["--prefetch-workers", &n.to_string()])?;
         worker_sweep.push((*n, r));
     }
     runs.extend([demand, prefetch]);

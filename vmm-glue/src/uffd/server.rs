@@ -6,12 +6,15 @@
 //! cache's mapping, CRC-checked), or UFFDIO_ZEROPAGE where the image is
 //! zero, resolving an aligned run of up to `fault_bytes` around the
 //! faulting page. REMOVE events mark pages as given back: they read as
-//! zeros afterwards. A prefetch worker installs the recorded working set
-//! in recorded order meanwhile, giving way whenever the fault loop has
-//! work. When the VMM goes away (the socket closes, or its address space
-//! is gone) the resume ends with a report. When the server cannot go on
-//! (the store stays down, the userfaultfd fails) it says so and, unless
-//! told not to, kills the VMM, which would otherwise hang on its next fault.
+//! zeros afterwards. Prefetch workers install the recorded working set in
+//! recorded order meanwhile, without waking the guest; a fault on a page
+//! they are about to install waits for them, and the fault loop wakes it
+//! once they are well past it, so the guest runs through installed pages
+//! instead of faulting on each next one. When the VMM goes away (the
+//! socket closes, or its address space is gone) the resume ends with a
+//! report. When the server cannot go on (the store stays down, the
+//! userfaultfd fails) it says so and, unless told not to, kills the VMM,
+//! which would otherwise hang on its next fault.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -575,7 +578,8 @@ impl<'a> Session<'a> {
     }
 
     /// A fault to leave to the prefetcher: a working-set page it is about
-    /// to install (or is installing: its copy wakes the guest).
+    /// to install or is installing (its copies do not wake the guest: the
+    /// fault loop does, see [`Session::waiting_state`]).
     fn leave_to_prefetch(&self, addr: u64) -> Option<Waiting> {
         if self.prefetch_running.load(Ordering::Acquire) == 0 {
             return None;
@@ -615,7 +619,8 @@ impl<'a> Session<'a> {
         let Some(rs) = self.region_of(w.addr) else {
             return WaitState::Serve;
         };
-        let running = self.prefetch_running.load(Ordering::Acquire) > 0;
+        let running =
+            self.prefetch_running.load(Ordering::Acquire) > 0 && self.prefetching().is_some();
         let cursor = self.prefetch_cursor();
         let overdue = w.since.elapsed() >= PREFETCH_MAX_WAIT;
         if rs.pages.is_present(w.page) {

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs the SQLite suite benchmark (the README's headline table) on a fresh
+# machine: installs what is needed (QEMU, qemu-storage-daemon, the S3
+# server), builds the guest fixture (fixtures/build-sqlite-guest.sh) and
+# cairn, then `cairn bench sqlite` with cairn's remote tier on the S3 server.
+# With no arguments it runs what the README records: default and fsync
+# modes 3 times each (256 MiB guest), large and storage once each (192 MiB
+# guest, a 192 MiB database). Arguments replace that with one run of
+# `cairn bench sqlite ARGS` (e.g. --modes fsync --repeat 5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/dev/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+guest=$(fixtures/build-sqlite-guest.sh)
+eval "$(tools/dev/s3-server.sh start)"
+trap 'tools/dev/s3-server.sh stop' EXIT
+cargo build --release -p cairn -p cairn-benches
+mkdir -p target/bench
+bench() {
+    target/release/cairn --store "s3://sqlite-bench/root?endpoint=$CAIRN_TEST_S3_ENDPOINT" \
+        bench sqlite --guest-dir "$guest" "$@"
+}
+if [ $# -gt 0 ]; then
+    bench "$@"
+else
+    bench --modes default,fsync --repeat 3 --json-out target/bench/sqlite-a.json
+    bench --modes large,storage --repeat 1 --guest-mem-mib 192 --db-mib 192 \
+        --json-out target/bench/sqlite-b.json
+fi
