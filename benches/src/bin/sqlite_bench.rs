@@ -107,6 +107,10 @@ struct Sample {
     report: Value,
     /// From start (QEMU or the program) to its exit.
     wall_s: f64,
+    /// The guest's view of its disk's cache (`write back` means it sends
+    /// FLUSH; `write through` means the device offered none, and its
+    /// fsyncs cost nothing: not comparable).
+    write_cache: Option<String>,
 }
 
 impl Sample {
@@ -132,6 +136,13 @@ impl Sample {
         // + 0.0: an empty sum is -0.0.
         self.ops().filter(|o| o.2).map(|o| o.1).sum::<f64>() + 0.0
     }
+}
+
+/// What one run gave.
+struct Outcome {
+    report: Value,
+    wall_s: f64,
+    write_cache: Option<String>,
 }
 
 /// What every run shares.
@@ -164,7 +175,7 @@ impl Bench {
         )
     }
 
-    fn boot(&self, disk: Disk<'_>, mode: &str) -> Result<(Value, f64)> {
+    fn boot(&self, disk: Disk<'_>, mode: &str) -> Result<Outcome> {
         let console = guest::run(&Launch {
             guest_dir: &self.guest_dir,
             disk,
@@ -177,7 +188,20 @@ impl Bench {
             .iter()
             .find_map(|l| l.split_once("CAIRN-SQLITE ").map(|(_, j)| j))
             .context("the guest printed no CAIRN-SQLITE line")?;
-        Ok((serde_json::from_str(report)?, console.boot.total_s))
+        let write_cache = console
+            .lines
+            .iter()
+            .find_map(|l| l.split_once("CAIRN-INIT").map(|(_, rest)| rest))
+            .and_then(|rest| {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix("cache="))
+            })
+            .map(|c| c.replace('_', " "));
+        Ok(Outcome {
+            report: serde_json::from_str(report)?,
+            wall_s: console.boot.total_s,
+            write_cache,
+        })
     }
 
     /// A fresh copy of the root filesystem image.
@@ -191,7 +215,7 @@ impl Bench {
         Ok(raw)
     }
 
-    fn sample(&self, way: Way, mode: &str) -> Result<(Value, f64)> {
+    fn sample(&self, way: Way, mode: &str) -> Result<Outcome> {
         let socket = self.work.join("blk.sock");
         let overlay = self.work.join("overlay");
         let _ = std::fs::remove_dir_all(&overlay);
@@ -223,7 +247,7 @@ impl Bench {
     }
 
     /// The program on the host, on the same ext4 image over a loop device.
-    fn on_host(&self, mode: &str) -> Result<(Value, f64)> {
+    fn on_host(&self, mode: &str) -> Result<Outcome> {
         let raw = self.fresh_raw()?;
         let dev = String::from_utf8(
             run(Command::new("losetup").args(["--find", "--show"]).arg(&raw))
@@ -255,7 +279,11 @@ impl Bench {
                 .split_once("CAIRN-SQLITE ")
                 .context("sqlite-suite printed no CAIRN-SQLITE line")?
                 .1;
-            Ok((serde_json::from_str(json.trim())?, wall))
+            Ok(Outcome {
+                report: serde_json::from_str(json.trim())?,
+                wall_s: wall,
+                write_cache: None,
+            })
         })();
         let _ = run(Command::new("losetup").args(["-d", &dev]));
         result
@@ -310,29 +338,38 @@ fn ratio(x: f64, base: Option<f64>) -> String {
     }
 }
 
+/// The baselines cairn's ratios are given against.
+const BASELINES: [Way; 2] = [Way::Qsd, Way::VirtioBlk];
+
 fn print_mode(mode: &str, ways: &[Way], by_way: &BTreeMap<Way, Medians>, first: &Sample) {
     println!(
         "\n== {mode}: median seconds ({} samples each)",
         first_count(by_way)
     );
+    let pairs: Vec<(Way, Way)> = [Way::CairnWarm, Way::CairnCold]
+        .into_iter()
+        .flat_map(|c| BASELINES.map(|b| (c, b)))
+        .filter(|(c, b)| ways.contains(c) && ways.contains(b))
+        .collect();
+    let short = |w: Way| match w {
+        Way::Qsd => "qsd",
+        Way::VirtioBlk => "virtio-blk",
+        other => other.name(),
+    };
     let mut header = vec!["operation".to_string()];
     header.extend(ways.iter().map(|w| w.name().to_string()));
     header.extend(
-        [Way::CairnWarm, Way::CairnCold]
+        pairs
             .iter()
-            .filter(|w| ways.contains(w))
-            .map(|w| format!("{} / qsd", w.name())),
+            .map(|&(c, b)| format!("{} / {}", c.name(), short(b))),
     );
     let header: Vec<&str> = header.iter().map(String::as_str).collect();
     let mut t = Table::new(&header);
-    let qsd = by_way.get(&Way::Qsd);
     let mut row = |label: String, get: &dyn Fn(&Medians) -> f64| {
         let mut cells = vec![label];
         cells.extend(ways.iter().map(|w| format!("{:.3}", get(&by_way[w]))));
-        for w in [Way::CairnWarm, Way::CairnCold] {
-            if ways.contains(&w) {
-                cells.push(ratio(get(&by_way[&w]), qsd.map(get)));
-            }
+        for &(c, b) in &pairs {
+            cells.push(ratio(get(&by_way[&c]), Some(get(&by_way[&b]))));
         }
         t.row(cells);
     };
@@ -345,6 +382,25 @@ fn print_mode(mode: &str, ways: &[Way], by_way: &BTreeMap<Way, Medians>, first: 
     row("fsync-heavy ops".into(), &|m: &Medians| m.fsync_heavy);
     row("TOTAL".into(), &|m: &Medians| m.total);
     t.print();
+}
+
+/// Says which guests saw a write-through disk: they send no FLUSH, so
+/// their fsyncs are not durable and their fsync-bound times are not a
+/// like-for-like baseline.
+fn print_write_caches(samples: &[Sample], ways: &[Way]) {
+    for &w in ways {
+        let seen: std::collections::BTreeSet<&str> = samples
+            .iter()
+            .filter(|s| s.way == w)
+            .filter_map(|s| s.write_cache.as_deref())
+            .collect();
+        if seen.contains("write through") {
+            println!(
+                "  note: the guest on {} saw a write-through disk: it sends no FLUSH, so its fsyncs are not durable",
+                w.name()
+            );
+        }
+    }
 }
 
 fn first_count(by_way: &BTreeMap<Way, Medians>) -> usize {
@@ -479,16 +535,21 @@ fn main() -> Result<()> {
         for mode in &a.modes {
             for &way in &a.ways {
                 let t = Instant::now();
-                let (report, wall_s) = bench.sample(way, mode).with_context(|| {
+                let Outcome {
+                    report,
+                    wall_s,
+                    write_cache,
+                } = bench.sample(way, mode).with_context(|| {
                     format!("{mode} mode on {} (sample {})", way.name(), rep + 1)
                 })?;
                 eprintln!(
-                    "  [{}/{}] {mode:<8} {:<20} total {:.3} s (run {:.1} s)",
+                    "  [{}/{}] {mode:<8} {:<20} total {:.3} s (run {:.1} s, disk cache {})",
                     rep + 1,
                     a.repeat,
                     way.name(),
                     report["total_seconds"].as_f64().unwrap_or(f64::NAN),
-                    t.elapsed().as_secs_f64()
+                    t.elapsed().as_secs_f64(),
+                    write_cache.as_deref().unwrap_or("host")
                 );
                 samples.push(Sample {
                     mode: mode.clone(),
@@ -496,6 +557,7 @@ fn main() -> Result<()> {
                     rep,
                     report,
                     wall_s,
+                    write_cache,
                 });
             }
         }
@@ -520,6 +582,7 @@ fn main() -> Result<()> {
             .find(|s| &s.mode == mode)
             .expect("one sample");
         print_mode(mode, &a.ways, &by_way, first);
+        print_write_caches(&samples, &a.ways);
         let svg = a.plot_dir.join(format!("sqlite-{mode}.svg"));
         plot(mode, &a.ways, &by_way, &svg)?;
         println!("  plot: {}", svg.display());
