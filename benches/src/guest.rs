@@ -75,7 +75,14 @@ pub fn run(l: &Launch) -> Result<Console> {
         Disk::VhostUser(socket) => qemu
             .arg("-chardev")
             .arg(format!("socket,id=c0,path={}", socket.display()))
-            .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]),
+            // config-wce=off: the guest picks its cache mode from the FLUSH
+            // feature. With it on, qemu-storage-daemon's export reports a
+            // write-through cache and the guest never flushes it, which
+            // makes its fsyncs free and its numbers not comparable.
+            .args([
+                "-device",
+                "vhost-user-blk-pci,chardev=c0,num-queues=1,config-wce=off",
+            ]),
         Disk::VirtioBlk(file) => qemu
             .arg("-drive")
             .arg(format!(
