@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use cairn_benches::backends::RssSampler;
+use cairn_benches::backends::{CairnStore, RssSampler};
 use cairn_benches::{cairn_bin, warm_page_cache, Table};
 use cairn_vmm_glue::uffd::harness::{synthetic_memory, RegionSpec, VmmHarness};
 use cairn_vmm_glue::uffd::Histogram;
@@ -299,6 +299,20 @@ fn run_4k_handler(file: &Path, size: u64, w: &Workload) -> Result<Run> {
     })
 }
 
+/// `cairn --json` on `store`, its cache in `cache` (bounded at 8 GiB).
+fn cairn_command(store: &str, cache: &Path) -> Result<Command> {
+    let bin = cairn_bin()?;
+    let mut c = CairnStore {
+        bin: &bin,
+        store,
+        cache_dir: cache,
+        cache_size: "8G",
+    }
+    .command();
+    c.arg("--json");
+    Ok(c)
+}
+
 /// A `cairn mem serve --once --json` process.
 struct Server {
     child: Child,
@@ -306,16 +320,7 @@ struct Server {
 }
 
 fn start_server(store: &str, cache: &Path, socket: &Path, extra: &[&str]) -> Result<Server> {
-    let mut child = Command::new(cairn_bin()?)
-        .args([
-            "--json",
-            "--store",
-            store,
-            "--cache-size",
-            "8G",
-            "--cache-dir",
-        ])
-        .arg(cache)
+    let mut child = cairn_command(store, cache)?
         .args([
             "mem",
             "serve",
@@ -377,18 +382,7 @@ fn run_cairn(
 }
 
 fn cairn(store: &str, cache: &Path, args: &[&str]) -> Result<Value> {
-    let out = Command::new(cairn_bin()?)
-        .args([
-            "--json",
-            "--store",
-            store,
-            "--cache-size",
-            "8G",
-            "--cache-dir",
-        ])
-        .arg(cache)
-        .args(args)
-        .output()?;
+    let out = cairn_command(store, cache)?.args(args).output()?;
     if !out.status.success() {
         bail!("cairn {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
