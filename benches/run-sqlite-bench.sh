@@ -4,7 +4,7 @@
 # server), builds the guest fixture (fixtures/build-sqlite-guest.sh) and
 # cairn, then `cairn bench sqlite` with cairn's remote tier on the S3 server.
 # With no arguments it runs what the README records: default and fsync
-# modes 3 times each (256 MiB guest), large and storage once each (192 MiB
+# modes 3 times each (256 MiB guest), large twice and storage once (192 MiB
 # guest, a 192 MiB database). Arguments replace that with one run of
 # `cairn bench sqlite ARGS` (e.g. --modes fsync --repeat 5).
 set -euo pipefail
@@ -24,6 +24,8 @@ if [ $# -gt 0 ]; then
     bench "$@"
 else
     bench --modes default,fsync --repeat 3 --json-out target/bench/sqlite-a.json
-    bench --modes large,storage --repeat 1 --guest-mem-mib 192 --db-mib 192 \
+    bench --modes large --repeat 2 --guest-mem-mib 192 --db-mib 192 \
         --json-out target/bench/sqlite-b.json
+    bench --modes storage --repeat 1 --guest-mem-mib 192 --db-mib 192 \
+        --json-out target/bench/sqlite-c.json
 fi
