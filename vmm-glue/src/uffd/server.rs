@@ -1062,9 +1062,7 @@ impl<'a> Session<'a> {
         }
         Ok(installed)
     }
-}
 
-impl Session<'_> {
     /// Gives back the prefetcher's claim on pages `[p, q)` it could not
     /// install, and wakes any guest thread the fault loop left waiting on
     /// them: it faults again and is served on demand.
