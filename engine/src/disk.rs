@@ -13,7 +13,7 @@ use crate::cache::HotChunks;
 use crate::chunkstore::{ChunkStore, ChunkStoreError};
 use crate::error::ErrorKind;
 use crate::manifest::Manifest;
-use crate::overlay::{OverlayError, OverlayQueue, BLOCK};
+use crate::overlay::{Overlay, OverlayError, BLOCK};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -56,7 +56,7 @@ struct ReadAhead {
 pub struct LazyDisk {
     manifest: Arc<Manifest>,
     store: ChunkStore,
-    overlay: OverlayQueue,
+    overlay: Arc<Overlay>,
     readahead: ReadAhead,
     /// This queue's recently read chunks: warm reads take no lock shared
     /// with other queues.
@@ -65,7 +65,7 @@ pub struct LazyDisk {
 }
 
 impl LazyDisk {
-    pub fn new(manifest: Arc<Manifest>, store: ChunkStore, overlay: OverlayQueue) -> LazyDisk {
+    pub fn new(manifest: Arc<Manifest>, store: ChunkStore, overlay: Arc<Overlay>) -> LazyDisk {
         LazyDisk {
             manifest,
             store,
@@ -91,7 +91,7 @@ impl LazyDisk {
         &self.manifest
     }
 
-    pub fn overlay(&self) -> &OverlayQueue {
+    pub fn overlay(&self) -> &Arc<Overlay> {
         &self.overlay
     }
 
@@ -112,7 +112,7 @@ impl LazyDisk {
         if self.reads_ahead && !buf.is_empty() {
             self.read_ahead(offset, buf.len() as u64);
         }
-        let o = self.overlay.overlay();
+        let o = &self.overlay;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -161,7 +161,7 @@ impl LazyDisk {
         let ids: Vec<_> = (ahead..until)
             .filter(|&c| {
                 // A chunk the overlay covers whole is never read from the image.
-                let o = self.overlay.overlay();
+                let o = &self.overlay;
                 !o.blocks_in(c * cs, (c + 1) * cs).all(|b| o.is_dirty(b))
             })
             .filter_map(|c| self.manifest.chunks[c as usize])

@@ -41,7 +41,7 @@ pub fn snapshot_overlay(
     opts.chunk_size = base.chunk_size;
     // It reads exactly the chunks it needs: read-ahead would fetch
     // untouched ones, which the snapshot takes by id.
-    let disk = LazyDisk::new(base.clone(), store.clone(), overlay.queue()).without_read_ahead();
+    let disk = LazyDisk::new(base.clone(), store.clone(), overlay.clone()).without_read_ahead();
     let cs = u64::from(base.chunk_size);
     let size = base.logical_size;
     let n = base.chunks.len();

@@ -102,7 +102,7 @@ fn random_io_matches_a_model_and_flushed_state_survives_a_reopen() {
 
     let ov_dir = dir.path().join("overlay");
     let overlay = Overlay::open_or_create(&ov_dir, &manifest.id(), size).unwrap();
-    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.queue());
+    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.clone());
     let mut whole = vec![0u8; image.len()];
     disk.read(0, &mut whole).unwrap();
     assert!(whole == image, "an untouched disk reads as its image");
@@ -145,7 +145,7 @@ fn random_io_matches_a_model_and_flushed_state_survives_a_reopen() {
     drop(overlay);
 
     let overlay = Overlay::open_or_create(&ov_dir, &manifest.id(), size).unwrap();
-    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.queue());
+    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.clone());
     disk.read(0, &mut whole).unwrap();
     assert!(
         whole == flushed,
@@ -205,7 +205,7 @@ fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
     let overlay =
         Overlay::open_or_create(&dir.path().join("ov1"), &manifest.id(), image.len() as u64)
             .unwrap();
-    let disk = LazyDisk::new(manifest.clone(), random.clone(), overlay.queue());
+    let disk = LazyDisk::new(manifest.clone(), random.clone(), overlay.clone());
     let mut buf = vec![0u8; 4096];
     for c in [50u64, 3, 77, 12, 90, 41, 8, 66] {
         disk.read(c * CS as u64, &mut buf).unwrap();
@@ -218,7 +218,7 @@ fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
     let overlay =
         Overlay::open_or_create(&dir.path().join("ov2"), &manifest.id(), image.len() as u64)
             .unwrap();
-    let disk = LazyDisk::new(manifest.clone(), seq.clone(), overlay.queue());
+    let disk = LazyDisk::new(manifest.clone(), seq.clone(), overlay.clone());
     let mut buf = vec![0u8; 32 << 10];
     for (i, at) in (0..image.len()).step_by(buf.len()).enumerate() {
         disk.read(at as u64, &mut buf).unwrap();
@@ -247,7 +247,7 @@ fn a_cached_chunk_that_rots_under_a_reading_queue_is_fetched_again_never_served(
     let overlay =
         Overlay::open_or_create(&dir.path().join("ov"), &manifest.id(), image.len() as u64)
             .unwrap();
-    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.queue());
+    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.clone());
     let id = manifest.chunks[2].unwrap();
     let want = &image[2 * CS..3 * CS];
     let mut buf = vec![0u8; CS];

@@ -1,33 +1,53 @@
 //! The private, writable layer of one disk.
 //!
-//! Written blocks go to a sparse data file at their own offset; a dirty map
-//! says which blocks the overlay holds (the rest come from the image). A
-//! FLUSH syncs the data file, then appends the blocks made dirty since the
-//! last FLUSH to the journal and syncs it: every write acknowledged before
-//! a completed FLUSH survives a crash, and a reopened overlay serves on.
+//! The overlay holds the blocks the guest wrote; every other block comes
+//! from the image. Its files (`docs/formats/overlay.md`): a sparse data
+//! file where block `b` lives at byte `b * 4096`, a journal naming the
+//! blocks the data file holds durably, and a flush log.
 //!
-//! Queues write through their own [`OverlayQueue`] with its own list of
-//! not-yet-journaled blocks, so no lock is shared by all queues on the
-//! write path; the dirty map is a bitmap of atomics. A FLUSH on any queue
-//! covers writes completed on every queue, as virtio asks.
+//! Writes since the last FLUSH are held in memory while they are few (the
+//! [`stash`]); a FLUSH then appends them to the flush log in one batch and
+//! syncs that file alone, one `fdatasync` of preallocated space, before
+//! writing them into the data file unsynced. When the writes since the
+//! last FLUSH are many, they go straight to the data file, and the FLUSH
+//! is a checkpoint: sync the data file, journal the blocks it holds that
+//! no batch of the journal names yet, sync the journal; the flush log's
+//! generation is then dead. Every write completed before a FLUSH that
+//! succeeded survives a crash; a write never flushed reads after a crash
+//! as it was written or as before, never as zeros that were never written.
+//!
+//! A failed sync poisons the overlay: Linux reports a writeback error once
+//! and may drop the pages that failed, so a later sync that succeeds says
+//! nothing about them. Every write, FLUSH and read of an overlay block
+//! fails from then on; reopening the overlay replays what was durable.
 
+mod bitmap;
+mod files;
 pub mod journal;
-mod uring;
+mod stash;
+pub mod wal;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use serde::{Deserialize, Serialize};
+pub use files::OverlayMeta;
+pub use stash::STASH_BYTES;
 
 use crate::error::ErrorKind;
 use crate::id::ManifestId;
+use bitmap::Bitmap;
+use files::{io_at, DATA, JOURNAL, WAL};
+use stash::Stash;
+use wal::WalWriter;
 
 /// The overlay's block: the unit of its dirty map and of its writes.
 pub const BLOCK: u64 = 4096;
-const META_VERSION: u32 = 1;
+/// The flush log's largest size; a FLUSH that would not fit checkpoints.
+pub const WAL_CAPACITY: u64 = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
@@ -53,12 +73,14 @@ pub enum OverlayError {
     },
     #[error("blocks {first}..{end} are outside the disk's {blocks} blocks")]
     OutOfRange { first: u64, end: u64, blocks: u64 },
+    #[error("overlay {dir} failed earlier ({cause}); it takes no more writes or flushes: restart the server to replay what was made durable")]
+    Poisoned { dir: PathBuf, cause: String },
 }
 
 impl OverlayError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            OverlayError::Io { .. } => ErrorKind::Io,
+            OverlayError::Io { .. } | OverlayError::Poisoned { .. } => ErrorKind::Io,
             OverlayError::Missing(_) => ErrorKind::NotFound,
             OverlayError::Malformed { .. } => ErrorKind::Corrupt,
             OverlayError::Busy { .. } | OverlayError::OtherImage { .. } => ErrorKind::InvalidInput,
@@ -67,46 +89,40 @@ impl OverlayError {
     }
 }
 
-/// `overlay.json`: what the overlay is a layer of.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct OverlayMeta {
-    pub version: u32,
-    /// The manifest id of the image underneath.
-    pub base: String,
-    pub logical_size: u64,
-    pub block_size: u64,
+/// Syncs done so far, by file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Syncs {
+    pub data: u64,
+    pub wal: u64,
+    pub journal: u64,
 }
 
-const META: &str = "overlay.json";
-const DATA: &str = "data";
-const JOURNAL: &str = "journal";
-const LOCK: &str = "lock";
+#[derive(Default)]
+struct SyncCounters {
+    data: AtomicU64,
+    wal: AtomicU64,
+    journal: AtomicU64,
+}
 
-/// The journal file and what FLUSH knows; only FLUSH takes it.
-struct JournalState {
-    file: File,
-    end: u64,
-    /// `Overlay::writes` at the last completed FLUSH.
+/// The writes since the last FLUSH that are held in memory.
+#[derive(Default)]
+struct Staging {
+    current: Stash,
+    /// The stash a FLUSH is logging, until it is in the data file.
+    flushing: Option<Arc<Stash>>,
+    /// The writes of this epoch outgrew the stash: they go to the data file.
+    direct: bool,
+}
+
+/// What only a FLUSH touches.
+struct FlushState {
+    journal: File,
+    journal_end: u64,
+    /// The last journal batch's sequence number.
+    journal_seq: u64,
+    wal: WalWriter,
+    /// `Overlay::writes` at the last FLUSH that succeeded.
     synced_writes: u64,
-    /// Blocks a failed FLUSH took from the queues: the next one retries.
-    unjournaled: Vec<u64>,
-}
-
-/// A bitmap of atomics, one bit per block.
-struct Bitmap(Vec<AtomicU64>);
-
-impl Bitmap {
-    fn new(bits: u64) -> Bitmap {
-        Bitmap((0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
-    }
-
-    fn get(&self, bit: u64) -> bool {
-        self.0[(bit / 64) as usize].load(Ordering::Acquire) & (1 << (bit % 64)) != 0
-    }
-
-    fn set(&self, bit: u64) {
-        self.0[(bit / 64) as usize].fetch_or(1 << (bit % 64), Ordering::AcqRel);
-    }
 }
 
 pub struct Overlay {
@@ -114,20 +130,25 @@ pub struct Overlay {
     meta: OverlayMeta,
     blocks: u64,
     data: File,
+    wal_file: File,
     /// Blocks the overlay holds (written, even if not yet flushed).
     dirty: Bitmap,
-    /// Blocks the journal names (survive a crash).
+    /// Blocks the journal names.
     durable: Bitmap,
-    /// The journal and its end; only FLUSH takes it.
-    journal: Mutex<JournalState>,
-    /// Writes completed so far (bumped after each one lands in the data
-    /// file): a FLUSH with none since the last one has nothing to sync.
+    /// Blocks in the data file or the flush log that the journal does not
+    /// name yet: the next checkpoint journals them.
+    unjournaled: Bitmap,
+    /// Blocks held in a stash (the current one or the one being flushed).
+    staged: Bitmap,
+    staging: Mutex<Staging>,
+    flush: Mutex<FlushState>,
+    /// Writes completed so far: a FLUSH with none since the last has
+    /// nothing to do.
     writes: AtomicU64,
-    /// Syncs of the data file so far.
-    data_syncs: AtomicU64,
-    /// Every queue's not-yet-journaled blocks; taken when a queue is made
-    /// and by FLUSH.
-    queues: Mutex<Vec<Arc<Mutex<Vec<u64>>>>>,
+    /// The data file took a write since the last checkpoint began.
+    data_written: AtomicBool,
+    poison: OnceLock<String>,
+    syncs: SyncCounters,
     _lock: File,
 }
 
@@ -138,16 +159,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Overlay {
     /// Opens the overlay in `dir`, creating it over image `base` of
     /// `logical_size` bytes if the directory holds none. Refuses an overlay
-    /// of another image.
+    /// of another image. Creation happens under the overlay's lock, so two
+    /// processes starting on one fresh directory never wipe each other.
     pub fn open_or_create(
         dir: &Path,
         base: &ManifestId,
         logical_size: u64,
     ) -> Result<Arc<Overlay>, OverlayError> {
-        if !dir.join(META).exists() {
-            create(dir, base, logical_size)?;
+        std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let lock_file = files::lock(dir)?;
+        if !files::meta_exists(dir) {
+            files::create(dir, base, logical_size)?;
         }
-        let o = Overlay::open(dir)?;
+        let o = Overlay::open_locked(dir, lock_file)?;
         if o.meta.base != base.to_hex() {
             return Err(OverlayError::OtherImage {
                 dir: dir.to_owned(),
@@ -158,110 +182,107 @@ impl Overlay {
         Ok(o)
     }
 
-    /// Opens an existing overlay, replaying its journal; a torn journal
-    /// tail (a crash mid-FLUSH) is cut off.
+    /// Opens an existing overlay: replays its journal (a torn tail, a crash
+    /// during a checkpoint, is cut off; damage before the tail is an error
+    /// and the file is left as it is), then its flush log, and checkpoints
+    /// what the log held.
     pub fn open(dir: &Path) -> Result<Arc<Overlay>, OverlayError> {
-        let io = |p: &Path| {
-            let path = p.to_owned();
-            move |source| OverlayError::Io { path, source }
-        };
-        let meta_path = dir.join(META);
-        let text = match fs::read(&meta_path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(OverlayError::Missing(dir.to_owned()))
-            }
-            Err(e) => return Err(io(&meta_path)(e)),
-        };
+        let lock_file = files::lock(dir)?;
+        Overlay::open_locked(dir, lock_file)
+    }
+
+    fn open_locked(dir: &Path, lock_file: File) -> Result<Arc<Overlay>, OverlayError> {
+        let meta = files::read_meta(dir)?;
         let malformed = |why: String| OverlayError::Malformed {
             dir: dir.to_owned(),
             why,
         };
-        let meta: OverlayMeta =
-            serde_json::from_slice(&text).map_err(|e| malformed(format!("{META}: {e}")))?;
-        if meta.version != META_VERSION || meta.block_size != BLOCK {
-            return Err(malformed(format!(
-                "version {} with {}-byte blocks; this build reads version {META_VERSION} with {BLOCK}-byte blocks",
-                meta.version, meta.block_size
-            )));
-        }
-        let lock_path = dir.join(LOCK);
-        let lock_file = File::create(&lock_path).map_err(io(&lock_path))?;
-        match lock_file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(OverlayError::Busy {
-                    dir: dir.to_owned(),
-                })
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
-        }
-        let data_path = dir.join(DATA);
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&data_path)
-            .map_err(io(&data_path))?;
-        let len = data.metadata().map_err(io(&data_path))?.len();
+        let (data, data_path) = files::open_rw(dir, DATA)?;
+        let len = data.metadata().map_err(io_at(&data_path))?.len();
         if len != meta.logical_size {
             return Err(malformed(format!(
                 "data file is {len} bytes, the disk {}",
                 meta.logical_size
             )));
         }
-        let journal_path = dir.join(JOURNAL);
-        let journal = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&journal_path)
-            .map_err(io(&journal_path))?;
-        let bytes = fs::read(&journal_path).map_err(io(&journal_path))?;
-        let (extents, good) = journal::replay(&bytes);
-        if good < bytes.len() {
-            tracing::warn!(
-                overlay = %dir.display(),
-                torn = bytes.len() - good,
-                "overlay journal had a torn tail (a crash during FLUSH); cut it off"
-            );
-            journal
-                .set_len(good as u64)
-                .and_then(|()| journal.sync_data())
-                .map_err(io(&journal_path))?;
-        }
+        let (journal, journal_path) = files::open_rw(dir, JOURNAL)?;
+        let replayed = files::replay_journal(dir, &journal, &journal_path)?;
         let blocks = meta.logical_size.div_ceil(BLOCK);
-        let dirty = Bitmap::new(blocks);
         let durable = Bitmap::new(blocks);
-        for e in &extents {
-            let end = e.start + u64::from(e.count);
-            if end > blocks {
+        let dirty = Bitmap::new(blocks);
+        for e in &replayed.extents {
+            if e.end() > blocks {
                 return Err(malformed(format!(
-                    "journal names blocks {}..{end} of a {blocks}-block disk",
-                    e.start
+                    "journal names blocks {}..{} of a {blocks}-block disk",
+                    e.start,
+                    e.end()
                 )));
             }
-            for b in e.start..end {
+            for b in e.start..e.end() {
                 dirty.set(b);
                 durable.set(b);
             }
         }
-        Ok(Arc::new(Overlay {
+        let (wal_file, wal_path) = files::open_rw(dir, WAL)?;
+        let wal_len = wal_file.metadata().map_err(io_at(&wal_path))?.len();
+        let o = Arc::new(Overlay {
             dir: dir.to_owned(),
-            meta,
             blocks,
             data,
+            wal_file,
             dirty,
             durable,
-            journal: Mutex::new(JournalState {
-                file: journal,
-                end: good as u64,
+            unjournaled: Bitmap::new(blocks),
+            staged: Bitmap::new(blocks),
+            staging: Mutex::new(Staging::default()),
+            flush: Mutex::new(FlushState {
+                journal,
+                journal_end: replayed.good_len,
+                journal_seq: replayed.last_seq,
+                wal: WalWriter::new(replayed.checkpointed + 1, wal_len, WAL_CAPACITY),
                 synced_writes: 0,
-                unjournaled: Vec::new(),
             }),
             writes: AtomicU64::new(0),
-            data_syncs: AtomicU64::new(0),
-            queues: Mutex::new(Vec::new()),
+            data_written: AtomicBool::new(false),
+            poison: OnceLock::new(),
+            syncs: SyncCounters::default(),
+            meta,
             _lock: lock_file,
-        }))
+        });
+        o.recover_flush_log()?;
+        Ok(o)
+    }
+
+    /// Puts the batches of the flush log's current generation into the
+    /// data file and checkpoints them.
+    fn recover_flush_log(&self) -> Result<(), OverlayError> {
+        let mut fs = lock(&self.flush);
+        let gen = fs.wal.generation();
+        let wal_path = self.dir.join(WAL);
+        let applied = wal::replay(&self.wal_file, gen, self.blocks, |batch| {
+            let mut data = batch.data.chunks_exact(BLOCK as usize);
+            for (b, has_data) in batch.entries {
+                match has_data {
+                    true => self.write_data(b, data.next().expect("one block per entry"))?,
+                    false => self.punch_data(b, 1)?,
+                }
+                self.dirty.set(b);
+                if !self.durable.get(b) {
+                    self.unjournaled.set(b);
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| match e {
+            wal::ReplayError::Wal(e) => files::corrupt(&self.dir, WAL, e),
+            wal::ReplayError::Io(e) => io_at(&wal_path)(e),
+        })?;
+        if applied == 0 {
+            return Ok(());
+        }
+        tracing::info!(overlay = %self.dir.display(), batches = applied, "replayed the flush log");
+        fs.wal.recovered(applied);
+        self.checkpoint(&mut fs, None)
     }
 
     pub fn meta(&self) -> &OverlayMeta {
@@ -287,34 +308,48 @@ impl Overlay {
         self.dirty.get(b)
     }
 
-    /// Syncs of the data file so far (FLUSHes with nothing new skip it).
-    pub fn data_syncs(&self) -> u64 {
-        self.data_syncs.load(Ordering::Relaxed)
-    }
-
     /// Number of blocks the overlay holds.
     pub fn dirty_count(&self) -> u64 {
-        self.dirty
-            .0
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
-            .sum()
+        self.dirty.count()
     }
 
-    /// A handle for one queue's I/O.
-    pub fn queue(self: &Arc<Self>) -> OverlayQueue {
-        let pending = Arc::new(Mutex::new(Vec::new()));
-        lock(&self.queues).push(pending.clone());
-        OverlayQueue {
-            overlay: self.clone(),
-            pending,
-            ring: uring::Ring::new(),
+    /// Syncs so far, by file.
+    pub fn syncs(&self) -> Syncs {
+        Syncs {
+            data: self.syncs.data.load(Ordering::Relaxed),
+            wal: self.syncs.wal.load(Ordering::Relaxed),
+            journal: self.syncs.journal.load(Ordering::Relaxed),
         }
     }
 
-    fn io_err(&self, name: &str) -> impl FnOnce(io::Error) -> OverlayError {
-        let path = self.dir.join(name);
-        move |source| OverlayError::Io { path, source }
+    /// Blocks held in memory for the next FLUSH.
+    pub fn stashed_blocks(&self) -> usize {
+        let st = lock(&self.staging);
+        st.current.len() + st.flushing.as_ref().map_or(0, |f| f.len())
+    }
+
+    /// Whether a failure poisoned the overlay.
+    pub fn is_poisoned(&self) -> bool {
+        self.poison.get().is_some()
+    }
+
+    fn check_poison(&self) -> Result<(), OverlayError> {
+        match self.poison.get() {
+            None => Ok(()),
+            Some(cause) => Err(OverlayError::Poisoned {
+                dir: self.dir.clone(),
+                cause: cause.clone(),
+            }),
+        }
+    }
+
+    /// Poisons the overlay with `e` as the cause (the first cause stays).
+    fn poisoned(&self, e: OverlayError) -> OverlayError {
+        let cause = crate::error::DisplayChain(&e).to_string();
+        if self.poison.set(cause).is_ok() {
+            tracing::error!(overlay = %self.dir.display(), error = %crate::error::DisplayChain(&e), "overlay poisoned: it takes no more writes or flushes");
+        }
+        e
     }
 
     fn check_range(&self, first: u64, count: u64) -> Result<(), OverlayError> {
@@ -329,228 +364,320 @@ impl Overlay {
         Ok(())
     }
 
-    /// Makes every write completed before this call durable.
-    pub fn flush(&self) -> Result<(), OverlayError> {
-        let mut j = lock(&self.journal);
-        // Read before taking the queues' blocks: a write that lands after
-        // this is covered by the next FLUSH, never skipped.
-        let writes = self.writes.load(Ordering::Acquire);
-        let mut blocks = std::mem::take(&mut j.unjournaled);
-        for q in lock(&self.queues).iter() {
-            blocks.append(&mut lock(q));
-        }
-        if writes == j.synced_writes && blocks.is_empty() {
-            return Ok(());
-        }
-        let result = self.sync_and_journal(&mut j, &mut blocks);
-        match &result {
-            Ok(()) => j.synced_writes = writes,
-            Err(_) => j.unjournaled = blocks,
-        }
-        result
+    /// Bytes of block `b` inside the disk (the last block may be short).
+    fn block_len(&self, b: u64) -> usize {
+        BLOCK.min(self.meta.logical_size - b * BLOCK) as usize
     }
 
-    /// Syncs the data file, then journals `blocks` (those not durable yet).
-    fn sync_and_journal(
-        &self,
-        j: &mut JournalState,
-        blocks: &mut Vec<u64>,
-    ) -> Result<(), OverlayError> {
-        // Data first: a journal record must never name unsynced data.
-        self.data.sync_data().map_err(self.io_err(DATA))?;
-        self.data_syncs.fetch_add(1, Ordering::Relaxed);
-        blocks.retain(|&b| !self.durable.get(b));
-        if blocks.is_empty() {
-            return Ok(());
-        }
-        let extents = journal::coalesce(blocks.clone());
-        j.end = journal::append(&j.file, j.end, &extents).map_err(self.io_err(JOURNAL))?;
-        for e in extents {
-            for b in e.start..e.start + u64::from(e.count) {
-                self.durable.set(b);
-            }
-        }
-        Ok(())
+    fn write_data(&self, b: u64, block: &[u8]) -> io::Result<()> {
+        self.data
+            .write_all_at(&block[..self.block_len(b)], b * BLOCK)
     }
-}
 
-fn create(dir: &Path, base: &ManifestId, logical_size: u64) -> Result<(), OverlayError> {
-    let io = |p: &Path| {
-        let path = p.to_owned();
-        move |source| OverlayError::Io { path, source }
-    };
-    fs::create_dir_all(dir).map_err(io(dir))?;
-    let data_path = dir.join(DATA);
-    let data = File::create(&data_path).map_err(io(&data_path))?;
-    data.set_len(logical_size).map_err(io(&data_path))?;
-    data.sync_all().map_err(io(&data_path))?;
-    let journal_path = dir.join(JOURNAL);
-    File::create(&journal_path)
-        .and_then(|f| f.sync_all())
-        .map_err(io(&journal_path))?;
-    let meta = OverlayMeta {
-        version: META_VERSION,
-        base: base.to_hex(),
-        logical_size,
-        block_size: BLOCK,
-    };
-    // The metadata goes last, by rename: an overlay without it is not one.
-    let tmp = dir.join(".overlay.json.tmp");
-    let text = serde_json::to_vec_pretty(&meta).expect("plain struct");
-    fs::write(&tmp, text)
-        .and_then(|()| File::open(&tmp)?.sync_all())
-        .map_err(io(&tmp))?;
-    let meta_path = dir.join(META);
-    fs::rename(&tmp, &meta_path).map_err(io(&meta_path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
-}
-
-/// One queue's access to the overlay.
-pub struct OverlayQueue {
-    overlay: Arc<Overlay>,
-    pending: Arc<Mutex<Vec<u64>>>,
-    ring: uring::Ring,
-}
-
-impl OverlayQueue {
-    pub fn overlay(&self) -> &Arc<Overlay> {
-        &self.overlay
+    fn punch_data(&self, first: u64, count: u64) -> io::Result<()> {
+        use rustix::fs::FallocateFlags;
+        let off = first * BLOCK;
+        let len = (count * BLOCK).min(self.meta.logical_size - off);
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        rustix::fs::fallocate(&self.data, flags, off, len).map_err(io::Error::from)
     }
 
     /// Reads whole blocks from `first` (they should be dirty; clean blocks
-    /// read as zeros).
+    /// read as zeros). The last block of the disk may be short.
     pub fn read_blocks(&self, first: u64, buf: &mut [u8]) -> Result<(), OverlayError> {
-        let o = &self.overlay;
-        o.check_range(first, (buf.len() as u64).div_ceil(BLOCK))?;
-        self.ring
-            .read_exact_at(&o.data, buf, first * BLOCK)
-            .map_err(o.io_err(DATA))
+        self.check_poison()?;
+        let count = (buf.len() as u64).div_ceil(BLOCK);
+        self.check_range(first, count)?;
+        let b = BLOCK as usize;
+        let mut i = 0u64;
+        while i < count {
+            let at = (i as usize) * b;
+            if !self.staged.get(first + i) {
+                let mut j = i + 1;
+                while j < count && !self.staged.get(first + j) {
+                    j += 1;
+                }
+                let end = (j as usize * b).min(buf.len());
+                self.data
+                    .read_exact_at(&mut buf[at..end], (first + i) * BLOCK)
+                    .map_err(io_at(&self.dir.join(DATA)))?;
+                i = j;
+                continue;
+            }
+            let end = (at + b).min(buf.len());
+            let out = &mut buf[at..end];
+            let held = {
+                let st = lock(&self.staging);
+                let found = st
+                    .current
+                    .get(first + i)
+                    .or_else(|| st.flushing.as_ref().and_then(|f| f.get(first + i)));
+                match found {
+                    Some(Some(data)) => {
+                        out.copy_from_slice(&data[..out.len()]);
+                        true
+                    }
+                    Some(None) => {
+                        out.fill(0);
+                        true
+                    }
+                    None => false,
+                }
+            };
+            if !held {
+                // Put in the data file since the bit was read.
+                self.data
+                    .read_exact_at(out, (first + i) * BLOCK)
+                    .map_err(io_at(&self.dir.join(DATA)))?;
+            }
+            i += 1;
+        }
+        Ok(())
     }
 
-    /// Writes whole blocks from `first` and marks them dirty.
+    /// Writes whole blocks from `first` (the last block of the disk may be
+    /// short) and marks them dirty.
     pub fn write_blocks(&self, first: u64, data: &[u8]) -> Result<(), OverlayError> {
-        let o = &self.overlay;
         let count = (data.len() as u64).div_ceil(BLOCK);
-        o.check_range(first, count)?;
-        self.ring
-            .write_all_at(&o.data, data, first * BLOCK)
-            .map_err(o.io_err(DATA))?;
-        self.mark(first, count);
-        Ok(())
+        self.store(first, count, Some(data))
     }
 
     /// Makes `count` blocks from `first` read as zeros and frees their space.
     pub fn zero_blocks(&self, first: u64, count: u64) -> Result<(), OverlayError> {
-        let o = &self.overlay;
-        o.check_range(first, count)?;
-        let (off, len) = (first * BLOCK, count * BLOCK);
-        let len = len.min(o.meta.logical_size - off);
-        self.ring
-            .punch_hole(&o.data, off, len)
-            .map_err(o.io_err(DATA))?;
-        self.mark(first, count);
+        self.store(first, count, None)
+    }
+
+    /// A write (`Some`) or zeroing (`None`) of blocks `first..first + count`.
+    fn store(&self, first: u64, count: u64, data: Option<&[u8]>) -> Result<(), OverlayError> {
+        self.check_poison()?;
+        self.check_range(first, count)?;
+        {
+            let mut st = lock(&self.staging);
+            if !st.direct {
+                if st.current.fits(count) {
+                    match data {
+                        Some(d) if d.len() as u64 % BLOCK != 0 => {
+                            let mut padded = d.to_vec();
+                            padded.resize((count * BLOCK) as usize, 0);
+                            st.current.put(first, &padded);
+                        }
+                        Some(d) => st.current.put(first, d),
+                        None => st.current.put_zeros(first, count),
+                    }
+                    for b in first..first + count {
+                        self.staged.set(b);
+                        self.dirty.set(b);
+                    }
+                    drop(st);
+                    self.writes.fetch_add(1, Ordering::AcqRel);
+                    return Ok(());
+                }
+                self.spill(&mut st).map_err(|e| self.poisoned(e))?;
+            }
+        }
+        let done = match data {
+            Some(d) => self.data.write_all_at(d, first * BLOCK),
+            None => self.punch_data(first, count),
+        };
+        done.map_err(io_at(&self.dir.join(DATA)))?;
+        self.data_written_blocks(first..first + count);
+        self.writes.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
-    /// Records a completed write of `count` blocks from `first`.
-    fn mark(&self, first: u64, count: u64) {
-        let o = &self.overlay;
-        let mut fresh = Vec::new();
-        for b in first..first + count {
-            o.dirty.set(b);
-            if !o.durable.get(b) {
-                fresh.push(b);
+    /// Records blocks that went into the data file outside any FLUSH.
+    fn data_written_blocks(&self, blocks: impl Iterator<Item = u64>) {
+        for b in blocks {
+            self.dirty.set(b);
+            if !self.durable.get(b) {
+                self.unjournaled.set(b);
             }
         }
-        if !fresh.is_empty() {
-            lock(&self.pending).append(&mut fresh);
-        }
-        o.writes.fetch_add(1, Ordering::AcqRel);
+        self.data_written.store(true, Ordering::Release);
     }
 
+    /// The stash outgrew its bound: every block it (and a FLUSH still
+    /// logging one) holds goes to the data file, and the rest of this
+    /// epoch's writes go there directly.
+    fn spill(&self, st: &mut Staging) -> Result<(), OverlayError> {
+        if let Some(f) = st.flushing.take() {
+            self.apply(&f, Some(&st.current))?;
+            self.unstage(&f, &st.current);
+            self.data_written_blocks(f.blocks());
+        }
+        let current = std::mem::take(&mut st.current);
+        self.apply(&current, None)?;
+        self.unstage(&current, &Stash::default());
+        self.data_written_blocks(current.blocks());
+        st.direct = true;
+        Ok(())
+    }
+
+    /// Writes the blocks `stash` holds into the data file, except those
+    /// `newer` holds.
+    fn apply(&self, stash: &Stash, newer: Option<&Stash>) -> Result<(), OverlayError> {
+        let mut entries = stash.entries();
+        if let Some(newer) = newer {
+            entries.retain(|(b, _)| !newer.contains(*b));
+        }
+        let mut i = 0;
+        while i < entries.len() {
+            let (b, data) = entries[i];
+            let done = match data {
+                Some(d) => {
+                    i += 1;
+                    self.write_data(b, d)
+                }
+                None => {
+                    // One hole for a run of zero blocks.
+                    let mut n = 1;
+                    while i + n < entries.len()
+                        && entries[i + n].0 == b + n as u64
+                        && entries[i + n].1.is_none()
+                    {
+                        n += 1;
+                    }
+                    i += n;
+                    self.punch_data(b, n as u64)
+                }
+            };
+            done.map_err(io_at(&self.dir.join(DATA)))?;
+        }
+        Ok(())
+    }
+
+    /// Clears the staged bit of the blocks `stash` holds, except those
+    /// `newer` holds.
+    fn unstage(&self, stash: &Stash, newer: &Stash) {
+        for b in stash.blocks().filter(|b| !newer.contains(*b)) {
+            self.staged.clear(b);
+        }
+    }
+
+    /// Makes every write completed before this call durable.
     pub fn flush(&self) -> Result<(), OverlayError> {
-        self.overlay.flush()
+        let mut fs = lock(&self.flush);
+        self.check_poison()?;
+        // Read before taking anything: a write that lands after this is
+        // covered by the next FLUSH, never skipped.
+        let writes = self.writes.load(Ordering::Acquire);
+        if writes == fs.synced_writes {
+            return Ok(());
+        }
+        let (taken, direct) = {
+            let mut st = lock(&self.staging);
+            let taken = Arc::new(std::mem::take(&mut st.current));
+            if !taken.is_empty() {
+                st.flushing = Some(taken.clone());
+            }
+            (taken, std::mem::replace(&mut st.direct, false))
+        };
+        let data_written = self.data_written.swap(false, Ordering::AcqRel);
+        let entries = taken.entries();
+        let with_data = entries.iter().filter(|e| e.1.is_some()).count();
+        let result = if direct || data_written || !fs.wal.fits(entries.len(), with_data) {
+            self.checkpoint(&mut fs, Some(&taken))
+        } else {
+            self.log(&mut fs, &taken, &entries)
+        };
+        match result {
+            Ok(()) => {
+                fs.synced_writes = writes;
+                Ok(())
+            }
+            Err(e) => Err(self.poisoned(e)),
+        }
+    }
+
+    /// A small FLUSH: one batch in the flush log, one sync; then the blocks
+    /// go to the data file, unsynced.
+    fn log(
+        &self,
+        fs: &mut FlushState,
+        taken: &Arc<Stash>,
+        entries: &[wal::Entry<'_>],
+    ) -> Result<(), OverlayError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let wal_path = self.dir.join(WAL);
+        fs.wal
+            .append(&self.wal_file, entries)
+            .map_err(io_at(&wal_path))?;
+        self.sync(&self.wal_file, WAL, &self.syncs.wal)?;
+        for &(b, _) in entries {
+            if !self.durable.get(b) {
+                self.unjournaled.set(b);
+            }
+        }
+        self.settle(taken)
+    }
+
+    /// Puts a logged stash into the data file, unless a spill did already.
+    fn settle(&self, taken: &Arc<Stash>) -> Result<(), OverlayError> {
+        let mut st = lock(&self.staging);
+        if !st.flushing.as_ref().is_some_and(|f| Arc::ptr_eq(f, taken)) {
+            return Ok(());
+        }
+        self.apply(taken, Some(&st.current))?;
+        self.unstage(taken, &st.current);
+        st.flushing = None;
+        Ok(())
+    }
+
+    /// A checkpoint: `taken` (if any) into the data file, the data file
+    /// synced, the blocks no batch names yet journaled and the journal
+    /// synced; the flush log's generation, if it has batches, ends.
+    fn checkpoint(
+        &self,
+        fs: &mut FlushState,
+        taken: Option<&Arc<Stash>>,
+    ) -> Result<(), OverlayError> {
+        if let Some(taken) = taken {
+            self.settle(taken)?;
+            for b in taken.blocks() {
+                if !self.durable.get(b) {
+                    self.unjournaled.set(b);
+                }
+            }
+        }
+        // Taken before the sync: each of these was written before it.
+        let blocks = self.unjournaled.take_all();
+        self.sync(&self.data, DATA, &self.syncs.data)?;
+        let fresh: Vec<u64> = blocks
+            .into_iter()
+            .filter(|&b| !self.durable.get(b))
+            .collect();
+        if fresh.is_empty() && fs.wal.is_empty() {
+            return Ok(());
+        }
+        let extents = journal::coalesce(fresh);
+        let path = self.dir.join(JOURNAL);
+        fs.journal_end = journal::append(
+            &fs.journal,
+            fs.journal_end,
+            fs.journal_seq + 1,
+            fs.wal.generation(),
+            &extents,
+        )
+        .map_err(io_at(&path))?;
+        self.sync(&fs.journal, JOURNAL, &self.syncs.journal)?;
+        fs.journal_seq += 1;
+        for e in extents {
+            for b in e.start..e.end() {
+                self.durable.set(b);
+            }
+        }
+        fs.wal.next_generation();
+        Ok(())
+    }
+
+    fn sync(&self, file: &File, name: &str, counter: &AtomicU64) -> Result<(), OverlayError> {
+        file.sync_data().map_err(io_at(&self.dir.join(name)))?;
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn base() -> ManifestId {
-        ManifestId::from_bytes([7; 32])
-    }
-
-    #[test]
-    fn flushed_writes_survive_a_reopen_and_unflushed_ones_stay_unclaimed() {
-        let dir = tempfile::tempdir().unwrap();
-        let o = Overlay::open_or_create(dir.path(), &base(), 64 * BLOCK).unwrap();
-        let q = o.queue();
-        q.write_blocks(3, &[0xab; 2 * BLOCK as usize]).unwrap();
-        q.zero_blocks(10, 1).unwrap();
-        q.flush().unwrap();
-        q.write_blocks(20, &[0xcd; BLOCK as usize]).unwrap();
-        drop(q);
-        drop(o);
-        let o = Overlay::open(dir.path()).unwrap();
-        let dirty: Vec<u64> = (0..64).filter(|&b| o.is_dirty(b)).collect();
-        assert_eq!(dirty, [3, 4, 10]);
-        // A FLUSH with no write since the last one syncs nothing; a rewrite
-        // of a journaled block syncs the data but journals nothing new.
-        let q = o.queue();
-        let syncs = o.data_syncs();
-        q.flush().unwrap();
-        assert_eq!(o.data_syncs(), syncs);
-        q.write_blocks(3, &[0xab; BLOCK as usize]).unwrap();
-        q.flush().unwrap();
-        assert_eq!(o.data_syncs(), syncs + 1);
-        q.flush().unwrap();
-        assert_eq!(o.data_syncs(), syncs + 1);
-        drop(q);
-        let mut buf = vec![0u8; 2 * BLOCK as usize];
-        o.queue().read_blocks(3, &mut buf).unwrap();
-        assert!(buf.iter().all(|&x| x == 0xab));
-    }
-
-    #[test]
-    fn a_flush_on_one_queue_covers_writes_on_another() {
-        let dir = tempfile::tempdir().unwrap();
-        let o = Overlay::open_or_create(dir.path(), &base(), 64 * BLOCK).unwrap();
-        let (a, b) = (o.queue(), o.queue());
-        b.write_blocks(7, &[1; BLOCK as usize]).unwrap();
-        a.flush().unwrap();
-        drop((a, b, o));
-        assert!(Overlay::open(dir.path()).unwrap().is_dirty(7));
-    }
-
-    #[test]
-    fn out_of_range_other_image_busy_and_torn_journal() {
-        let dir = tempfile::tempdir().unwrap();
-        let o = Overlay::open_or_create(dir.path(), &base(), 8 * BLOCK).unwrap();
-        let q = o.queue();
-        assert!(matches!(
-            q.write_blocks(7, &[0; 2 * BLOCK as usize]),
-            Err(OverlayError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            Overlay::open(dir.path()),
-            Err(OverlayError::Busy { .. })
-        ));
-        q.write_blocks(1, &[9; BLOCK as usize]).unwrap();
-        q.flush().unwrap();
-        drop((q, o));
-        let other = ManifestId::from_bytes([8; 32]);
-        assert!(matches!(
-            Overlay::open_or_create(dir.path(), &other, 8 * BLOCK),
-            Err(OverlayError::OtherImage { .. })
-        ));
-        // A crash mid-append leaves half a record: cut off, the rest kept.
-        let j = dir.path().join(JOURNAL);
-        let mut bytes = fs::read(&j).unwrap();
-        bytes.extend_from_slice(&journal::encode(journal::Extent { start: 5, count: 1 })[..13]);
-        fs::write(&j, &bytes).unwrap();
-        let o = Overlay::open(dir.path()).unwrap();
-        assert!(o.is_dirty(1) && !o.is_dirty(5));
-        assert_eq!(fs::metadata(&j).unwrap().len(), journal::RECORD_LEN as u64);
-    }
-}
+mod tests;

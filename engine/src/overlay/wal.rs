@@ -1,0 +1,424 @@
+//! The flush log: what makes a small FLUSH one sync.
+//!
+//! A FLUSH whose writes fit (the common case: a database commit, a file
+//! system's journal commit) appends them, data and block numbers, as one
+//! batch to this file and syncs it: one `fdatasync` of a file whose space
+//! was written before, so the host file system has no metadata to commit.
+//! The blocks then go to the data file unsynced. A checkpoint (a large
+//! FLUSH, or a full log) syncs the data file and the journal instead, and
+//! starts a new generation: batches of older generations are dead.
+//!
+//! Batches start on 4 KiB boundaries (`docs/formats/overlay.md`): a header
+//! (magic, entry count, generation, sequence, CRCs), the block numbers,
+//! then the data of every block that is not zero. Only the last batch can
+//! be torn by a crash (the next is written only after this one is synced),
+//! so replay stops at a bad batch unless a valid one of the same
+//! generation follows it, which is corruption.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use super::BLOCK;
+
+const MAGIC: [u8; 4] = *b"CRNW";
+const HEADER_FIELDS: usize = 64;
+const ALIGN: u64 = 4096;
+/// Entry flag: the block reads as zeros (no data follows for it).
+const ZERO: u64 = 1 << 63;
+/// The log is written ahead in steps of this many zeros, so appends land
+/// in space the file system has allocated already.
+const GROW_STEP: u64 = 4 << 20;
+
+/// One block of a batch: its number and its data (`None`: zeros).
+pub type Entry<'a> = (u64, Option<&'a [u8]>);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WalError {
+    #[error("flush-log batch {seq} at byte {at} is damaged but batch {next_seq} follows it: the log is corrupt, not torn by a crash")]
+    Corrupt { at: u64, seq: u64, next_seq: u64 },
+    #[error(
+        "flush-log batch {seq} at byte {at} names block {block}, past the disk's {blocks} blocks"
+    )]
+    OutOfRange {
+        at: u64,
+        seq: u64,
+        block: u64,
+        blocks: u64,
+    },
+}
+
+/// A batch as replay found it.
+pub struct Batch {
+    pub entries: Vec<(u64, bool)>,
+    /// The data of the entries that are not zero, back to back.
+    pub data: Vec<u8>,
+}
+
+fn header_area(count: usize) -> u64 {
+    (HEADER_FIELDS as u64 + count as u64 * 8).div_ceil(ALIGN) * ALIGN
+}
+
+fn batch_len(count: usize, data_blocks: usize) -> u64 {
+    header_area(count) + data_blocks as u64 * BLOCK
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn header_crc(header: &[u8], count: usize) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&header[..28]);
+    h.update(&header[32..HEADER_FIELDS + count * 8]);
+    h.finalize()
+}
+
+/// Encodes a batch of `entries` (at most one per block).
+pub fn encode(gen: u64, seq: u64, entries: &[Entry<'_>]) -> Vec<u8> {
+    let data_blocks = entries.iter().filter(|(_, d)| d.is_some()).count();
+    let head = header_area(entries.len()) as usize;
+    let mut b = vec![0u8; head];
+    b[0..4].copy_from_slice(&MAGIC);
+    b[4..8].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+    b[8..16].copy_from_slice(&gen.to_le_bytes());
+    b[16..24].copy_from_slice(&seq.to_le_bytes());
+    b.reserve(data_blocks * BLOCK as usize);
+    let mut data_crc = crc32fast::Hasher::new();
+    for (i, (block, data)) in entries.iter().enumerate() {
+        let word = match data {
+            Some(_) => *block,
+            None => *block | ZERO,
+        };
+        b[HEADER_FIELDS + i * 8..HEADER_FIELDS + i * 8 + 8].copy_from_slice(&word.to_le_bytes());
+    }
+    for d in entries.iter().filter_map(|(_, d)| *d) {
+        debug_assert_eq!(d.len(), BLOCK as usize);
+        data_crc.update(d);
+        b.extend_from_slice(d);
+    }
+    b[24..28].copy_from_slice(&data_crc.finalize().to_le_bytes());
+    let crc = header_crc(&b, entries.len());
+    b[28..32].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// A batch header read at some position: whether it is one of `gen`, its
+/// sequence number and where the next batch would start.
+struct Header {
+    gen: u64,
+    seq: u64,
+    entries: Vec<(u64, bool)>,
+    data_crc: u32,
+    len: u64,
+}
+
+/// Reads and checks the header at `at`; `None` if there is none there.
+fn read_header(file: &File, at: u64, file_len: u64) -> io::Result<Option<Header>> {
+    if at + ALIGN > file_len {
+        return Ok(None);
+    }
+    let mut first = vec![0u8; ALIGN as usize];
+    file.read_exact_at(&mut first, at)?;
+    if first[0..4] != MAGIC {
+        return Ok(None);
+    }
+    let count = le_u32(&first, 4) as usize;
+    let area = header_area(count);
+    if at + area > file_len {
+        return Ok(None);
+    }
+    let mut head = first;
+    if area > ALIGN {
+        head.resize(area as usize, 0);
+        file.read_exact_at(&mut head[ALIGN as usize..], at + ALIGN)?;
+    }
+    if header_crc(&head, count) != le_u32(&head, 28) {
+        return Ok(None);
+    }
+    let entries: Vec<(u64, bool)> = head[HEADER_FIELDS..HEADER_FIELDS + count * 8]
+        .chunks_exact(8)
+        .map(|w| {
+            let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+            (w & !ZERO, w & ZERO == 0)
+        })
+        .collect();
+    let data_blocks = entries.iter().filter(|(_, has_data)| *has_data).count();
+    Ok(Some(Header {
+        gen: le_u64(&head, 8),
+        seq: le_u64(&head, 16),
+        data_crc: le_u32(&head, 24),
+        len: batch_len(count, data_blocks),
+        entries,
+    }))
+}
+
+/// Replays generation `gen` of the log in `file`: hands each whole batch
+/// to `apply` in order. A bad batch ends the log (a torn tail) unless a
+/// valid batch of `gen` with a later sequence number follows it. Returns
+/// the number of batches applied.
+pub fn replay(
+    file: &File,
+    gen: u64,
+    blocks: u64,
+    mut apply: impl FnMut(Batch) -> io::Result<()>,
+) -> Result<u64, ReplayError> {
+    let file_len = file.metadata()?.len();
+    let mut at = 0u64;
+    let mut seq = 0u64;
+    loop {
+        let header = read_header(file, at, file_len)?;
+        let Some(h) = header.filter(|h| h.gen == gen && h.seq == seq + 1) else {
+            check_nothing_follows(file, at, gen, seq, file_len)?;
+            return Ok(seq);
+        };
+        if at + h.len > file_len {
+            check_nothing_follows(file, at, gen, seq, file_len)?;
+            return Ok(seq);
+        }
+        let mut data = vec![0u8; (h.len - header_area(h.entries.len())) as usize];
+        file.read_exact_at(&mut data, at + header_area(h.entries.len()))?;
+        if crc32fast::hash(&data) != h.data_crc {
+            // The header is whole: the next batch would start right after.
+            if let Some(next) = read_header(file, at + h.len, file_len)? {
+                if next.gen == gen && next.seq > h.seq {
+                    return Err(WalError::Corrupt {
+                        at,
+                        seq: h.seq,
+                        next_seq: next.seq,
+                    }
+                    .into());
+                }
+            }
+            return Ok(seq);
+        }
+        if let Some(&(block, _)) = h.entries.iter().find(|(b, _)| *b >= blocks) {
+            return Err(WalError::OutOfRange {
+                at,
+                seq: h.seq,
+                block,
+                blocks,
+            }
+            .into());
+        }
+        apply(Batch {
+            entries: h.entries,
+            data,
+        })?;
+        seq = h.seq;
+        at += h.len;
+    }
+}
+
+/// After a bad or missing header at `at`: a valid batch of `gen` later on
+/// means the log is corrupt.
+fn check_nothing_follows(
+    file: &File,
+    at: u64,
+    gen: u64,
+    seq: u64,
+    file_len: u64,
+) -> Result<(), ReplayError> {
+    let mut q = at + ALIGN;
+    while q + ALIGN <= file_len {
+        if let Some(h) = read_header(file, q, file_len)? {
+            if h.gen == gen && h.seq > seq {
+                return Err(WalError::Corrupt {
+                    at,
+                    seq: seq + 1,
+                    next_seq: h.seq,
+                }
+                .into());
+            }
+        }
+        q += ALIGN;
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// The writing end of the log: one generation at a time.
+pub struct WalWriter {
+    gen: u64,
+    /// The next batch's sequence number.
+    seq: u64,
+    /// Where the next batch goes.
+    head: u64,
+    /// Bytes of the file written (with data or zeros) so far.
+    written: u64,
+    capacity: u64,
+}
+
+impl WalWriter {
+    /// A writer starting generation `gen` at the beginning of a log of
+    /// `file_len` bytes, which may grow to `capacity`.
+    pub fn new(gen: u64, file_len: u64, capacity: u64) -> WalWriter {
+        WalWriter {
+            gen,
+            seq: 1,
+            head: 0,
+            written: file_len / ALIGN * ALIGN,
+            capacity,
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.gen
+    }
+
+    /// Whether this generation has any batch.
+    pub fn is_empty(&self) -> bool {
+        self.seq == 1
+    }
+
+    /// Whether a batch of `count` entries, `data_blocks` with data, fits.
+    pub fn fits(&self, count: usize, data_blocks: usize) -> bool {
+        self.head + batch_len(count, data_blocks) <= self.capacity
+    }
+
+    /// Writes one batch (not synced: the caller syncs `file`).
+    pub fn append(&mut self, file: &File, entries: &[Entry<'_>]) -> io::Result<()> {
+        let batch = encode(self.gen, self.seq, entries);
+        let end = self.head + batch.len() as u64;
+        if end > self.written {
+            // Zeros ahead, so the next appends need no allocation.
+            let to = (end.div_ceil(GROW_STEP) * GROW_STEP).min(self.capacity.max(end));
+            let zeros = vec![0u8; (1 << 20).min(to - self.written) as usize];
+            let mut at = self.written;
+            while at < to {
+                let n = (to - at).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            self.written = to;
+        }
+        file.write_all_at(&batch, self.head)?;
+        self.head = end;
+        self.seq += 1;
+        Ok(())
+    }
+
+    /// Counts `batches` found in this generation by a replay (the next
+    /// checkpoint must then end the generation).
+    pub fn recovered(&mut self, batches: u64) {
+        self.seq = batches + 1;
+    }
+
+    /// Starts the next generation at the beginning of the file.
+    pub fn next_generation(&mut self) {
+        self.gen += 1;
+        self.seq = 1;
+        self.head = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(fill: u8) -> Vec<u8> {
+        vec![fill; BLOCK as usize]
+    }
+
+    fn collect(file: &File, gen: u64) -> Result<Vec<Vec<(u64, bool)>>, ReplayError> {
+        let mut out = Vec::new();
+        replay(file, gen, 1 << 20, |b| {
+            let with_data = b.entries.iter().filter(|e| e.1).count();
+            assert_eq!(b.data.len(), with_data * BLOCK as usize);
+            out.push(b.entries);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn batches_of_the_current_generation_replay_in_order() {
+        let f = tempfile::tempfile().unwrap();
+        let (a, b) = (block(1), block(2));
+        let mut w = WalWriter::new(3, 0, 64 << 20);
+        w.append(&f, &[(7, Some(&a)), (9, None)]).unwrap();
+        w.append(&f, &[(7, Some(&b))]).unwrap();
+        let mut seen = Vec::new();
+        replay(&f, 3, 100, |batch| {
+            seen.push(batch.data[0]);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, [1, 2]);
+        assert_eq!(collect(&f, 3).unwrap()[0], [(7, true), (9, false)]);
+        // The next generation starts over the same bytes; the old batches
+        // are dead.
+        w.next_generation();
+        assert!(collect(&f, 4).unwrap().is_empty());
+        w.append(&f, &[(1, Some(&a))]).unwrap();
+        assert_eq!(collect(&f, 4).unwrap(), [vec![(1, true)]]);
+        // Space is written ahead.
+        assert_eq!(f.metadata().unwrap().len(), GROW_STEP);
+    }
+
+    #[test]
+    fn a_torn_last_batch_is_dropped_and_a_torn_middle_is_corruption() {
+        let f = tempfile::tempfile().unwrap();
+        let mut w = WalWriter::new(1, 0, 64 << 20);
+        for fill in 1..=3 {
+            w.append(&f, &[(u64::from(fill), Some(&block(fill)))])
+                .unwrap();
+        }
+        let batch = batch_len(1, 1);
+        // Rot the data of the last batch: torn tail, two batches stand.
+        f.write_all_at(&[0xee], 2 * batch + ALIGN + 5).unwrap();
+        assert_eq!(collect(&f, 1).unwrap().len(), 2);
+        // Rot the first batch's data: batch 2 follows, so it is corruption.
+        f.write_all_at(&[0xee], ALIGN + 5).unwrap();
+        assert!(matches!(
+            collect(&f, 1),
+            Err(ReplayError::Wal(WalError::Corrupt {
+                seq: 1,
+                next_seq: 2,
+                ..
+            }))
+        ));
+        // A damaged header with a valid batch after it: corruption too.
+        let g = tempfile::tempfile().unwrap();
+        let mut w = WalWriter::new(1, 0, 64 << 20);
+        for fill in 1..=2 {
+            w.append(&g, &[(u64::from(fill), Some(&block(fill)))])
+                .unwrap();
+        }
+        g.write_all_at(&[0xee], 10).unwrap();
+        assert!(matches!(
+            collect(&g, 1),
+            Err(ReplayError::Wal(WalError::Corrupt { next_seq: 2, .. }))
+        ));
+    }
+
+    #[test]
+    fn a_block_past_the_disk_is_refused_and_capacity_is_kept() {
+        let f = tempfile::tempfile().unwrap();
+        let mut w = WalWriter::new(1, 0, 2 * ALIGN + BLOCK);
+        assert!(w.fits(1, 1));
+        w.append(&f, &[(500, Some(&block(1)))]).unwrap();
+        assert!(!w.fits(1, 1));
+        assert!(matches!(
+            replay(&f, 1, 100, |_| Ok(())),
+            Err(ReplayError::Wal(WalError::OutOfRange { block: 500, .. }))
+        ));
+        // Many entries take more than one header block.
+        let g = tempfile::tempfile().unwrap();
+        let mut w = WalWriter::new(1, 0, 64 << 20);
+        let entries: Vec<Entry<'_>> = (0..1000).map(|b| (b, None)).collect();
+        w.append(&g, &entries).unwrap();
+        assert_eq!(collect(&g, 1).unwrap()[0].len(), 1000);
+    }
+}
