@@ -456,7 +456,7 @@ impl Overlay {
             if !st.direct {
                 if st.current.fits(count) {
                     match data {
-                        Some(d) if d.len() as u64 % BLOCK != 0 => {
+                        Some(d) if !(d.len() as u64).is_multiple_of(BLOCK) => {
                             let mut padded = d.to_vec();
                             padded.resize((count * BLOCK) as usize, 0);
                             st.current.put(first, &padded);

@@ -60,7 +60,7 @@ pub fn serve(
         .with_context(|| format!("opening overlay {}", overlay_dir.display()))?;
     let manifest = Arc::new(manifest);
     let disks = (0..queues)
-        .map(|_| LazyDisk::new(manifest.clone(), store.clone(), overlay.queue()))
+        .map(|_| LazyDisk::new(manifest.clone(), store.clone(), overlay.clone()))
         .collect();
     let cfg = DeviceConfig {
         capacity_bytes: manifest.logical_size,
