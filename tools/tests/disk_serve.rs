@@ -1,7 +1,7 @@
 //! `cairn disk serve` driven by a real vhost-user-blk client (libblkio, the
 //! library QEMU and fio use), on a `file://` store: reads match the image,
-//! writes survive SIGTERM and kill -9 once flushed, write-zeroes and
-//! discard read back zeros, read-only refuses writes, queues are honoured.
+//! writes survive SIGTERM and kill -9 once flushed, partial blocks are
+//! refused, write-zeroes and discard read back zeros, read-only refuses writes, queues are honoured.
 
 mod common;
 
@@ -183,6 +183,23 @@ impl Client {
         ok(self.wait())
     }
 
+    /// Writes `data` as one request of `pieces` equal buffers (one
+    /// descriptor each).
+    fn write_pieces(&mut self, offset: u64, data: &[u8], pieces: usize) -> Result<(), i32> {
+        self.buf(data.len()).copy_from_slice(data);
+        let base = self.buf(data.len()).as_mut_ptr();
+        let each = data.len() / pieces;
+        let iovecs: Vec<libc::iovec> = (0..pieces)
+            .map(|i| libc::iovec {
+                iov_base: base.wrapping_add(i * each).cast(),
+                iov_len: each,
+            })
+            .collect();
+        self.q
+            .writev(offset, iovecs.as_ptr(), pieces as u32, 0, ReqFlags::empty());
+        ok(self.wait())
+    }
+
     fn flush(&mut self) -> Result<(), i32> {
         self.q.flush(0, ReqFlags::empty());
         ok(self.wait())
@@ -232,14 +249,28 @@ fn reads_match_the_image_and_flushed_writes_survive_sigterm_and_kill_9() {
         model[off..off + data.len()].copy_from_slice(&data);
     };
     apply(&mut c, 4096, vec![0xa1; 8192]);
-    apply(&mut c, 5 * MIB + 512, vec![0xb2; 1536]); // sub-block: read-modify-write
+    // Whole 4 KiB blocks only: a partial block is refused, nothing written.
+    assert!(c.write(5 * MIB as u64 + 512, &[0xb2; 1536]).is_err());
     apply(&mut c, 23 * MIB, (0..65536).map(|i| i as u8).collect());
+    // A request larger than the server's scratch (1 MiB): written in pieces.
+    let big: Vec<u8> = (0..4 * MIB).map(|i| (i / 4096) as u8).collect();
+    c.write_pieces(12 * MIB as u64, &big, 4).unwrap();
+    model[12 * MIB..16 * MIB].copy_from_slice(&big);
     c.write_zeroes(MIB as u64, 3 * 4096).unwrap();
     model[MIB..MIB + 3 * 4096].fill(0);
     c.discard(7 * MIB as u64, 64 << 10).unwrap();
     model[7 * MIB..7 * MIB + (64 << 10)].fill(0);
     c.flush().unwrap();
-    for off in [0usize, 4096, MIB, 5 * MIB, 7 * MIB, 23 * MIB] {
+    for off in [
+        0usize,
+        4096,
+        MIB,
+        5 * MIB,
+        7 * MIB,
+        12 * MIB,
+        15 * MIB,
+        23 * MIB,
+    ] {
         assert!(c.read(off as u64, 128 << 10).unwrap() == model[off..off + (128 << 10)]);
     }
     // Out of range: an error, not a crash.

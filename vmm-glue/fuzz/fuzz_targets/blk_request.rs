@@ -18,6 +18,7 @@ const LIMITS: Limits = Limits {
     capacity_sectors: 4096,
     seg_max: 8,
     size_max: 64 << 10,
+    block_size: 4096,
     max_discard_sectors: 2048,
     max_discard_seg: 4,
     max_write_zeroes_sectors: 2048,
@@ -71,7 +72,8 @@ fuzz_target!(|data: &[u8]| {
             }
             assert_eq!(total, req.data_len);
             if matches!(req.kind, Kind::Read | Kind::Write) {
-                assert_eq!(req.data_len % SECTOR, 0);
+                assert_eq!(req.data_len % u64::from(LIMITS.block_size), 0);
+                assert_eq!(req.sector % (u64::from(LIMITS.block_size) / SECTOR), 0);
                 assert!(req.sector + req.data_len / SECTOR <= LIMITS.capacity_sectors);
             }
             if let Kind::Discard(segs) | Kind::WriteZeroes(segs) = &req.kind {

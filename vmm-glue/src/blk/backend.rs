@@ -11,7 +11,7 @@ use cairn_engine::disk::LazyDisk;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_queue::QueueOwnedT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -31,6 +31,30 @@ struct Worker {
     scratch: Vec<u8>,
 }
 
+/// What the driver negotiated and asked for of the write cache. Until
+/// the features are acknowledged, it is what the device offers (FLUSH,
+/// write-back): a frontend may read the config space that early.
+#[derive(Debug, Clone, Copy)]
+struct CacheMode {
+    flush_negotiated: bool,
+    guest_wants_writeback: bool,
+}
+
+impl Default for CacheMode {
+    fn default() -> CacheMode {
+        CacheMode {
+            flush_negotiated: true,
+            guest_wants_writeback: true,
+        }
+    }
+}
+
+impl CacheMode {
+    fn writeback(&self) -> bool {
+        self.flush_negotiated && self.guest_wants_writeback
+    }
+}
+
 pub struct BlkBackend {
     cfg: DeviceConfig,
     exec: ExecConfig,
@@ -39,9 +63,10 @@ pub struct BlkBackend {
     /// control thread when guest memory changes).
     workers: Vec<Mutex<Worker>>,
     event_idx: AtomicBool,
-    /// The guest's write-cache setting (CONFIG_WCE); off means every write
-    /// is flushed before it completes.
-    writeback: AtomicBool,
+    /// The cache mode: write-back only when the driver negotiated FLUSH
+    /// (without it, virtio asks every write to be durable when it
+    /// completes) and has not turned the cache off (CONFIG_WCE).
+    cache: Mutex<CacheMode>,
     exits: Mutex<Vec<(EventConsumer, EventNotifier)>>,
 }
 
@@ -75,10 +100,15 @@ impl BlkBackend {
                 })
                 .collect(),
             event_idx: AtomicBool::new(false),
-            writeback: AtomicBool::new(true),
+            cache: Mutex::new(CacheMode::default()),
             exits: Mutex::new(Vec::new()),
             cfg,
         })
+    }
+
+    /// Whether completed writes may wait for a FLUSH to be durable.
+    pub fn writeback(&self) -> bool {
+        lock(&self.cache).writeback()
     }
 
     /// Fresh exit events for the worker threads of a new connection.
@@ -107,7 +137,6 @@ impl BlkBackend {
         };
         let mem = atomic.memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
-        let writethrough = !self.writeback.load(Ordering::Acquire);
         let qerr = |e: virtio_queue::Error| io::Error::other(e.to_string());
         loop {
             if event_idx {
@@ -124,6 +153,9 @@ impl BlkBackend {
                 let used = match parse(chain, &*mem, &self.limits) {
                     Ok(req) => {
                         tracing::trace!(queue = index, kind = ?req.kind, sector = req.sector, len = req.data_len, "request");
+                        // Read per request: the guest may switch the cache
+                        // between two requests of one batch.
+                        let writethrough = !self.writeback();
                         let done = execute(&req, disk, &*mem, &self.exec, writethrough, scratch);
                         match mem.write_obj(done.status, req.status) {
                             Ok(()) => done.used_len,
@@ -171,10 +203,14 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        // Without CONFIG_WCE the guest cannot turn the cache off; with it,
-        // it starts on (writeback) until the guest says otherwise.
-        let _ = features & (1 << VIRTIO_BLK_F_CONFIG_WCE);
-        self.writeback.store(true, Ordering::Release);
+        let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        if !flush {
+            tracing::info!("the driver did not negotiate FLUSH: every write is made durable before it completes");
+        }
+        *lock(&self.cache) = CacheMode {
+            flush_negotiated: flush,
+            guest_wants_writeback: true,
+        };
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -188,9 +224,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let space = self
-            .cfg
-            .config_space(self.writeback.load(Ordering::Acquire));
+        let space = self.cfg.config_space(self.writeback());
         let start = (offset as usize).min(CONFIG_LEN);
         let end = start.saturating_add(size as usize).min(CONFIG_LEN);
         let mut out = space[start..end].to_vec();
@@ -200,9 +234,12 @@ impl VhostUserBackend for BlkBackend {
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         if offset == WRITEBACK_OFFSET && buf.len() == 1 {
-            let on = buf[0] != 0;
-            tracing::info!(writeback = on, "guest set the write cache mode");
-            self.writeback.store(on, Ordering::Release);
+            let mut cache = lock(&self.cache);
+            cache.guest_wants_writeback = buf[0] != 0;
+            tracing::info!(
+                writeback = cache.writeback(),
+                "guest set the write cache mode"
+            );
             return Ok(());
         }
         tracing::warn!(
@@ -277,5 +314,46 @@ pub fn serve(socket: &Path, backend: Arc<BlkBackend>, ready: impl FnOnce()) -> i
             Ok(()) => tracing::info!("VMM disconnected"),
             Err(e) => tracing::info!("VMM connection ended: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> Arc<BlkBackend> {
+        let cfg = DeviceConfig {
+            capacity_bytes: 1 << 20,
+            read_only: false,
+            queues: 0,
+            serial: "t".into(),
+        };
+        BlkBackend::new(cfg, Vec::new())
+    }
+
+    fn writeback_byte(b: &BlkBackend) -> u8 {
+        b.get_config(WRITEBACK_OFFSET, 1)[0]
+    }
+
+    #[test]
+    fn the_write_cache_is_write_back_only_when_flush_was_negotiated() {
+        let b = backend();
+        let offered = b.features();
+        // Before negotiation the config shows what is offered.
+        assert_eq!(writeback_byte(&b), 1);
+        b.acked_features(offered & !(1 << VIRTIO_BLK_F_FLUSH));
+        assert!(!b.writeback());
+        assert_eq!(writeback_byte(&b), 0);
+        // A driver without FLUSH cannot turn write-back on.
+        b.set_config(WRITEBACK_OFFSET, &[1]).unwrap();
+        assert_eq!(writeback_byte(&b), 0);
+        b.acked_features(offered);
+        assert!(b.writeback());
+        b.set_config(WRITEBACK_OFFSET, &[0]).unwrap();
+        assert!(!b.writeback());
+        assert_eq!(writeback_byte(&b), 0);
+        b.set_config(WRITEBACK_OFFSET, &[1]).unwrap();
+        assert_eq!(writeback_byte(&b), 1);
+        assert!(b.set_config(0, &[1; 8]).is_err(), "capacity is read-only");
     }
 }

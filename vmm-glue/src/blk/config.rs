@@ -68,6 +68,7 @@ impl DeviceConfig {
             capacity_sectors: self.capacity_sectors(),
             seg_max: SEG_MAX,
             size_max: SIZE_MAX,
+            block_size: BLOCK_SIZE,
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_discard_seg: MAX_DISCARD_SEG,
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,

@@ -1,11 +1,16 @@
 //! Parsing one virtio-blk request out of a descriptor chain, trusting
 //! nothing the guest wrote.
 //!
-//! A request is a header (type, priority, sector) in a device-readable
-//! descriptor, data descriptors whose direction must match the type, and a
-//! one-byte status in a device-writable descriptor at the end. Every check
-//! that fails yields a [`Rejection`] that says whether the guest can be
-//! told (a status byte exists) and with which status.
+//! The virtio spec lets the driver frame a request as it likes: what
+//! counts is the device-readable area (a 16-byte header, then the data of
+//! a write or the segments of a DISCARD / WRITE_ZEROES) followed by the
+//! device-writable area (the data of a read or GET_ID, then the status: the
+//! last byte of that area). Descriptors may split or join those parts.
+//! Reads and writes must be whole blocks of the advertised block size at a
+//! block-aligned sector: a partial block would need a read-modify-write
+//! racing other requests to the same block. Every check that fails yields
+//! a [`Rejection`] that says whether the guest can be told (a status byte
+//! exists) and with which status.
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -13,11 +18,11 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 pub const SECTOR: u64 = 512;
-const HEADER_LEN: u32 = 16;
-const SEGMENT_LEN: u32 = 16;
+const HEADER_LEN: u64 = 16;
+const SEGMENT_LEN: u64 = 16;
 
 /// What the device advertises; requests beyond it are refused.
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +32,9 @@ pub struct Limits {
     pub seg_max: u32,
     /// Bytes per data descriptor (SIZE_MAX).
     pub size_max: u32,
+    /// The logical block size (BLK_SIZE): reads, writes and zeroed ranges
+    /// are whole blocks.
+    pub block_size: u32,
     pub max_discard_sectors: u32,
     pub max_discard_seg: u32,
     pub max_write_zeroes_sectors: u32,
@@ -56,11 +64,13 @@ pub enum Kind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub kind: Kind,
+    /// The header's sector (meaningful for reads and writes only).
     pub sector: u64,
     /// Data buffers in order (device-writable for reads and GET_ID,
     /// device-readable for writes).
     pub data: Vec<(GuestAddress, u32)>,
     pub data_len: u64,
+    /// The last byte of the device-writable area.
     pub status: GuestAddress,
 }
 
@@ -81,6 +91,37 @@ fn reject(status: Option<GuestAddress>, code: u32, why: impl Into<String>) -> Re
     }
 }
 
+type Area = Vec<(GuestAddress, u32)>;
+
+fn area_len(area: &[(GuestAddress, u32)]) -> u64 {
+    area.iter().map(|&(_, l)| u64::from(l)).sum()
+}
+
+/// Splits `area` after its first `n` bytes.
+fn split_area(area: &[(GuestAddress, u32)], mut n: u64) -> (Area, Area) {
+    let (mut head, mut tail) = (Vec::new(), Vec::new());
+    for &(addr, len) in area {
+        let take = n.min(u64::from(len));
+        if take > 0 {
+            head.push((addr, take as u32));
+        }
+        if take < u64::from(len) {
+            tail.push((addr.unchecked_add(take), len - take as u32));
+        }
+        n -= take;
+    }
+    (head, tail)
+}
+
+/// The status byte of a chain whose last descriptor is `last`, if it is
+/// device-writable, non-empty and in guest memory.
+fn status_byte<M: GuestMemory>(last: &Descriptor, mem: &M) -> Option<GuestAddress> {
+    let at = last
+        .addr()
+        .checked_add(u64::from(last.len()).checked_sub(1)?)?;
+    (last.is_write_only() && mem.check_range(at, 1, Permissions::Write)).then_some(at)
+}
+
 /// Parses the chain `descs` (at most `seg_max + 2` descriptors are looked
 /// at) against guest memory `mem`.
 pub fn parse<M: GuestMemory>(
@@ -92,11 +133,9 @@ pub fn parse<M: GuestMemory>(
     let mut all: Vec<Descriptor> = Vec::new();
     for d in descs {
         if all.len() == max_descs {
-            // Find the status, if any, to answer: the chain is too long.
-            let status = all
-                .last()
-                .filter(|d| d.is_write_only() && mem.check_range(d.addr(), 1, Permissions::Write))
-                .map(|d| d.addr());
+            // Answer with the last status-like byte seen, if any: the chain
+            // is too long.
+            let status = all.last().and_then(|d| status_byte(d, mem));
             return Err(reject(
                 status,
                 VIRTIO_BLK_S_IOERR,
@@ -105,72 +144,89 @@ pub fn parse<M: GuestMemory>(
         }
         all.push(d);
     }
-    let Some(last) = all.last().copied() else {
+    let Some(last) = all.last() else {
         return Err(reject(None, VIRTIO_BLK_S_IOERR, "empty chain"));
     };
-    if !last.is_write_only()
-        || last.len() < 1
-        || !mem.check_range(last.addr(), 1, Permissions::Write)
-    {
+    let Some(status_at) = status_byte(last, mem) else {
         return Err(reject(
             None,
             VIRTIO_BLK_S_IOERR,
             "no device-writable status byte in guest memory at the end of the chain",
         ));
-    }
-    let status = Some(last.addr());
+    };
+    let status = Some(status_at);
     let ioerr = |why: String| reject(status, VIRTIO_BLK_S_IOERR, why);
-    if all.len() < 2 {
-        return Err(ioerr("no header descriptor".into()));
+    let first_writable = all
+        .iter()
+        .position(|d| d.is_write_only())
+        .unwrap_or(all.len());
+    if all[first_writable..].iter().any(|d| !d.is_write_only()) {
+        return Err(ioerr(
+            "a device-readable descriptor follows a device-writable one".into(),
+        ));
     }
-    let head = all[0];
-    if head.is_write_only() || head.len() < HEADER_LEN {
-        return Err(ioerr(format!(
-            "header descriptor is device-writable or shorter than {HEADER_LEN} bytes"
-        )));
-    }
-    let mut header = [0u8; HEADER_LEN as usize];
-    mem.read_slice(&mut header, head.addr())
-        .map_err(|e| ioerr(format!("header outside guest memory: {e}")))?;
-    let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-    let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-    let data_descs = &all[1..all.len() - 1];
-    let writable = matches!(kind, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
-    let mut data = Vec::with_capacity(data_descs.len());
-    let mut data_len = 0u64;
-    for d in data_descs {
-        if d.is_write_only() != writable {
-            return Err(ioerr(format!(
-                "type {kind} data descriptor has the wrong direction"
-            )));
-        }
-        if d.len() > limits.size_max {
-            return Err(ioerr(format!(
-                "data descriptor of {} bytes exceeds SIZE_MAX {}",
-                d.len(),
-                limits.size_max
-            )));
-        }
-        let access = if writable {
+    for d in &all {
+        let access = if d.is_write_only() {
             Permissions::Write
         } else {
             Permissions::Read
         };
         if !mem.check_range(d.addr(), d.len() as usize, access) {
             return Err(ioerr(format!(
-                "data buffer {:#x}+{} is outside guest memory",
+                "buffer {:#x}+{} is outside guest memory",
                 d.addr().0,
                 d.len()
             )));
         }
-        data.push((d.addr(), d.len()));
-        data_len += u64::from(d.len());
     }
+    let area = |ds: &[Descriptor]| -> Area { ds.iter().map(|d| (d.addr(), d.len())).collect() };
+    let readable = area(&all[..first_writable]);
+    let writable = area(&all[first_writable..]);
+    if area_len(&readable) < HEADER_LEN {
+        return Err(ioerr(format!(
+            "the device-readable header is shorter than {HEADER_LEN} bytes"
+        )));
+    }
+    let (header_area, out) = split_area(&readable, HEADER_LEN);
+    let mut header = [0u8; HEADER_LEN as usize];
+    let mut at = 0usize;
+    for (addr, len) in header_area {
+        mem.read_slice(&mut header[at..at + len as usize], addr)
+            .map_err(|e| ioerr(format!("header outside guest memory: {e}")))?;
+        at += len as usize;
+    }
+    let (input, _status) = split_area(&writable, area_len(&writable) - 1);
+    let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+    let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    // Device-writable bytes before the status of a request that returns
+    // no data are left alone.
+    let writes_guest = matches!(kind, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
+    let data = match kind {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID if !out.is_empty() => {
+            return Err(ioerr(format!(
+                "type {kind} data descriptor has the wrong direction (device-readable)"
+            )))
+        }
+        _ if writes_guest => input,
+        _ => out,
+    };
+    if let Some(&(_, len)) = data.iter().find(|&&(_, len)| len > limits.size_max) {
+        return Err(ioerr(format!(
+            "data descriptor of {len} bytes exceeds SIZE_MAX {}",
+            limits.size_max
+        )));
+    }
+    let data_len = area_len(&data);
+    let block_sectors = u64::from(limits.block_size) / SECTOR;
     let kind = match kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
-            if data_len == 0 || !data_len.is_multiple_of(SECTOR) {
+            if data_len == 0
+                || !data_len.is_multiple_of(u64::from(limits.block_size))
+                || !sector.is_multiple_of(block_sectors)
+            {
                 return Err(ioerr(format!(
-                    "data length {data_len} is zero or not a multiple of {SECTOR}"
+                    "{data_len} bytes at sector {sector} are not whole {}-byte blocks",
+                    limits.block_size
                 )));
             }
             check_sectors(sector, data_len / SECTOR, limits).map_err(ioerr)?;
@@ -207,6 +263,14 @@ pub fn parse<M: GuestMemory>(
                         s.sectors
                     )));
                 }
+                if !s.sector.is_multiple_of(block_sectors)
+                    || !u64::from(s.sectors).is_multiple_of(block_sectors)
+                {
+                    return Err(ioerr(format!(
+                        "segment of {} sectors at sector {} is not whole {}-byte blocks",
+                        s.sectors, s.sector, limits.block_size
+                    )));
+                }
                 check_sectors(s.sector, u64::from(s.sectors), limits).map_err(ioerr)?;
             }
             if zeroes {
@@ -228,7 +292,7 @@ pub fn parse<M: GuestMemory>(
         sector,
         data,
         data_len,
-        status: last.addr(),
+        status: status_at,
     })
 }
 
@@ -248,12 +312,12 @@ fn read_segments<M: GuestMemory>(
     data_len: u64,
     max_seg: u32,
 ) -> Result<Vec<Segment>, String> {
-    if data_len == 0 || !data_len.is_multiple_of(u64::from(SEGMENT_LEN)) {
+    if data_len == 0 || !data_len.is_multiple_of(SEGMENT_LEN) {
         return Err(format!(
             "segment list of {data_len} bytes is not a whole number of {SEGMENT_LEN}-byte segments"
         ));
     }
-    if data_len / u64::from(SEGMENT_LEN) > u64::from(max_seg) {
+    if data_len / SEGMENT_LEN > u64::from(max_seg) {
         return Err(format!("more than {max_seg} segments"));
     }
     let mut bytes = Vec::with_capacity(data_len as usize);
@@ -292,6 +356,7 @@ mod tests {
         capacity_sectors: 2048,
         seg_max: 4,
         size_max: 64 << 10,
+        block_size: 4096,
         max_discard_sectors: 1024,
         max_discard_seg: 2,
         max_write_zeroes_sectors: 1024,
@@ -368,7 +433,7 @@ mod tests {
         let e = case(VIRTIO_BLK_T_IN, 0, &[hd, st]);
         assert_eq!(e.code, VIRTIO_BLK_S_IOERR as u8);
         let e = case(VIRTIO_BLK_T_IN, 0, &[hd, desc(0x20_0000, 100, true), st]);
-        assert!(e.why.contains("multiple"), "{e:?}");
+        assert!(e.why.contains("whole"), "{e:?}");
         // Oversized descriptor.
         let e = case(
             VIRTIO_BLK_T_IN,
@@ -440,5 +505,76 @@ mod tests {
         assert!(e.why.contains("past"), "{e:?}");
         let e = run(&m, &[desc(h, 16, false), desc(0x20_0000, 12, false), st]).unwrap_err();
         assert!(e.why.contains("whole number"), "{e:?}");
+    }
+
+    #[test]
+    fn any_framing_is_taken_and_the_status_is_the_last_writable_byte() {
+        let m = mem();
+        let h = 0x10_0000;
+        // A read whose data and status share one descriptor.
+        header(&m, h, VIRTIO_BLK_T_IN, 8);
+        let r = run(&m, &[desc(h, 16, false), desc(0x20_0000, 4097, true)]).unwrap();
+        assert_eq!(r.kind, Kind::Read);
+        assert_eq!(r.data, [(GuestAddress(0x20_0000), 4096)]);
+        assert_eq!(r.status, GuestAddress(0x20_1000));
+        // A write whose header and data share one descriptor, the status
+        // at the end of a longer one.
+        header(&m, h, VIRTIO_BLK_T_OUT, 16);
+        let r = run(&m, &[desc(h, 16 + 8192, false), desc(0x30_0000, 8, true)]).unwrap();
+        assert_eq!(r.kind, Kind::Write);
+        assert_eq!((r.data_len, r.data[0].0), (8192, GuestAddress(h + 16)));
+        assert_eq!(r.status, GuestAddress(0x30_0007));
+        // A header split over two descriptors.
+        header(&m, h, VIRTIO_BLK_T_FLUSH, 0);
+        let r = run(
+            &m,
+            &[
+                desc(h, 10, false),
+                desc(h + 10, 6, false),
+                desc(0x30_0000, 1, true),
+            ],
+        );
+        assert_eq!(r.unwrap().kind, Kind::Flush);
+        // Readable after writable.
+        header(&m, h, VIRTIO_BLK_T_IN, 0);
+        let e = run(
+            &m,
+            &[
+                desc(h, 16, false),
+                desc(0x20_0000, 4096, true),
+                desc(0x21_0000, 4096, false),
+                desc(0x30_0000, 1, true),
+            ],
+        )
+        .unwrap_err();
+        assert!(e.why.contains("follows"), "{e:?}");
+        assert_eq!(e.status, Some(GuestAddress(0x30_0000)));
+    }
+
+    #[test]
+    fn partial_blocks_are_refused_and_flush_ignores_its_sector() {
+        let m = mem();
+        let h = 0x10_0000;
+        let st = desc(0x30_0000, 1, true);
+        for (sector, len) in [(1, 4096), (8, 512), (8, 4096 + 512)] {
+            header(&m, h, VIRTIO_BLK_T_OUT, sector);
+            let e = run(&m, &[desc(h, 16, false), desc(0x20_0000, len, false), st]).unwrap_err();
+            assert!(e.why.contains("whole"), "{e:?}");
+        }
+        let seg = |sector: u64, sectors: u32| {
+            let mut s = [0u8; 16];
+            s[0..8].copy_from_slice(&sector.to_le_bytes());
+            s[8..12].copy_from_slice(&sectors.to_le_bytes());
+            m.write_slice(&s, GuestAddress(0x20_0000)).unwrap();
+        };
+        header(&m, h, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        seg(3, 8);
+        let e = run(&m, &[desc(h, 16, false), desc(0x20_0000, 16, false), st]).unwrap_err();
+        assert!(e.why.contains("whole"), "{e:?}");
+        header(&m, h, VIRTIO_BLK_T_FLUSH, u64::MAX);
+        assert_eq!(
+            run(&m, &[desc(h, 16, false), st]).unwrap().kind,
+            Kind::Flush
+        );
     }
 }
