@@ -20,9 +20,19 @@ pub enum Job {
     RandRead { bs: usize, depth: usize },
     /// Reads of `bs` bytes one after another from the start (wrapping).
     SeqRead { bs: usize },
+    /// Writes of `bs` bytes at random `bs`-aligned offsets, `depth` in
+    /// flight, no FLUSH.
+    RandWrite { bs: usize, depth: usize },
     /// A write of `bs` bytes at a random offset, then a FLUSH; one pair in
     /// flight.
     WriteFlush { bs: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pattern {
+    RandomRead,
+    SequentialRead,
+    RandomWrite,
 }
 
 /// The outcome of a job: operations done and each one's latency.
@@ -151,18 +161,25 @@ impl Client {
     pub fn run(&mut self, job: Job, secs: f64) -> Result<JobStats> {
         let until = Instant::now() + Duration::from_secs_f64(secs);
         match job {
-            Job::RandRead { bs, depth } => self.run_reads(bs, depth, until, true),
-            Job::SeqRead { bs } => self.run_reads(bs, 1, until, false),
+            Job::RandRead { bs, depth } => self.run_io(bs, depth, until, Pattern::RandomRead),
+            Job::SeqRead { bs } => self.run_io(bs, 1, until, Pattern::SequentialRead),
+            Job::RandWrite { bs, depth } => {
+                for slot in 0..depth {
+                    // SAFETY: the slot is ours and idle (nothing is in flight).
+                    unsafe { std::ptr::write_bytes(self.slot(slot), slot as u8 + 1, bs) };
+                }
+                self.run_io(bs, depth, until, Pattern::RandomWrite)
+            }
             Job::WriteFlush { bs } => self.run_write_flush(bs, until),
         }
     }
 
-    fn run_reads(
+    fn run_io(
         &mut self,
         bs: usize,
         depth: usize,
         until: Instant,
-        random: bool,
+        pattern: Pattern,
     ) -> Result<JobStats> {
         assert!(depth <= MAX_DEPTH && bs <= MAX_REQUEST);
         let started = Instant::now();
@@ -171,7 +188,7 @@ impl Client {
         let mut lat_us = Vec::new();
         let mut slots = Vec::with_capacity(MAX_DEPTH);
         let mut submit = |c: &mut Client, slot: usize, issued_at: &mut [Instant; MAX_DEPTH]| {
-            let offset = if random {
+            let offset = if pattern != Pattern::SequentialRead {
                 c.random_offset(bs)
             } else {
                 if seq + bs as u64 > c.capacity {
@@ -181,7 +198,12 @@ impl Client {
                 seq - bs as u64
             };
             issued_at[slot] = Instant::now();
-            c.q.read(offset, c.slot(slot), bs, slot, ReqFlags::empty());
+            match pattern {
+                Pattern::RandomWrite => {
+                    c.q.write(offset, c.slot(slot), bs, slot, ReqFlags::empty())
+                }
+                _ => c.q.read(offset, c.slot(slot), bs, slot, ReqFlags::empty()),
+            }
         };
         for slot in 0..depth {
             submit(self, slot, &mut issued_at);

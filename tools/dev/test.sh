@@ -17,6 +17,8 @@ export CAIRN_SQLITE_GUEST_DIR
 if [ -w /proc/sys/vm/nr_hugepages ] && [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 16 ]; then
     echo 16 >/proc/sys/vm/nr_hugepages || true
 fi
+# The overlay's crash tests mount a FUSE fault injector: fail if they cannot.
+export CAIRN_REQUIRE_FUSE=1
 eval "$(tools/dev/s3-server.sh start)"
 trap 'tools/dev/s3-server.sh stop' EXIT
 cargo fmt --all -- --check

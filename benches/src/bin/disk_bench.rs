@@ -173,6 +173,13 @@ fn bench_io(args: &Args, bin: &Path, work: &Path, run_jobs: bool) -> Result<Valu
             },
         ),
         ("128K sequential read QD1", Job::SeqRead { bs: 128 << 10 }),
+        (
+            "4K random write QD32",
+            Job::RandWrite {
+                bs: 4096,
+                depth: 32,
+            },
+        ),
         ("4K write + FLUSH QD1", Job::WriteFlush { bs: 4096 }),
     ];
     let mut out = Vec::new();
