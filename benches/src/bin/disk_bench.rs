@@ -50,6 +50,10 @@ struct Args {
     /// Run only these parts (io, memory, boot). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Run only the io jobs whose names contain one of these words (e.g.
+    /// `write`). Default: all.
+    #[arg(long, value_delimiter = ',')]
+    jobs: Vec<String>,
     /// Work directory (default: a temporary directory).
     #[arg(long)]
     work: Option<PathBuf>,
@@ -195,7 +199,10 @@ fn bench_io(args: &Args, bin: &Path, work: &Path, run_jobs: bool) -> Result<Valu
             "cairn p99 µs",
             "qsd p99 µs",
         ]);
-        for (name, job) in jobs {
+        let chosen = jobs
+            .into_iter()
+            .filter(|(name, _)| args.jobs.is_empty() || args.jobs.iter().any(|w| name.contains(w.as_str())));
+        for (name, job) in chosen {
             let (mut mine, mut theirs) = (Vec::new(), Vec::new());
             for round in 0..args.rounds {
                 // Alternate who goes first, so drift hits both alike.
@@ -234,14 +241,19 @@ fn bench_io(args: &Args, bin: &Path, work: &Path, run_jobs: bool) -> Result<Valu
     drop(qsd);
     drop(c);
     let mem = rss.finish();
-    server.stop()?;
+    let stopped = server.stop()?.unwrap_or_default();
+    let syncs = &stopped["overlay_syncs"];
+    println!(
+        "  cairn overlay syncs over the io run: {} of the flush log (logged FLUSHes), {} checkpoints",
+        syncs["flush_log"], syncs["data"]
+    );
     println!(
         "  cairn disk serve memory over the io run ({} MiB image): peak anonymous {}, VmHWM {} (includes mapped cache pages)",
         args.image_mib,
         kib_str(mem.peak_anon_kib),
         kib_str(mem.hwm_kib)
     );
-    Ok(json!({ "image_mib": args.image_mib, "cache_fill_s": fill_s, "jobs": out, "rss": mem }))
+    Ok(json!({ "image_mib": args.image_mib, "cache_fill_s": fill_s, "jobs": out, "rss": mem, "overlay_syncs": syncs }))
 }
 
 #[derive(serde::Serialize)]

@@ -41,6 +41,16 @@ struct Stopped {
     remote_gets: u64,
     chunks_fetched: u64,
     readahead_chunks: u64,
+    /// Syncs of the overlay's files: a logged FLUSH syncs the flush log, a
+    /// checkpoint the data file and the journal.
+    overlay_syncs: OverlaySyncs,
+}
+
+#[derive(Serialize)]
+struct OverlaySyncs {
+    flush_log: u64,
+    data: u64,
+    journal: u64,
 }
 
 pub fn serve(
@@ -91,11 +101,20 @@ pub fn serve(
                 remote_gets: s.remote_gets.load(Ordering::Relaxed),
                 chunks_fetched: s.chunks_fetched.load(Ordering::Relaxed),
                 readahead_chunks: s.readahead_chunks.load(Ordering::Relaxed),
+                overlay_syncs: {
+                    let o = on_exit_overlay.syncs();
+                    OverlaySyncs {
+                        flush_log: o.wal,
+                        data: o.data,
+                        journal: o.journal,
+                    }
+                },
             };
             let _ = emit(json, &stopped, || {
+                let o = &stopped.overlay_syncs;
                 format!(
-                    "stopped: overlay flushed; fetched {} bytes in {} GETs from the store\n",
-                    stopped.remote_bytes, stopped.remote_gets
+                    "stopped: overlay flushed ({} flush-log syncs, {} checkpoints); fetched {} bytes in {} GETs from the store\n",
+                    o.flush_log, o.data, stopped.remote_bytes, stopped.remote_gets
                 )
             });
             let _ = std::io::stdout().flush();
