@@ -199,9 +199,9 @@ fn bench_io(args: &Args, bin: &Path, work: &Path, run_jobs: bool) -> Result<Valu
             "cairn p99 µs",
             "qsd p99 µs",
         ]);
-        let chosen = jobs
-            .into_iter()
-            .filter(|(name, _)| args.jobs.is_empty() || args.jobs.iter().any(|w| name.contains(w.as_str())));
+        let chosen = jobs.into_iter().filter(|(name, _)| {
+            args.jobs.is_empty() || args.jobs.iter().any(|w| name.contains(w.as_str()))
+        });
         for (name, job) in chosen {
             let (mut mine, mut theirs) = (Vec::new(), Vec::new());
             for round in 0..args.rounds {
@@ -253,7 +253,9 @@ fn bench_io(args: &Args, bin: &Path, work: &Path, run_jobs: bool) -> Result<Valu
         kib_str(mem.peak_anon_kib),
         kib_str(mem.hwm_kib)
     );
-    Ok(json!({ "image_mib": args.image_mib, "cache_fill_s": fill_s, "jobs": out, "rss": mem, "overlay_syncs": syncs }))
+    Ok(
+        json!({ "image_mib": args.image_mib, "cache_fill_s": fill_s, "jobs": out, "rss": mem, "overlay_syncs": syncs }),
+    )
 }
 
 #[derive(serde::Serialize)]

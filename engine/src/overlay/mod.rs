@@ -116,13 +116,19 @@ struct Staging {
 
 /// What only a FLUSH touches.
 struct FlushState {
-    journal: File,
-    journal_end: u64,
-    /// The last journal batch's sequence number.
-    journal_seq: u64,
     wal: WalWriter,
     /// `Overlay::writes` at the last FLUSH that succeeded.
     synced_writes: u64,
+    /// The checkpoint of the flush log's previous generation, running.
+    background: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The journal's end; a checkpoint takes it.
+struct JournalState {
+    file: File,
+    end: u64,
+    /// The last batch's sequence number.
+    seq: u64,
 }
 
 pub struct Overlay {
@@ -142,6 +148,7 @@ pub struct Overlay {
     staged: Bitmap,
     staging: Mutex<Staging>,
     flush: Mutex<FlushState>,
+    journal: Mutex<JournalState>,
     /// Writes completed so far: a FLUSH with none since the last has
     /// nothing to do.
     writes: AtomicU64,
@@ -224,7 +231,8 @@ impl Overlay {
             }
         }
         let (wal_file, wal_path) = files::open_rw(dir, WAL)?;
-        let wal_len = wal_file.metadata().map_err(io_at(&wal_path))?.len();
+        let wal = WalWriter::new(replayed.checkpointed + 1, &wal_file, WAL_CAPACITY)
+            .map_err(io_at(&wal_path))?;
         let o = Arc::new(Overlay {
             dir: dir.to_owned(),
             blocks,
@@ -236,11 +244,14 @@ impl Overlay {
             staged: Bitmap::new(blocks),
             staging: Mutex::new(Staging::default()),
             flush: Mutex::new(FlushState {
-                journal,
-                journal_end: replayed.good_len,
-                journal_seq: replayed.last_seq,
-                wal: WalWriter::new(replayed.checkpointed + 1, wal_len, WAL_CAPACITY),
+                wal,
                 synced_writes: 0,
+                background: None,
+            }),
+            journal: Mutex::new(JournalState {
+                file: journal,
+                end: replayed.good_len,
+                seq: replayed.last_seq,
             }),
             writes: AtomicU64::new(0),
             data_written: AtomicBool::new(false),
@@ -253,13 +264,33 @@ impl Overlay {
         Ok(o)
     }
 
-    /// Puts the batches of the flush log's current generation into the
-    /// data file and checkpoints them.
+    /// Puts the batches of the flush log's generations the journal does not
+    /// say were checkpointed into the data file, and checkpoints them: the
+    /// next generation and, if it has batches, the one after (its
+    /// predecessor's checkpoint may have been running at the crash).
     fn recover_flush_log(&self) -> Result<(), OverlayError> {
         let mut fs = lock(&self.flush);
-        let gen = fs.wal.generation();
+        let first = fs.wal.generation();
+        let mut applied = self.replay_generation(first)?;
+        if applied > 0 {
+            let next = self.replay_generation(first + 1)?;
+            if next > 0 {
+                fs.wal.next_generation();
+                applied = next;
+            }
+        }
+        if applied == 0 {
+            return Ok(());
+        }
+        fs.wal.recovered(applied);
+        self.checkpoint(&mut fs, None)
+    }
+
+    /// Replays generation `gen` of the flush log into the data file; the
+    /// number of batches it had.
+    fn replay_generation(&self, gen: u64) -> Result<u64, OverlayError> {
         let wal_path = self.dir.join(WAL);
-        let applied = wal::replay(&self.wal_file, gen, self.blocks, |batch| {
+        let applied = wal::replay(&self.wal_file, gen, WAL_CAPACITY, self.blocks, |batch| {
             let mut data = batch.data.chunks_exact(BLOCK as usize);
             for (b, has_data) in batch.entries {
                 match has_data {
@@ -277,12 +308,10 @@ impl Overlay {
             wal::ReplayError::Wal(e) => files::corrupt(&self.dir, WAL, e),
             wal::ReplayError::Io(e) => io_at(&wal_path)(e),
         })?;
-        if applied == 0 {
-            return Ok(());
+        if applied > 0 {
+            tracing::info!(overlay = %self.dir.display(), gen, batches = applied, "replayed the flush log");
         }
-        tracing::info!(overlay = %self.dir.display(), batches = applied, "replayed the flush log");
-        fs.wal.recovered(applied);
-        self.checkpoint(&mut fs, None)
+        Ok(applied)
     }
 
     pub fn meta(&self) -> &OverlayMeta {
@@ -555,7 +584,7 @@ impl Overlay {
     }
 
     /// Makes every write completed before this call durable.
-    pub fn flush(&self) -> Result<(), OverlayError> {
+    pub fn flush(self: &Arc<Self>) -> Result<(), OverlayError> {
         let mut fs = lock(&self.flush);
         self.check_poison()?;
         // Read before taking anything: a write that lands after this is
@@ -575,7 +604,7 @@ impl Overlay {
         let data_written = self.data_written.swap(false, Ordering::AcqRel);
         let entries = taken.entries();
         let with_data = entries.iter().filter(|e| e.1.is_some()).count();
-        let result = if direct || data_written || !fs.wal.fits(entries.len(), with_data) {
+        let result = if direct || data_written || !fs.wal.fits_at_all(entries.len(), with_data) {
             self.checkpoint(&mut fs, Some(&taken))
         } else {
             self.log(&mut fs, &taken, &entries)
@@ -590,9 +619,11 @@ impl Overlay {
     }
 
     /// A small FLUSH: one batch in the flush log, one sync; then the blocks
-    /// go to the data file, unsynced.
+    /// go to the data file, unsynced. When the generation's half of the
+    /// log is full, the next generation starts in the other half and the
+    /// full one is checkpointed in the background.
     fn log(
-        &self,
+        self: &Arc<Self>,
         fs: &mut FlushState,
         taken: &Arc<Stash>,
         entries: &[wal::Entry<'_>],
@@ -600,17 +631,58 @@ impl Overlay {
         if entries.is_empty() {
             return Ok(());
         }
+        let with_data = entries.iter().filter(|e| e.1.is_some()).count();
+        if !fs.wal.fits(entries.len(), with_data) {
+            self.join_background(fs)?;
+            let full = fs.wal.generation();
+            fs.wal.next_generation();
+            let o = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("cairn-checkpoint".into())
+                .spawn(move || {
+                    if let Err(e) = o.commit_to_journal(full, true) {
+                        o.poisoned(e);
+                    }
+                });
+            match spawned {
+                Ok(h) => fs.background = Some(h),
+                // No thread to be had: checkpoint here.
+                Err(_) => {
+                    self.commit_to_journal(full, true)?;
+                }
+            }
+        }
         let wal_path = self.dir.join(WAL);
         fs.wal
             .append(&self.wal_file, entries)
             .map_err(io_at(&wal_path))?;
         self.sync(&self.wal_file, WAL, &self.syncs.wal)?;
-        for &(b, _) in entries {
+        self.settle(taken)?;
+        self.mark_unjournaled(entries.iter().map(|e| e.0));
+        Ok(())
+    }
+
+    /// Notes blocks in the data file that the journal may not name yet.
+    fn mark_unjournaled(&self, blocks: impl Iterator<Item = u64>) {
+        for b in blocks {
             if !self.durable.get(b) {
                 self.unjournaled.set(b);
             }
         }
-        self.settle(taken)
+    }
+
+    /// Waits for the background checkpoint, if one runs.
+    fn join_background(&self, fs: &mut FlushState) -> Result<(), OverlayError> {
+        if let Some(h) = fs.background.take() {
+            let _ = h.join();
+        }
+        self.check_poison()
+    }
+
+    /// Waits for a background checkpoint to end (for tests and tools that
+    /// reopen the overlay right after dropping it).
+    pub fn wait_for_checkpoint(&self) {
+        let _ = self.join_background(&mut lock(&self.flush));
     }
 
     /// Puts a logged stash into the data file, unless a spill did already.
@@ -625,22 +697,31 @@ impl Overlay {
         Ok(())
     }
 
-    /// A checkpoint: `taken` (if any) into the data file, the data file
-    /// synced, the blocks no batch names yet journaled and the journal
-    /// synced; the flush log's generation, if it has batches, ends.
+    /// A checkpoint in the FLUSH: `taken` (if any) into the data file, and
+    /// everything committed to the journal; the flush log's current
+    /// generation, if it has batches, ends.
     fn checkpoint(
         &self,
         fs: &mut FlushState,
         taken: Option<&Arc<Stash>>,
     ) -> Result<(), OverlayError> {
+        self.join_background(fs)?;
         if let Some(taken) = taken {
             self.settle(taken)?;
-            for b in taken.blocks() {
-                if !self.durable.get(b) {
-                    self.unjournaled.set(b);
-                }
-            }
+            self.mark_unjournaled(taken.blocks());
         }
+        if self.commit_to_journal(fs.wal.generation(), !fs.wal.is_empty())? {
+            fs.wal.next_generation();
+        }
+        Ok(())
+    }
+
+    /// Syncs the data file, then journals the blocks it holds that no batch
+    /// names yet, recording that flush-log generation `gen` is checkpointed,
+    /// and syncs the journal. Writes no batch if there is nothing to name
+    /// and `always` is false; says whether it wrote one.
+    fn commit_to_journal(&self, gen: u64, always: bool) -> Result<bool, OverlayError> {
+        let mut j = lock(&self.journal);
         // Taken before the sync: each of these was written before it.
         let blocks = self.unjournaled.take_all();
         self.sync(&self.data, DATA, &self.syncs.data)?;
@@ -648,28 +729,20 @@ impl Overlay {
             .into_iter()
             .filter(|&b| !self.durable.get(b))
             .collect();
-        if fresh.is_empty() && fs.wal.is_empty() {
-            return Ok(());
+        if fresh.is_empty() && !always {
+            return Ok(false);
         }
         let extents = journal::coalesce(fresh);
         let path = self.dir.join(JOURNAL);
-        fs.journal_end = journal::append(
-            &fs.journal,
-            fs.journal_end,
-            fs.journal_seq + 1,
-            fs.wal.generation(),
-            &extents,
-        )
-        .map_err(io_at(&path))?;
-        self.sync(&fs.journal, JOURNAL, &self.syncs.journal)?;
-        fs.journal_seq += 1;
+        j.end = journal::append(&j.file, j.end, j.seq + 1, gen, &extents).map_err(io_at(&path))?;
+        self.sync(&j.file, JOURNAL, &self.syncs.journal)?;
+        j.seq += 1;
         for e in extents {
             for b in e.start..e.end() {
                 self.durable.set(b);
             }
         }
-        fs.wal.next_generation();
-        Ok(())
+        Ok(true)
     }
 
     fn sync(&self, file: &File, name: &str, counter: &AtomicU64) -> Result<(), OverlayError> {

@@ -4,9 +4,12 @@
 //! system's journal commit) appends them, data and block numbers, as one
 //! batch to this file and syncs it: one `fdatasync` of a file whose space
 //! was written before, so the host file system has no metadata to commit.
-//! The blocks then go to the data file unsynced. A checkpoint (a large
-//! FLUSH, or a full log) syncs the data file and the journal instead, and
-//! starts a new generation: batches of older generations are dead.
+//! The blocks then go to the data file unsynced. A checkpoint syncs the
+//! data file and the journal, after which the generation's batches are
+//! dead. The log has two halves and generation `g` writes half `g % 2`:
+//! when one fills, the next generation goes on in the other half while the
+//! full one is checkpointed in the background, so a FLUSH waits for a
+//! checkpoint only if the other half fills before it is done.
 //!
 //! Batches start on 4 KiB boundaries (`docs/formats/overlay.md`): a header
 //! (magic, entry count, generation, sequence, CRCs), the block numbers,
@@ -117,9 +120,9 @@ struct Header {
     len: u64,
 }
 
-/// Reads and checks the header at `at`; `None` if there is none there.
-fn read_header(file: &File, at: u64, file_len: u64) -> io::Result<Option<Header>> {
-    if at + ALIGN > file_len {
+/// Reads and checks the header at `at`, looking no further than `limit`.
+fn read_header(file: &File, at: u64, limit: u64) -> io::Result<Option<Header>> {
+    if at + ALIGN > limit {
         return Ok(None);
     }
     let mut first = vec![0u8; ALIGN as usize];
@@ -129,7 +132,7 @@ fn read_header(file: &File, at: u64, file_len: u64) -> io::Result<Option<Header>
     }
     let count = le_u32(&first, 4) as usize;
     let area = header_area(count);
-    if at + area > file_len {
+    if at + area > limit {
         return Ok(None);
     }
     let mut head = first;
@@ -157,34 +160,43 @@ fn read_header(file: &File, at: u64, file_len: u64) -> io::Result<Option<Header>
     }))
 }
 
-/// Replays generation `gen` of the log in `file`: hands each whole batch
-/// to `apply` in order. A bad batch ends the log (a torn tail) unless a
-/// valid batch of `gen` with a later sequence number follows it. Returns
-/// the number of batches applied.
+/// The bytes of the log generation `gen` writes, in a log of `capacity`:
+/// generation 1 (the first) the first half, 2 the second, 3 the first...
+pub fn region(gen: u64, capacity: u64) -> (u64, u64) {
+    let half = capacity / 2 / ALIGN * ALIGN;
+    let start = ((gen + 1) % 2) * half;
+    (start, start + half)
+}
+
+/// Replays generation `gen` of the log in `file` (of `capacity` bytes at
+/// most): hands each whole batch to `apply` in order. A bad batch ends the
+/// generation (a torn tail) unless a valid batch of `gen` with a later
+/// sequence number follows it. Returns the number of batches applied.
 pub fn replay(
     file: &File,
     gen: u64,
+    capacity: u64,
     blocks: u64,
     mut apply: impl FnMut(Batch) -> io::Result<()>,
 ) -> Result<u64, ReplayError> {
-    let file_len = file.metadata()?.len();
-    let mut at = 0u64;
+    let (mut at, end) = region(gen, capacity);
+    let limit = file.metadata()?.len().min(end);
     let mut seq = 0u64;
     loop {
-        let header = read_header(file, at, file_len)?;
+        let header = read_header(file, at, limit)?;
         let Some(h) = header.filter(|h| h.gen == gen && h.seq == seq + 1) else {
-            check_nothing_follows(file, at, gen, seq, file_len)?;
+            check_nothing_follows(file, at, gen, seq, limit)?;
             return Ok(seq);
         };
-        if at + h.len > file_len {
-            check_nothing_follows(file, at, gen, seq, file_len)?;
+        if at + h.len > limit {
+            check_nothing_follows(file, at, gen, seq, limit)?;
             return Ok(seq);
         }
         let mut data = vec![0u8; (h.len - header_area(h.entries.len())) as usize];
         file.read_exact_at(&mut data, at + header_area(h.entries.len()))?;
         if crc32fast::hash(&data) != h.data_crc {
             // The header is whole: the next batch would start right after.
-            if let Some(next) = read_header(file, at + h.len, file_len)? {
+            if let Some(next) = read_header(file, at + h.len, limit)? {
                 if next.gen == gen && next.seq > h.seq {
                     return Err(WalError::Corrupt {
                         at,
@@ -221,11 +233,11 @@ fn check_nothing_follows(
     at: u64,
     gen: u64,
     seq: u64,
-    file_len: u64,
+    limit: u64,
 ) -> Result<(), ReplayError> {
     let mut q = at + ALIGN;
-    while q + ALIGN <= file_len {
-        if let Some(h) = read_header(file, q, file_len)? {
+    while q + ALIGN <= limit {
+        if let Some(h) = read_header(file, q, limit)? {
             if h.gen == gen && h.seq > seq {
                 return Err(WalError::Corrupt {
                     at,
@@ -253,24 +265,37 @@ pub struct WalWriter {
     gen: u64,
     /// The next batch's sequence number.
     seq: u64,
-    /// Where the next batch goes.
+    /// Where the next batch goes (in the generation's half).
     head: u64,
-    /// Bytes of the file written (with data or zeros) so far.
-    written: u64,
+    /// For each half, where the bytes written (with data or zeros) from
+    /// its start end.
+    written: [u64; 2],
     capacity: u64,
 }
 
 impl WalWriter {
-    /// A writer starting generation `gen` at the beginning of a log of
-    /// `file_len` bytes, which may grow to `capacity`.
-    pub fn new(gen: u64, file_len: u64, capacity: u64) -> WalWriter {
-        WalWriter {
+    /// A writer starting generation `gen` in its half of the log in `file`,
+    /// which may grow to `capacity`.
+    pub fn new(gen: u64, file: &File, capacity: u64) -> io::Result<WalWriter> {
+        let len = file.metadata()?.len();
+        let mut written = [0; 2];
+        for (half, w) in written.iter_mut().enumerate() {
+            let (start, end) = region(half as u64 + 1, capacity);
+            // The first hole from the half's start (the file's end if none).
+            let hole = match rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(start)) {
+                Ok(at) => at,
+                Err(rustix::io::Errno::NXIO) => start,
+                Err(e) => return Err(e.into()),
+            };
+            *w = (hole.min(len) / ALIGN * ALIGN).clamp(start, end);
+        }
+        Ok(WalWriter {
             gen,
             seq: 1,
-            head: 0,
-            written: file_len / ALIGN * ALIGN,
+            head: region(gen, capacity).0,
+            written,
             capacity,
-        }
+        })
     }
 
     pub fn generation(&self) -> u64 {
@@ -282,26 +307,34 @@ impl WalWriter {
         self.seq == 1
     }
 
-    /// Whether a batch of `count` entries, `data_blocks` with data, fits.
+    /// Whether a batch of `count` entries, `data_blocks` with data, fits
+    /// in this generation's half.
     pub fn fits(&self, count: usize, data_blocks: usize) -> bool {
-        self.head + batch_len(count, data_blocks) <= self.capacity
+        self.head + batch_len(count, data_blocks) <= region(self.gen, self.capacity).1
+    }
+
+    /// Whether such a batch fits in an empty half.
+    pub fn fits_at_all(&self, count: usize, data_blocks: usize) -> bool {
+        batch_len(count, data_blocks) <= self.capacity / 2 / ALIGN * ALIGN
     }
 
     /// Writes one batch (not synced: the caller syncs `file`).
     pub fn append(&mut self, file: &File, entries: &[Entry<'_>]) -> io::Result<()> {
         let batch = encode(self.gen, self.seq, entries);
         let end = self.head + batch.len() as u64;
-        if end > self.written {
+        let (start, half_end) = region(self.gen, self.capacity);
+        let written = &mut self.written[usize::from(start > 0)];
+        if end > *written {
             // Zeros ahead, so the next appends need no allocation.
-            let to = (end.div_ceil(GROW_STEP) * GROW_STEP).min(self.capacity.max(end));
-            let zeros = vec![0u8; (1 << 20).min(to - self.written) as usize];
-            let mut at = self.written;
+            let to = (start + (end - start).div_ceil(GROW_STEP) * GROW_STEP).min(half_end.max(end));
+            let zeros = vec![0u8; (1 << 20).min(to - *written) as usize];
+            let mut at = *written;
             while at < to {
                 let n = (to - at).min(zeros.len() as u64) as usize;
                 file.write_all_at(&zeros[..n], at)?;
                 at += n as u64;
             }
-            self.written = to;
+            *written = to;
         }
         file.write_all_at(&batch, self.head)?;
         self.head = end;
@@ -315,11 +348,11 @@ impl WalWriter {
         self.seq = batches + 1;
     }
 
-    /// Starts the next generation at the beginning of the file.
+    /// Starts the next generation, at the beginning of the other half.
     pub fn next_generation(&mut self) {
         self.gen += 1;
         self.seq = 1;
-        self.head = 0;
+        self.head = region(self.gen, self.capacity).0;
     }
 }
 
@@ -327,13 +360,15 @@ impl WalWriter {
 mod tests {
     use super::*;
 
+    const CAP: u64 = 16 << 20;
+
     fn block(fill: u8) -> Vec<u8> {
         vec![fill; BLOCK as usize]
     }
 
     fn collect(file: &File, gen: u64) -> Result<Vec<Vec<(u64, bool)>>, ReplayError> {
         let mut out = Vec::new();
-        replay(file, gen, 1 << 20, |b| {
+        replay(file, gen, CAP, 1 << 20, |b| {
             let with_data = b.entries.iter().filter(|e| e.1).count();
             assert_eq!(b.data.len(), with_data * BLOCK as usize);
             out.push(b.entries);
@@ -343,34 +378,43 @@ mod tests {
     }
 
     #[test]
-    fn batches_of_the_current_generation_replay_in_order() {
+    fn generations_alternate_between_the_halves_and_replay_in_order() {
         let f = tempfile::tempfile().unwrap();
         let (a, b) = (block(1), block(2));
-        let mut w = WalWriter::new(3, 0, 64 << 20);
+        let mut w = WalWriter::new(1, &f, CAP).unwrap();
         w.append(&f, &[(7, Some(&a)), (9, None)]).unwrap();
         w.append(&f, &[(7, Some(&b))]).unwrap();
         let mut seen = Vec::new();
-        replay(&f, 3, 100, |batch| {
+        replay(&f, 1, CAP, 100, |batch| {
             seen.push(batch.data[0]);
             Ok(())
         })
         .unwrap();
         assert_eq!(seen, [1, 2]);
-        assert_eq!(collect(&f, 3).unwrap()[0], [(7, true), (9, false)]);
-        // The next generation starts over the same bytes; the old batches
-        // are dead.
-        w.next_generation();
-        assert!(collect(&f, 4).unwrap().is_empty());
-        w.append(&f, &[(1, Some(&a))]).unwrap();
-        assert_eq!(collect(&f, 4).unwrap(), [vec![(1, true)]]);
-        // Space is written ahead.
+        assert_eq!(collect(&f, 1).unwrap()[0], [(7, true), (9, false)]);
+        // Space is written ahead, in steps.
         assert_eq!(f.metadata().unwrap().len(), GROW_STEP);
+        // The next generation writes the other half: the first stays
+        // readable (its checkpoint may still be running).
+        w.next_generation();
+        assert_eq!(region(2, CAP).0, CAP / 2);
+        assert!(collect(&f, 2).unwrap().is_empty());
+        w.append(&f, &[(1, Some(&a))]).unwrap();
+        assert_eq!(collect(&f, 2).unwrap(), [vec![(1, true)]]);
+        assert_eq!(collect(&f, 1).unwrap().len(), 2);
+        // The one after starts over the first half.
+        w.next_generation();
+        w.append(&f, &[(5, None)]).unwrap();
+        assert_eq!(collect(&f, 3).unwrap(), [vec![(5, false)]]);
+        // A new writer finds what each half has written ahead.
+        let again = WalWriter::new(4, &f, CAP).unwrap();
+        assert_eq!(again.written, [GROW_STEP, CAP / 2 + GROW_STEP]);
     }
 
     #[test]
     fn a_torn_last_batch_is_dropped_and_a_torn_middle_is_corruption() {
         let f = tempfile::tempfile().unwrap();
-        let mut w = WalWriter::new(1, 0, 64 << 20);
+        let mut w = WalWriter::new(1, &f, CAP).unwrap();
         for fill in 1..=3 {
             w.append(&f, &[(u64::from(fill), Some(&block(fill)))])
                 .unwrap();
@@ -391,7 +435,7 @@ mod tests {
         ));
         // A damaged header with a valid batch after it: corruption too.
         let g = tempfile::tempfile().unwrap();
-        let mut w = WalWriter::new(1, 0, 64 << 20);
+        let mut w = WalWriter::new(1, &g, CAP).unwrap();
         for fill in 1..=2 {
             w.append(&g, &[(u64::from(fill), Some(&block(fill)))])
                 .unwrap();
@@ -404,19 +448,20 @@ mod tests {
     }
 
     #[test]
-    fn a_block_past_the_disk_is_refused_and_capacity_is_kept() {
+    fn a_block_past_the_disk_is_refused_and_a_half_is_kept() {
         let f = tempfile::tempfile().unwrap();
-        let mut w = WalWriter::new(1, 0, 2 * ALIGN + BLOCK);
+        let cap = 2 * (2 * ALIGN + BLOCK);
+        let mut w = WalWriter::new(1, &f, cap).unwrap();
         assert!(w.fits(1, 1));
         w.append(&f, &[(500, Some(&block(1)))]).unwrap();
-        assert!(!w.fits(1, 1));
+        assert!(!w.fits(1, 1) && w.fits_at_all(1, 1));
         assert!(matches!(
-            replay(&f, 1, 100, |_| Ok(())),
+            replay(&f, 1, cap, 100, |_| Ok(())),
             Err(ReplayError::Wal(WalError::OutOfRange { block: 500, .. }))
         ));
         // Many entries take more than one header block.
         let g = tempfile::tempfile().unwrap();
-        let mut w = WalWriter::new(1, 0, 64 << 20);
+        let mut w = WalWriter::new(1, &g, CAP).unwrap();
         let entries: Vec<Entry<'_>> = (0..1000).map(|b| (b, None)).collect();
         w.append(&g, &entries).unwrap();
         assert_eq!(collect(&g, 1).unwrap()[0].len(), 1000);

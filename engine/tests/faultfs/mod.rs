@@ -83,6 +83,8 @@ struct State {
     pass_syncs: u32,
     /// Syncs still to fail.
     fail_syncs: u32,
+    /// Only syncs of the file of this name count (all files if `None`).
+    fail_only: Option<OsString>,
     /// Syncs failed so far.
     failed_syncs: u32,
 }
@@ -335,8 +337,14 @@ impl Filesystem for Fs {
 
     fn fsync(&mut self, _: &Request<'_>, ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
         let mut s = lock(&self.state);
-        let failing = s.fail_syncs > 0 && s.pass_syncs == 0;
-        s.pass_syncs = s.pass_syncs.saturating_sub(1);
+        let counted = match (&s.fail_only, s.nodes.get(&ino)) {
+            (Some(name), Some(n)) => &n.name == name,
+            _ => true,
+        };
+        let failing = counted && s.fail_syncs > 0 && s.pass_syncs == 0;
+        if counted {
+            s.pass_syncs = s.pass_syncs.saturating_sub(1);
+        }
         if failing {
             s.fail_syncs -= 1;
             s.failed_syncs += 1;
@@ -482,6 +490,15 @@ impl FaultFs {
         let mut s = lock(&self.state);
         s.pass_syncs = pass;
         s.fail_syncs = n;
+        s.fail_only = None;
+    }
+
+    /// Makes the next `n` syncs of the file named `name` fail with EIO.
+    pub fn fail_syncs_of(&self, name: &str, n: u32) {
+        let mut s = lock(&self.state);
+        s.pass_syncs = 0;
+        s.fail_syncs = n;
+        s.fail_only = Some(name.into());
     }
 
     pub fn failed_syncs(&self) -> u32 {
