@@ -60,6 +60,9 @@ struct Args {
     /// Write the figures as JSON here too.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Print every round of every io job, not only the medians.
+    #[arg(long)]
+    verbose: bool,
 }
 
 fn main() -> Result<()> {
@@ -212,6 +215,19 @@ fn bench_io(args: &Args, bin: &Path, work: &Path, run_jobs: bool) -> Result<Valu
                 } else {
                     theirs.push(q.run(job, args.seconds)?);
                     mine.push(c.run(job, args.seconds)?);
+                }
+            }
+            if args.verbose {
+                for (round, (m, t)) in mine.iter().zip(&theirs).enumerate() {
+                    println!(
+                        "  {name} round {round}: cairn {:.0} IOPS (p50 {:.0} µs, p99 {:.0} µs), qsd {:.0} IOPS (p50 {:.0} µs, p99 {:.0} µs)",
+                        m.iops(),
+                        quantile(m.lat_us.clone(), 0.5),
+                        quantile(m.lat_us.clone(), 0.99),
+                        t.iops(),
+                        quantile(t.lat_us.clone(), 0.5),
+                        quantile(t.lat_us.clone(), 0.99)
+                    );
                 }
             }
             let (a, b) = (summarize(&mine), summarize(&theirs));
