@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use cairn_engine::cache::ChunkCache;
 use cairn_engine::chunkstore::{ChunkStore, ChunkStoreConfig, ChunkStoreError};
 use cairn_engine::export::export_raw;
 use cairn_engine::import::{import_raw, ImportOptions};
@@ -605,4 +606,114 @@ fn importing_the_image_again_repairs_a_lost_pack() {
         export_raw(&store, &f.manifest, &out, &|_| {}).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), f.image);
     }
+}
+
+/// Whether this process is the child running `test`. If not, runs `test`
+/// alone in a child process (it changes process-wide limits, which would
+/// disturb the tests beside it) and fails if the child does.
+fn run_in_child(test: &str) -> bool {
+    if std::env::var("CAIRN_TEST_CHILD").as_deref() == Ok(test) {
+        return true;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env("CAIRN_TEST_CHILD", test)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    false
+}
+
+/// Sets the soft limit of `resource` for this process; the old limits.
+fn limit(resource: rustix::process::Resource, soft: u64) -> rustix::process::Rlimit {
+    let old = rustix::process::getrlimit(resource);
+    let new = rustix::process::Rlimit {
+        current: Some(soft),
+        maximum: old.maximum,
+    };
+    rustix::process::setrlimit(resource, new).unwrap();
+    old
+}
+
+#[test]
+fn a_cached_chunk_that_cannot_be_opened_for_want_of_descriptors_is_fetched_again() {
+    if !run_in_child(
+        "a_cached_chunk_that_cannot_be_opened_for_want_of_descriptors_is_fetched_again",
+    ) {
+        return;
+    }
+    let f = Fixture::new("emfile", 10, 8 << 20);
+    let ids = f.manifest.distinct_chunks();
+    f.cold_store("c").fetch(&ids).unwrap();
+    // Another server on the same cache: it knows the chunks, has mapped
+    // none, and has a connection to the store open (it listed the packs).
+    let store = f.cold_store("c");
+    let (id, bytes) = f.chunk(1);
+    let file = f._dir.path().join("c/chunks").join(id.to_hex());
+    assert!(store.cache().contains(&id) && file.exists());
+
+    // No descriptor left: the cached file cannot be opened.
+    let old = limit(rustix::process::Resource::Nofile, 256);
+    let mut held = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        held.push(f);
+    }
+    let mut buf = vec![0u8; CS];
+    let read = store.read(&id, 0, &mut buf);
+    drop(held);
+    rustix::process::setrlimit(rustix::process::Resource::Nofile, old).unwrap();
+
+    read.unwrap();
+    assert_eq!(buf, bytes, "served from the store instead");
+    assert_eq!(
+        store.cache().stats().open_failures.load(Ordering::Relaxed),
+        1
+    );
+    assert_eq!(store.stats().chunks_fetched.load(Ordering::Relaxed), 1);
+    assert!(
+        file.exists(),
+        "the cached file is kept for when it can be opened"
+    );
+    store.read(&id, 0, &mut buf).unwrap();
+    assert_eq!(buf, bytes);
+}
+
+#[test]
+fn a_cached_chunk_that_cannot_be_mapped_for_want_of_memory_is_a_miss() {
+    if !run_in_child("a_cached_chunk_that_cannot_be_mapped_for_want_of_memory_is_a_miss") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw: Vec<u8> = (0..CS).map(|i| (i * 7 % 251) as u8).collect();
+    let id = ChunkId::of(&raw);
+    ChunkCache::open(dir.path(), 64 << 20)
+        .unwrap()
+        .insert(id, &raw)
+        .unwrap();
+    let cache = ChunkCache::open(dir.path(), 64 << 20).unwrap();
+    let file = dir.path().join("chunks").join(id.to_hex());
+
+    // Address space for less than the chunk's mapping.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let old = limit(rustix::process::Resource::As, (vm_kib + 16) << 10);
+    let got = cache.get(&id);
+    rustix::process::setrlimit(rustix::process::Resource::As, old).unwrap();
+
+    assert!(matches!(got, Ok(None)), "a miss, not {got:?}");
+    assert_eq!(cache.stats().open_failures.load(Ordering::Relaxed), 1);
+    assert!(file.exists(), "the cached file is kept");
+    cache.insert(id, &raw).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(cache.read(&id, 4096, &mut buf).unwrap());
+    assert_eq!(buf, raw[4096..8192]);
 }
