@@ -15,6 +15,9 @@ use crate::manifest::Manifest;
 use crate::objstore::{ObjectStore, StoreError};
 use crate::pack::{self, PackIndex, FOOTER_LEN, INDEX_ENTRY_LEN};
 
+/// Chunks named in a manifest's "in no pack" problem; the rest are counted.
+const MISSING_SHOWN: usize = 3;
+
 /// One thing found wrong, and where.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Problem {
@@ -135,11 +138,12 @@ pub async fn verify(
                 continue;
             }
         };
+        let mut missing = Vec::new();
         for (i, chunk) in manifest.chunks.iter().enumerate() {
             let Some(chunk) = chunk else { continue };
             report.chunk_refs_checked += 1;
             match map.locate(chunk) {
-                None => report.problem(&key, format!("chunk {i} ({chunk}) is in no pack")),
+                None => missing.push(format!("{i} ({chunk})")),
                 Some(loc) if loc.entry.raw_len != manifest.chunk_len(i) => report.problem(
                     &key,
                     format!(
@@ -150,6 +154,24 @@ pub async fn verify(
                 ),
                 Some(_) => {}
             }
+        }
+        // One line per manifest: a lost pack takes hundreds of chunks.
+        if !missing.is_empty() {
+            let shown = missing.len().min(MISSING_SHOWN);
+            let more = missing.len() - shown;
+            report.problem(
+                &key,
+                format!(
+                    "{} of its chunks are in no pack: chunk {}{}",
+                    missing.len(),
+                    missing[..shown].join(", chunk "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
         }
     }
 
