@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use bytes::Bytes;
 use cairn_engine::cache::ChunkCache;
 use cairn_engine::chunkstore::{ChunkStore, ChunkStoreConfig, ChunkStoreError};
 use cairn_engine::export::export_raw;
-use cairn_engine::import::{import_raw, ImportOptions};
+use cairn_engine::import::{import_raw, ImportOptions, DEFAULT_PACK_TARGET};
 use cairn_engine::manifest::Manifest;
 use cairn_engine::objstore::{Deadline, ObjectStore, PutMode, Resilient, S3Store};
 use cairn_engine::pack::PackWriter;
@@ -44,9 +44,7 @@ impl Fixture {
         let path = dir.path().join("image.raw");
         std::fs::write(&path, &image).unwrap();
         let store = open(&rt, &remote, &dir.path().join("import-cache"));
-        let mut opts = ImportOptions::new(dir.path().join("staging"));
-        opts.chunk_size = CS as u32;
-        opts.pack_target = pack_target;
+        let opts = import_options(dir.path().join("staging"), pack_target);
         let (manifest, _) = import_raw(&store, &path, &opts, &|_| {}).unwrap();
         Fixture {
             _dir: dir,
@@ -62,12 +60,33 @@ impl Fixture {
         open(&self.rt, &self.remote, &self._dir.path().join(name))
     }
 
+    fn verify(&self, deep: bool) -> cairn_engine::verify::VerifyReport {
+        let verify = cairn_engine::verify::verify(self.remote.as_ref(), deep, &|_| {});
+        self.rt.block_on(verify).unwrap()
+    }
+
     fn chunk(&self, i: usize) -> (ChunkId, &[u8]) {
         (
             self.manifest.chunks[i].unwrap(),
             &self.image[i * CS..(i + 1) * CS],
         )
     }
+}
+
+/// Import options for `CS`-byte chunks and packs of `pack_target` bytes.
+fn import_options(staging: PathBuf, pack_target: u64) -> ImportOptions {
+    let mut opts = ImportOptions::new(staging);
+    opts.chunk_size = CS as u32;
+    opts.pack_target = pack_target;
+    opts
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn open(rt: &tokio::runtime::Runtime, remote: &Arc<dyn ObjectStore>, cache: &Path) -> ChunkStore {
@@ -215,11 +234,7 @@ fn a_remote_chunk_that_does_not_hash_to_its_id_is_refused_and_not_cached() {
 #[test]
 fn a_pack_torn_by_a_crash_is_recovered_and_uploaded_by_the_next_import() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let (remote, _) = rt.block_on(common::fresh_s3_store("torn"));
     let image = common::test_image(20, CS, 3);
     let staging = dir.path().join("staging");
@@ -278,11 +293,7 @@ fn a_pack_torn_by_a_crash_is_recovered_and_uploaded_by_the_next_import() {
 #[test]
 fn an_import_cut_off_by_the_server_stopping_fails_cleanly_and_a_rerun_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let mut server = common::PrivateS3::start(&dir.path().join("s3root"));
     let bucket = "cairn-interrupt";
     let opts = common::s3_options(
@@ -463,16 +474,11 @@ fn a_pack_read_that_stalls_fails_every_reader_within_the_fetch_deadline() {
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let (remote, _) = rt.block_on(common::fresh_s3_store_at(&proxy.endpoint, "stall"));
     let image = common::test_image(10, CS, 5);
     std::fs::write(dir.path().join("image.raw"), &image).unwrap();
-    let mut opts = ImportOptions::new(dir.path().join("staging"));
-    opts.chunk_size = CS as u32;
+    let opts = import_options(dir.path().join("staging"), DEFAULT_PACK_TARGET);
     let importer = open(&rt, &remote, &dir.path().join("import-cache"));
     let (manifest, _) =
         import_raw(&importer, &dir.path().join("image.raw"), &opts, &|_| {}).unwrap();
@@ -507,11 +513,7 @@ fn another_copy_of_a_lost_packs_chunks_is_used() {
     // map was loaded before) and packing differently: every chunk is
     // stored twice, in different packs.
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let (remote, _) = rt.block_on(common::fresh_s3_store("copies"));
     let blind = open(&rt, &remote, &dir.path().join("blind"));
     let image = common::test_image(40, CS, 9);
@@ -522,9 +524,7 @@ fn another_copy_of_a_lost_packs_chunks_is_used() {
         (open(&rt, &remote, &dir.path().join("first")), 256 << 10),
         (blind, 3 << 20),
     ] {
-        let mut opts = ImportOptions::new(dir.path().join("staging"));
-        opts.chunk_size = CS as u32;
-        opts.pack_target = pack_target;
+        let opts = import_options(dir.path().join("staging"), pack_target);
         manifests.push(import_raw(&store, &path, &opts, &|_| {}).unwrap().0);
     }
     let f = Fixture {
@@ -544,13 +544,7 @@ fn another_copy_of_a_lost_packs_chunks_is_used() {
     assert_eq!(std::fs::read(&out).unwrap(), f.image);
     assert_eq!(store.stats().lost_packs.load(Ordering::Relaxed), 1);
 
-    let report =
-        f.rt.block_on(cairn_engine::verify::verify(
-            f.remote.as_ref(),
-            false,
-            &|_| {},
-        ))
-        .unwrap();
+    let report = f.verify(false);
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     let what = &report.problems[0].what;
     assert!(
@@ -570,13 +564,7 @@ fn importing_the_image_again_repairs_a_lost_pack() {
     let out = f._dir.path().join("out.raw");
     let err = export_raw(&running, &f.manifest, &out, &|_| {}).unwrap_err();
     assert!(chain(&err).contains(&lost), "{}", chain(&err));
-    let report =
-        f.rt.block_on(cairn_engine::verify::verify(
-            f.remote.as_ref(),
-            false,
-            &|_| {},
-        ))
-        .unwrap();
+    let report = f.verify(false);
     assert!(
         report.problems[0].what.contains(&lost) && report.problems[0].what.contains("import"),
         "{:?}",
@@ -584,21 +572,13 @@ fn importing_the_image_again_repairs_a_lost_pack() {
     );
 
     // The same file imported again uploads what was lost.
-    let mut opts = ImportOptions::new(f._dir.path().join("staging"));
-    opts.chunk_size = CS as u32;
-    opts.pack_target = 256 << 10;
+    let opts = import_options(f._dir.path().join("staging"), 256 << 10);
     let importer = f.cold_store("importer");
     let (again, report) =
         import_raw(&importer, &f._dir.path().join("image.raw"), &opts, &|_| {}).unwrap();
     assert_eq!(again, f.manifest);
     assert!(report.new_chunks > 0, "{report:?}");
-    let report =
-        f.rt.block_on(cairn_engine::verify::verify(
-            f.remote.as_ref(),
-            true,
-            &|_| {},
-        ))
-        .unwrap();
+    let report = f.verify(true);
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     // Every byte reads back, on a fresh store and on the one that saw the
     // pack lost while it ran.

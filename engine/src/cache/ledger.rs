@@ -30,6 +30,16 @@ pub struct Counts {
     pub inserted: u64,
 }
 
+/// Opens `path` for reading and writing, creating it empty if missing.
+fn open_or_create(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
 pub struct Ledger {
     /// Threads of one process share the descriptor, and with it the
     /// `flock`; the mutex keeps them apart.
@@ -39,14 +49,8 @@ pub struct Ledger {
 impl Ledger {
     /// Opens (creating, never truncating) the ledger at `path`.
     pub fn open(path: &Path) -> io::Result<Ledger> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
         Ok(Ledger {
-            file: Mutex::new(file),
+            file: Mutex::new(open_or_create(path)?),
         })
     }
 
@@ -123,12 +127,7 @@ impl Users {
     /// process is using it (the caller may then set the ledger right).
     /// Call [`Users::settle`] once that is done.
     pub fn join(path: &Path) -> io::Result<(Users, bool)> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = open_or_create(path)?;
         let alone = match file.try_lock() {
             Ok(()) => true,
             Err(std::fs::TryLockError::WouldBlock) => {
