@@ -603,54 +603,8 @@ async fn fetch_claimed(mut claim: Claim, caching: Caching) {
         }
     }
     for round in 0..=LOST_PACK_ROUNDS {
-        let mut by_pack: HashMap<PackId, Vec<IndexEntry>> = HashMap::new();
-        let ids: Vec<ChunkId> = claim.pending.keys().copied().collect();
-        for id in ids {
-            match inner.map().locate(&id) {
-                None => {
-                    let store = inner.remote.uri().to_owned();
-                    claim.finish(&id, Err(ChunkStoreError::NotFound { id, store }));
-                }
-                // Retried, and no copy is left but in lost packs.
-                Some(loc) if round > 0 && inner.map().is_lost(&loc.pack) => {
-                    claim.finish(&id, Err(inner.lost(id, &loc.pack)));
-                }
-                Some(loc) => by_pack.entry(loc.pack).or_default().push(loc.entry),
-            }
-        }
-        let mut runs = Vec::new();
-        for (pack, entries) in by_pack {
-            for run in split_long_runs(
-                PackIndex::runs(entries, inner.cfg.merge_gap),
-                inner.cfg.max_run_bytes,
-            ) {
-                let run_claim = Claim {
-                    inner: inner.clone(),
-                    pending: run
-                        .iter()
-                        .filter_map(|e| claim.pending.remove(&e.id).map(|p| (e.id, p)))
-                        .collect(),
-                };
-                runs.push(fetch_run(run_claim, pack, run, caching));
-            }
-        }
-        let left: Vec<Claim> = if runs.len() <= 1 {
-            // The common miss: one run, no need for another task.
-            match runs.pop() {
-                Some(run) => run.await.into_iter().collect(),
-                None => Vec::new(),
-            }
-        } else {
-            let tasks: Vec<_> = runs.into_iter().map(tokio::spawn).collect();
-            let mut left = Vec::new();
-            for t in tasks {
-                // A panicked run fails its own chunks through its claim's Drop.
-                if let Ok(Some(c)) = t.await {
-                    left.push(c);
-                }
-            }
-            left
-        };
+        let by_pack = locate_claimed(&mut claim, round > 0);
+        let left = fetch_runs(&mut claim, by_pack, caching).await;
         if left.is_empty() {
             return;
         }
@@ -666,6 +620,69 @@ async fn fetch_claimed(mut claim: Claim, caching: Caching) {
             claim.finish(&id, Err(inner.lost(id, &loc.pack)));
         }
     }
+}
+
+/// The claimed chunks by the pack to read each from. Those in no known
+/// pack fail, and on a `retry` so do those left only in lost packs.
+fn locate_claimed(claim: &mut Claim, retry: bool) -> HashMap<PackId, Vec<IndexEntry>> {
+    let inner = claim.inner.clone();
+    let mut by_pack: HashMap<PackId, Vec<IndexEntry>> = HashMap::new();
+    let ids: Vec<ChunkId> = claim.pending.keys().copied().collect();
+    for id in ids {
+        match inner.map().locate(&id) {
+            None => {
+                let store = inner.remote.uri().to_owned();
+                claim.finish(&id, Err(ChunkStoreError::NotFound { id, store }));
+            }
+            Some(loc) if retry && inner.map().is_lost(&loc.pack) => {
+                claim.finish(&id, Err(inner.lost(id, &loc.pack)));
+            }
+            Some(loc) => by_pack.entry(loc.pack).or_default().push(loc.entry),
+        }
+    }
+    by_pack
+}
+
+/// Fetches `by_pack` (chunks of `claim`) as merged runs, concurrently;
+/// the claims handed back for packs found missing.
+async fn fetch_runs(
+    claim: &mut Claim,
+    by_pack: HashMap<PackId, Vec<IndexEntry>>,
+    caching: Caching,
+) -> Vec<Claim> {
+    let inner = claim.inner.clone();
+    let mut runs = Vec::new();
+    for (pack, entries) in by_pack {
+        for run in split_long_runs(
+            PackIndex::runs(entries, inner.cfg.merge_gap),
+            inner.cfg.max_run_bytes,
+        ) {
+            let run_claim = Claim {
+                inner: inner.clone(),
+                pending: run
+                    .iter()
+                    .filter_map(|e| claim.pending.remove(&e.id).map(|p| (e.id, p)))
+                    .collect(),
+            };
+            runs.push(fetch_run(run_claim, pack, run, caching));
+        }
+    }
+    if runs.len() <= 1 {
+        // The common miss: one run, no need for another task.
+        return match runs.pop() {
+            Some(run) => run.await.into_iter().collect(),
+            None => Vec::new(),
+        };
+    }
+    let tasks: Vec<_> = runs.into_iter().map(tokio::spawn).collect();
+    let mut left = Vec::new();
+    for t in tasks {
+        // A panicked run fails its own chunks through its claim's Drop.
+        if let Ok(Some(c)) = t.await {
+            left.push(c);
+        }
+    }
+    left
 }
 
 /// Runs this small are decoded on the async worker: a hop to the blocking

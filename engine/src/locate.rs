@@ -13,6 +13,7 @@
 //! the loss stores it again), and an import does not count a chunk held
 //! only by lost packs as stored, so importing the image again repairs it.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -122,12 +123,10 @@ impl PackMap {
         self.known.insert(index.id, p);
         for e in &index.entries {
             match self.chunks.entry(e.id) {
-                std::collections::hash_map::Entry::Vacant(v) => {
+                Entry::Vacant(v) => {
                     v.insert((p, *e));
                 }
-                std::collections::hash_map::Entry::Occupied(_) => {
-                    self.more.entry(e.id).or_default().push((p, *e));
-                }
+                Entry::Occupied(_) => self.more.entry(e.id).or_default().push((p, *e)),
             }
         }
     }
@@ -143,11 +142,6 @@ impl PackMap {
 
     pub fn is_lost(&self, pack: &PackId) -> bool {
         self.known.get(pack).is_some_and(|p| self.lost.contains(p))
-    }
-
-    /// Packs known to be lost.
-    pub fn lost_packs(&self) -> Vec<PackId> {
-        self.lost.iter().map(|&p| self.packs[p as usize]).collect()
     }
 }
 
@@ -177,7 +171,8 @@ pub async fn refresh(
         m.add(index);
     }
     // The listing shows which packs are there: mark the others lost.
-    for pack in m.packs.clone() {
+    for i in 0..m.packs.len() {
+        let pack = m.packs[i];
         let lost = !present.contains(layout::pack_key(&pack).as_str());
         if m.set_lost(&pack, lost) && lost {
             tracing::error!(pack = %layout::pack_key(&pack), store = store.uri(), "a pack object is missing though its index is there: it is lost (`cairn verify` lists what it held)");

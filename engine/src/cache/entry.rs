@@ -134,8 +134,13 @@ fn check_header(head: &[u8], len: u64, id: ChunkId, path: &Path) -> Result<u32, 
 }
 
 /// Checks the header and CRC table at the start of a chunk file (`meta`,
-/// at least the header and table); the CRC table.
-fn check_meta(meta: &[u8], len: u64, id: ChunkId, path: &Path) -> Result<Vec<u32>, EntryError> {
+/// at least the header and table); the raw length and the CRC table.
+fn check_meta(
+    meta: &[u8],
+    len: u64,
+    id: ChunkId,
+    path: &Path,
+) -> Result<(u32, Vec<u32>), EntryError> {
     let raw_len = check_header(meta, len, id, path)?;
     let nblocks = raw_len.div_ceil(BLOCK as u32) as usize;
     let full = &meta[..HEADER_LEN + nblocks * 4];
@@ -143,10 +148,11 @@ fn check_meta(meta: &[u8], len: u64, id: ChunkId, path: &Path) -> Result<Vec<u32
     if header_crc(full) != stored {
         return Err(invalid(path, "header CRC mismatch"));
     }
-    Ok(full[HEADER_LEN..]
+    let crcs = full[HEADER_LEN..]
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect())
+        .collect();
+    Ok((raw_len, crcs))
 }
 
 /// Checks the header and CRC table of the chunk file at `path` without
@@ -179,10 +185,9 @@ impl CachedChunk {
             return Err(invalid(path, "too short"));
         }
         let map = map_file(&file).map_err(io)?;
-        let crcs = check_meta(&map, len, id, path)?;
+        let (raw_len, crcs) = check_meta(&map, len, id, path)?;
         // Advice only: a read-only cache directory still serves.
         let _ = file.set_modified(std::time::SystemTime::now());
-        let raw_len = u32::from_le_bytes(map[8..12].try_into().expect("checked header"));
         Ok(CachedChunk {
             id,
             map,

@@ -235,7 +235,7 @@ impl Resilient {
                         }
                         let why = match deadline {
                             Some(d) if out_of_time => format!(
-                                "gave up after {attempt} attempts in {:.1?}: a read someone waits on gets {:?}",
+                                "gave up after {attempt} attempts in {:.1?}: a read a guest or a VM waits on gets {:?} in all",
                                 started.elapsed(),
                                 d.total
                             ),
