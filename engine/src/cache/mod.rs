@@ -28,9 +28,11 @@
 
 mod entry;
 mod files;
+mod hot;
+mod index;
 mod ledger;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -38,10 +40,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use entry::{file_len, CachedChunk, EntryError, BLOCK};
+pub use hot::HotChunks;
 
 use crate::error::ErrorKind;
 use crate::id::ChunkId;
 use files::{Listed, Temp};
+use index::{Index, Slot};
 use ledger::{Counts, Ledger, Users};
 
 #[derive(Debug, thiserror::Error)]
@@ -100,39 +104,11 @@ pub struct CacheStats {
     pub looks: AtomicU64,
 }
 
-struct Slot {
-    bytes: u64,
-    /// Tick of the last use.
-    tick: u64,
-    /// Tick under which the slot sits in `State::lru`. Behind `tick` when
-    /// the slot was used since: a hit only bumps `tick`, and eviction
-    /// requeues such slots instead of evicting them (lazy LRU: a hit costs
-    /// one map lookup, not a reordering).
-    queued: u64,
-    /// The mapped file and the tick under which it sits in `State::open`.
-    handle: Option<(Arc<CachedChunk>, u64)>,
-}
-
-struct State {
-    slots: HashMap<ChunkId, Slot>,
-    /// Every slot, by `Slot::queued`.
-    lru: BTreeMap<u64, ChunkId>,
-    /// Slots with a mapped file, by the tick they were queued under.
-    open: BTreeMap<u64, ChunkId>,
-    /// Uses count up from [`FIRST_TICK`]; files learned from a listing are
-    /// queued below it, down from `low_tick`, the oldest lowest.
-    tick: u64,
-    low_tick: u64,
-    /// The ledger's `inserted` when this process last listed the directory,
-    /// plus what it has inserted since.
-    seen_inserted: u64,
-}
-
 pub struct ChunkCache {
     dir: PathBuf,
     capacity: u64,
     max_open: usize,
-    state: Mutex<State>,
+    state: Mutex<Index>,
     ledger: Ledger,
     _users: Users,
     stats: CacheStats,
@@ -142,7 +118,6 @@ pub struct ChunkCache {
 const MAX_MAPPED: usize = 16384;
 /// Four of the largest chunks.
 pub const MIN_CAPACITY: u64 = 64 << 20;
-const FIRST_TICK: u64 = 1 << 62;
 
 impl ChunkCache {
     /// Opens the cache in `dir` holding at most `capacity` bytes on disk
@@ -178,14 +153,7 @@ impl ChunkCache {
             dir: chunks,
             capacity,
             max_open: MAX_MAPPED,
-            state: Mutex::new(State {
-                slots: HashMap::new(),
-                lru: BTreeMap::new(),
-                open: BTreeMap::new(),
-                tick: FIRST_TICK,
-                low_tick: FIRST_TICK,
-                seen_inserted: inserted,
-            }),
+            state: Mutex::new(Index::new(inserted)),
             ledger,
             _users: users,
             stats,
@@ -195,7 +163,7 @@ impl ChunkCache {
         Ok(cache)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Index> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -573,162 +541,6 @@ fn recount(counts: &mut Counts, dir: &Path) -> io::Result<files::Listing> {
     let listing = files::list(dir)?;
     counts.used = listing.bytes();
     Ok(listing)
-}
-
-impl State {
-    fn next_tick(&mut self) -> u64 {
-        self.tick += 1;
-        self.tick
-    }
-
-    /// Takes `slot` (already out of `slots`) out of the queues.
-    fn unqueue(&mut self, slot: &Slot) {
-        self.lru.remove(&slot.queued);
-        if let Some((_, t)) = &slot.handle {
-            self.open.remove(t);
-        }
-    }
-
-    /// Indexes listed chunk files not known yet as the least recently used,
-    /// by modification time; how many.
-    fn adopt(&mut self, mut listed: Vec<Listed>) -> u64 {
-        listed.sort_by(|a, b| b.mtime.cmp(&a.mtime).then(b.id.cmp(&a.id)));
-        let mut adopted = 0;
-        for c in listed {
-            if self.slots.contains_key(&c.id) {
-                continue;
-            }
-            self.low_tick -= 1;
-            let tick = self.low_tick;
-            self.slots.insert(
-                c.id,
-                Slot {
-                    bytes: c.bytes,
-                    tick,
-                    queued: tick,
-                    handle: None,
-                },
-            );
-            self.lru.insert(tick, c.id);
-            adopted += 1;
-        }
-        adopted
-    }
-
-    /// Forgets every chunk not in `present`.
-    fn forget_all_but(&mut self, present: &HashSet<ChunkId>) {
-        let gone: Vec<ChunkId> = self
-            .slots
-            .keys()
-            .filter(|id| !present.contains(id))
-            .copied()
-            .collect();
-        for id in gone {
-            let slot = self.slots.remove(&id).expect("listed above");
-            self.unqueue(&slot);
-        }
-    }
-
-    /// The least recently used chunk, out of the index, with its bytes.
-    fn take_least_recent(&mut self) -> Option<(ChunkId, u64)> {
-        let id = self.pop_least_recent()?;
-        let slot = self.slots.remove(&id).expect("lru and slots agree");
-        self.unqueue(&slot);
-        Some((id, slot.bytes))
-    }
-
-    /// The least recently used chunk, taken out of `lru` (still in
-    /// `slots`). Slots used since they were queued go to the back.
-    fn pop_least_recent(&mut self) -> Option<ChunkId> {
-        while let Some((queued, id)) = self.lru.pop_first() {
-            let slot = self.slots.get_mut(&id).expect("lru and slots agree");
-            if slot.tick == queued {
-                return Some(id);
-            }
-            slot.queued = slot.tick;
-            self.lru.insert(slot.tick, id);
-        }
-        None
-    }
-
-    /// Unmaps the least recently used files until at most `max` stay mapped.
-    fn close_to(&mut self, max: usize) {
-        while self.open.len() > max {
-            let (queued, id) = self.open.pop_first().expect("non-empty");
-            let slot = self.slots.get_mut(&id).expect("open and slots agree");
-            let Some((h, _)) = slot.handle.take() else {
-                continue;
-            };
-            if slot.tick != queued {
-                // Used since it was mapped: keep it, queued anew. A slot's
-                // own ticks never collide with another's.
-                slot.handle = Some((h, slot.tick));
-                self.open.insert(slot.tick, id);
-            }
-        }
-    }
-}
-
-/// One reader's (one queue's) recently used chunks, mapped. Hits here skip
-/// the cache's shared lock. An entry is let go after [`HotChunks::REFRESH`]
-/// reads, so the shared LRU still hears of chunks in use; a chunk evicted
-/// meanwhile stays readable through its mapping (eviction unlinks, it does
-/// not truncate) until then, so the cache may exceed its bound by at most
-/// `CAPACITY` chunks per reader.
-pub struct HotChunks {
-    entries: HashMap<ChunkId, (Arc<CachedChunk>, u64)>,
-    reads: u64,
-}
-
-impl Default for HotChunks {
-    fn default() -> HotChunks {
-        HotChunks {
-            entries: HashMap::with_capacity(Self::CAPACITY),
-            reads: 0,
-        }
-    }
-}
-
-impl HotChunks {
-    pub const CAPACITY: usize = 64;
-    pub const REFRESH: u64 = 4096;
-
-    fn get(&mut self, id: &ChunkId) -> Option<Arc<CachedChunk>> {
-        self.reads += 1;
-        let (chunk, since) = self.entries.get(id)?;
-        if self.reads - since > Self::REFRESH {
-            self.entries.remove(id);
-            return None;
-        }
-        Some(chunk.clone())
-    }
-
-    fn put(&mut self, id: ChunkId, chunk: Arc<CachedChunk>) {
-        if self.entries.len() >= Self::CAPACITY {
-            // Drop the oldest entry.
-            if let Some(old) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, since))| *since)
-                .map(|(id, _)| *id)
-            {
-                self.entries.remove(&old);
-            }
-        }
-        self.entries.insert(id, (chunk, self.reads));
-    }
-
-    fn forget(&mut self, id: &ChunkId) {
-        self.entries.remove(id);
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 #[cfg(test)]
