@@ -115,7 +115,8 @@ pub struct ChunkStoreConfig {
     /// the reads a guest is waiting on.
     pub readahead_budget: u64,
     /// How long a fetch may wait on the remote tier (each GET, and in all)
-    /// before its readers get an error: a guest or a VM is waiting.
+    /// before its readers get an error: a guest or a VM is waiting. Longer
+    /// runs get more ([`Deadline::for_bytes`]).
     pub fetch_deadline: Deadline,
 }
 
@@ -731,10 +732,8 @@ async fn fetch_run(
         return None;
     };
     let range = first.offset..last.end();
-    let got = inner
-        .remote
-        .get_within(&key, Some(range), inner.cfg.fetch_deadline)
-        .await;
+    let deadline = inner.cfg.fetch_deadline.for_bytes(range.end - range.start);
+    let got = inner.remote.get_within(&key, Some(range), deadline).await;
     let lost = inner.map().is_lost(&pack);
     match &got {
         Err(e) if e.kind() == ErrorKind::NotFound => {

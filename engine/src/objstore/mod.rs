@@ -115,13 +115,28 @@ pub struct Deadline {
 }
 
 impl Deadline {
-    /// Lazy reads and page faults: a ranged GET of a few MiB answers in
-    /// well under a second on any working link; a guest's block layer
+    /// Lazy reads and page faults: a ranged GET of a chunk or two answers
+    /// in well under a second on any working link; a guest's block layer
     /// gives up on a request after 30 s.
     pub const DATA_PATH: Deadline = Deadline {
         attempt: Duration::from_secs(3),
         total: Duration::from_secs(10),
     };
+
+    /// The slowest link a read of many bytes is given time for.
+    const MIN_BYTES_PER_SEC: u64 = 4 << 20;
+
+    /// This deadline for a read of `bytes`: each attempt also gets the
+    /// time to move them at [`Deadline::MIN_BYTES_PER_SEC`], and the total
+    /// three times that (an 8 MiB read-ahead run is not cut off where a
+    /// 64 KiB read would be).
+    pub fn for_bytes(self, bytes: u64) -> Deadline {
+        let moving = Duration::from_secs_f64(bytes as f64 / Self::MIN_BYTES_PER_SEC as f64);
+        Deadline {
+            attempt: self.attempt + moving,
+            total: self.total + 3 * moving,
+        }
+    }
 }
 
 /// Runs `call` for at most `limit`; past it, a transient error saying so.
@@ -204,6 +219,15 @@ pub fn check_key(key: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_deadline_grows_with_the_bytes_to_move() {
+        let d = super::Deadline::DATA_PATH;
+        assert_eq!(d.for_bytes(0), d);
+        let big = d.for_bytes(8 << 20);
+        assert_eq!(big.attempt, d.attempt + std::time::Duration::from_secs(2));
+        assert_eq!(big.total, d.total + std::time::Duration::from_secs(6));
+    }
+
     #[test]
     fn keys_are_checked() {
         assert!(super::check_key("packs/ab.pack").is_ok());
