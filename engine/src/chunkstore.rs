@@ -8,6 +8,13 @@
 //! checked (CRC, then BLAKE3 of the decompressed bytes against the id)
 //! before it is cached; a chunk that fails is never cached or served.
 //!
+//! Every wait is bounded: a fetch's GETs run under
+//! [`ChunkStoreConfig::fetch_deadline`] (short attempts, a bound in all),
+//! and whatever the fetch ends with, every reader waiting on the chunk
+//! gets it. A pack object found missing is marked lost; its chunks are
+//! read from another pack that holds them, or fail with
+//! [`ChunkStoreError::Lost`].
+//!
 //! The blocking calls (`read`, `fetch`, `read_chunk`) must be made from
 //! plain threads, never from a task on the runtime they fetch with.
 
@@ -21,10 +28,10 @@ use tokio::runtime::Handle;
 use crate::cache::{CacheError, ChunkCache, EntryError, HotChunks};
 use crate::error::ErrorKind;
 use crate::frame::{self, FrameError, Verify};
-use crate::id::ChunkId;
+use crate::id::{ChunkId, PackId};
 use crate::layout;
 use crate::locate::{self, LocateError, Location, PackMap};
-use crate::objstore::{ObjectStore, StoreError};
+use crate::objstore::{Deadline, ObjectStore, StoreError};
 use crate::pack::{self, IndexEntry, PackIndex};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -55,12 +62,18 @@ pub enum ChunkStoreError {
     Locate(#[source] Arc<LocateError>),
     #[error("fetch of chunk {id} was cancelled: {why}")]
     Cancelled { id: ChunkId, why: &'static str },
+    #[error("chunk {id} is only in pack {key} of {store}, and that pack object is missing (lost): `cairn verify` lists what is lost; importing the image again uploads it again")]
+    Lost {
+        id: ChunkId,
+        key: String,
+        store: String,
+    },
 }
 
 impl ChunkStoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            ChunkStoreError::NotFound { .. } => ErrorKind::NotFound,
+            ChunkStoreError::NotFound { .. } | ChunkStoreError::Lost { .. } => ErrorKind::NotFound,
             ChunkStoreError::Remote { source, .. } => source.kind(),
             ChunkStoreError::Corrupt { .. } => ErrorKind::Corrupt,
             ChunkStoreError::Cache { source, .. } => source.kind(),
@@ -85,6 +98,8 @@ pub struct FetchStats {
     pub readahead_chunks: AtomicU64,
     /// Read-ahead requests dropped because its budget was spent.
     pub readahead_dropped: AtomicU64,
+    /// Packs found missing on a read (their chunks looked for elsewhere).
+    pub lost_packs: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +114,10 @@ pub struct ChunkStoreConfig {
     /// is beyond is dropped, not queued, so read-ahead never holds up
     /// the reads a guest is waiting on.
     pub readahead_budget: u64,
+    /// How long a fetch may wait on the remote tier (each GET, and in all)
+    /// before its readers get an error: a guest or a VM is waiting. Longer
+    /// runs get more ([`Deadline::for_bytes`]).
+    pub fetch_deadline: Deadline,
 }
 
 impl ChunkStoreConfig {
@@ -109,6 +128,7 @@ impl ChunkStoreConfig {
             merge_gap: 64 << 10,
             max_run_bytes: 8 << 20,
             readahead_budget: 4 << 20,
+            fetch_deadline: Deadline::DATA_PATH,
         }
     }
 }
@@ -241,6 +261,40 @@ impl Inner {
     fn map(&self) -> std::sync::RwLockReadGuard<'_, PackMap> {
         self.map.read().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, PackMap> {
+        self.map.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lost(&self, id: ChunkId, pack: &PackId) -> ChunkStoreError {
+        ChunkStoreError::Lost {
+            id,
+            key: layout::pack_key(pack),
+            store: self.remote.uri().to_owned(),
+        }
+    }
+
+    async fn refresh(&self) -> Result<usize, LocateError> {
+        locate::refresh(&self.map, self.remote.as_ref(), &self.index_dir).await
+    }
+
+    /// As [`Inner::refresh`], within the fetch deadline: a reader is
+    /// waiting on a chunk no known pack holds.
+    async fn refresh_for_reader(&self) -> Result<usize, ChunkStoreError> {
+        let limit = self.cfg.fetch_deadline.total;
+        let refreshed = tokio::time::timeout(limit, self.refresh())
+            .await
+            .unwrap_or_else(|_| {
+                Err(LocateError::Store(StoreError::new(
+                    "list",
+                    self.remote.uri(),
+                    layout::PACKS,
+                    ErrorKind::Transient,
+                    format!("no answer within {limit:?}"),
+                )))
+            });
+        refreshed.map_err(|e| ChunkStoreError::Locate(Arc::new(e)))
+    }
 }
 
 impl ChunkStore {
@@ -291,27 +345,22 @@ impl ChunkStore {
         &self.inner.cfg
     }
 
-    /// Loads pack indexes other writers have added since the last look.
+    /// Loads pack indexes other writers have added since the last look,
+    /// and notes which packs are lost (index there, pack object not).
     pub async fn refresh(&self) -> Result<usize, ChunkStoreError> {
-        locate::refresh(
-            &self.inner.map,
-            self.inner.remote.as_ref(),
-            &self.inner.index_dir,
-        )
-        .await
-        .map_err(|e| ChunkStoreError::Locate(Arc::new(e)))
+        self.inner
+            .refresh()
+            .await
+            .map_err(|e| ChunkStoreError::Locate(Arc::new(e)))
     }
 
     /// Records a pack this process has just uploaded.
     pub fn add_pack(&self, index: &PackIndex) {
-        self.inner
-            .map
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .add(index);
+        self.inner.map_mut().add(index);
     }
 
-    /// Whether some pack holds the chunk (as far as this host knows).
+    /// Whether some pack that is not lost holds the chunk (as far as this
+    /// host knows): what an import need not store again.
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.inner.map().contains(id)
     }
@@ -530,38 +579,79 @@ impl ChunkStore {
     }
 }
 
+/// Rounds of looking for another copy of chunks whose pack turned out
+/// lost: each round marks at least one more pack lost, so this bounds the
+/// GETs a read makes when copies after copies are gone.
+const LOST_PACK_ROUNDS: usize = 4;
+
 /// Locates the claimed chunks, groups them into merged runs per pack and
-/// fetches the runs concurrently.
+/// fetches the runs concurrently. Chunks of a pack found missing are
+/// fetched from another pack that holds them, if one does.
 async fn fetch_claimed(mut claim: Claim, caching: Caching) {
     let inner = claim.inner.clone();
-    let ids: Vec<ChunkId> = claim.pending.keys().copied().collect();
-    let mut unknown: Vec<ChunkId> = ids
-        .iter()
-        .filter(|id| !inner.map().contains(id))
+    let unknown: Vec<ChunkId> = claim
+        .pending
+        .keys()
+        .filter(|id| inner.map().locate(id).is_none())
         .copied()
         .collect();
     if !unknown.is_empty() {
         // Another host may have added packs since we last looked.
-        if let Err(e) = locate::refresh(&inner.map, inner.remote.as_ref(), &inner.index_dir).await {
-            let e = ChunkStoreError::Locate(Arc::new(e));
-            for id in unknown.drain(..) {
+        if let Err(e) = inner.refresh_for_reader().await {
+            for id in unknown {
                 claim.finish(&id, Err(e.clone()));
             }
         }
     }
-    let mut by_pack: HashMap<crate::id::PackId, Vec<IndexEntry>> = HashMap::new();
-    for id in ids {
-        if !claim.pending.contains_key(&id) {
-            continue;
+    for round in 0..=LOST_PACK_ROUNDS {
+        let by_pack = locate_claimed(&mut claim, round > 0);
+        let left = fetch_runs(&mut claim, by_pack, caching).await;
+        if left.is_empty() {
+            return;
         }
+        // Chunks of lost packs: look for them elsewhere.
+        for mut c in left {
+            claim.pending.extend(std::mem::take(&mut c.pending));
+        }
+    }
+    // Copy after copy was lost: give up on what is left.
+    let ids: Vec<ChunkId> = claim.pending.keys().copied().collect();
+    for id in ids {
+        if let Some(loc) = inner.map().locate(&id) {
+            claim.finish(&id, Err(inner.lost(id, &loc.pack)));
+        }
+    }
+}
+
+/// The claimed chunks by the pack to read each from. Those in no known
+/// pack fail, and on a `retry` so do those left only in lost packs.
+fn locate_claimed(claim: &mut Claim, retry: bool) -> HashMap<PackId, Vec<IndexEntry>> {
+    let inner = claim.inner.clone();
+    let mut by_pack: HashMap<PackId, Vec<IndexEntry>> = HashMap::new();
+    let ids: Vec<ChunkId> = claim.pending.keys().copied().collect();
+    for id in ids {
         match inner.map().locate(&id) {
-            Some(loc) => by_pack.entry(loc.pack).or_default().push(loc.entry),
             None => {
                 let store = inner.remote.uri().to_owned();
                 claim.finish(&id, Err(ChunkStoreError::NotFound { id, store }));
             }
+            Some(loc) if retry && inner.map().is_lost(&loc.pack) => {
+                claim.finish(&id, Err(inner.lost(id, &loc.pack)));
+            }
+            Some(loc) => by_pack.entry(loc.pack).or_default().push(loc.entry),
         }
     }
+    by_pack
+}
+
+/// Fetches `by_pack` (chunks of `claim`) as merged runs, concurrently;
+/// the claims handed back for packs found missing.
+async fn fetch_runs(
+    claim: &mut Claim,
+    by_pack: HashMap<PackId, Vec<IndexEntry>>,
+    caching: Caching,
+) -> Vec<Claim> {
+    let inner = claim.inner.clone();
     let mut runs = Vec::new();
     for (pack, entries) in by_pack {
         for run in split_long_runs(
@@ -575,19 +665,25 @@ async fn fetch_claimed(mut claim: Claim, caching: Caching) {
                     .filter_map(|e| claim.pending.remove(&e.id).map(|p| (e.id, p)))
                     .collect(),
             };
-            runs.push(fetch_run(run_claim, layout::pack_key(&pack), run, caching));
+            runs.push(fetch_run(run_claim, pack, run, caching));
         }
     }
-    if runs.len() == 1 {
+    if runs.len() <= 1 {
         // The common miss: one run, no need for another task.
-        runs.pop().expect("one run").await;
-        return;
+        return match runs.pop() {
+            Some(run) => run.await.into_iter().collect(),
+            None => Vec::new(),
+        };
     }
     let tasks: Vec<_> = runs.into_iter().map(tokio::spawn).collect();
+    let mut left = Vec::new();
     for t in tasks {
         // A panicked run fails its own chunks through its claim's Drop.
-        let _ = t.await;
+        if let Ok(Some(c)) = t.await {
+            left.push(c);
+        }
     }
+    left
 }
 
 /// Runs this small are decoded on the async worker: a hop to the blocking
@@ -621,14 +717,39 @@ enum Caching {
     Awaited,
 }
 
-/// One ranged GET, then verify and cache each frame of the run.
-async fn fetch_run(mut claim: Claim, key: String, run: Vec<IndexEntry>, caching: Caching) {
+/// One ranged GET, then verify and cache each frame of the run. If the
+/// pack object is missing, marks it lost and hands the claim back, so its
+/// chunks can be looked for in other packs.
+async fn fetch_run(
+    mut claim: Claim,
+    pack: PackId,
+    run: Vec<IndexEntry>,
+    caching: Caching,
+) -> Option<Claim> {
     let inner = claim.inner.clone();
+    let key = layout::pack_key(&pack);
     let (Some(first), Some(last)) = (run.first(), run.last()) else {
-        return;
+        return None;
     };
     let range = first.offset..last.end();
-    let bytes = match inner.remote.get(&key, Some(range)).await {
+    let deadline = inner.cfg.fetch_deadline.for_bytes(range.end - range.start);
+    let got = inner.remote.get_within(&key, Some(range), deadline).await;
+    let lost = inner.map().is_lost(&pack);
+    match &got {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            if inner.map_mut().set_lost(&pack, true) {
+                inner.stats.lost_packs.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(pack = %key, store = inner.remote.uri(), "a pack object is missing though its index is there: it is lost; its chunks are read from other packs where they exist (`cairn verify` lists what is lost)");
+            }
+            return Some(claim);
+        }
+        Ok(_) if lost => {
+            inner.map_mut().set_lost(&pack, false);
+            tracing::info!(pack = %key, "a pack marked lost is there again");
+        }
+        _ => {}
+    }
+    let bytes = match got {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(pack = %key, error = %e, "fetching a pack range failed");
@@ -641,7 +762,7 @@ async fn fetch_run(mut claim: Claim, key: String, run: Vec<IndexEntry>, caching:
                 };
                 claim.finish(&entry.id, Err(err));
             }
-            return;
+            return None;
         }
     };
     inner.stats.remote_gets.fetch_add(1, Ordering::Relaxed);
@@ -668,7 +789,7 @@ async fn fetch_run(mut claim: Claim, key: String, run: Vec<IndexEntry>, caching:
         match tokio::task::spawn_blocking(verify_all).await {
             Ok(done) => done,
             // The claim went down with the task and failed its waiters.
-            Err(_) => return,
+            Err(_) => return None,
         }
     };
     // The waiters have their bytes; caching happens off their path. The
@@ -677,6 +798,7 @@ async fn fetch_run(mut claim: Claim, key: String, run: Vec<IndexEntry>, caching:
     if caching == Caching::Awaited {
         let _ = cached.await;
     }
+    None
 }
 
 fn cache_and_finish(mut claim: Claim, outcomes: Vec<(ChunkId, Outcome)>) {

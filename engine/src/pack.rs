@@ -527,6 +527,115 @@ mod tests {
         assert!(PackIndex::decode_tail(&[1, 2, 3]).is_err());
     }
 
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Entries of frames laid end to end from the pack header, as a
+        /// writer appends them: (id seed, frame length, raw length) each.
+        fn laid_out(frames: &[(u64, u32, u32)]) -> Vec<IndexEntry> {
+            let mut offset = PACK_HEADER_LEN;
+            frames
+                .iter()
+                .map(|&(seed, frame_len, raw_len)| {
+                    let e = IndexEntry {
+                        id: ChunkId::of(&seed.to_le_bytes()),
+                        offset,
+                        frame_len,
+                        raw_len,
+                    };
+                    offset = e.end();
+                    e
+                })
+                .collect()
+        }
+
+        fn frames() -> impl Strategy<Value = Vec<(u64, u32, u32)>> {
+            proptest::collection::vec(
+                (
+                    any::<u64>(),
+                    (FRAME_HEADER_LEN as u32 + 1)..=u32::MAX,
+                    any::<u32>(),
+                ),
+                0..64,
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn a_tail_decodes_to_the_index_it_encodes(
+                frames in frames(),
+                prefix in proptest::collection::vec(any::<u8>(), 0..200),
+            ) {
+                let index = PackIndex::from_entries(laid_out(&frames));
+                let tail = index.encode_tail();
+                prop_assert_eq!(&PackIndex::decode_tail(&tail).unwrap(), &index);
+                // Bytes in front (the end of a pack) are ignored.
+                let mut with_prefix = prefix;
+                with_prefix.extend_from_slice(&tail);
+                prop_assert_eq!(PackIndex::decode_tail(&with_prefix).unwrap(), index);
+            }
+
+            #[test]
+            fn arbitrary_bytes_decode_to_an_error_or_to_what_they_encode(
+                bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            ) {
+                if let Ok(index) = PackIndex::decode_tail(&bytes) {
+                    prop_assert!(bytes.ends_with(&index.encode_tail()));
+                }
+            }
+
+            #[test]
+            fn a_damaged_tail_is_refused_never_a_panic(
+                frames in frames(),
+                flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..4),
+                cut in any::<prop::sample::Index>(),
+                truncate in any::<bool>(),
+            ) {
+                let index = PackIndex::from_entries(laid_out(&frames));
+                let mut tail = index.encode_tail();
+                // At distinct places (two flips of one byte could cancel).
+                let places: std::collections::BTreeMap<usize, u8> =
+                    flips.iter().map(|(at, mask)| (at.index(tail.len()), *mask)).collect();
+                for (i, mask) in places {
+                    tail[i] ^= mask;
+                }
+                if truncate {
+                    tail.truncate(cut.index(tail.len()));
+                }
+                // Flipped entries fail the CRC; a flipped or cut footer
+                // fails its checks. Nothing decodes to other entries.
+                prop_assert!(PackIndex::decode_tail(&tail).is_err());
+            }
+
+            #[test]
+            fn runs_cover_each_wanted_frame_once_in_order_split_at_gaps(
+                frames in proptest::collection::vec((any::<u64>(), 53u32..5000, any::<u32>()), 1..64),
+                picks in proptest::collection::vec(any::<prop::sample::Index>(), 0..80),
+                max_gap in 0u64..20_000,
+            ) {
+                let entries = laid_out(&frames);
+                let wanted: Vec<IndexEntry> = picks.iter().map(|i| entries[i.index(entries.len())]).collect();
+                let runs = PackIndex::runs(wanted.clone(), max_gap);
+                let flat: Vec<IndexEntry> = runs.iter().flatten().copied().collect();
+                let mut expect = wanted;
+                expect.sort_by_key(|e| e.offset);
+                expect.dedup();
+                prop_assert_eq!(&flat, &expect);
+                for run in &runs {
+                    prop_assert!(!run.is_empty());
+                    for pair in run.windows(2) {
+                        prop_assert!(pair[1].offset <= pair[0].end() + max_gap);
+                    }
+                }
+                for pair in runs.windows(2) {
+                    let (a, b) = (pair[0].last().unwrap(), pair[1][0]);
+                    prop_assert!(b.offset > a.end() + max_gap);
+                }
+            }
+        }
+    }
+
     #[test]
     fn runs_merge_small_gaps_only() {
         let e = |offset, len| IndexEntry {

@@ -15,6 +15,9 @@ use crate::manifest::Manifest;
 use crate::objstore::{ObjectStore, StoreError};
 use crate::pack::{self, PackIndex, FOOTER_LEN, INDEX_ENTRY_LEN};
 
+/// Chunks named in a manifest's "in no pack" problem; the rest are counted.
+const MISSING_SHOWN: usize = 3;
+
 /// One thing found wrong, and where.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Problem {
@@ -55,6 +58,7 @@ pub async fn verify(
     let mut report = VerifyReport::default();
     let mut map = PackMap::default();
     let mut indexes = Vec::new();
+    let mut lost = Vec::new();
     let keys = store.list(layout::PACKS).await?;
     let key_set: HashSet<&str> = keys.iter().map(String::as_str).collect();
     for key in &keys {
@@ -73,14 +77,35 @@ pub async fn verify(
         };
         progress(key);
         match check_index(store, key, pack).await? {
-            Ok(index) => {
+            IndexCheck::Good(index) => {
                 map.add(&index);
                 indexes.push(index);
             }
-            Err(what) => report.problem(key, what),
+            IndexCheck::Lost(index) => lost.push(index),
+            IndexCheck::Bad(what) => report.problem(key, what),
         }
     }
     report.packs = indexes.len() as u64;
+    for index in &lost {
+        let orphans = index
+            .entries
+            .iter()
+            .filter(|e| !map.contains(&e.id))
+            .count();
+        let what = if orphans == 0 {
+            format!(
+                "its pack {} is missing (lost); every chunk it held is in another pack, so nothing is unreadable: this index object can be deleted",
+                layout::pack_key(&index.id)
+            )
+        } else {
+            format!(
+                "its pack {} is missing (lost): {orphans} of its {} chunks are in no other pack; import the images that use them again (the same file) to upload them again",
+                layout::pack_key(&index.id),
+                index.entries.len()
+            )
+        };
+        report.problem(layout::pack_index_key(&index.id), what);
+    }
 
     for (name, id) in crate::catalog::list_images(store)
         .await
@@ -113,11 +138,12 @@ pub async fn verify(
                 continue;
             }
         };
+        let mut missing = Vec::new();
         for (i, chunk) in manifest.chunks.iter().enumerate() {
             let Some(chunk) = chunk else { continue };
             report.chunk_refs_checked += 1;
             match map.locate(chunk) {
-                None => report.problem(&key, format!("chunk {i} ({chunk}) is in no pack")),
+                None => missing.push(format!("{i} ({chunk})")),
                 Some(loc) if loc.entry.raw_len != manifest.chunk_len(i) => report.problem(
                     &key,
                     format!(
@@ -128,6 +154,24 @@ pub async fn verify(
                 ),
                 Some(_) => {}
             }
+        }
+        // One line per manifest: a lost pack takes hundreds of chunks.
+        if !missing.is_empty() {
+            let shown = missing.len().min(MISSING_SHOWN);
+            let more = missing.len() - shown;
+            report.problem(
+                &key,
+                format!(
+                    "{} of its chunks are in no pack: chunk {}{}",
+                    missing.len(),
+                    missing[..shown].join(", chunk "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
         }
     }
 
@@ -154,31 +198,39 @@ fn catalog_store_error(e: crate::catalog::CatalogError) -> StoreError {
     }
 }
 
+/// What an index object and its pack turned out to be.
+enum IndexCheck {
+    Good(PackIndex),
+    /// The index is sound but its pack object is missing.
+    Lost(PackIndex),
+    Bad(String),
+}
+
 /// Loads index object `key` and checks it against its pack's size. The
-/// outer error is the store failing; the inner one is a problem found.
+/// error is the store failing; a problem found is in the [`IndexCheck`].
 async fn check_index(
     store: &dyn ObjectStore,
     key: &str,
     pack: PackId,
-) -> Result<Result<PackIndex, String>, StoreError> {
+) -> Result<IndexCheck, StoreError> {
     let bytes = store.get(key, None).await?;
     let index = match PackIndex::decode_tail(&bytes) {
         Ok(i) => i,
-        Err(e) => return Ok(Err(format!("index object does not parse: {e}"))),
+        Err(e) => return Ok(IndexCheck::Bad(format!("index object does not parse: {e}"))),
     };
     if index.id != pack {
-        return Ok(Err(format!("index object describes pack {}", index.id)));
+        return Ok(IndexCheck::Bad(format!(
+            "index object describes pack {}",
+            index.id
+        )));
     }
     let want = index.index_offset() + (index.entries.len() * INDEX_ENTRY_LEN + FOOTER_LEN) as u64;
     match store.head(&layout::pack_key(&pack)).await? {
-        None => Ok(Err(format!(
-            "its pack {} is missing",
-            layout::pack_key(&pack)
-        ))),
-        Some(len) if len != want => Ok(Err(format!(
+        None => Ok(IndexCheck::Lost(index)),
+        Some(len) if len != want => Ok(IndexCheck::Bad(format!(
             "its pack is {len} bytes, the index says {want}"
         ))),
-        Some(_) => Ok(Ok(index)),
+        Some(_) => Ok(IndexCheck::Good(index)),
     }
 }
 

@@ -1,20 +1,24 @@
 //! The chunk store over the real S3 server: import, lazy reads through the
-//! cache, single flight, merged GETs, and every corruption and failure path.
+//! cache, single flight, merged GETs, and every corruption and failure path:
+//! lost packs (read elsewhere, repaired by a re-import) and stalled reads (a
+//! fault proxy in front of the server).
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use cairn_engine::cache::ChunkCache;
 use cairn_engine::chunkstore::{ChunkStore, ChunkStoreConfig, ChunkStoreError};
 use cairn_engine::export::export_raw;
-use cairn_engine::import::{import_raw, ImportOptions};
+use cairn_engine::import::{import_raw, ImportOptions, DEFAULT_PACK_TARGET};
 use cairn_engine::manifest::Manifest;
-use cairn_engine::objstore::{ObjectStore, PutMode, Resilient, S3Store};
+use cairn_engine::objstore::{Deadline, ObjectStore, PutMode, Resilient, S3Store};
 use cairn_engine::pack::PackWriter;
 use cairn_engine::{frame, layout, ChunkId, ErrorKind};
+use common::fault_proxy::{Answer, FaultProxy};
 
 const CS: usize = 64 << 10;
 
@@ -40,9 +44,7 @@ impl Fixture {
         let path = dir.path().join("image.raw");
         std::fs::write(&path, &image).unwrap();
         let store = open(&rt, &remote, &dir.path().join("import-cache"));
-        let mut opts = ImportOptions::new(dir.path().join("staging"));
-        opts.chunk_size = CS as u32;
-        opts.pack_target = pack_target;
+        let opts = import_options(dir.path().join("staging"), pack_target);
         let (manifest, _) = import_raw(&store, &path, &opts, &|_| {}).unwrap();
         Fixture {
             _dir: dir,
@@ -58,12 +60,33 @@ impl Fixture {
         open(&self.rt, &self.remote, &self._dir.path().join(name))
     }
 
+    fn verify(&self, deep: bool) -> cairn_engine::verify::VerifyReport {
+        let verify = cairn_engine::verify::verify(self.remote.as_ref(), deep, &|_| {});
+        self.rt.block_on(verify).unwrap()
+    }
+
     fn chunk(&self, i: usize) -> (ChunkId, &[u8]) {
         (
             self.manifest.chunks[i].unwrap(),
             &self.image[i * CS..(i + 1) * CS],
         )
     }
+}
+
+/// Import options for `CS`-byte chunks and packs of `pack_target` bytes.
+fn import_options(staging: PathBuf, pack_target: u64) -> ImportOptions {
+    let mut opts = ImportOptions::new(staging);
+    opts.chunk_size = CS as u32;
+    opts.pack_target = pack_target;
+    opts
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn open(rt: &tokio::runtime::Runtime, remote: &Arc<dyn ObjectStore>, cache: &Path) -> ChunkStore {
@@ -211,11 +234,7 @@ fn a_remote_chunk_that_does_not_hash_to_its_id_is_refused_and_not_cached() {
 #[test]
 fn a_pack_torn_by_a_crash_is_recovered_and_uploaded_by_the_next_import() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let (remote, _) = rt.block_on(common::fresh_s3_store("torn"));
     let image = common::test_image(20, CS, 3);
     let staging = dir.path().join("staging");
@@ -274,11 +293,7 @@ fn a_pack_torn_by_a_crash_is_recovered_and_uploaded_by_the_next_import() {
 #[test]
 fn an_import_cut_off_by_the_server_stopping_fails_cleanly_and_a_rerun_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let mut server = common::PrivateS3::start(&dir.path().join("s3root"));
     let bucket = "cairn-interrupt";
     let opts = common::s3_options(
@@ -361,4 +376,324 @@ fn an_import_cut_off_by_the_server_stopping_fails_cleanly_and_a_rerun_resumes() 
         .block_on(cairn_engine::verify::verify(remote.as_ref(), true, &|_| {}))
         .unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+/// Reads chunk `id` from `threads` threads at once; every reader's result.
+/// Fails the test (rather than hanging it) if a reader is not back long
+/// after the fetch deadline.
+fn read_concurrently(
+    store: &ChunkStore,
+    id: ChunkId,
+    threads: usize,
+) -> Vec<Result<Vec<u8>, ChunkStoreError>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..threads {
+        let (store, tx) = (store.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; CS];
+            let _ = tx.send(store.read(&id, 0, &mut buf).map(|()| buf));
+        });
+    }
+    (0..threads)
+        .map(|_| {
+            rx.recv_timeout(std::time::Duration::from_secs(60))
+                .expect("every reader is answered")
+        })
+        .collect()
+}
+
+/// An error with its causes, as the CLI prints it.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text += &format!(": {s}");
+        source = s.source();
+    }
+    text
+}
+
+/// The pack keys holding the manifest's chunks, in chunk order, once each.
+fn packs_of(store: &ChunkStore, manifest: &Manifest) -> Vec<String> {
+    let mut keys = Vec::new();
+    for id in manifest.chunks.iter().flatten() {
+        let key = layout::pack_key(&store.locate(id).unwrap().pack);
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    keys
+}
+
+#[test]
+fn a_chunk_whose_pack_object_is_gone_fails_every_reader_with_a_clear_error() {
+    let f = Fixture::new("gone", 40, 256 << 10);
+    // Opened while the pack was there: the read finds out.
+    let store = f.cold_store("c");
+    let (id, _) = f.chunk(1);
+    let key = layout::pack_key(&store.locate(&id).unwrap().pack);
+    f.rt.block_on(f.remote.delete(&key)).unwrap();
+    for result in read_concurrently(&store, id, 8) {
+        let err = result.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+        assert!(matches!(err, ChunkStoreError::Lost { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&id.to_hex())
+                && msg.contains(&key)
+                && msg.contains(f.remote.uri())
+                && msg.contains("cairn verify"),
+            "names the chunk, the pack, the store and what to do: {msg}"
+        );
+    }
+    assert_eq!(store.stats().lost_packs.load(Ordering::Relaxed), 1);
+    assert!(!store.cache().contains(&id));
+    // A store opened now knows from the listing, and says the same.
+    let fresh = f.cold_store("c2");
+    let err = read_concurrently(&fresh, id, 2).pop().unwrap().unwrap_err();
+    assert!(matches!(err, ChunkStoreError::Lost { .. }), "{err}");
+    // Chunks of other packs read on.
+    let other = (0..40)
+        .filter_map(|i| f.manifest.chunks[i].map(|c| (i, c)))
+        .find(|(_, c)| layout::pack_key(&store.locate(c).unwrap().pack) != key)
+        .unwrap();
+    let mut buf = vec![0u8; CS];
+    store.read(&other.1, 0, &mut buf).unwrap();
+    assert_eq!(buf, f.image[other.0 * CS..(other.0 + 1) * CS]);
+}
+
+#[test]
+fn a_pack_read_that_stalls_fails_every_reader_within_the_fetch_deadline() {
+    let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stalling = stall.clone();
+    let proxy = FaultProxy::start(&common::s3_env().endpoint, move |r| {
+        if r.method == "GET" && r.target.contains(".pack") && stalling.load(Ordering::Acquire) {
+            Answer::Stall
+        } else {
+            Answer::Forward
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let (remote, _) = rt.block_on(common::fresh_s3_store_at(&proxy.endpoint, "stall"));
+    let image = common::test_image(10, CS, 5);
+    std::fs::write(dir.path().join("image.raw"), &image).unwrap();
+    let opts = import_options(dir.path().join("staging"), DEFAULT_PACK_TARGET);
+    let importer = open(&rt, &remote, &dir.path().join("import-cache"));
+    let (manifest, _) =
+        import_raw(&importer, &dir.path().join("image.raw"), &opts, &|_| {}).unwrap();
+
+    stall.store(true, Ordering::Release);
+    let mut cfg = ChunkStoreConfig::new(dir.path().join("cache"), 256 << 20);
+    cfg.fetch_deadline = Deadline {
+        attempt: std::time::Duration::from_millis(300),
+        total: std::time::Duration::from_secs(1),
+    };
+    let store = rt.block_on(ChunkStore::open(remote, cfg)).unwrap();
+    let id = manifest.chunks[1].unwrap();
+    for result in read_concurrently(&store, id, 8) {
+        let err = result.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+        let text = chain(&err);
+        assert!(
+            text.contains(&id.to_hex())
+                && text.contains(".pack")
+                && text.contains(&proxy.endpoint[7..])
+                && text.contains("gave up"),
+            "names the chunk, the pack, the endpoint: {text}"
+        );
+    }
+    // One fetch for all eight readers (each of its attempts cut short).
+    assert_eq!(store.stats().fetch_errors.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn another_copy_of_a_lost_packs_chunks_is_used() {
+    // Two imports of one image, the second blind to the first (its pack
+    // map was loaded before) and packing differently: every chunk is
+    // stored twice, in different packs.
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let (remote, _) = rt.block_on(common::fresh_s3_store("copies"));
+    let blind = open(&rt, &remote, &dir.path().join("blind"));
+    let image = common::test_image(40, CS, 9);
+    let path = dir.path().join("image.raw");
+    std::fs::write(&path, &image).unwrap();
+    let mut manifests = Vec::new();
+    for (store, pack_target) in [
+        (open(&rt, &remote, &dir.path().join("first")), 256 << 10),
+        (blind, 3 << 20),
+    ] {
+        let opts = import_options(dir.path().join("staging"), pack_target);
+        manifests.push(import_raw(&store, &path, &opts, &|_| {}).unwrap().0);
+    }
+    let f = Fixture {
+        _dir: dir,
+        rt,
+        remote,
+        image,
+        manifest: manifests.pop().unwrap(),
+    };
+    let first_packs = packs_of(&f.cold_store("look"), &f.manifest);
+    assert!(first_packs.len() > 1);
+
+    let store = f.cold_store("c");
+    f.rt.block_on(f.remote.delete(&first_packs[0])).unwrap();
+    let out = f._dir.path().join("out.raw");
+    export_raw(&store, &f.manifest, &out, &|_| {}).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), f.image);
+    assert_eq!(store.stats().lost_packs.load(Ordering::Relaxed), 1);
+
+    let report = f.verify(false);
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    let what = &report.problems[0].what;
+    assert!(
+        what.contains(&first_packs[0]) && what.contains("every chunk it held is in another pack"),
+        "{what}"
+    );
+}
+
+#[test]
+fn importing_the_image_again_repairs_a_lost_pack() {
+    let f = Fixture::new("repair", 40, 256 << 10);
+    let running = f.cold_store("running");
+    let lost = packs_of(&running, &f.manifest)[1].clone();
+    f.rt.block_on(f.remote.delete(&lost)).unwrap();
+
+    // Lost: reads of its chunks fail, verify names it.
+    let out = f._dir.path().join("out.raw");
+    let err = export_raw(&running, &f.manifest, &out, &|_| {}).unwrap_err();
+    assert!(chain(&err).contains(&lost), "{}", chain(&err));
+    let report = f.verify(false);
+    assert!(
+        report.problems[0].what.contains(&lost) && report.problems[0].what.contains("import"),
+        "{:?}",
+        report.problems
+    );
+
+    // The same file imported again uploads what was lost.
+    let opts = import_options(f._dir.path().join("staging"), 256 << 10);
+    let importer = f.cold_store("importer");
+    let (again, report) =
+        import_raw(&importer, &f._dir.path().join("image.raw"), &opts, &|_| {}).unwrap();
+    assert_eq!(again, f.manifest);
+    assert!(report.new_chunks > 0, "{report:?}");
+    let report = f.verify(true);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    // Every byte reads back, on a fresh store and on the one that saw the
+    // pack lost while it ran.
+    for store in [f.cold_store("fresh"), running] {
+        export_raw(&store, &f.manifest, &out, &|_| {}).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), f.image);
+    }
+}
+
+/// Whether this process is the child running `test`. If not, runs `test`
+/// alone in a child process (it changes process-wide limits, which would
+/// disturb the tests beside it) and fails if the child does.
+fn run_in_child(test: &str) -> bool {
+    if std::env::var("CAIRN_TEST_CHILD").as_deref() == Ok(test) {
+        return true;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env("CAIRN_TEST_CHILD", test)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    false
+}
+
+/// Sets the soft limit of `resource` for this process; the old limits.
+fn limit(resource: rustix::process::Resource, soft: u64) -> rustix::process::Rlimit {
+    let old = rustix::process::getrlimit(resource);
+    let new = rustix::process::Rlimit {
+        current: Some(soft),
+        maximum: old.maximum,
+    };
+    rustix::process::setrlimit(resource, new).unwrap();
+    old
+}
+
+#[test]
+fn a_cached_chunk_that_cannot_be_opened_for_want_of_descriptors_is_fetched_again() {
+    if !run_in_child(
+        "a_cached_chunk_that_cannot_be_opened_for_want_of_descriptors_is_fetched_again",
+    ) {
+        return;
+    }
+    let f = Fixture::new("emfile", 10, 8 << 20);
+    let ids = f.manifest.distinct_chunks();
+    f.cold_store("c").fetch(&ids).unwrap();
+    // Another server on the same cache: it knows the chunks, has mapped
+    // none, and has a connection to the store open (it listed the packs).
+    let store = f.cold_store("c");
+    let (id, bytes) = f.chunk(1);
+    let file = f._dir.path().join("c/chunks").join(id.to_hex());
+    assert!(store.cache().contains(&id) && file.exists());
+
+    // No descriptor left: the cached file cannot be opened.
+    let old = limit(rustix::process::Resource::Nofile, 256);
+    let mut held = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        held.push(f);
+    }
+    let mut buf = vec![0u8; CS];
+    let read = store.read(&id, 0, &mut buf);
+    drop(held);
+    rustix::process::setrlimit(rustix::process::Resource::Nofile, old).unwrap();
+
+    read.unwrap();
+    assert_eq!(buf, bytes, "served from the store instead");
+    assert_eq!(
+        store.cache().stats().open_failures.load(Ordering::Relaxed),
+        1
+    );
+    assert_eq!(store.stats().chunks_fetched.load(Ordering::Relaxed), 1);
+    assert!(
+        file.exists(),
+        "the cached file is kept for when it can be opened"
+    );
+    store.read(&id, 0, &mut buf).unwrap();
+    assert_eq!(buf, bytes);
+}
+
+#[test]
+fn a_cached_chunk_that_cannot_be_mapped_for_want_of_memory_is_a_miss() {
+    if !run_in_child("a_cached_chunk_that_cannot_be_mapped_for_want_of_memory_is_a_miss") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw: Vec<u8> = (0..CS).map(|i| (i * 7 % 251) as u8).collect();
+    let id = ChunkId::of(&raw);
+    ChunkCache::open(dir.path(), 64 << 20)
+        .unwrap()
+        .insert(id, &raw)
+        .unwrap();
+    let cache = ChunkCache::open(dir.path(), 64 << 20).unwrap();
+    let file = dir.path().join("chunks").join(id.to_hex());
+
+    // Address space for less than the chunk's mapping.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let old = limit(rustix::process::Resource::As, (vm_kib + 16) << 10);
+    let got = cache.get(&id);
+    rustix::process::setrlimit(rustix::process::Resource::As, old).unwrap();
+
+    assert!(matches!(got, Ok(None)), "a miss, not {got:?}");
+    assert_eq!(cache.stats().open_failures.load(Ordering::Relaxed), 1);
+    assert!(file.exists(), "the cached file is kept");
+    cache.insert(id, &raw).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(cache.read(&id, 4096, &mut buf).unwrap());
+    assert_eq!(buf, raw[4096..8192]);
 }

@@ -1,13 +1,19 @@
 //! The object-store seam against both real backends: a directory and the
-//! S3 server (s3s-fs over HTTP with SigV4).
+//! S3 server (s3s-fs over HTTP with SigV4), and the S3 client against
+//! faults the server cannot produce on demand (a fault proxy in front of
+//! it: stalls, 409s, a completion raced by another writer).
 
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use cairn_engine::objstore::{FileStore, ObjectStore, PutMode, Resilient, S3Store};
+use cairn_engine::objstore::{
+    Deadline, FileStore, ObjectStore, PutMode, PutOutcome, Resilient, S3Store,
+};
 use cairn_engine::ErrorKind;
+use common::fault_proxy::{Answer, FaultProxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_store_passes_the_conformance_suite() {
@@ -76,5 +82,158 @@ async fn an_unreachable_server_is_a_transient_error_after_retries() {
     assert!(
         msg.contains("could not reach") && msg.contains("gave up after 4 attempts"),
         "{msg}"
+    );
+}
+
+/// A short deadline for tests: three attempts or so, then the error.
+const TEST_DEADLINE: Deadline = Deadline {
+    attempt: Duration::from_millis(300),
+    total: Duration::from_secs(1),
+};
+
+/// The test fails (instead of hanging for minutes) if `call` has not
+/// returned long after its own deadline.
+async fn must_return<T>(call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("a read with a deadline came back")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_the_server_never_answers_fails_within_its_deadline_naming_endpoint_and_key() {
+    let proxy = FaultProxy::start(&common::s3_env().endpoint, |r| {
+        if r.method == "GET" && r.target.contains("/hangs") {
+            Answer::Stall
+        } else if r.method == "GET" && r.target.contains("/cut") {
+            Answer::StallMidBody
+        } else {
+            Answer::Forward
+        }
+    });
+    let (store, _) = common::fresh_s3_store_at(&proxy.endpoint, "stall").await;
+    for key in ["t/hangs", "t/cut", "t/fine"] {
+        store
+            .put(key, Bytes::from(vec![7u8; 100_000]), PutMode::IfAbsent)
+            .await
+            .unwrap();
+    }
+    for key in ["t/hangs", "t/cut"] {
+        let err = must_return(store.get_within(key, Some(0..50_000), TEST_DEADLINE))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(key) && msg.contains(&proxy.endpoint[7..]) && msg.contains("gave up"),
+            "the error names the key, the endpoint and that it gave up: {msg}"
+        );
+        // Each attempt was cut short and retried within the deadline.
+        let attempts = proxy.count(|r| r.starts_with("GET") && r.contains(key));
+        assert!(attempts >= 2, "{key}: {attempts} attempts");
+    }
+    // Reads that are answered are not affected.
+    let ok = must_return(store.get_within("t/fine", Some(10..20), TEST_DEADLINE)).await;
+    assert_eq!(&ok.unwrap()[..], &[7u8; 10]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_409_conditional_request_conflict_is_retried() {
+    // The first PUT and the first multipart completion of each key are
+    // answered 409, as S3 does when another conditional write of the key
+    // is in progress; later ones go to the server.
+    let conflicted = std::sync::Mutex::new(std::collections::HashSet::new());
+    let proxy = FaultProxy::start(&common::s3_env().endpoint, move |r| {
+        let completion = r.method == "POST" && r.target.contains("uploadId=");
+        let put = r.method == "PUT" && !r.target.contains("partNumber=");
+        if (put || completion) && r.target.contains("/t/") {
+            let key = r.target.split('?').next().unwrap().to_owned();
+            if conflicted.lock().unwrap().insert(key) {
+                return Answer::Error {
+                    status: 409,
+                    code: "ConditionalRequestConflict",
+                    message: "A conflicting conditional operation is in progress. Please retry.",
+                };
+            }
+        }
+        Answer::Forward
+    });
+    let (store, _) = common::fresh_s3_store_at(&proxy.endpoint, "conflict").await;
+    let small = Bytes::from_static(b"small object");
+    assert_eq!(
+        store
+            .put("t/small", small.clone(), PutMode::IfAbsent)
+            .await
+            .unwrap(),
+        PutOutcome::Created
+    );
+    assert_eq!(store.get("t/small", None).await.unwrap(), small);
+    assert_eq!(
+        proxy.count(|r| r.starts_with("PUT") && r.contains("/t/small")),
+        2
+    );
+
+    // A multipart upload (the tests use 5 MiB parts) whose completion
+    // meets a 409 is retried whole.
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..(11 << 20)).map(|i: u32| (i % 253) as u8).collect();
+    std::fs::write(dir.path().join("big"), &big).unwrap();
+    assert_eq!(
+        store
+            .put_file("t/big", &dir.path().join("big"))
+            .await
+            .unwrap(),
+        PutOutcome::Created
+    );
+    assert_eq!(store.get("t/big", None).await.unwrap(), big);
+    let completions = proxy.count(|r| r.starts_with("POST") && r.contains("/t/big?uploadId="));
+    assert_eq!(completions, 2);
+}
+
+#[test]
+fn a_multipart_upload_keeps_an_object_that_appeared_while_its_parts_went_up() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // The proxy holds the completion until the test has created the key.
+    let (arrived_tx, arrived_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (arrived_tx, go_rx) = (
+        std::sync::Mutex::new(arrived_tx),
+        std::sync::Mutex::new(go_rx),
+    );
+    let proxy = FaultProxy::start(&common::s3_env().endpoint, move |r| {
+        if r.method == "POST" && r.target.contains("uploadId=") {
+            arrived_tx.lock().unwrap().send(()).unwrap();
+            go_rx.lock().unwrap().recv().unwrap();
+        }
+        Answer::Forward
+    });
+    let (store, _) = rt.block_on(common::fresh_s3_store_at(&proxy.endpoint, "noclobber"));
+    let dir = tempfile::tempdir().unwrap();
+    let big = vec![0xb1u8; 11 << 20];
+    let path = dir.path().join("big");
+    std::fs::write(&path, &big).unwrap();
+
+    let upload = {
+        let (store, path) = (store.clone(), path.clone());
+        rt.spawn(async move { store.put_file("t/key", &path).await })
+    };
+    arrived_rx.recv().unwrap();
+    let first = Bytes::from_static(b"the first writer's object");
+    assert_eq!(
+        rt.block_on(store.put("t/key", first.clone(), PutMode::IfAbsent))
+            .unwrap(),
+        PutOutcome::Created
+    );
+    go_tx.send(()).unwrap();
+    let outcome = rt.block_on(upload).unwrap().unwrap();
+    assert_eq!(outcome, PutOutcome::AlreadyExisted);
+    assert_eq!(rt.block_on(store.get("t/key", None)).unwrap(), first);
+    // The refused upload's parts were given up.
+    assert_eq!(
+        proxy.count(|r| r.starts_with("DELETE") && r.contains("AbortMultipartUpload")),
+        1
     );
 }

@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use memmap2::{Mmap, MmapOptions};
@@ -101,45 +102,92 @@ fn map_file(file: &File) -> io::Result<Mmap> {
     unsafe { MmapOptions::new().populate().map(file) }
 }
 
+fn invalid(path: &Path, what: &str) -> EntryError {
+    EntryError::Invalid(format!("{}: {what}", path.display()))
+}
+
+/// Checks the header of a chunk file of `len` bytes that should hold `id`;
+/// its length of raw bytes.
+fn check_header(head: &[u8], len: u64, id: ChunkId, path: &Path) -> Result<u32, EntryError> {
+    let invalid = |m: &str| invalid(path, m);
+    if head.len() < HEADER_LEN {
+        return Err(invalid("too short"));
+    }
+    if head[0..4] != MAGIC
+        || head[4] != VERSION
+        || u32::from(head[5]) != BLOCK_SHIFT
+        || head[6..8] != [0, 0]
+    {
+        return Err(invalid("bad magic, version, block size or reserved bytes"));
+    }
+    let raw_len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    if raw_len == 0 || raw_len > MAX_CHUNK_LEN {
+        return Err(invalid("length out of range"));
+    }
+    if head[12..44] != id.as_bytes()[..] {
+        return Err(invalid("holds another chunk"));
+    }
+    if len != file_len(raw_len) {
+        return Err(invalid("file length does not match the header"));
+    }
+    Ok(raw_len)
+}
+
+/// Checks the header and CRC table at the start of a chunk file (`meta`,
+/// at least the header and table); the raw length and the CRC table.
+fn check_meta(
+    meta: &[u8],
+    len: u64,
+    id: ChunkId,
+    path: &Path,
+) -> Result<(u32, Vec<u32>), EntryError> {
+    let raw_len = check_header(meta, len, id, path)?;
+    let nblocks = raw_len.div_ceil(BLOCK as u32) as usize;
+    let full = &meta[..HEADER_LEN + nblocks * 4];
+    let stored = u32::from_le_bytes(meta[44..48].try_into().expect("4 bytes"));
+    if header_crc(full) != stored {
+        return Err(invalid(path, "header CRC mismatch"));
+    }
+    let crcs = full[HEADER_LEN..]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    Ok((raw_len, crcs))
+}
+
+/// Checks the header and CRC table of the chunk file at `path` without
+/// mapping it (the data blocks are checked on each read); its length on
+/// disk. For scans: cheap, and it leaves the page cache alone.
+pub fn check_file(path: &Path, id: ChunkId) -> Result<u64, EntryError> {
+    let io = |source| EntryError::Io { id, source };
+    let file = File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut head = [0u8; HEADER_LEN];
+    let n = file.read_at(&mut head, 0).map_err(io)?;
+    let raw_len = check_header(&head[..n], len, id, path)?;
+    let mut meta = vec![0u8; data_offset(raw_len) as usize];
+    file.read_exact_at(&mut meta, 0).map_err(io)?;
+    check_meta(&meta, len, id, path)?;
+    Ok(len)
+}
+
 impl CachedChunk {
-    /// Opens, maps and checks the header of the cached chunk at `path`.
+    /// Opens, maps and checks the header of the cached chunk at `path`,
+    /// and sets its modification time to now: other processes sharing the
+    /// cache take a file's mtime for when it was last used.
     pub fn open(path: &Path, id: ChunkId) -> Result<CachedChunk, EntryError> {
         let io = |source| EntryError::Io { id, source };
         let file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
-        let invalid = |m: &str| EntryError::Invalid(format!("{}: {m}", path.display()));
         if len < HEADER_LEN as u64 {
-            return Err(invalid("too short"));
+            // Torn by a crash (mapping it would fail with EINVAL, which
+            // would read as a passing fault, not as a bad file).
+            return Err(invalid(path, "too short"));
         }
         let map = map_file(&file).map_err(io)?;
-        let head = &map[..HEADER_LEN];
-        if head[0..4] != MAGIC
-            || head[4] != VERSION
-            || u32::from(head[5]) != BLOCK_SHIFT
-            || head[6..8] != [0, 0]
-        {
-            return Err(invalid("bad magic, version, block size or reserved bytes"));
-        }
-        let raw_len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
-        if raw_len == 0 || raw_len > MAX_CHUNK_LEN {
-            return Err(invalid("length out of range"));
-        }
-        if head[12..44] != id.as_bytes()[..] {
-            return Err(invalid("holds another chunk"));
-        }
-        if len != file_len(raw_len) {
-            return Err(invalid("file length does not match the header"));
-        }
-        let nblocks = raw_len.div_ceil(BLOCK as u32) as usize;
-        let full = &map[..HEADER_LEN + nblocks * 4];
-        let stored = u32::from_le_bytes(head[44..48].try_into().expect("4 bytes"));
-        if header_crc(full) != stored {
-            return Err(invalid("header CRC mismatch"));
-        }
-        let crcs = full[HEADER_LEN..]
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect();
+        let (raw_len, crcs) = check_meta(&map, len, id, path)?;
+        // Advice only: a read-only cache directory still serves.
+        let _ = file.set_modified(std::time::SystemTime::now());
         Ok(CachedChunk {
             id,
             map,

@@ -1,26 +1,52 @@
-//! The bounded local cache of chunks fetched from a remote tier.
+//! The bounded local cache of chunks fetched from a remote tier, shared by
+//! every cairn process on the host that opens the same directory.
 //!
 //! Each chunk is one file under `chunks/`, named by its id and kept
-//! decompressed with per-block CRCs (see [`entry`]). The in-memory index is
-//! never persisted: opening the cache rebuilds it by scanning the
-//! directory, deleting temporaries and anything that does not check out,
-//! so a crash can lose cached chunks but never serve a wrong one. Total
-//! size on disk stays within the bound by evicting least recently used
-//! chunks before each insert. A bounded number of chunk files stay open.
+//! decompressed with per-block CRCs (see [`entry`]); a file is written under
+//! a temporary name and renamed into place, never changed after. Each
+//! process keeps its own in-memory index of the files it knows, never
+//! persisted: opening the cache rebuilds it by a scan, so a crash can lose
+//! cached chunks but never serve a wrong one.
+//!
+//! Processes sharing the directory cooperate without talking:
+//! - The size bound is the directory's: the bytes of every chunk file are
+//!   counted in one shared ledger ([`ledger`]), reserved before a file is
+//!   written and given back by whoever unlinks it. Each process evicts the
+//!   least recently used files it knows; files other processes wrote are
+//!   learned by listing the directory when they have added an eighth of
+//!   the bound since the last look (or nothing known is left to evict),
+//!   queued oldest first by modification time, which is when a process
+//!   last wrote or mapped them.
+//! - Another process's eviction, or an `open` or `mmap` that fails for want
+//!   of descriptors or memory, is a miss: the chunk is fetched again. A
+//!   file that fails its checks is deleted and fetched again.
+//! - A temporary is deleted at open only if its writer is gone ([`files`]).
+//!
+//! A bounded number of chunk files stay mapped, their descriptors closed.
+//! A file evicted while mapped (by this process's readers' [`HotChunks`],
+//! or by another process) keeps its disk space until the mapping goes.
 
 mod entry;
+mod files;
+mod hot;
+mod index;
+mod ledger;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use entry::{file_len, CachedChunk, EntryError, BLOCK};
+pub use hot::HotChunks;
 
 use crate::error::ErrorKind;
 use crate::id::ChunkId;
+use files::{Listed, Temp};
+use index::{Index, Slot};
+use ledger::{Counts, Ledger, Users};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -50,6 +76,13 @@ impl CacheError {
     }
 }
 
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// The cache's counters.
 #[derive(Debug, Default)]
 pub struct CacheStats {
@@ -58,38 +91,26 @@ pub struct CacheStats {
     pub inserts: AtomicU64,
     pub evictions: AtomicU64,
     pub crc_failures: AtomicU64,
-    /// Invalid or temporary files deleted when the index was rebuilt.
+    /// Invalid or abandoned files deleted when the index was rebuilt.
     pub discarded_on_open: AtomicU64,
-}
-
-struct Slot {
-    bytes: u64,
-    /// Tick of the last use.
-    tick: u64,
-    /// Tick under which the slot sits in `State::lru`. Behind `tick` when
-    /// the slot was used since: a hit only bumps `tick`, and eviction
-    /// requeues such slots instead of evicting them (lazy LRU: a hit costs
-    /// one map lookup, not a reordering).
-    queued: u64,
-    /// The mapped file and the tick under which it sits in `State::open`.
-    handle: Option<(Arc<CachedChunk>, u64)>,
-}
-
-struct State {
-    slots: HashMap<ChunkId, Slot>,
-    /// Every slot, by `Slot::queued`.
-    lru: BTreeMap<u64, ChunkId>,
-    /// Slots with a mapped file, by the tick they were queued under.
-    open: BTreeMap<u64, ChunkId>,
-    used: u64,
-    tick: u64,
+    /// Misses on chunks this process knew but another had evicted.
+    pub vanished: AtomicU64,
+    /// Misses on chunks whose file could not be opened or mapped just then
+    /// (out of descriptors or memory): fetched again, the file kept.
+    pub open_failures: AtomicU64,
+    /// Chunk files other processes wrote, learned from listings.
+    pub adopted: AtomicU64,
+    /// Listings of the directory after the open.
+    pub looks: AtomicU64,
 }
 
 pub struct ChunkCache {
     dir: PathBuf,
     capacity: u64,
     max_open: usize,
-    state: Mutex<State>,
+    state: Mutex<Index>,
+    ledger: Ledger,
+    _users: Users,
     stats: CacheStats,
 }
 
@@ -99,8 +120,9 @@ const MAX_MAPPED: usize = 16384;
 pub const MIN_CAPACITY: u64 = 64 << 20;
 
 impl ChunkCache {
-    /// Opens the cache in `dir` holding at most `capacity` bytes on disk,
-    /// rebuilding its index from what the directory holds.
+    /// Opens the cache in `dir` holding at most `capacity` bytes on disk
+    /// (with every process sharing the directory), indexing what the
+    /// directory holds.
     pub fn open(dir: &Path, capacity: u64) -> Result<ChunkCache, CacheError> {
         let min = MIN_CAPACITY;
         if capacity < min {
@@ -110,87 +132,62 @@ impl ChunkCache {
             });
         }
         let chunks = dir.join("chunks");
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| CacheError::Io { path, source }
-        };
-        fs::create_dir_all(&chunks).map_err(io(&chunks))?;
+        fs::create_dir_all(&chunks).map_err(io_at(&chunks))?;
+        let ledger_path = dir.join("chunks.ledger");
+        let ledger = Ledger::open(&ledger_path).map_err(io_at(&ledger_path))?;
+        let users_path = dir.join("chunks.users");
+        let (users, alone) = Users::join(&users_path).map_err(io_at(&users_path))?;
+        let (listing, inserted) = ledger
+            .update(|c| Ok::<_, io::Error>((recount(c, &chunks)?, c.inserted)))
+            .map_err(io_at(&ledger_path))?
+            .map_err(io_at(&chunks))?;
+        let stats = CacheStats::default();
+        let (good, dropped) = tidy(&chunks, listing, alone, &stats);
+        ledger
+            .update(|c| c.used = c.used.saturating_sub(dropped))
+            .map_err(io_at(&ledger_path))?;
+        if alone {
+            users.settle().map_err(io_at(&users_path))?;
+        }
         let cache = ChunkCache {
-            dir: chunks.clone(),
+            dir: chunks,
             capacity,
             max_open: MAX_MAPPED,
-            state: Mutex::new(State {
-                slots: HashMap::new(),
-                lru: BTreeMap::new(),
-                open: BTreeMap::new(),
-                used: 0,
-                tick: 0,
-            }),
-            stats: CacheStats::default(),
+            state: Mutex::new(Index::new(inserted)),
+            ledger,
+            _users: users,
+            stats,
         };
-        let mut found = Vec::new();
-        for entry in fs::read_dir(&chunks).map_err(io(&chunks))? {
-            let entry = entry.map_err(io(&chunks))?;
-            let path = entry.path();
-            let id = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<ChunkId>().ok());
-            let valid = id.and_then(|id| CachedChunk::open(&path, id).ok().map(|c| (id, c)));
-            match valid {
-                Some((id, c)) => {
-                    let mtime = entry.metadata().and_then(|m| m.modified()).ok();
-                    found.push((mtime, id, file_len(c.len())));
-                }
-                None => {
-                    tracing::info!(path = %path.display(), "cache: discarding a temporary or invalid file");
-                    fs::remove_file(&path).map_err(io(&path))?;
-                    cache
-                        .stats
-                        .discarded_on_open
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        found.sort();
-        {
-            let mut s = cache.lock();
-            for (_, id, bytes) in found {
-                let tick = s.next_tick();
-                s.slots.insert(
-                    id,
-                    Slot {
-                        bytes,
-                        tick,
-                        queued: tick,
-                        handle: None,
-                    },
-                );
-                s.lru.insert(tick, id);
-                s.used += bytes;
-            }
-        }
+        cache.lock().adopt(good);
         cache.reserve(0)?;
         Ok(cache)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Index> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ledger_err(&self) -> impl FnOnce(io::Error) -> CacheError {
+        let path = self.dir.with_file_name("chunks.ledger");
+        move |source| CacheError::Io { path, source }
     }
 
     pub fn stats(&self) -> &CacheStats {
         &self.stats
     }
 
-    /// Bytes the cached chunks take on disk.
+    /// Bytes the cache directory's chunk files take, as every process
+    /// sharing it counts them (reservations for files being written
+    /// included).
     pub fn used_bytes(&self) -> u64 {
-        self.lock().used
+        self.ledger.read().map_or(0, |c| c.used)
     }
 
     pub fn capacity(&self) -> u64 {
         self.capacity
     }
 
+    /// Chunks this process knows to be cached.
     pub fn len(&self) -> usize {
         self.lock().slots.len()
     }
@@ -207,7 +204,10 @@ impl ChunkCache {
         self.dir.join(id.to_hex())
     }
 
-    /// The cached chunk, if present; counts a hit or a miss.
+    /// The cached chunk, if present; counts a hit or a miss. A file
+    /// another process evicted, or one that cannot be opened or mapped
+    /// just now, is a miss; a file that fails its checks is deleted and
+    /// reported as corrupt.
     pub fn get(&self, id: &ChunkId) -> Result<Option<Arc<CachedChunk>>, CacheError> {
         let mut s = self.lock();
         let tick = s.next_tick();
@@ -216,15 +216,31 @@ impl ChunkCache {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
-        self.stats.hits.fetch_add(1, Ordering::Relaxed);
-        slot.tick = tick;
         if let Some((h, _)) = &slot.handle {
+            slot.tick = tick;
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(h.clone()));
         }
         // Opened under the lock so eviction cannot race it: mapping an
         // existing file is a few microseconds, once per chunk.
         let handle = match CachedChunk::open(&self.path_of(id), *id) {
             Ok(h) => Arc::new(h),
+            Err(EntryError::Io { source, .. }) => {
+                // Forget it here; a file that is there stays for others.
+                let slot = s.slots.remove(id).expect("found above");
+                s.unqueue(&slot);
+                drop(s);
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                if source.kind() == io::ErrorKind::NotFound {
+                    self.stats.vanished.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let n = self.stats.open_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        tracing::warn!(chunk = %id, error = %source, failures = n, "cache: cannot open or map a cached chunk; fetching it again");
+                    }
+                }
+                return Ok(None);
+            }
             Err(e) => {
                 drop(s);
                 self.stats.crc_failures.fetch_add(1, Ordering::Relaxed);
@@ -232,6 +248,8 @@ impl ChunkCache {
                 return Err(e.into());
             }
         };
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        slot.tick = tick;
         slot.handle = Some((handle.clone(), tick));
         s.open.insert(tick, *id);
         s.close_to(self.max_open);
@@ -311,29 +329,24 @@ impl ChunkCache {
     }
 
     /// Stores a verified chunk, evicting older ones to stay within bounds.
+    /// If another process stored it first, its file is kept.
     pub fn insert(&self, id: ChunkId, raw: &[u8]) -> Result<(), CacheError> {
         let bytes = file_len(raw.len() as u32);
         let path = self.path_of(&id);
-        let tmp = self
-            .dir
-            .join(format!(".tmp-{}-{:08x}", id.short(), fastrand::u32(..)));
-        let io = |p: &Path| {
-            let path = p.to_owned();
-            move |source| CacheError::Io { path, source }
-        };
         self.reserve(bytes)?;
-        let written = (|| {
-            let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-            f.write_all(&entry::encode_header(id, raw))
-                .map_err(io(&tmp))?;
-            f.write_all(raw).map_err(io(&tmp))?;
-            drop(f);
-            fs::rename(&tmp, &path).map_err(io(&path))
-        })();
-        if let Err(e) = written {
-            self.lock().used -= bytes;
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
+        let written = Temp::create(&self.dir, &id).and_then(|mut tmp| {
+            tmp.write(&entry::encode_header(id, raw))?;
+            tmp.write(raw)?;
+            tmp.install(&path)
+        });
+        match written {
+            Ok(true) => {}
+            // Cached by another process meanwhile: its file is counted.
+            Ok(false) => self.give_back(bytes),
+            Err(source) => {
+                self.give_back(bytes);
+                return Err(CacheError::Io { path, source });
+            }
         }
         // A chunk just fetched is usually read next: map it now, while its
         // pages are hot, rather than on that read.
@@ -349,7 +362,6 @@ impl ChunkCache {
         };
         if let Some(old) = s.slots.insert(id, slot) {
             s.unqueue(&old);
-            s.used -= old.bytes;
         }
         s.lru.insert(tick, id);
         if mapped {
@@ -361,171 +373,174 @@ impl ChunkCache {
         Ok(())
     }
 
+    /// Returns a reservation that did not become a file.
+    fn give_back(&self, bytes: u64) {
+        if let Err(e) = self
+            .ledger
+            .update(|c| c.used = c.used.saturating_sub(bytes))
+        {
+            tracing::warn!(error = %e, "cache: cannot update the size ledger");
+        }
+    }
+
     /// Drops a chunk (it failed a check); its file is deleted.
     pub fn remove(&self, id: &ChunkId) {
-        let mut s = self.lock();
-        if let Some(slot) = s.slots.remove(id) {
+        let slot = {
+            let mut s = self.lock();
+            let Some(slot) = s.slots.remove(id) else {
+                return;
+            };
             s.unqueue(&slot);
-            s.used -= slot.bytes;
-            drop(s);
-            if let Err(e) = fs::remove_file(self.path_of(id)) {
-                tracing::warn!(chunk = %id, error = %e, "cache: could not delete a dropped chunk");
+            slot
+        };
+        let path = self.path_of(id);
+        // Unlinked under the ledger's lock: whoever unlinks gives back.
+        let removed = self.ledger.update(|c| {
+            let removed = fs::remove_file(&path);
+            if removed.is_ok() {
+                c.used = c.used.saturating_sub(slot.bytes);
+            }
+            removed
+        });
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!(chunk = %id, error = %e, "cache: could not delete a dropped chunk")
             }
         }
     }
 
-    /// Evicts least recently used chunks until `incoming` more bytes fit,
-    /// then counts them as used, so concurrent inserts cannot together
-    /// overshoot the bound.
+    /// Evicts least recently used chunks until `incoming` more bytes fit
+    /// in the directory's bound, then counts them in the shared ledger, so
+    /// concurrent inserts (of any process) cannot together overshoot it.
+    /// Looks at the directory first when others have added an eighth of
+    /// the bound since the last look, or when nothing known is left to
+    /// evict.
     fn reserve(&self, incoming: u64) -> Result<(), CacheError> {
-        loop {
-            let victim = {
-                let mut s = self.lock();
-                if s.used + incoming <= self.capacity {
-                    s.used += incoming;
-                    return Ok(());
-                }
-                let Some(id) = s.pop_least_recent() else {
-                    s.used += incoming;
-                    return Ok(());
-                };
-                let slot = s.slots.remove(&id).expect("lru and slots agree");
-                s.unqueue(&slot);
-                s.used -= slot.bytes;
-                id
-            };
-            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-            let path = self.path_of(&victim);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(CacheError::Io { path, source }),
+        let reserved = self.ledger.update(|c| {
+            let due = c.inserted.saturating_sub(self.lock().seen_inserted) > self.capacity / 8;
+            let mut looked = false;
+            if due {
+                self.look(c)?;
+                looked = true;
             }
-        }
+            while c.used + incoming > self.capacity {
+                let Some((victim, bytes)) = self.lock().take_least_recent() else {
+                    if looked {
+                        // Nothing left anyone could evict: let it in.
+                        break;
+                    }
+                    self.look(c)?;
+                    looked = true;
+                    continue;
+                };
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                match fs::remove_file(self.path_of(&victim)) {
+                    Ok(()) => c.used = c.used.saturating_sub(bytes),
+                    // Another process evicted it and gave it back.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(chunk = %victim, error = %e, "cache: cannot evict a chunk")
+                    }
+                }
+            }
+            c.used += incoming;
+            c.inserted += incoming;
+            self.lock().seen_inserted += incoming;
+            Ok(())
+        });
+        reserved
+            .map_err(self.ledger_err())?
+            .map_err(io_at(&self.dir))
+    }
+
+    /// Under the ledger's lock: sets the count to what the directory holds
+    /// ([`recount`]), learns the files other processes wrote and forgets
+    /// those gone.
+    fn look(&self, counts: &mut Counts) -> io::Result<()> {
+        let listing = recount(counts, &self.dir)?;
+        self.learn(listing, counts.inserted);
+        Ok(())
+    }
+
+    /// Takes in a listing: indexes the chunk files other processes wrote,
+    /// and forgets those gone (evicted elsewhere), letting their mappings go.
+    fn learn(&self, listing: files::Listing, inserted: u64) {
+        self.stats.looks.fetch_add(1, Ordering::Relaxed);
+        let present: HashSet<ChunkId> = listing.chunks.iter().map(|c| c.id).collect();
+        let mut s = self.lock();
+        s.forget_all_but(&present);
+        let adopted = s.adopt(listing.chunks);
+        s.seen_inserted = inserted;
+        drop(s);
+        self.stats.adopted.fetch_add(adopted, Ordering::Relaxed);
     }
 
     /// Bytes the chunk files take on disk, by listing the directory (for tests
     /// and benchmarks that check the bound independently of the index).
     pub fn bytes_on_disk(&self) -> io::Result<u64> {
-        let mut total = 0;
-        for e in fs::read_dir(&self.dir)? {
-            match e?.metadata() {
-                Ok(m) => total += m.len(),
-                // Evicted between the listing and the look.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(total)
+        Ok(files::list(&self.dir)?.bytes())
     }
 }
 
-impl State {
-    fn next_tick(&mut self) -> u64 {
-        self.tick += 1;
-        self.tick
-    }
-
-    /// Takes `slot` (already out of `slots`) out of the queues.
-    fn unqueue(&mut self, slot: &Slot) {
-        self.lru.remove(&slot.queued);
-        if let Some((_, t)) = &slot.handle {
-            self.open.remove(t);
+/// Deletes what a listing of `chunks` shows that is of no use: abandoned
+/// temporaries (every one, if no other process uses the directory), junk
+/// (only then), chunk files that fail their checks. The good chunk files,
+/// and the bytes deleted.
+fn tidy(
+    chunks: &Path,
+    listing: files::Listing,
+    alone: bool,
+    stats: &CacheStats,
+) -> (Vec<Listed>, u64) {
+    let discard = |path: &Path| {
+        tracing::info!(path = %path.display(), "cache: discarding an abandoned or invalid file");
+        stats.discarded_on_open.fetch_add(1, Ordering::Relaxed);
+        fs::remove_file(path)
+    };
+    for path in &listing.temps {
+        if alone || files::is_abandoned(path) {
+            let _ = discard(path);
         }
     }
-
-    /// The least recently used chunk, taken out of `lru` (still in
-    /// `slots`). Slots used since they were queued go to the back.
-    fn pop_least_recent(&mut self) -> Option<ChunkId> {
-        while let Some((queued, id)) = self.lru.pop_first() {
-            let slot = self.slots.get_mut(&id).expect("lru and slots agree");
-            if slot.tick == queued {
-                return Some(id);
+    if alone {
+        for path in &listing.other {
+            let _ = discard(path);
+        }
+    }
+    let mut good = Vec::with_capacity(listing.chunks.len());
+    let mut dropped = 0;
+    for c in listing.chunks {
+        let path = chunks.join(c.id.to_hex());
+        match entry::check_file(&path, c.id) {
+            Ok(_) => good.push(c),
+            // Gone meanwhile, or cannot be opened just now: neither indexed
+            // nor deleted.
+            Err(EntryError::Io { source, .. }) => {
+                if source.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %source, "cache: cannot check a cached chunk; leaving it be");
+                }
             }
-            slot.queued = slot.tick;
-            self.lru.insert(slot.tick, id);
-        }
-        None
-    }
-
-    /// Unmaps the least recently used files until at most `max` stay mapped.
-    fn close_to(&mut self, max: usize) {
-        while self.open.len() > max {
-            let (queued, id) = self.open.pop_first().expect("non-empty");
-            let slot = self.slots.get_mut(&id).expect("open and slots agree");
-            let Some((h, _)) = slot.handle.take() else {
-                continue;
-            };
-            if slot.tick != queued {
-                // Used since it was mapped: keep it, queued anew. A slot's
-                // own ticks never collide with another's.
-                slot.handle = Some((h, slot.tick));
-                self.open.insert(slot.tick, id);
-            }
-        }
-    }
-}
-
-/// One reader's (one queue's) recently used chunks, mapped. Hits here skip
-/// the cache's shared lock. An entry is let go after [`HotChunks::REFRESH`]
-/// reads, so the shared LRU still hears of chunks in use; a chunk evicted
-/// meanwhile stays readable through its mapping (eviction unlinks, it does
-/// not truncate) until then, so the cache may exceed its bound by at most
-/// `CAPACITY` chunks per reader.
-pub struct HotChunks {
-    entries: HashMap<ChunkId, (Arc<CachedChunk>, u64)>,
-    reads: u64,
-}
-
-impl Default for HotChunks {
-    fn default() -> HotChunks {
-        HotChunks {
-            entries: HashMap::with_capacity(Self::CAPACITY),
-            reads: 0,
-        }
-    }
-}
-
-impl HotChunks {
-    pub const CAPACITY: usize = 64;
-    pub const REFRESH: u64 = 4096;
-
-    fn get(&mut self, id: &ChunkId) -> Option<Arc<CachedChunk>> {
-        self.reads += 1;
-        let (chunk, since) = self.entries.get(id)?;
-        if self.reads - since > Self::REFRESH {
-            self.entries.remove(id);
-            return None;
-        }
-        Some(chunk.clone())
-    }
-
-    fn put(&mut self, id: ChunkId, chunk: Arc<CachedChunk>) {
-        if self.entries.len() >= Self::CAPACITY {
-            // Drop the oldest entry.
-            if let Some(old) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, since))| *since)
-                .map(|(id, _)| *id)
-            {
-                self.entries.remove(&old);
+            Err(_) => {
+                if discard(&path).is_ok() {
+                    dropped += c.bytes;
+                }
             }
         }
-        self.entries.insert(id, (chunk, self.reads));
     }
+    (good, dropped)
+}
 
-    fn forget(&mut self, id: &ChunkId) {
-        self.entries.remove(id);
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
+/// Lists `dir` (the caller holds the ledger's lock) and sets the count to
+/// the bytes of the chunk files there: it runs high after a process died
+/// between reserving and giving back. Reservations of files other
+/// processes are writing drop out of it too, so until their next recount
+/// the bound may be passed by what was in flight.
+fn recount(counts: &mut Counts, dir: &Path) -> io::Result<files::Listing> {
+    let listing = files::list(dir)?;
+    counts.used = listing.bytes();
+    Ok(listing)
 }
 
 #[cfg(test)]
@@ -595,6 +610,123 @@ mod tests {
         assert!(!cache.contains(&ids[1]));
         assert!(cache.contains(&ids[79]));
         assert!(cache.stats().evictions.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn a_chunk_another_process_evicted_is_a_miss_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = ChunkCache::open(dir.path(), CAP).unwrap();
+        let (id, raw) = chunk(4, 70_000);
+        other.insert(id, &raw).unwrap();
+        // This process learns the chunk at open (not mapped yet); the other
+        // evicts it.
+        let cache = ChunkCache::open(dir.path(), CAP).unwrap();
+        assert!(cache.contains(&id));
+        other.remove(&id);
+        let mut buf = vec![0u8; 4096];
+        assert!(!cache.read(&id, 0, &mut buf).unwrap(), "a miss");
+        assert!(!cache.contains(&id), "forgotten, so it is fetched again");
+        assert_eq!(cache.stats().vanished.load(Ordering::Relaxed), 1);
+        // Fetched again, it is cached again (by whichever process).
+        cache.insert(id, &raw).unwrap();
+        assert!(cache.read(&id, 4096, &mut buf).unwrap());
+        assert_eq!(buf, raw[4096..8192]);
+    }
+
+    #[test]
+    fn the_bound_holds_for_every_process_sharing_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ChunkCache::open(dir.path(), CAP).unwrap();
+        let b = ChunkCache::open(dir.path(), CAP).unwrap();
+        let size = 4 << 20;
+        let mut all = Vec::new();
+        for seed in 1..=60u8 {
+            let (id, raw) = chunk(seed, size);
+            let cache = if seed % 3 == 0 { &b } else { &a };
+            cache.insert(id, &raw).unwrap();
+            all.push((id, raw));
+            let on_disk = a.bytes_on_disk().unwrap();
+            assert!(
+                on_disk <= CAP,
+                "{on_disk} bytes on disk after {seed} inserts"
+            );
+            assert_eq!(a.used_bytes(), on_disk);
+        }
+        assert!(b.stats().adopted.load(Ordering::Relaxed) > 0);
+        // What either still indexes reads back right or is a miss.
+        let mut buf = vec![0u8; 4096];
+        for cache in [&a, &b] {
+            for (id, raw) in &all {
+                if cache.read(id, 8192, &mut buf).unwrap() {
+                    assert_eq!(buf, raw[8192..12288]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_starting_process_leaves_live_writers_temporaries_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = ChunkCache::open(dir.path(), CAP).unwrap();
+        let chunks = dir.path().join("chunks");
+        // A write in progress (locked), a temporary just made (not yet
+        // locked) and one whose writer died an hour ago.
+        let live = Temp::create(&chunks, &ChunkId::of(b"live")).unwrap();
+        let young = chunks.join(".tmp-young-00000000");
+        fs::write(&young, b"").unwrap();
+        let dead = chunks.join(".tmp-dead-00000000");
+        fs::write(&dead, b"").unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for p in [live.path(), dead.as_path()] {
+            let f = fs::File::options().write(true).open(p).unwrap();
+            f.set_modified(hour_ago).unwrap();
+        }
+        let second = ChunkCache::open(dir.path(), CAP).unwrap();
+        assert!(live.path().exists() && young.exists());
+        assert!(!dead.exists());
+        assert_eq!(second.stats().discarded_on_open.load(Ordering::Relaxed), 1);
+        // With nobody else using the directory, no temporary has a writer.
+        let live_path = live.path().to_owned();
+        drop((live, running, second));
+        let alone = ChunkCache::open(dir.path(), CAP).unwrap();
+        assert!(!live_path.exists() && !young.exists());
+        assert_eq!(alone.stats().discarded_on_open.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_count_left_high_by_a_crash_is_set_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), CAP).unwrap();
+        // Opened on an empty directory: it will know none of the chunks.
+        let early = ChunkCache::open(dir.path(), CAP).unwrap();
+        let inflate = |by: u64| cache.ledger.update(|c| c.used += by).unwrap();
+        let mut ids = Vec::new();
+        for seed in 1..=3 {
+            let (id, raw) = chunk(seed, 5 << 20);
+            cache.insert(id, &raw).unwrap();
+            ids.push(id);
+        }
+        // Processes that died holding reservations left the count high.
+        inflate(10 * CAP);
+        // The next process to open the directory counts what is there, and
+        // evicts nothing for phantom bytes.
+        let other = ChunkCache::open(dir.path(), CAP).unwrap();
+        assert_eq!(other.used_bytes(), other.bytes_on_disk().unwrap());
+        let (id, raw) = chunk(4, 5 << 20);
+        other.insert(id, &raw).unwrap();
+        ids.push(id);
+        assert_eq!(other.stats().evictions.load(Ordering::Relaxed), 0);
+        // So does a running process that finds nothing it knows to evict.
+        inflate(10 * CAP);
+        let (id, raw) = chunk(5, 5 << 20);
+        early.insert(id, &raw).unwrap();
+        ids.push(id);
+        assert_eq!(early.stats().evictions.load(Ordering::Relaxed), 0);
+        assert_eq!(early.used_bytes(), early.bytes_on_disk().unwrap());
+        assert!(
+            ids.iter().all(|id| early.contains(id)),
+            "it learned the others' files"
+        );
     }
 
     #[test]

@@ -5,6 +5,12 @@
 //! content addresses, so puts are idempotent and "put if absent" is the
 //! normal write. Retries, backoff and throttling are not in the backends:
 //! they live once, in [`Resilient`], which wraps any of them.
+//!
+//! Two kinds of caller wait on a store. Import, upload and verification may
+//! wait long (minutes for a multipart upload). A guest's read or a VM's
+//! page fault may not: those go through [`ObjectStore::get_within`] with a
+//! [`Deadline`], short per attempt and bounded in all, after which the
+//! caller gets an error naming the store, its endpoint and the key.
 
 mod file;
 mod resilient;
@@ -13,8 +19,10 @@ mod s3;
 mod uri;
 
 use std::fmt;
+use std::future::Future;
 use std::ops::Range;
 use std::path::Path;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -98,6 +106,58 @@ pub enum PutOutcome {
     AlreadyExisted,
 }
 
+/// How long a read someone is waiting on may take: each attempt, and all
+/// attempts with the backoff between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    pub attempt: Duration,
+    pub total: Duration,
+}
+
+impl Deadline {
+    /// Lazy reads and page faults: a ranged GET of a chunk or two answers
+    /// in well under a second on any working link; a guest's block layer
+    /// gives up on a request after 30 s.
+    pub const DATA_PATH: Deadline = Deadline {
+        attempt: Duration::from_secs(3),
+        total: Duration::from_secs(10),
+    };
+
+    /// The slowest link a read of many bytes is given time for.
+    const MIN_BYTES_PER_SEC: u64 = 4 << 20;
+
+    /// This deadline for a read of `bytes`: each attempt also gets the
+    /// time to move them at [`Deadline::MIN_BYTES_PER_SEC`], and the total
+    /// three times that (an 8 MiB read-ahead run is not cut off where a
+    /// 64 KiB read would be).
+    pub fn for_bytes(self, bytes: u64) -> Deadline {
+        let moving = Duration::from_secs_f64(bytes as f64 / Self::MIN_BYTES_PER_SEC as f64);
+        Deadline {
+            attempt: self.attempt + moving,
+            total: self.total + 3 * moving,
+        }
+    }
+}
+
+/// Runs `call` for at most `limit`; past it, a transient error saying so.
+pub async fn bounded<T>(
+    op: &'static str,
+    store: &str,
+    key: &str,
+    limit: Duration,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(StoreError::new(
+            op,
+            store,
+            key,
+            ErrorKind::Transient,
+            format!("no answer within {limit:?}"),
+        ))
+    })
+}
+
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
     /// The store's URI, for messages.
@@ -105,6 +165,18 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// The object's bytes, or the `range` of them.
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes, StoreError>;
+
+    /// As [`ObjectStore::get`], for a reader that is waiting (a guest's
+    /// read, a VM's fault): bounded by `deadline`, then a transient error.
+    /// [`Resilient`] bounds each attempt and retries within the total.
+    async fn get_within(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        deadline: Deadline,
+    ) -> Result<Bytes, StoreError> {
+        bounded("get", self.uri(), key, deadline.total, self.get(key, range)).await
+    }
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError>;
 
@@ -147,6 +219,15 @@ pub fn check_key(key: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_deadline_grows_with_the_bytes_to_move() {
+        let d = super::Deadline::DATA_PATH;
+        assert_eq!(d.for_bytes(0), d);
+        let big = d.for_bytes(8 << 20);
+        assert_eq!(big.attempt, d.attempt + std::time::Duration::from_secs(2));
+        assert_eq!(big.total, d.total + std::time::Duration::from_secs(6));
+    }
+
     #[test]
     fn keys_are_checked() {
         assert!(super::check_key("packs/ab.pack").is_ok());

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use super::{ObjectStore, PutMode, PutOutcome, StoreError};
+use super::{bounded, Deadline, ObjectStore, PutMode, PutOutcome, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -188,16 +188,33 @@ impl Resilient {
         &self.limiter
     }
 
-    async fn run<T, F, Fut>(&self, mut call: F) -> Result<T, StoreError>
+    /// Runs `call` until it succeeds, fails for good or runs out of
+    /// attempts; with a deadline, each attempt is cut at `attempt` and no
+    /// retry starts that the backoff would push past `total`.
+    async fn run<T, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        deadline: Option<Deadline>,
+        mut call: F,
+    ) -> Result<T, StoreError>
     where
         F: FnMut() -> Fut + Send,
         Fut: Future<Output = Result<T, StoreError>> + Send,
         T: Send,
     {
+        let started = Instant::now();
         let mut attempt = 1;
         loop {
             let permit = self.limiter.acquire().await;
-            match call().await {
+            let result = match deadline {
+                Some(d) => {
+                    let left = d.total.saturating_sub(started.elapsed());
+                    bounded(op, self.uri(), key, d.attempt.min(left), call()).await
+                }
+                None => call().await,
+            };
+            match result {
                 Ok(v) => {
                     permit.finish(Outcome::Success);
                     return Ok(v);
@@ -208,16 +225,27 @@ impl Resilient {
                     } else {
                         Outcome::Other
                     });
-                    if !e.kind.is_transient() || attempt >= self.policy.max_attempts {
-                        if attempt > 1 {
-                            return Err(StoreError {
-                                detail: format!("{} (gave up after {attempt} attempts)", e.detail),
-                                ..e
-                            });
-                        }
-                        return Err(e);
-                    }
                     let delay = self.policy.delay(attempt);
+                    let out_of_time =
+                        deadline.is_some_and(|d| started.elapsed() + delay >= d.total);
+                    if !e.kind.is_transient() || attempt >= self.policy.max_attempts || out_of_time
+                    {
+                        if attempt == 1 && !out_of_time {
+                            return Err(e);
+                        }
+                        let why = match deadline {
+                            Some(d) if out_of_time => format!(
+                                "gave up after {attempt} attempts in {:.1?}: a read a guest or a VM waits on gets {:?} in all",
+                                started.elapsed(),
+                                d.total
+                            ),
+                            _ => format!("gave up after {attempt} attempts"),
+                        };
+                        return Err(StoreError {
+                            detail: format!("{} ({why})", e.detail),
+                            ..e
+                        });
+                    }
                     tracing::debug!(op = e.op, key = %e.key, attempt, ?delay, error = %e.detail, "retrying");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
@@ -234,31 +262,49 @@ impl ObjectStore for Resilient {
     }
 
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes, StoreError> {
-        self.run(|| self.inner.get(key, range.clone())).await
+        self.run("get", key, None, || self.inner.get(key, range.clone()))
+            .await
+    }
+
+    async fn get_within(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        deadline: Deadline,
+    ) -> Result<Bytes, StoreError> {
+        // The outer bound also covers waiting for a request slot.
+        let call = self.run("get", key, Some(deadline), || {
+            self.inner.get(key, range.clone())
+        });
+        bounded("get", self.uri(), key, deadline.total, call).await
     }
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
-        self.run(|| self.inner.put(key, data.clone(), mode)).await
+        self.run("put", key, None, || self.inner.put(key, data.clone(), mode))
+            .await
     }
 
     async fn put_file(&self, key: &str, path: &Path) -> Result<PutOutcome, StoreError> {
-        self.run(|| self.inner.put_file(key, path)).await
+        self.run("put", key, None, || self.inner.put_file(key, path))
+            .await
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        self.run(|| self.inner.head(key)).await
+        self.run("head", key, None, || self.inner.head(key)).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.run(|| self.inner.list(prefix)).await
+        self.run("list", prefix, None, || self.inner.list(prefix))
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.run(|| self.inner.delete(key)).await
+        self.run("delete", key, None, || self.inner.delete(key))
+            .await
     }
 
     async fn prepare(&self) -> Result<(), StoreError> {
-        self.run(|| self.inner.prepare()).await
+        self.run("prepare", "", None, || self.inner.prepare()).await
     }
 }
 

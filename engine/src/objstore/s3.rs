@@ -152,6 +152,11 @@ impl S3Store {
                 throttled = true;
                 (ErrorKind::Transient, "throttled by the service (SlowDown)")
             }
+            // Another conditional write of the key was in progress: S3 asks
+            // for a retry, which then sees the winner's object (412).
+            (_, Some(409)) if matches!(code.as_str(), "ConditionalRequestConflict" | "OperationAborted") => {
+                (ErrorKind::Transient, "a conflicting write of this key was in progress")
+            }
             (_, Some(s)) if s >= 500 => (ErrorKind::Transient, "server error"),
             (SdkError::ResponseError(_), _) => (ErrorKind::Transient, "unreadable response"),
             _ => (ErrorKind::InvalidInput, "request refused"),
@@ -186,7 +191,7 @@ impl S3Store {
         full: &str,
         path: &Path,
         len: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<PutOutcome, StoreError> {
         let created = self
             .client
             .create_multipart_upload()
@@ -197,9 +202,10 @@ impl S3Store {
             .map_err(|e| self.classify("put", key, e))?;
         let upload_id = created.upload_id().unwrap_or_default().to_owned();
         let result = self.upload_parts(key, full, path, len, &upload_id).await;
-        if result.is_err() {
+        if !matches!(result, Ok(PutOutcome::Created)) {
+            // Failed, or refused because the object exists: drop the parts.
             // Best effort: a failed abort leaves parts the bucket's lifecycle
-            // rules reclaim; the original error is the one worth reporting.
+            // rules reclaim; the original outcome is the one worth reporting.
             let _ = self
                 .client
                 .abort_multipart_upload()
@@ -219,7 +225,7 @@ impl S3Store {
         path: &Path,
         len: u64,
         upload_id: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<PutOutcome, StoreError> {
         let io = |e: std::io::Error| {
             StoreError::new(
                 "put",
@@ -258,20 +264,31 @@ impl S3Store {
             done += n as u64;
             number += 1;
         }
-        self.client
+        // If-None-Match on the completion: an object that appeared while
+        // the parts went up is kept, as a small put keeps it. Servers that
+        // ignore the header overwrite it with the same bytes (keys are
+        // content addresses); README, "Store URIs", says which do what.
+        let completed = self
+            .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(full)
             .upload_id(upload_id)
+            .if_none_match("*")
             .multipart_upload(
                 CompletedMultipartUpload::builder()
                     .set_parts(Some(parts))
                     .build(),
             )
             .send()
-            .await
-            .map_err(|e| self.classify("put", key, e))?;
-        Ok(())
+            .await;
+        match completed {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(412) => {
+                Ok(PutOutcome::AlreadyExisted)
+            }
+            Err(e) => Err(self.classify("put", key, e)),
+        }
     }
 }
 
@@ -375,8 +392,7 @@ impl ObjectStore for S3Store {
         if self.head(key).await?.is_some() {
             return Ok(PutOutcome::AlreadyExisted);
         }
-        self.put_multipart(key, &full, path, len).await?;
-        Ok(PutOutcome::Created)
+        self.put_multipart(key, &full, path, len).await
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod fault_proxy;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -81,6 +82,18 @@ pub async fn fresh_s3_store(tag: &str) -> (Arc<dyn ObjectStore>, S3Store) {
         Arc::new(Resilient::new(Arc::new(s3.clone()), fast_retries(), 8)),
         s3,
     )
+}
+
+/// A fresh bucket on the shared test server reached through `endpoint` (a
+/// fault proxy in front of it), behind the retry policy.
+pub async fn fresh_s3_store_at(endpoint: &str, tag: &str) -> (Arc<dyn ObjectStore>, S3Store) {
+    let env = s3_env();
+    let bucket = unique(&format!("t-{tag}"));
+    let opts = s3_options(endpoint, &bucket, &env.access_key, &env.secret_key);
+    let s3 = S3Store::connect(&opts).await;
+    s3.ensure_bucket().await.expect("create a test bucket");
+    let retried = Resilient::new(Arc::new(s3.clone()), fast_retries(), 8);
+    (Arc::new(retried), s3)
 }
 
 /// A private s3s-fs process, for tests that must stop and restart it.
