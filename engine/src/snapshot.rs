@@ -1,4 +1,4 @@
-//! Folding a stopped overlay into a new image.
+//! Folding overlay layers into a new image.
 //!
 //! Chunks the overlay does not touch keep their parent's ids (nothing is
 //! read or stored for them); each touched chunk is read through the lazy
@@ -9,10 +9,10 @@ use std::io;
 use std::sync::Arc;
 
 use crate::chunkstore::ChunkStore;
-use crate::disk::LazyDisk;
+use crate::disk::Disk;
 use crate::import::{import_pieces, ImportError, ImportOptions, ImportReport, Piece};
 use crate::manifest::Manifest;
-use crate::overlay::Overlay;
+use crate::overlay::{Overlay, BLOCK};
 
 /// Chunks read per piece of the snapshot.
 const BATCH_BYTES: u64 = 8 << 20;
@@ -37,19 +37,34 @@ pub fn snapshot_overlay(
             base.logical_size
         )));
     }
+    fold_layers(store, base, std::slice::from_ref(overlay), opts, progress)
+}
+
+/// Folds the disk `layers` (bottom to top) make over `base` into a new
+/// manifest, stored in `store`: the state of a disk at the moment its top
+/// layer here was frozen. Chunks no layer touches keep their ids.
+pub fn fold_layers(
+    store: &ChunkStore,
+    base: Arc<Manifest>,
+    layers: &[Arc<Overlay>],
+    opts: &ImportOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(Manifest, ImportReport), ImportError> {
     let mut opts = opts.clone();
     opts.chunk_size = base.chunk_size;
     // It reads exactly the chunks it needs: read-ahead would fetch
     // untouched ones, which the snapshot takes by id.
-    let disk = LazyDisk::new(base.clone(), store.clone(), overlay.clone()).without_read_ahead();
+    let disk = Disk::open(base.clone(), store.clone(), layers.to_vec())
+        .map_err(|e| ImportError::Options(e.to_string()))?
+        .queue()
+        .without_read_ahead();
     let cs = u64::from(base.chunk_size);
     let size = base.logical_size;
     let n = base.chunks.len();
     let touched = |i: usize| {
         let i = i as u64;
-        overlay
-            .blocks_in(i * cs, (i + 1) * cs)
-            .any(|b| overlay.is_dirty(b))
+        let blocks = i * cs / BLOCK..((i + 1) * cs).min(size).div_ceil(BLOCK);
+        layers.iter().any(|l| blocks.clone().any(|b| l.is_dirty(b)))
     };
     let mut i = 0usize;
     let pieces = std::iter::from_fn(move || {
@@ -72,7 +87,10 @@ pub fn snapshot_overlay(
             disk.read(from, &mut buf)
                 .map(|()| Piece::Bytes(buf))
                 .map_err(|e| ImportError::Read {
-                    path: overlay.dir().to_owned(),
+                    path: layers
+                        .last()
+                        .map(|l| l.dir().to_owned())
+                        .unwrap_or_default(),
                     source: io::Error::other(e.to_string()),
                 }),
         )

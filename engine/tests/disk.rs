@@ -9,12 +9,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cairn_engine::chunkstore::{ChunkStore, ChunkStoreConfig};
-use cairn_engine::disk::LazyDisk;
+use cairn_engine::disk::{Disk, LazyDisk};
 use cairn_engine::export::export_raw;
 use cairn_engine::import::{import_raw, ImportOptions};
 use cairn_engine::objstore::{open_store, StoreUri};
 use cairn_engine::overlay::Overlay;
-use cairn_engine::snapshot::snapshot_overlay;
+use cairn_engine::snapshot::{fold_layers, snapshot_overlay};
 
 const CS: usize = 64 << 10;
 
@@ -102,7 +102,7 @@ fn random_io_matches_a_model_and_flushed_state_survives_a_reopen() {
 
     let ov_dir = dir.path().join("overlay");
     let overlay = Overlay::open_or_create(&ov_dir, &manifest.id(), size).unwrap();
-    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.clone());
+    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.clone()).unwrap();
     let mut whole = vec![0u8; image.len()];
     disk.read(0, &mut whole).unwrap();
     assert!(whole == image, "an untouched disk reads as its image");
@@ -145,7 +145,7 @@ fn random_io_matches_a_model_and_flushed_state_survives_a_reopen() {
     drop(overlay);
 
     let overlay = Overlay::open_or_create(&ov_dir, &manifest.id(), size).unwrap();
-    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.clone());
+    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.clone()).unwrap();
     disk.read(0, &mut whole).unwrap();
     assert!(
         whole == flushed,
@@ -205,7 +205,7 @@ fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
     let overlay =
         Overlay::open_or_create(&dir.path().join("ov1"), &manifest.id(), image.len() as u64)
             .unwrap();
-    let disk = LazyDisk::new(manifest.clone(), random.clone(), overlay.clone());
+    let disk = LazyDisk::new(manifest.clone(), random.clone(), overlay.clone()).unwrap();
     let mut buf = vec![0u8; 4096];
     for c in [50u64, 3, 77, 12, 90, 41, 8, 66] {
         disk.read(c * CS as u64, &mut buf).unwrap();
@@ -218,7 +218,7 @@ fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
     let overlay =
         Overlay::open_or_create(&dir.path().join("ov2"), &manifest.id(), image.len() as u64)
             .unwrap();
-    let disk = LazyDisk::new(manifest.clone(), seq.clone(), overlay.clone());
+    let disk = LazyDisk::new(manifest.clone(), seq.clone(), overlay.clone()).unwrap();
     let mut buf = vec![0u8; 32 << 10];
     for (i, at) in (0..image.len()).step_by(buf.len()).enumerate() {
         disk.read(at as u64, &mut buf).unwrap();
@@ -247,7 +247,7 @@ fn a_cached_chunk_that_rots_under_a_reading_queue_is_fetched_again_never_served(
     let overlay =
         Overlay::open_or_create(&dir.path().join("ov"), &manifest.id(), image.len() as u64)
             .unwrap();
-    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.clone());
+    let disk = LazyDisk::new(manifest.clone(), store.clone(), overlay.clone()).unwrap();
     let id = manifest.chunks[2].unwrap();
     let want = &image[2 * CS..3 * CS];
     let mut buf = vec![0u8; CS];
@@ -277,4 +277,96 @@ fn a_cached_chunk_that_rots_under_a_reading_queue_is_fetched_again_never_served(
         store.cache().stats().crc_failures.load(Ordering::Relaxed),
         1
     );
+}
+
+/// Writes `fill` at 4 KiB block `b` of `disk` and of `model`.
+fn put(disk: &LazyDisk, model: &mut [u8], b: u64, fill: u8) {
+    let at = (b * 4096) as usize;
+    disk.write(b * 4096, &[fill; 4096]).unwrap();
+    model[at..at + 4096].fill(fill);
+}
+
+fn whole(disk: &LazyDisk) -> Vec<u8> {
+    let mut out = vec![0u8; disk.size() as usize];
+    disk.read(0, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn frozen_layers_hold_snapshots_clones_diverge_and_a_rebase_drops_folded_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let store = file_store(dir.path(), &rt);
+    let image = common::test_image(16, CS, 5);
+    let path = dir.path().join("image.raw");
+    std::fs::write(&path, &image).unwrap();
+    let mut opts = ImportOptions::new(dir.path().join("staging"));
+    opts.chunk_size = CS as u32;
+    let (manifest, _) = import_raw(&store, &path, &opts, &|_| {}).unwrap();
+    let manifest = Arc::new(manifest);
+    let size = image.len() as u64;
+    let layer =
+        |name: &str| Overlay::open_or_create(&dir.path().join(name), &manifest.id(), size).unwrap();
+
+    let a = Disk::open(manifest.clone(), store.clone(), vec![layer("a0")]).unwrap();
+    let qa = a.queue();
+    let mut model_a = image.clone();
+    put(&qa, &mut model_a, 3, 0xa1);
+    put(&qa, &mut model_a, 40, 0xa1);
+    // Freeze: the frozen layer is the state at the call; the next writes
+    // go to the new live layer.
+    let frozen = a.freeze(layer("a1")).unwrap();
+    assert_eq!(frozen.len(), 1);
+    assert!(frozen[0].is_frozen());
+    let at_snapshot = model_a.clone();
+    put(&qa, &mut model_a, 3, 0xa2);
+    put(&qa, &mut model_a, 100, 0xa2);
+
+    // A clone over the frozen layer sees the snapshot, not what came after.
+    let b = Disk::open(
+        manifest.clone(),
+        store.clone(),
+        [frozen.clone(), vec![layer("b0")]].concat(),
+    )
+    .unwrap();
+    let qb = b.queue();
+    assert!(whole(&qb) == at_snapshot);
+    let mut model_b = at_snapshot.clone();
+    put(&qb, &mut model_b, 40, 0xb1);
+    put(&qb, &mut model_b, 200, 0xb1);
+    assert!(
+        whole(&qa) == model_a,
+        "the clone's writes are not in the original"
+    );
+    assert!(
+        whole(&qb) == model_b,
+        "the original's writes are not in the clone"
+    );
+    // A frozen layer takes no writes.
+    assert!(frozen[0].write_blocks(7, &[1; 4096]).is_err());
+
+    // A deep stack: still one map lookup per block, and the map grows with
+    // what was written, not with the stack.
+    for round in 0..30u8 {
+        a.freeze(layer(&format!("a{}", round + 2))).unwrap();
+        put(&qa, &mut model_a, u64::from(round) * 7 % 250, round);
+    }
+    assert_eq!(a.layers().len(), 32);
+    assert!(whole(&qa) == model_a);
+    assert!(a.map_bytes() < 64 << 10, "{} bytes of map", a.map_bytes());
+
+    // Fold every frozen layer into an image, rebase onto it: the folded
+    // layers are dropped and the disk reads the same.
+    let stack = a.layers();
+    let folded = &stack[..stack.len() - 1];
+    let (snap, _) = fold_layers(&store, manifest.clone(), folded, &opts, &|_| {}).unwrap();
+    assert!(a.rebase(Arc::new(snap), folded));
+    assert_eq!(a.layers().len(), 1);
+    assert!(whole(&qa) == model_a);
+    assert!(
+        !a.rebase(manifest.clone(), folded),
+        "only the stack's own bottom layers can be folded away"
+    );
+    // The clone still stands on its layers.
+    assert!(whole(&qb) == model_b);
 }

@@ -30,6 +30,22 @@ impl Bitmap {
             .sum()
     }
 
+    /// The bits set, in order (bits set or cleared meanwhile may or may not
+    /// be seen).
+    pub fn ones(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().enumerate().flat_map(|(i, w)| {
+            let mut bits = w.load(Ordering::Acquire);
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let b = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                Some(i as u64 * 64 + b)
+            })
+        })
+    }
+
     /// Clears every bit, returning those that were set, in order. A bit set
     /// concurrently is either returned or stays set, never lost.
     pub fn take_all(&self) -> Vec<u64> {
@@ -61,6 +77,7 @@ mod tests {
         }
         assert!(!b.set(64), "already set");
         assert_eq!(b.count(), 4);
+        assert_eq!(b.ones().collect::<Vec<_>>(), [3, 63, 64, 199]);
         assert_eq!(b.take_all(), [3, 63, 64, 199]);
         assert_eq!(b.count(), 0);
         assert!(b.take_all().is_empty());

@@ -75,6 +75,8 @@ pub enum OverlayError {
     OutOfRange { first: u64, end: u64, blocks: u64 },
     #[error("overlay {dir} failed earlier ({cause}); it takes no more writes or flushes: restart the server to replay what was made durable")]
     Poisoned { dir: PathBuf, cause: String },
+    #[error("overlay {dir} is a frozen layer: it takes no more writes")]
+    Frozen { dir: PathBuf },
 }
 
 impl OverlayError {
@@ -83,7 +85,9 @@ impl OverlayError {
             OverlayError::Io { .. } | OverlayError::Poisoned { .. } => ErrorKind::Io,
             OverlayError::Missing(_) => ErrorKind::NotFound,
             OverlayError::Malformed { .. } => ErrorKind::Corrupt,
-            OverlayError::Busy { .. } | OverlayError::OtherImage { .. } => ErrorKind::InvalidInput,
+            OverlayError::Busy { .. }
+            | OverlayError::OtherImage { .. }
+            | OverlayError::Frozen { .. } => ErrorKind::InvalidInput,
             OverlayError::OutOfRange { .. } => ErrorKind::InvalidInput,
         }
     }
@@ -154,6 +158,8 @@ pub struct Overlay {
     writes: AtomicU64,
     /// The data file took a write since the last checkpoint began.
     data_written: AtomicBool,
+    /// A frozen layer: read-only from then on.
+    frozen: AtomicBool,
     poison: OnceLock<String>,
     syncs: SyncCounters,
     _lock: File,
@@ -255,6 +261,7 @@ impl Overlay {
             }),
             writes: AtomicU64::new(0),
             data_written: AtomicBool::new(false),
+            frozen: AtomicBool::new(false),
             poison: OnceLock::new(),
             syncs: SyncCounters::default(),
             meta,
@@ -340,6 +347,24 @@ impl Overlay {
     /// Number of blocks the overlay holds.
     pub fn dirty_count(&self) -> u64 {
         self.dirty.count()
+    }
+
+    /// The blocks the overlay holds, in order.
+    pub fn dirty_blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.dirty.ones()
+    }
+
+    /// Makes every write so far durable and refuses writes from now on:
+    /// the overlay becomes a frozen layer of its disk. The caller keeps
+    /// writes out while this runs ([`crate::disk::Disk::freeze`] does).
+    pub fn freeze(self: &Arc<Self>) -> Result<(), OverlayError> {
+        self.flush()?;
+        self.frozen.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
     }
 
     /// Syncs so far, by file.
@@ -479,6 +504,11 @@ impl Overlay {
     /// A write (`Some`) or zeroing (`None`) of blocks `first..first + count`.
     fn store(&self, first: u64, count: u64, data: Option<&[u8]>) -> Result<(), OverlayError> {
         self.check_poison()?;
+        if self.is_frozen() {
+            return Err(OverlayError::Frozen {
+                dir: self.dir.clone(),
+            });
+        }
         self.check_range(first, count)?;
         {
             let mut st = lock(&self.staging);

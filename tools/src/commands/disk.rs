@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
-use cairn_engine::disk::LazyDisk;
+use cairn_engine::disk::Disk;
 use cairn_engine::import::ImportOptions;
 use cairn_engine::overlay::Overlay;
 use cairn_engine::snapshot::snapshot_overlay;
@@ -69,9 +69,9 @@ pub fn serve(
     let overlay = Overlay::open_or_create(overlay_dir, &id, manifest.logical_size)
         .with_context(|| format!("opening overlay {}", overlay_dir.display()))?;
     let manifest = Arc::new(manifest);
-    let disks = (0..queues)
-        .map(|_| LazyDisk::new(manifest.clone(), store.clone(), overlay.clone()))
-        .collect();
+    let disk = Disk::open(manifest.clone(), store.clone(), vec![overlay.clone()])
+        .with_context(|| format!("opening the disk over {}", overlay_dir.display()))?;
+    let disks = (0..queues).map(|_| disk.queue()).collect();
     let cfg = DeviceConfig {
         capacity_bytes: manifest.logical_size,
         read_only,
