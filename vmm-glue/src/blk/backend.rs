@@ -291,9 +291,21 @@ impl VhostUserBackend for BlkBackend {
 /// Listens on `socket` and serves one VMM connection after another until
 /// the process ends; `ready` runs once the socket accepts connections.
 pub fn serve(socket: &Path, backend: Arc<BlkBackend>, ready: impl FnOnce()) -> io::Result<()> {
+    serve_until(socket, backend, ready, &AtomicBool::new(false))
+}
+
+/// As [`serve`], until `stop` is set and the listener woken (a connection
+/// that says nothing, as [`BlkServer::stop`] makes); a VMM connected then
+/// is served until it goes.
+fn serve_until(
+    socket: &Path,
+    backend: Arc<BlkBackend>,
+    ready: impl FnOnce(),
+    stop: &AtomicBool,
+) -> io::Result<()> {
     let mut listener = Listener::new(socket, true).map_err(io::Error::other)?;
     ready();
-    loop {
+    while !stop.load(Ordering::Acquire) {
         backend.new_session()?;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("cairn-blk".into(), backend.clone(), mem)
@@ -301,7 +313,10 @@ pub fn serve(socket: &Path, backend: Arc<BlkBackend>, ready: impl FnOnce()) -> i
         daemon
             .start(&mut listener)
             .map_err(|e| io::Error::other(e.to_string()))?;
-        tracing::info!("VMM connected");
+        let woken = stop.load(Ordering::Acquire);
+        if !woken {
+            tracing::info!("VMM connected");
+        }
         let result = daemon.wait();
         backend.end_session();
         // Whatever ended the connection, what was written stays put.
@@ -311,8 +326,71 @@ pub fn serve(socket: &Path, backend: Arc<BlkBackend>, ready: impl FnOnce()) -> i
             }
         }
         match result {
+            _ if woken => {}
             Ok(()) => tracing::info!("VMM disconnected"),
             Err(e) => tracing::info!("VMM connection ended: {e}"),
+        }
+    }
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+/// A vhost-user-blk socket served on a thread of its own until stopped.
+pub struct BlkServer {
+    socket: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl BlkServer {
+    /// Starts serving `backend` on `socket`; returns once the socket
+    /// accepts connections.
+    pub fn start(socket: &Path, backend: Arc<BlkBackend>) -> io::Result<BlkServer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (socket, stop) = (socket.to_owned(), stop.clone());
+            std::thread::Builder::new()
+                .name("cairn-blk".into())
+                .spawn(move || {
+                    serve_until(
+                        &socket,
+                        backend,
+                        || {
+                            let _ = tx.send(());
+                        },
+                        &stop,
+                    )
+                })?
+        };
+        if rx.recv().is_err() {
+            // The thread ended before the socket was ready: its error.
+            return Err(match thread.join() {
+                Ok(Err(e)) => e,
+                _ => io::Error::other("the vhost-user-blk server thread ended at start"),
+            });
+        }
+        Ok(BlkServer {
+            socket: socket.to_owned(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Stops taking connections and waits for the thread: at once if no
+    /// VMM is connected, else when it disconnects.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.stop.store(true, Ordering::Release);
+        // Wake the accept; it sees the flag once this connection ends.
+        drop(std::os::unix::net::UnixStream::connect(&self.socket));
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(io::Error::other("the vhost-user-blk server thread panicked")),
+            None => Ok(()),
         }
     }
 }

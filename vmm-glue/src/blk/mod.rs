@@ -5,5 +5,5 @@ pub mod config;
 pub mod exec;
 pub mod request;
 
-pub use backend::{serve, BlkBackend};
+pub use backend::{serve, BlkBackend, BlkServer};
 pub use config::DeviceConfig;
