@@ -39,6 +39,10 @@ pub struct Global {
     /// Print one JSON object on stdout instead of text; no progress bars.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The daemon's socket, for the sandbox commands (default: under the
+    /// user's runtime directory).
+    #[arg(long, global = true, env = "CAIRN_DAEMON")]
+    pub daemon: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -60,6 +64,12 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The daemon: serves every sandbox of this host, with an HTTP API on
+    /// a Unix socket and Prometheus metrics.
+    Daemon(DaemonArgs),
+    /// Sandboxes, through the daemon: create, clone, list, describe, remove.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
     /// Check that every chunk of every manifest is in the store.
     Verify {
         /// Also re-read every pack and re-hash every chunk.
@@ -192,4 +202,48 @@ pub enum MemCommand {
         #[arg(long)]
         once: bool,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// The API's Unix socket (default: `--daemon`, CAIRN_DAEMON, or under
+    /// the user's runtime directory).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Where the daemon keeps its sandboxes' layers and records (default:
+    /// under the user's data directory).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Also serve /metrics over TCP here, e.g. 127.0.0.1:9464.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SandboxCommand {
+    /// Create a sandbox from an image; prints its disk socket.
+    Create {
+        /// A name makes the sandbox durable across daemon restarts; unnamed
+        /// sandboxes go when their daemon stops.
+        name: Option<String>,
+        /// The image (name or id).
+        #[arg(long)]
+        image: String,
+        /// Queues of its virtio-blk device.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+        queues: u16,
+        #[arg(long, env = "CAIRN_PROJECT", default_value = "default")]
+        project: String,
+    },
+    /// A second sandbox with the disk of a running one as it is now.
+    Clone {
+        sandbox: String,
+        name: Option<String>,
+    },
+    /// The sandboxes this daemon serves.
+    Ls,
+    /// One sandbox: state, image, layers, bytes written, sockets.
+    Describe { sandbox: String },
+    /// Stop serving a sandbox and delete it (stop its VM first).
+    Rm { sandbox: String },
 }

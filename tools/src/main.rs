@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod context;
+mod daemon;
 mod output;
 mod size;
 

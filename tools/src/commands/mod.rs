@@ -4,6 +4,7 @@ mod bench;
 mod disk;
 mod image;
 mod mem;
+mod sandbox;
 mod verify;
 
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use anyhow::Result;
 
 use crate::cli::{Cli, Command, DiskCommand, ImageCommand, MemCommand};
 use crate::context::Context;
+use crate::daemon;
 
 /// `cairn verify` found problems (distinct from failing to run).
 pub const EXIT_PROBLEMS: u8 = 3;
@@ -19,6 +21,9 @@ pub const EXIT_PROBLEMS: u8 = 3;
 pub fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Bench { name, args } = &cli.command {
         return bench::run(name, args, cli.global.store.as_deref());
+    }
+    if let Command::Sandbox(cmd) = &cli.command {
+        return sandbox::run(&cli.global, cmd);
     }
     let ctx = Context::new(&cli.global)?;
     match cli.command {
@@ -85,6 +90,25 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             },
         ),
         Command::Verify { deep } => verify::verify(&ctx, deep),
+        Command::Daemon(args) => {
+            let socket = match (args.socket, cli.global.daemon) {
+                (Some(s), _) | (None, Some(s)) => s,
+                (None, None) => daemon::default_socket()?,
+            };
+            let state_dir = match args.state_dir {
+                Some(d) => d,
+                None => daemon::default_state_dir()?,
+            };
+            daemon::run(
+                &ctx,
+                daemon::DaemonConfig {
+                    socket,
+                    state_dir,
+                    metrics_addr: args.metrics_addr,
+                },
+            )
+        }
+        Command::Sandbox(_) => unreachable!("handled before the store is opened"),
         Command::Bench { .. } => unreachable!("handled before the store is opened"),
     }
 }

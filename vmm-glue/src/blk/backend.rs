@@ -389,7 +389,9 @@ impl BlkServer {
         drop(std::os::unix::net::UnixStream::connect(&self.socket));
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err(io::Error::other("the vhost-user-blk server thread panicked")),
+            Some(Err(_)) => Err(io::Error::other(
+                "the vhost-user-blk server thread panicked",
+            )),
             None => Ok(()),
         }
     }

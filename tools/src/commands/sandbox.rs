@@ -1,0 +1,86 @@
+//! `cairn sandbox ...`: requests to the daemon, its answers printed.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::cli::{Global, SandboxCommand};
+use crate::daemon::client::DaemonClient;
+use crate::daemon::default_socket;
+use crate::output::emit;
+
+pub fn run(g: &Global, cmd: &SandboxCommand) -> Result<ExitCode> {
+    let socket = match &g.daemon {
+        Some(s) => s.clone(),
+        None => default_socket()?,
+    };
+    let client = DaemonClient::new(&socket)?;
+    let answer = match cmd {
+        SandboxCommand::Create {
+            name,
+            image,
+            queues,
+            project,
+        } => client.call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(&json!({ "name": name, "image": image, "queues": queues, "project": project })),
+        )?,
+        SandboxCommand::Clone { sandbox, name } => client.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{sandbox}/clone"),
+            Some(&json!({ "name": name })),
+        )?,
+        SandboxCommand::Ls => client.call(Method::GET, "/v1/sandboxes", None)?,
+        SandboxCommand::Describe { sandbox } => {
+            client.call(Method::GET, &format!("/v1/sandboxes/{sandbox}"), None)?
+        }
+        SandboxCommand::Rm { sandbox } => {
+            client.call(Method::DELETE, &format!("/v1/sandboxes/{sandbox}"), None)?;
+            json!({ "removed": sandbox })
+        }
+    };
+    emit(g.json, &answer, || text(cmd, &answer))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn line(s: &Value) -> String {
+    format!(
+        "{:<34} {:<16} {:<9} {:<16} {}\n",
+        s["id"].as_str().unwrap_or("-"),
+        s["name"].as_str().unwrap_or("-"),
+        s["state"].as_str().unwrap_or("-"),
+        s["image_name"]
+            .as_str()
+            .or_else(|| s["image"].as_str().map(|i| &i[..12.min(i.len())]))
+            .unwrap_or("-"),
+        s["disk_socket"].as_str().unwrap_or("-"),
+    )
+}
+
+fn text(cmd: &SandboxCommand, answer: &Value) -> String {
+    match cmd {
+        SandboxCommand::Ls => {
+            let mut out = format!(
+                "{:<34} {:<16} {:<9} {:<16} {}\n",
+                "ID", "NAME", "STATE", "IMAGE", "DISK SOCKET"
+            );
+            for s in answer["sandboxes"].as_array().into_iter().flatten() {
+                out.push_str(&line(s));
+            }
+            out
+        }
+        SandboxCommand::Rm { sandbox } => format!("removed {sandbox}\n"),
+        SandboxCommand::Describe { .. } => {
+            serde_json::to_string_pretty(answer).unwrap_or_default() + "\n"
+        }
+        SandboxCommand::Create { .. } | SandboxCommand::Clone { .. } => format!(
+            "{} {}\ndisk socket: {}\n",
+            answer["id"].as_str().unwrap_or("-"),
+            answer["name"].as_str().unwrap_or(""),
+            answer["disk_socket"].as_str().unwrap_or("-")
+        ),
+    }
+}

@@ -1,0 +1,156 @@
+//! The daemon's HTTP+JSON API on its Unix socket (`docs/api/openapi.yaml`
+//! describes it). Handlers hand the work to [`Host`] on a blocking thread:
+//! its operations touch files and flush disks.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cairn_engine::catalog::CatalogError;
+use cairn_engine::ErrorKind;
+use serde::Serialize;
+
+use super::host::{CloneRequest, CreateRequest, Host, Refusal};
+use super::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct Api {
+    pub host: Arc<Host>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// An error as the API answers it: a status and `{"error", "kind"}`.
+pub struct ApiError(anyhow::Error);
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+    kind: &'static str,
+}
+
+impl ApiError {
+    fn status_and_kind(&self) -> (StatusCode, &'static str) {
+        if let Some(r) = self.0.downcast_ref::<Refusal>() {
+            return match r {
+                Refusal::NoSuchSandbox(_) => (StatusCode::NOT_FOUND, "not_found"),
+                Refusal::NameTaken(_) => (StatusCode::CONFLICT, "conflict"),
+                Refusal::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_input"),
+            };
+        }
+        if let Some(e) = self.0.downcast_ref::<CatalogError>() {
+            return match e.kind() {
+                ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+                ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, "invalid_input"),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            };
+        }
+        (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = self.status_and_kind();
+        let body = ErrorBody {
+            error: format!("{:#}", self.0),
+            kind,
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for ApiError {
+    fn from(e: E) -> ApiError {
+        ApiError(e.into())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Runs `f` on a blocking thread, timed under `op` in the metrics.
+async fn blocking<T: Send + 'static>(
+    api: &Api,
+    op: &'static str,
+    f: impl FnOnce(&Host) -> anyhow::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    let host = api.host.clone();
+    let metrics = api.metrics.clone();
+    let started = std::time::Instant::now();
+    let result = tokio::task::spawn_blocking(move || f(&host))
+        .await
+        .map_err(|e| anyhow::anyhow!("the {op} task failed: {e}"))?;
+    metrics.observe_request(op, started.elapsed(), result.is_ok());
+    Ok(result?)
+}
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/sandboxes", post(create).get(list))
+        .route("/v1/sandboxes/{key}", get(describe).delete(remove))
+        .route("/v1/sandboxes/{key}/clone", post(clone_sandbox))
+        .route("/metrics", get(metrics))
+        .with_state(api)
+}
+
+#[derive(Serialize)]
+struct Health {
+    ok: bool,
+    version: &'static str,
+    store: String,
+    sandboxes: usize,
+}
+
+async fn health(State(api): State<Api>) -> Json<Health> {
+    Json(Health {
+        ok: true,
+        version: env!("CARGO_PKG_VERSION"),
+        store: api.host.store().remote().uri().to_owned(),
+        sandboxes: api.host.list().len(),
+    })
+}
+
+async fn create(
+    State(api): State<Api>,
+    Json(req): Json<CreateRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let view = blocking(&api, "create", move |h| h.create(req)).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn list(State(api): State<Api>) -> Json<serde_json::Value> {
+    serde_json::json!({ "sandboxes": api.host.list() }).into()
+}
+
+async fn describe(State(api): State<Api>, Path(key): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(api.host.get(&key)?))
+}
+
+async fn remove(State(api): State<Api>, Path(key): Path<String>) -> ApiResult<StatusCode> {
+    blocking(&api, "remove", move |h| h.remove(&key)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn clone_sandbox(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    Json(req): Json<CloneRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let view = blocking(&api, "clone", move |h| h.clone_sandbox(&key, req)).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn metrics(State(api): State<Api>) -> Response {
+    let text = api.metrics.render(&api.host);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}

@@ -1,0 +1,92 @@
+//! The daemon's overlay layers: one directory each under the state
+//! directory, opened once however many disks stand on them (a clone shares
+//! its source's frozen layers), deleted when no disk uses them any more.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use cairn_engine::overlay::Overlay;
+use cairn_engine::ManifestId;
+
+pub struct Layers {
+    dir: PathBuf,
+    open: HashMap<String, Arc<Overlay>>,
+}
+
+/// A fresh layer id: 16 random bytes, hex.
+pub fn new_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+impl Layers {
+    pub fn new(state_dir: &Path) -> Result<Layers> {
+        let dir = state_dir.join("layers");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Layers {
+            dir,
+            open: HashMap::new(),
+        })
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// A new, empty layer over image `base` of `size` bytes.
+    pub fn create(&mut self, base: &ManifestId, size: u64) -> Result<(String, Arc<Overlay>)> {
+        let id = new_id();
+        let path = self.path(&id);
+        let layer = Overlay::open_or_create(&path, base, size)
+            .with_context(|| format!("creating layer {}", path.display()))?;
+        self.open.insert(id.clone(), layer.clone());
+        Ok((id, layer))
+    }
+
+    /// Layer `id`, opened (and its journal and flush log replayed) if no
+    /// disk holds it yet.
+    pub fn open(&mut self, id: &str) -> Result<Arc<Overlay>> {
+        if let Some(l) = self.open.get(id) {
+            return Ok(l.clone());
+        }
+        let path = self.path(id);
+        let layer =
+            Overlay::open(&path).with_context(|| format!("opening layer {}", path.display()))?;
+        self.open.insert(id.to_owned(), layer.clone());
+        Ok(layer)
+    }
+
+    /// Deletes the layers of `ids` that no disk in `in_use` stands on.
+    pub fn release(&mut self, ids: &[String], in_use: &dyn Fn(&str) -> bool) {
+        for id in ids {
+            if in_use(id) {
+                continue;
+            }
+            if let Some(layer) = self.open.remove(id) {
+                layer.wait_for_checkpoint();
+            }
+            let path = self.path(id);
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(layer = %path.display(), error = %e, "could not delete a layer no disk uses");
+                }
+            }
+        }
+    }
+
+    /// Deletes layer directories no disk in `in_use` stands on (left by a
+    /// crash between creating a layer and recording it).
+    pub fn sweep(&mut self, in_use: &dyn Fn(&str) -> bool) -> Result<usize> {
+        let mut orphans = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if !in_use(&name) {
+                orphans.push(name);
+            }
+        }
+        let n = orphans.len();
+        self.release(&orphans, in_use);
+        Ok(n)
+    }
+}

@@ -1,0 +1,120 @@
+//! The daemon's Prometheus metrics (`/metrics`, OpenMetrics text): API
+//! request latency by operation and outcome, and, read when scraped, the
+//! sandboxes served, the cache's hits and misses and the bytes fetched
+//! from the store.
+
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use super::host::Host;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    op: &'static str,
+    outcome: &'static str,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Histogram>,
+    sandboxes: Gauge,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    remote_bytes: Counter,
+    remote_gets: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let requests = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            // 100 µs to about 13 s.
+            Histogram::new(exponential_buckets(1e-4, 2.0, 18))
+        });
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("cairn")),
+            requests,
+            sandboxes: Gauge::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            remote_bytes: Counter::default(),
+            remote_gets: Counter::default(),
+        };
+        {
+            let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
+            r.register(
+                "api_request_seconds",
+                "Time to answer an API request, by operation and outcome",
+                m.requests.clone(),
+            );
+            r.register("sandboxes", "Sandboxes served", m.sandboxes.clone());
+            r.register(
+                "cache_hits",
+                "Chunk reads served by the local cache",
+                m.cache_hits.clone(),
+            );
+            r.register(
+                "cache_misses",
+                "Chunk reads the local cache did not hold",
+                m.cache_misses.clone(),
+            );
+            r.register(
+                "remote_fetched_bytes",
+                "Bytes fetched from the store",
+                m.remote_bytes.clone(),
+            );
+            r.register(
+                "remote_gets",
+                "Ranged GETs sent to the store",
+                m.remote_gets.clone(),
+            );
+        }
+        m
+    }
+}
+
+/// Moves a counter up to `total` (counters only go up).
+fn catch_up(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
+impl Metrics {
+    pub fn observe_request(&self, op: &'static str, took: Duration, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.requests
+            .get_or_create(&RequestLabels { op, outcome })
+            .observe(took.as_secs_f64());
+    }
+
+    /// The metrics as OpenMetrics text.
+    pub fn render(&self, host: &Host) -> String {
+        self.sandboxes.set(host.list().len() as i64);
+        let store = host.store();
+        let cache = store.cache().stats();
+        catch_up(&self.cache_hits, cache.hits.load(Ordering::Relaxed));
+        catch_up(&self.cache_misses, cache.misses.load(Ordering::Relaxed));
+        let fetch = store.stats();
+        catch_up(
+            &self.remote_bytes,
+            fetch.remote_bytes.load(Ordering::Relaxed),
+        );
+        catch_up(&self.remote_gets, fetch.remote_gets.load(Ordering::Relaxed));
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = encode(&mut out, &registry) {
+            tracing::warn!(error = %e, "encoding the metrics failed");
+        }
+        out
+    }
+}

@@ -1,0 +1,175 @@
+//! `cairn daemon`: one process per host serving every sandbox's disk, with
+//! a local HTTP+JSON API on a Unix socket (`docs/api/openapi.yaml`) and
+//! Prometheus metrics.
+//!
+//! What runs here is host state: the state directory records every
+//! sandbox's layers, so a restarted daemon (also after kill -9) serves
+//! them again, losing no flushed write.
+
+mod api;
+pub mod client;
+mod host;
+mod layers;
+mod metrics;
+mod sandbox;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use serde::Serialize;
+
+use crate::context::Context;
+use crate::output::emit;
+use host::Host;
+
+/// Where a daemon listens and keeps its state.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// The daemon's socket when none is given: under the user's runtime
+/// directory, else its data directory.
+pub fn default_socket() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("CAIRN_DAEMON") {
+        return Ok(PathBuf::from(d));
+    }
+    match dirs::runtime_dir().or_else(dirs::data_dir) {
+        Some(d) => Ok(d.join("cairn").join("daemon.sock")),
+        None => bail!("no user runtime or data directory is known here: pass --socket"),
+    }
+}
+
+pub fn default_state_dir() -> Result<PathBuf> {
+    match dirs::data_dir() {
+        Some(d) => Ok(d.join("cairn").join("daemon")),
+        None => bail!("no user data directory is known here: pass --state-dir"),
+    }
+}
+
+#[derive(Serialize)]
+struct Ready<'a> {
+    ready: bool,
+    socket: &'a Path,
+    state_dir: &'a Path,
+    store: &'a str,
+    recovered: usize,
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// Takes the state directory's lock for as long as the daemon runs.
+fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if file.try_lock().is_err() {
+        bail!(
+            "another daemon uses the state directory {} (stop it, or pass another --state-dir)",
+            dir.display()
+        );
+    }
+    Ok(file)
+}
+
+/// Removes a stale socket file; refuses if a daemon answers on it.
+fn claim_socket(socket: &Path) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        bail!(
+            "a daemon already listens on {} (use it, or pass another --socket)",
+            socket.display()
+        );
+    }
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing the stale socket {}", socket.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+pub fn run(ctx: &Context, cfg: DaemonConfig) -> Result<ExitCode> {
+    let _lock = lock_state_dir(&cfg.state_dir)?;
+    if let Some(dir) = cfg.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    claim_socket(&cfg.socket)?;
+    let store = ctx.chunk_store()?;
+    let host = Arc::new(Host::new(
+        &cfg.state_dir,
+        &cfg.state_dir.join("run"),
+        store,
+    )?);
+    let recovered = host.recover().context("recovering the sandboxes")?;
+    let api = api::Api {
+        host: host.clone(),
+        metrics: Arc::new(metrics::Metrics::default()),
+    };
+    let served = ctx.rt.block_on(async {
+        let listener = tokio::net::UnixListener::bind(&cfg.socket)
+            .with_context(|| format!("listening on {}", cfg.socket.display()))?;
+        if let Some(addr) = cfg.metrics_addr {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr} for metrics"))?;
+            let only_metrics = api::router(api.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(tcp, only_metrics).await {
+                    tracing::error!(error = %e, "the metrics listener failed");
+                }
+            });
+        }
+        let ready = Ready {
+            ready: true,
+            socket: &cfg.socket,
+            state_dir: &cfg.state_dir,
+            store: host.store().remote().uri(),
+            recovered,
+            metrics_addr: cfg.metrics_addr,
+        };
+        emit(ctx.json, &ready, || {
+            format!(
+                "ready: daemon on {} (state {}, {} sandbox(es) recovered)\n",
+                cfg.socket.display(),
+                cfg.state_dir.display(),
+                recovered
+            )
+        })?;
+        let _ = std::io::stdout().flush();
+        axum::serve(listener, api::router(api))
+            .with_graceful_shutdown(stop_signal())
+            .await
+            .context("serving the API")
+    });
+    host.shutdown();
+    let _ = std::fs::remove_file(&cfg.socket);
+    served?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping: serving no more requests");
+}

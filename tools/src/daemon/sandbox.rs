@@ -1,0 +1,136 @@
+//! One sandbox on this host: its record in the state directory and, while
+//! it runs, its disk and the vhost-user-blk server that serves it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result};
+use cairn_engine::disk::Disk;
+use cairn_vmm_glue::blk::{BlkBackend, BlkServer, DeviceConfig};
+use serde::{Deserialize, Serialize};
+
+/// What the state directory keeps of a sandbox: enough to serve it again
+/// after a restart.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub name: Option<String>,
+    pub project: String,
+    /// The image it was made from (a manifest id) and the name it was
+    /// asked for by, if any.
+    pub image: String,
+    pub image_name: Option<String>,
+    /// The manifest its layers stand on (the image, or a later snapshot
+    /// they were rebased onto).
+    pub base: String,
+    /// Its disk's layers, bottom to top; the top one is live. A layer is
+    /// recorded before it takes any write.
+    pub layers: Vec<String>,
+    /// The sandbox it was cloned from, if any.
+    pub cloned_from: Option<String>,
+    pub queues: u16,
+    /// Seconds since the epoch.
+    pub created: u64,
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A fresh sandbox id: 16 random bytes, hex.
+pub fn new_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+impl SandboxRecord {
+    fn path(state_dir: &Path, id: &str) -> PathBuf {
+        state_dir.join("sandboxes").join(format!("{id}.json"))
+    }
+
+    /// Writes the record durably (temporary file, sync, rename, directory sync).
+    pub fn save(&self, state_dir: &Path) -> Result<()> {
+        let path = Self::path(state_dir, &self.id);
+        let dir = path.parent().expect("a file in a directory");
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".{}.tmp", self.id));
+        let text = serde_json::to_vec_pretty(self).expect("plain struct");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .and_then(|()| std::fs::File::open(dir)?.sync_all())
+            .with_context(|| format!("saving {}", path.display()))
+    }
+
+    pub fn delete(state_dir: &Path, id: &str) -> Result<()> {
+        let path = Self::path(state_dir, id);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("deleting {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Every record in the state directory.
+    pub fn load_all(state_dir: &Path) -> Result<Vec<SandboxRecord>> {
+        let dir = state_dir.join("sandboxes");
+        std::fs::create_dir_all(&dir)?;
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let text =
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                let record: SandboxRecord = serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is not a sandbox record", path.display()))?;
+                out.push(record);
+            }
+        }
+        out.sort_by_key(|r| (r.created, r.id.clone()));
+        Ok(out)
+    }
+}
+
+/// A sandbox being served.
+pub struct Running {
+    pub record: SandboxRecord,
+    pub disk: Arc<Disk>,
+    pub disk_socket: PathBuf,
+    server: Option<BlkServer>,
+    pub served_since: u64,
+}
+
+impl Running {
+    /// Serves `disk` on `socket` with `record.queues` queues.
+    pub fn start(record: SandboxRecord, disk: Arc<Disk>, socket: &Path) -> Result<Running> {
+        let cfg = DeviceConfig {
+            capacity_bytes: disk.size(),
+            read_only: false,
+            queues: record.queues,
+            serial: format!("cairn-{}", &record.id[..12]),
+        };
+        let backend = BlkBackend::new(cfg, (0..record.queues).map(|_| disk.queue()).collect());
+        let server = BlkServer::start(socket, backend)
+            .with_context(|| format!("serving vhost-user-blk on {}", socket.display()))?;
+        Ok(Running {
+            record,
+            disk,
+            disk_socket: socket.to_owned(),
+            server: Some(server),
+            served_since: now(),
+        })
+    }
+
+    /// Stops serving (waits for a connected VMM to go) and makes every
+    /// completed write durable.
+    pub fn stop(mut self) -> Result<SandboxRecord> {
+        if let Some(s) = self.server.take() {
+            s.stop().context("stopping the disk server")?;
+        }
+        self.disk.flush().context("flushing the disk")?;
+        Ok(self.record)
+    }
+}
