@@ -238,7 +238,13 @@ fn serves_every_byte_records_the_working_set_and_prefetches_it() {
     // 2. The next resume prefetches that set while the guest touches it in
     // the same order, then reads everything sequentially.
     let snap = env.snapshot(id);
-    assert_eq!(snap.working_set.as_ref().unwrap().set.bytes(), rec_bytes);
+    let recorded_set = snap.working_set.as_ref().unwrap();
+    assert_eq!(recorded_set.set.bytes(), rec_bytes);
+    assert_eq!(
+        recorded_set.pages.manifest().chunk_size,
+        cairn_engine::memory::working_set::PAGES_CHUNK_SIZE,
+        "the pages image is read whole: large chunks"
+    );
     let served = env.serve_one(snap, no_kill());
     let mut vmm = VmmHarness::new(&specs).unwrap();
     vmm.connect(&served.socket).unwrap();

@@ -28,6 +28,12 @@ pub const UNIT: u64 = 4096;
 const HEADER_LEN: usize = 8 + 2 + 2 + 4 + 32 + 8;
 /// Readers refuse larger working-set objects before decoding.
 pub const MAX_BYTES: usize = 64 << 20;
+/// The least chunk size of a working set's pages image. It is read whole
+/// and in order, never deduplicated, so large chunks cost nothing and
+/// save the per-chunk work of every reader: a resume that prefetched a
+/// working set stored in 64 KiB chunks spent more time opening and mapping
+/// cache entries than copying pages (README, "Resume benchmark").
+pub const PAGES_CHUNK_SIZE: u32 = 1 << 20;
 
 /// Pages `[first, first + count)` of the snapshot, in [`UNIT`]s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +183,7 @@ impl WorkingSet {
     ) -> Result<(WorkingSet, ImportReport), WorkingSetError> {
         let total: u64 = runs.iter().map(PageRun::len).sum();
         let mut opts = opts.clone();
+        opts.chunk_size = opts.chunk_size.max(PAGES_CHUNK_SIZE);
         opts.kind = ManifestKind::Memory;
         opts.meta = MemLayout::single(total, UNIT as u32).encode();
         let mut hot = HotChunks::default();

@@ -10,10 +10,11 @@
 //! - only an installed page is woken for; a claimed one is waited for;
 //! - a fault that has waited `max_wait` is woken if its page is there and
 //!   served on demand otherwise, whatever the prefetcher is doing;
+//! - no fault waits before the first one is answered (the guest's first
+//!   progress is not traded for batching: it is what a resume waits for);
 //! - nothing is left to a worker that is not running (done, failed,
-//!   panicked), to workers that have not yet installed anything (the first
-//!   faults of a resume never wait for them to start), nor is a page its
-//!   worker has passed or will not reach within `lead`.
+//!   panicked), to workers that have not yet installed anything, nor is a
+//!   page its worker has passed or will not reach within `lead`.
 //!
 //! Workers share the working set by stripes: a run belongs to the worker
 //! of the stripe it starts in ([`Handoff::owner`]).
@@ -77,6 +78,8 @@ pub struct Handoff {
     running: AtomicUsize,
     /// Some worker has installed its first stretch.
     started: AtomicBool,
+    /// The first fault was answered.
+    first_answered: AtomicBool,
     limits: Limits,
 }
 
@@ -87,6 +90,7 @@ impl Handoff {
             cursors: (0..workers.max(1)).map(|_| AtomicU64::new(0)).collect(),
             running: AtomicUsize::new(0),
             started: AtomicBool::new(false),
+            first_answered: AtomicBool::new(false),
             limits,
         }
     }
@@ -113,6 +117,13 @@ impl Handoff {
         }
     }
 
+    /// A fault was answered: later ones may wait.
+    pub fn answered(&self) {
+        if !self.first_answered.load(Ordering::Relaxed) {
+            self.first_answered.store(true, Ordering::Release);
+        }
+    }
+
     /// Worker `k` stopped, done or not. True for the last one.
     pub fn finish(&self, k: usize) -> bool {
         self.cursors[k].store(u64::MAX, Ordering::Release);
@@ -131,7 +142,7 @@ impl Handoff {
     /// What to do with a fault whose page is in `state`, at `place` in the
     /// working set (None: not in it), that has waited `waited`.
     pub fn decide(&self, state: PageState, place: Option<Place>, waited: Duration) -> Decision {
-        let running = self.running();
+        let running = self.running() && self.first_answered.load(Ordering::Acquire);
         let overdue = waited >= self.limits.max_wait;
         // Where the page's worker is (u64::MAX once it stopped).
         let cursor = |p: Place| self.cursors[self.owner(p.run_at)].load(Ordering::Acquire);
@@ -183,6 +194,7 @@ mod tests {
             },
         );
         h.start();
+        h.answered();
         h
     }
 
@@ -253,6 +265,27 @@ mod tests {
         assert_eq!(h.owner(999), 0);
         assert_eq!(h.owner(1000), 1);
         assert_eq!(h.owner(2000), 0);
+    }
+
+    #[test]
+    fn no_fault_waits_before_the_first_is_answered() {
+        let h = Handoff::new(
+            1,
+            Limits {
+                lead: 100,
+                wake_ahead: 10,
+                max_wait: 2 * MS,
+                stripe: 1000,
+            },
+        );
+        h.start();
+        h.installed_some();
+        assert_eq!(h.decide(Absent, at(5), NOW), Serve);
+        assert_eq!(h.decide(Claimed, at(5), NOW), Serve);
+        assert_eq!(h.decide(Installed, at(5), NOW), Wake, "no wake-ahead");
+        h.answered();
+        assert_eq!(h.decide(Absent, at(5), NOW), Wait);
+        assert_eq!(h.decide(Installed, at(5), NOW), Wait);
     }
 
     #[test]

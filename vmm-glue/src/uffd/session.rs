@@ -317,6 +317,8 @@ impl<'a> Session<'a> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .record(since.elapsed());
-        let _ = self.first_fault.set(self.started.elapsed());
+        if self.first_fault.set(self.started.elapsed()).is_ok() {
+            self.handoff.answered();
+        }
     }
 }

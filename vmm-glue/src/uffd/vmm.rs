@@ -185,7 +185,7 @@ impl VmmGuard {
     fn kill_vmm(&self) {
         let pid = self.vmm.pid();
         if !self.kill {
-            tracing::warn!(
+            tracing::info!(
                 pid,
                 "the VMM may hang on its next fault (not killed: told not to)"
             );
