@@ -114,6 +114,8 @@ struct Run {
     handshake_us: Option<f64>,
     server_rss_anon_kib: Option<u64>,
     server_hwm_kib: Option<u64>,
+    /// CPU time the server spent from the handshake to the working set touched.
+    server_cpu_ms: Option<f64>,
     prefetch_bytes: Option<u64>,
     /// When the prefetch worker had installed the whole working set.
     prefetch_ms: Option<f64>,
@@ -367,8 +369,10 @@ fn run_cairn(
         let json: Value = serde_json::from_str(&vmm.handshake_json())?;
         json[0]["base_host_virt_addr"].as_u64().context("base")? as usize
     };
+    let cpu_before = cpu_ms(server.child.id())?;
     vmm.connect(&socket)?;
     let mut run = touch(base, w, name);
+    run.server_cpu_ms = Some(cpu_ms(server.child.id())? - cpu_before);
     let mem = rss.finish();
     // The VMM is this process: hang up and stop the server, which reports.
     vmm.disconnect();
@@ -390,6 +394,18 @@ fn run_cairn(
     run.server_rss_anon_kib = Some(mem.peak_anon_kib);
     run.server_hwm_kib = Some(mem.hwm_kib);
     Ok(run)
+}
+
+/// User and system CPU time of process `pid` so far, every thread's.
+fn cpu_ms(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which ends with the last ')'.
+    let rest = stat.rsplit_once(')').context("/proc/pid/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf reads a constant of the running system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks * 1e3 / hz)
 }
 
 fn cairn(store: &str, cache: &Path, args: &[&str]) -> Result<Value> {
@@ -589,6 +605,7 @@ fn main() -> Result<()> {
         "fault p99 us",
         "first fault us, median (max)",
         "server anon RSS MiB",
+        "server CPU ms",
     ]);
     let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
     let s3_summaries: Vec<Summary> = s3_runs
@@ -613,6 +630,7 @@ fn main() -> Result<()> {
                 .filter_map(|r| r.server_rss_anon_kib)
                 .max()
                 .map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+            opt(r.server_cpu_ms),
         ]);
     }
     t.print();
@@ -674,7 +692,7 @@ fn main() -> Result<()> {
         json!({"seconds": r.seconds, "faults": r.faults,
             "touch_p50_us": r.touch_p50_us, "touch_p99_us": r.touch_p99_us, "fault_p50_us": r.server_p50_us,
             "fault_p99_us": r.server_p99_us, "first_fault_us": r.first_fault_us, "handshake_us": r.handshake_us,
-            "server_rss_anon_kib": r.server_rss_anon_kib, "server_hwm_kib": r.server_hwm_kib,
+            "server_rss_anon_kib": r.server_rss_anon_kib, "server_hwm_kib": r.server_hwm_kib, "server_cpu_ms": r.server_cpu_ms,
             "prefetch_bytes": r.prefetch_bytes, "prefetch_ms": r.prefetch_ms})
     };
     let out = json!({

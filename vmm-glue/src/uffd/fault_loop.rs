@@ -286,10 +286,14 @@ impl Session<'_> {
                     }
                     break;
                 }
-                Install::Busy { done } => {
-                    // Give back what was not installed, apply the pending
-                    // events (faults among them wait their turn), retry.
+                Install::Busy { done, existed } => {
+                    // Count what was installed, give back the rest, apply
+                    // the pending events (faults among them wait their
+                    // turn), retry.
                     self.counters.retried_busy.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .fault_bytes
+                        .fetch_add(done - existed * ps, Ordering::Relaxed);
                     self.give_back(rs, first, end, page, done / ps);
                     if self.read_events(events, queued)? {
                         return Ok(false);

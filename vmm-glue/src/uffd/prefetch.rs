@@ -251,7 +251,7 @@ impl Session<'_> {
                     progress.installed += bytes;
                     self.pace(progress);
                 }
-                Install::Busy { done } => {
+                Install::Busy { done, existed } => {
                     // A REMOVE is pending, or some page was given back: let
                     // the fault loop apply it, then install only what is
                     // still wanted (claims skip removed pages).
@@ -261,7 +261,7 @@ impl Session<'_> {
                     drop(claims);
                     self.counters
                         .prefetch_bytes
-                        .fetch_add(done, Ordering::Relaxed);
+                        .fetch_add(done - existed * ps, Ordering::Relaxed);
                     let t = Instant::now();
                     while self.remove_generation.load(Ordering::Acquire) == generation
                         && !rs.pages.any_removed(resume, q)

@@ -272,9 +272,15 @@ impl<'a> Session<'a> {
                     existed += e;
                     done += n;
                 }
-                Install::Busy { done: d } => {
+                Install::Busy {
+                    done: d,
+                    existed: e,
+                } => {
                     rs.pages.set_installed(p, p + d / ps);
-                    return Ok(Install::Busy { done: done + d });
+                    return Ok(Install::Busy {
+                        done: done + d,
+                        existed: existed + e,
+                    });
                 }
                 Install::Gone => return Ok(Install::Gone),
             }
@@ -299,7 +305,10 @@ impl<'a> Session<'a> {
                 let gate = self.events.read().unwrap_or_else(|p| p.into_inner());
                 let p = (dst - rs.r.base) / ps;
                 if rs.pages.any_removed(p, p + len / ps) {
-                    return Ok(Install::Busy { done: 0 });
+                    return Ok(Install::Busy {
+                        done: 0,
+                        existed: 0,
+                    });
                 }
                 Some(gate)
             }

@@ -9,10 +9,11 @@
 //! (Firecracker before 1.12 closes its socket right after the handshake,
 //! so the socket says nothing).
 //!
-//! [`VmmGuard`] owns the server's copy of the userfaultfd. Dropped while
-//! armed (the server failed, panicked, or was stopped while the VMM runs),
-//! it kills the VMM before it closes the userfaultfd: a VMM left running
-//! would hang on its next fault.
+//! [`VmmGuard`] owns the server's copy of the userfaultfd. Armed once it
+//! holds it (before that the VMM depends on nothing of ours) and dropped
+//! while armed (the server failed, panicked, or was stopped while the VMM
+//! runs), it kills the VMM before it closes the userfaultfd: a VMM left
+//! running would hang on its next fault.
 
 use std::fs::File;
 use std::io;
@@ -134,12 +135,13 @@ pub struct VmmGuard {
 }
 
 impl VmmGuard {
-    /// Armed; with `kill` false it only logs what it would have done.
+    /// Armed by [`VmmGuard::adopt`]; with `kill` false it only logs what
+    /// it would have done.
     pub fn new(vmm: VmmProcess, kill: bool) -> VmmGuard {
         VmmGuard {
             vmm,
             kill,
-            armed: true,
+            armed: false,
             uffd: None,
         }
     }
@@ -160,6 +162,7 @@ impl VmmGuard {
         // ownership moves into the Uffd, which closes it once.
         let uffd = unsafe { Uffd::from_raw_fd(File::into_raw_fd(fd)) };
         self.uffd = Some(uffd);
+        self.armed = true;
         Ok(())
     }
 
@@ -236,6 +239,14 @@ mod tests {
         None
     }
 
+    /// A guard armed as if it held the VMM's userfaultfd (a descriptor
+    /// stands in for it: the guard only owns and closes it).
+    fn armed(vmm: VmmProcess, kill: bool) -> VmmGuard {
+        let mut guard = VmmGuard::new(vmm, kill);
+        guard.adopt(File::open("/dev/null").unwrap()).unwrap();
+        guard
+    }
+
     #[test]
     fn a_reused_pid_is_never_signalled() {
         let mut vmm_child = sleeper();
@@ -251,7 +262,7 @@ mod tests {
         };
         // The guard of a session whose VMM died and whose pid now names
         // another process: dropping it armed must leave that one alone.
-        drop(VmmGuard::new(vmm, true));
+        drop(armed(vmm, true));
         // End it with SIGTERM: it dies of SIGKILL only if the guard sent one.
         let pid = Pid::from_raw(pid).unwrap();
         rustix::process::kill_process(pid, Signal::TERM).unwrap();
@@ -263,20 +274,19 @@ mod tests {
     }
 
     #[test]
-    fn an_armed_guard_kills_a_live_vmm_and_a_disarmed_one_does_not() {
+    fn an_armed_guard_kills_a_live_vmm_and_no_other_does() {
         let mut child = sleeper();
-        drop(VmmGuard::new(
-            VmmProcess::of_pid(child.id() as i32).unwrap(),
-            true,
-        ));
+        drop(armed(VmmProcess::of_pid(child.id() as i32).unwrap(), true));
         assert_eq!(child.wait().unwrap().signal(), Some(9));
 
         let mut child = sleeper();
-        let mut guard = VmmGuard::new(VmmProcess::of_pid(child.id() as i32).unwrap(), true);
+        let vmm = || VmmProcess::of_pid(child.id() as i32).unwrap();
+        let mut guard = armed(vmm(), true);
         guard.disarm();
         drop(guard);
-        let mut told_not_to = VmmGuard::new(VmmProcess::of_pid(child.id() as i32).unwrap(), false);
-        told_not_to.end();
+        armed(vmm(), false).end();
+        // Before the VMM handed over its userfaultfd, nothing is at stake.
+        drop(VmmGuard::new(vmm(), true));
         let pid = Pid::from_raw(child.id() as i32).unwrap();
         rustix::process::kill_process(pid, Signal::TERM).unwrap();
         assert_eq!(
