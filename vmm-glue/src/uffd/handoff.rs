@@ -181,11 +181,11 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
     const NOW: Duration = Duration::ZERO;
 
-    /// Two workers, stripes of 1000 bytes: runs starting in [0, 1000) are
-    /// worker 0's, in [1000, 2000) worker 1's.
-    fn handoff() -> Handoff {
+    /// `workers` workers started, stripes of 1000 bytes: with two, runs
+    /// starting in [0, 1000) are worker 0's, in [1000, 2000) worker 1's.
+    fn started(workers: usize) -> Handoff {
         let h = Handoff::new(
-            2,
+            workers,
             Limits {
                 lead: 100,
                 wake_ahead: 10,
@@ -194,6 +194,12 @@ mod tests {
             },
         );
         h.start();
+        h
+    }
+
+    /// Two workers started, a first fault answered.
+    fn handoff() -> Handoff {
+        let h = started(2);
         h.answered();
         h
     }
@@ -269,16 +275,7 @@ mod tests {
 
     #[test]
     fn no_fault_waits_before_the_first_is_answered() {
-        let h = Handoff::new(
-            1,
-            Limits {
-                lead: 100,
-                wake_ahead: 10,
-                max_wait: 2 * MS,
-                stripe: 1000,
-            },
-        );
-        h.start();
+        let h = started(1);
         h.installed_some();
         assert_eq!(h.decide(Absent, at(5), NOW), Serve);
         assert_eq!(h.decide(Claimed, at(5), NOW), Serve);
