@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes the parsers that take outside bytes for SECONDS each (default 30):
-# frames, pack indexes and manifests (engine/fuzz) and virtio-blk requests
-# from a guest (vmm-glue/fuzz). Uses the stable toolchain with
+# frames, pack indexes, manifests, working sets and memory layouts
+# (engine/fuzz) and virtio-blk requests and the userfaultfd handshake
+# (vmm-glue/fuzz). Uses the stable toolchain with
 # RUSTC_BOOTSTRAP=1 for the sanitizer flags cargo-fuzz passes, so no
 # nightly is needed. Both fuzz crates share one target directory. Crashes
 # land in <crate>/fuzz/artifacts/<target>/.
@@ -13,6 +14,7 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="$root/target/fuzz"
 for spec in engine:frame_decode engine:pack_index_decode engine:manifest_decode \
+    engine:working_set_decode engine:mem_layout_decode \
     vmm-glue:blk_request vmm-glue:uffd_handshake; do
     crate=${spec%%:*} target=${spec#*:}
     cd "$root/$crate"

@@ -1,5 +1,6 @@
 //! Command-line grammar. These names are the interface; keep them.
 
+use std::num::NonZeroU64;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -167,7 +168,8 @@ pub enum MemCommand {
     },
     /// Serve SNAPSHOT to VMMs resuming from it, over Firecracker's
     /// page-fault handler protocol. Prints a ready line, then one report
-    /// per resume; SIGINT/SIGTERM exit.
+    /// per resume (a resume ends when the VMM process exits); SIGINT or
+    /// SIGTERM ends the resume under way, prints its report and exits.
     Serve {
         /// Snapshot name or manifest id.
         snapshot: String,
@@ -185,14 +187,16 @@ pub enum MemCommand {
         /// Bytes one fault resolves: the aligned run around the page.
         #[arg(long)]
         fault_size: Option<String>,
-        /// Cap prefetch at this many bytes a second (e.g. 500M).
-        #[arg(long)]
-        prefetch_rate: Option<String>,
+        /// Cap prefetch at this many bytes a second (e.g. 500M; not 0:
+        /// use --no-prefetch).
+        #[arg(long, value_parser = parse_rate)]
+        prefetch_rate: Option<NonZeroU64>,
         /// Threads installing the working set side by side.
         #[arg(long, default_value_t = cairn_vmm_glue::uffd::DEFAULT_PREFETCH_WORKERS as u16,
               value_parser = clap::value_parser!(u16).range(1..=16))]
         prefetch_workers: u16,
-        /// Do not kill the VMM when the server cannot go on.
+        /// Do not kill the VMM when a resume ends while it runs (the
+        /// server failed or was stopped).
         #[arg(long)]
         no_kill_vmm: bool,
         /// Seconds a connected VMM has to send its handshake.
@@ -202,6 +206,13 @@ pub enum MemCommand {
         #[arg(long)]
         once: bool,
     },
+}
+
+/// A `--prefetch-rate`: a size a second, not zero.
+fn parse_rate(text: &str) -> Result<NonZeroU64, String> {
+    let rate = crate::size::parse_size(text)?;
+    NonZeroU64::new(rate)
+        .ok_or_else(|| "a rate of 0 would never prefetch; use --no-prefetch instead".to_owned())
 }
 
 #[derive(Args, Debug)]

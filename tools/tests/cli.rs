@@ -335,9 +335,17 @@ fn mem_resume(env: &Env, snapshot: &str, memory: &[u8], pages: &[u64], extra: &[
         vmm.read(at as u64, &mut page);
         assert!(page == memory[at..at + 4096], "page {p} differs");
     }
+    // The VMM is this process, which cannot exit: hang up and stop the
+    // server as an operator would; it reports the resume and exits.
     vmm.disconnect();
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
     let report: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert!(child.wait().unwrap().success());
+    assert_eq!(report["resume"]["end"], "stopped", "{report}");
     report["resume"].clone()
 }
 
@@ -398,7 +406,7 @@ fn mem_import_export_diff_and_serve_through_the_cli() {
     assert!(pre["prefetch_bytes"].as_u64().unwrap() > 0, "{pre}");
     assert!(installed >= touched.len() as u64 * 4096, "{pre}");
 
-    // Bad input: an unknown snapshot, a diff of another size.
+    // Bad input: an unknown snapshot, a rate of 0, a diff of another size.
     let out = env.cairn(&[
         "mem",
         "serve",
@@ -408,6 +416,21 @@ fn mem_import_export_diff_and_serve_through_the_cli() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
+    let out = env.cairn(&[
+        "mem",
+        "serve",
+        "child",
+        "--prefetch-rate",
+        "0",
+        "--socket",
+        env.path("x.sock").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--prefetch-rate") && stderr(&out).contains("--no-prefetch"),
+        "{}",
+        stderr(&out)
+    );
     let short = env.path("short.mem");
     std::fs::write(&short, vec![1u8; 4096]).unwrap();
     let out = env.cairn(&[

@@ -6,11 +6,13 @@
 //!       file (the shape of Firecracker's example handler);
 //!   (c) `cairn mem serve` on demand;
 //!   (d) `cairn mem serve` with the recorded working set prefetched;
-//! (c) and (d) from a warm local cache and from the S3 server alone.
-//! The guest is this process: a VMM harness whose threads touch the
-//! working set (scattered extents, a third of the pages written).
+//! (c) and (d) from a warm local cache (and, once each, from the S3 server
+//! alone). Every backend runs `--rounds` times, interleaved (each round
+//! runs them all, in an order rotated by one each round), and is reported
+//! by its median with the spread (min-max) of its samples. The guest is
+//! this process: a VMM harness whose threads touch the working set
+//! (scattered extents, a third of the pages written).
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
@@ -20,7 +22,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use cairn_benches::backends::{CairnStore, RssSampler};
-use cairn_benches::{cairn_bin, warm_page_cache, Table};
+use cairn_benches::{cairn_bin, median, warm_page_cache, Table};
 use cairn_vmm_glue::uffd::harness::{synthetic_memory, RegionSpec, VmmHarness};
 use cairn_vmm_glue::uffd::Histogram;
 use clap::Parser;
@@ -46,6 +48,9 @@ struct Args {
     /// Prefetch worker counts to sweep for cairn with recorded prefetch.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     sweep_workers: Vec<u64>,
+    /// Rounds: every backend runs once a round, interleaved with the others.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
     #[arg(long, default_value = "target/bench/resume.json")]
     json_out: PathBuf,
     #[arg(long, default_value = "target/bench/resume.svg")]
@@ -109,6 +114,8 @@ struct Run {
     handshake_us: Option<f64>,
     server_rss_anon_kib: Option<u64>,
     server_hwm_kib: Option<u64>,
+    /// CPU time the server spent from the handshake to the working set touched.
+    server_cpu_ms: Option<f64>,
     prefetch_bytes: Option<u64>,
     /// When the prefetch worker had installed the whole working set.
     prefetch_ms: Option<f64>,
@@ -362,13 +369,21 @@ fn run_cairn(
         let json: Value = serde_json::from_str(&vmm.handshake_json())?;
         json[0]["base_host_virt_addr"].as_u64().context("base")? as usize
     };
+    let cpu_before = cpu_ms(server.child.id())?;
     vmm.connect(&socket)?;
     let mut run = touch(base, w, name);
+    run.server_cpu_ms = Some(cpu_ms(server.child.id())? - cpu_before);
     let mem = rss.finish();
+    // The VMM is this process: hang up and stop the server, which reports.
     vmm.disconnect();
+    // SAFETY: signals our own child, which has not been waited for yet.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
     let report: Value = serde_json::from_str(&server.lines.next().context("no report")??)?;
     server.child.wait()?;
     let r = &report["resume"];
+    if let Some(why) = r["prefetch_stopped"].as_str() {
+        eprintln!("warning: {name}: prefetch stopped early: {why}");
+    }
     run.faults = r["faults"].as_u64().unwrap_or(0);
     run.server_p50_us = r["fault_p50_us"].as_f64();
     run.server_p99_us = r["fault_p99_us"].as_f64();
@@ -379,6 +394,18 @@ fn run_cairn(
     run.server_rss_anon_kib = Some(mem.peak_anon_kib);
     run.server_hwm_kib = Some(mem.hwm_kib);
     Ok(run)
+}
+
+/// User and system CPU time of process `pid` so far, every thread's.
+fn cpu_ms(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which ends with the last ')'.
+    let rest = stat.rsplit_once(')').context("/proc/pid/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf reads a constant of the running system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks * 1e3 / hz)
 }
 
 fn cairn(store: &str, cache: &Path, args: &[&str]) -> Result<Value> {
@@ -477,36 +504,55 @@ fn main() -> Result<()> {
     )?;
     std::fs::remove_file(work.join("export.tmp"))?;
 
-    let mut runs = vec![
-        run_mmap(&file, size, &w, true)?,
-        run_mmap(&file, size, &w, false)?,
-        run_4k_handler(&file, size, &w)?,
-    ];
-    // Every warm-cache cairn run: the embedded store, its cache.
+    // Recorded once, then the first prefetching resume brings the working
+    // set's own chunks into the cache: every (d) run after it is warm.
     let warm =
         |name: &str, extra: &[&str]| run_cairn(&fstore, &cache, &work, &w, size, name, extra);
-    let mut sweep = Vec::new();
+    let record = warm("cairn recording resume", &["--record"])?;
+    warm("(d) warming", &[])?;
+
+    let mut backends = vec![
+        Backend::Mmap { cold: true },
+        Backend::Mmap { cold: false },
+        Backend::Handler4k,
+        Backend::cairn(DEMAND, &["--no-prefetch"]),
+        Backend::cairn(PREFETCH, &[]),
+    ];
     for kib in &args.sweep_kib {
         let name = format!("(c) cairn on demand, {kib} KiB runs, warm cache");
-        let r = warm(
+        let size = format!("{kib}K");
+        backends.push(Backend::cairn(
             &name,
-            &["--no-prefetch", "--fault-size", &format!("{kib}K")],
-        )?;
-        sweep.push((*kib, r));
+            &["--no-prefetch", "--fault-size", &size],
+        ));
     }
-    let demand = warm("(c) cairn on demand, warm cache", &["--no-prefetch"])?;
-    let record = warm("cairn recording resume", &["--record"])?;
-    // The first prefetching resume brings the working set's own chunks
-    // into the cache; the second is the warm one.
-    warm("(d) warming", &[])?;
-    let prefetch = warm("(d) cairn recorded prefetch, warm cache", &[])?;
-    let mut worker_sweep = Vec::new();
     for n in &args.sweep_workers {
         let name = format!("(d) cairn recorded prefetch, {n} workers, warm cache");
-        let r = warm(&name, &["--prefetch-workers", &n.to_string()])?;
-        worker_sweep.push((*n, r));
+        backends.push(Backend::cairn(
+            &name,
+            &["--prefetch-workers", &n.to_string()],
+        ));
     }
-    runs.extend([demand, prefetch]);
+    let mut samples: Vec<Vec<Run>> = vec![Vec::new(); backends.len()];
+    for round in 0..args.rounds as usize {
+        eprintln!("round {} of {}", round + 1, args.rounds);
+        let mut order: Vec<usize> = (0..backends.len()).collect();
+        order.rotate_left(round % backends.len());
+        for i in order {
+            let run = match &backends[i] {
+                Backend::Mmap { cold } => run_mmap(&file, size, &w, *cold)?,
+                Backend::Handler4k => run_4k_handler(&file, size, &w)?,
+                Backend::Cairn { name, extra } => {
+                    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                    warm(name, &extra)?
+                }
+            };
+            samples[i].push(run);
+        }
+    }
+    let summaries: Vec<Summary> = samples.into_iter().map(Summary::of).collect();
+
+    let mut s3_runs = Vec::new();
     if args.s3 {
         let endpoint =
             std::env::var("CAIRN_TEST_S3_ENDPOINT").context("--s3 needs CAIRN_TEST_S3_ENDPOINT")?;
@@ -524,133 +570,206 @@ fn main() -> Result<()> {
         for d in ["s3-rec", "s3-demand", "s3-prefetch"] {
             let _ = std::fs::remove_dir_all(c(d));
         }
-        run_cairn(
-            &s3,
-            &c("s3-rec"),
-            &work,
-            &w,
-            size,
-            "recording (S3)",
-            &["--record"],
-        )?;
-        runs.push(run_cairn(
-            &s3,
-            &c("s3-demand"),
-            &work,
-            &w,
-            size,
-            "(c) cairn on demand, S3 only",
+        let s3_run = |cache: &str, name: &str, extra: &[&str]| {
+            run_cairn(&s3, &c(cache), &work, &w, size, name, extra)
+        };
+        s3_run("s3-rec", "recording (S3)", &["--record"])?;
+        s3_runs.push(s3_run(
+            "s3-demand",
+            "(c) cairn on demand, S3 only (1 sample)",
             &["--no-prefetch"],
         )?);
-        runs.push(run_cairn(
-            &s3,
-            &c("s3-prefetch"),
-            &work,
-            &w,
-            size,
-            "(d) cairn recorded prefetch, S3 only",
+        s3_runs.push(s3_run(
+            "s3-prefetch",
+            "(d) cairn recorded prefetch, S3 only (1 sample)",
             &[],
         )?);
     }
 
-    let by: BTreeMap<&str, f64> = runs.iter().map(|r| (r.name.as_str(), r.seconds)).collect();
-    let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
     println!(
-        "\n== resume: {} MiB memory, working set {} MiB ({} pages, {} threads, a third written)",
+        "\n== resume: {} MiB memory, working set {} MiB ({} pages, {} threads, a third written), {} rounds",
         args.size_mib,
         ws_bytes >> 20,
         w.pages,
-        args.threads
+        args.threads,
+        args.rounds
     );
     let mut t = Table::new(&[
         "backend",
-        "handshake to WS touched s",
+        "handshake to WS touched s, median",
+        "min-max s",
         "faults",
         "touch p50 us",
         "touch p99 us",
         "fault p50 us",
         "fault p99 us",
+        "first fault us, median (max)",
         "server anon RSS MiB",
+        "server CPU ms",
     ]);
-    for r in &runs {
+    let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+    let s3_summaries: Vec<Summary> = s3_runs
+        .iter()
+        .map(|r| Summary::of(vec![r.clone()]))
+        .collect();
+    for s in summaries.iter().chain(&s3_summaries) {
+        let r = s.median_run();
         t.row(vec![
             r.name.clone(),
-            format!("{:.3}", r.seconds),
+            format!("{:.3}", s.median),
+            format!("{:.3}-{:.3}", s.min, s.max),
             r.faults.to_string(),
             format!("{:.1}", r.touch_p50_us),
             format!("{:.1}", r.touch_p99_us),
             opt(r.server_p50_us),
             opt(r.server_p99_us),
-            r.server_rss_anon_kib
+            s.first_fault
+                .map_or("-".into(), |(m, x)| format!("{m:.0} ({x:.0})")),
+            s.runs
+                .iter()
+                .filter_map(|r| r.server_rss_anon_kib)
+                .max()
                 .map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+            opt(r.server_cpu_ms),
         ]);
     }
     t.print();
-    let d = by["(d) cairn recorded prefetch, warm cache"];
-    println!("\n  ratios (time to working set touched; > 1 means (d) is faster):");
-    for base in [
-        "(b) 4 KiB-per-fault handler",
-        "(a) mmap, cold page cache",
-        "(a) mmap, warm page cache",
-        "(c) cairn on demand, warm cache",
-    ] {
-        println!("    {base:<40} / (d) = {:.2}x", by[base] / d);
+    let by = |name: &str| {
+        summaries
+            .iter()
+            .find(|s| s.runs[0].name == name)
+            .map(|s| s.median)
+            .expect("a backend of every round")
+    };
+    let d = by(PREFETCH);
+    println!("\n  ratios of medians (time to working set touched; > 1 means (d) is faster):");
+    for base in [HANDLER, MMAP_COLD, MMAP_WARM, DEMAND] {
+        println!("    {base:<40} / (d) = {:.2}x", by(base) / d);
     }
-    println!("  targets: (b)/(d) >= 5x, (a cold)/(d) >= 2x; report (a warm)/(d)");
-    println!("\n  fault run size sweep (cairn on demand, warm cache):");
-    for (kib, r) in &sweep {
-        println!(
-            "    {kib:>4} KiB: {:.3} s, {} faults, fault p50 {} us",
-            r.seconds,
-            r.faults,
-            opt(r.server_p50_us)
-        );
-    }
-    println!("\n  prefetch worker sweep (cairn recorded prefetch, warm cache):");
-    for (n, r) in &worker_sweep {
-        println!(
-            "    {n} worker(s): {:.3} s, {} faults, prefetch done at {} ms",
-            r.seconds,
-            r.faults,
-            opt(r.prefetch_ms)
-        );
-    }
-    // The target is for a warm local cache; S3-only resumes wait for GETs.
-    let first = runs
+    let first_fault = summaries
         .iter()
-        .filter(|r| r.name.contains("warm cache"))
-        .filter_map(|r| r.first_fault_us)
-        .fold(0.0, f64::max);
+        .filter(|s| s.runs[0].name.contains("warm cache"))
+        .filter_map(|s| s.first_fault)
+        .fold((0.0f64, 0.0f64), |(m, x), (a, b)| (m.max(a), x.max(b)));
+    println!("\n  targets:");
     println!(
-        "\n  handshake to first fault answered, worst warm-cache cairn run: {first:.0} us (target < 1000)"
+        "    (b)/(d) >= 5x: {:.2}x; (a cold)/(d) >= 2x: {:.2}x; (d)/(a warm) <= 1.2x: {:.2}x",
+        by(HANDLER) / d,
+        by(MMAP_COLD) / d,
+        d / by(MMAP_WARM)
     );
-    let anon = runs
+    println!(
+        "    handshake to first fault answered < 1000 us, warm cache: worst median {:.0} us, worst run {:.0} us",
+        first_fault.0, first_fault.1
+    );
+    let anon = summaries
         .iter()
+        .flat_map(|s| &s.runs)
         .filter_map(|r| r.server_rss_anon_kib)
         .max()
         .unwrap_or(0);
-    let hwm = runs
+    let hwm = summaries
         .iter()
+        .flat_map(|s| &s.runs)
         .filter_map(|r| r.server_hwm_kib)
         .max()
         .unwrap_or(0);
-    println!("  page server peak anonymous RSS {:.1} MiB, VmHWM {:.1} MiB incl. mapped cache files (target < {} MiB)", anon as f64 / 1024.0, hwm as f64 / 1024.0, 64 + args.size_mib / 100);
+    println!("    page server peak anonymous RSS {:.1} MiB, VmHWM {:.1} MiB incl. mapped cache files (< {} MiB)", anon as f64 / 1024.0, hwm as f64 / 1024.0, 64 + args.size_mib / 100);
     println!(
         "  recording resume: {:.3} s, {} faults",
         record.seconds, record.faults
     );
 
-    plot(&runs, w.pages, &args.plot)?;
-    println!("  plot: {}", args.plot.display());
-    let out = json!({
-        "size_mib": args.size_mib, "ws_pages": w.pages, "threads": args.threads,
-        "runs": runs.iter().map(|r| json!({"name": r.name, "seconds": r.seconds, "faults": r.faults,
+    let median_runs: Vec<Run> = summaries
+        .iter()
+        .filter(|s| backends_in_plot(&s.runs[0].name))
+        .map(|s| s.median_run().clone())
+        .chain(s3_runs.iter().cloned())
+        .collect();
+    plot(&median_runs, w.pages, &args.plot)?;
+    println!("  plot (median runs): {}", args.plot.display());
+    let run_json = |r: &Run| {
+        json!({"seconds": r.seconds, "faults": r.faults,
             "touch_p50_us": r.touch_p50_us, "touch_p99_us": r.touch_p99_us, "fault_p50_us": r.server_p50_us,
             "fault_p99_us": r.server_p99_us, "first_fault_us": r.first_fault_us, "handshake_us": r.handshake_us,
-            "server_rss_anon_kib": r.server_rss_anon_kib, "server_hwm_kib": r.server_hwm_kib, "prefetch_bytes": r.prefetch_bytes, "prefetch_ms": r.prefetch_ms})).collect::<Vec<_>>(),
-        "sweep": sweep.iter().map(|(k, r)| json!({"fault_kib": k, "seconds": r.seconds, "faults": r.faults})).collect::<Vec<_>>(),
-        "worker_sweep": worker_sweep.iter().map(|(n, r)| json!({"workers": n, "seconds": r.seconds, "faults": r.faults, "prefetch_ms": r.prefetch_ms})).collect::<Vec<_>>(),
+            "server_rss_anon_kib": r.server_rss_anon_kib, "server_hwm_kib": r.server_hwm_kib, "server_cpu_ms": r.server_cpu_ms,
+            "prefetch_bytes": r.prefetch_bytes, "prefetch_ms": r.prefetch_ms})
+    };
+    let out = json!({
+        "size_mib": args.size_mib, "ws_pages": w.pages, "threads": args.threads, "rounds": args.rounds,
+        "backends": summaries.iter().chain(&s3_summaries).map(|s| json!({
+            "name": s.runs[0].name, "median_s": s.median, "min_s": s.min, "max_s": s.max,
+            "samples": s.runs.iter().map(run_json).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
     });
     std::fs::write(&args.json_out, serde_json::to_vec_pretty(&out)?)?;
     Ok(())
+}
+
+const MMAP_COLD: &str = "(a) mmap, cold page cache";
+const MMAP_WARM: &str = "(a) mmap, warm page cache";
+const HANDLER: &str = "(b) 4 KiB-per-fault handler";
+const DEMAND: &str = "(c) cairn on demand, warm cache";
+const PREFETCH: &str = "(d) cairn recorded prefetch, warm cache";
+
+/// The sweeps' variants stay out of the plot.
+fn backends_in_plot(name: &str) -> bool {
+    [MMAP_COLD, MMAP_WARM, HANDLER, DEMAND, PREFETCH].contains(&name)
+}
+
+/// One way of serving the snapshot.
+enum Backend {
+    Mmap { cold: bool },
+    Handler4k,
+    Cairn { name: String, extra: Vec<String> },
+}
+
+impl Backend {
+    fn cairn(name: &str, extra: &[&str]) -> Backend {
+        Backend::Cairn {
+            name: name.to_owned(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+}
+
+/// A backend's samples: the median and spread of its time, the first
+/// fault's median and worst.
+struct Summary {
+    runs: Vec<Run>,
+    median: f64,
+    min: f64,
+    max: f64,
+    first_fault: Option<(f64, f64)>,
+}
+
+impl Summary {
+    fn of(runs: Vec<Run>) -> Summary {
+        let secs: Vec<f64> = runs.iter().map(|r| r.seconds).collect();
+        let firsts: Vec<f64> = runs.iter().filter_map(|r| r.first_fault_us).collect();
+        Summary {
+            median: median(secs.clone()),
+            min: secs.iter().copied().fold(f64::INFINITY, f64::min),
+            max: secs.iter().copied().fold(0.0, f64::max),
+            first_fault: (!firsts.is_empty()).then(|| {
+                (
+                    median(firsts.clone()),
+                    firsts.iter().copied().fold(0.0, f64::max),
+                )
+            }),
+            runs,
+        }
+    }
+
+    /// The sample closest to the median (its other figures are shown).
+    fn median_run(&self) -> &Run {
+        self.runs
+            .iter()
+            .min_by(|a, b| {
+                (a.seconds - self.median)
+                    .abs()
+                    .total_cmp(&(b.seconds - self.median).abs())
+            })
+            .expect("at least one sample")
+    }
 }

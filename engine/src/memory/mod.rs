@@ -100,8 +100,14 @@ impl MemLayout {
         if !page_size.is_power_of_two() || page_size < 4096 {
             return Err(bad("page size is not a power of two of at least 4 KiB"));
         }
-        if count > MAX_REGIONS || bytes.len() != 48 + count * 24 {
-            return Err(bad("region count does not match the length"));
+        if count == 0 || count > MAX_REGIONS || bytes.len() != 48 + count * 24 {
+            return Err(bad(
+                "no regions, or a region count that does not match the length",
+            ));
+        }
+        if bytes[5] == 0 && bytes[16..48].iter().any(|&b| b != 0) {
+            // One encoding per layout: the manifest's id covers these bytes.
+            return Err(bad("a parent id without the parent flag"));
         }
         let parent =
             (bytes[5] == 1).then(|| ManifestId::from_bytes(bytes[16..48].try_into().expect("32")));
@@ -244,6 +250,57 @@ impl MemoryImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_layout_round_trips(
+            regions in proptest::collection::vec((12u32..=21, 1u64..64), 1..20),
+            parent in proptest::option::of(any::<[u8; 32]>()),
+            page_shift in 12u32..=21,
+            slack in 0u64..(1 << 20),
+        ) {
+            let mut offset = 0;
+            let regions: Vec<MemRegion> = regions
+                .into_iter()
+                .map(|(shift, pages)| {
+                    let r = MemRegion { offset, size: pages << shift, page_size: 1 << shift };
+                    offset += r.size;
+                    r
+                })
+                .collect();
+            let layout = MemLayout {
+                page_size: 1 << page_shift,
+                regions,
+                parent: parent.map(ManifestId::from_bytes),
+            };
+            let bytes = layout.encode();
+            prop_assert_eq!(MemLayout::decode(&bytes, offset + slack).unwrap(), layout);
+            if offset > 0 {
+                prop_assert!(MemLayout::decode(&bytes, offset - 1).is_err(), "past the image");
+            }
+        }
+
+        #[test]
+        fn any_bytes_decode_to_an_error_or_their_own_encoding(
+            mut bytes in proptest::collection::vec(any::<u8>(), 48..200),
+            regions in 0usize..6,
+            flags in 0u8..3,
+            size in any::<u64>(),
+        ) {
+            // A header that may pass, over arbitrary regions and parent.
+            bytes[..4].copy_from_slice(&LAYOUT_MAGIC);
+            bytes[4] = LAYOUT_VERSION;
+            bytes[5] = flags;
+            bytes[6..8].fill(0);
+            bytes[8..12].copy_from_slice(&4096u32.to_le_bytes());
+            bytes[12..16].copy_from_slice(&(regions as u32).to_le_bytes());
+            bytes.resize(48 + regions * 24, 0);
+            if let Ok(layout) = MemLayout::decode(&bytes, size) {
+                prop_assert_eq!(layout.encode(), bytes);
+            }
+        }
+    }
 
     #[test]
     fn layout_round_trips_and_rejects_bad_regions() {

@@ -1,5 +1,6 @@
 //! `cairn mem …`: memory snapshots.
 
+use std::num::NonZeroU64;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,8 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use cairn_engine::import::ImportOptions;
 use cairn_engine::memory::{import_memory, MemLayout};
-use cairn_vmm_glue::uffd::{self, DisplayChain, ResumeReport, ServeConfig, ServedSnapshot};
+use cairn_vmm_glue::uffd::{
+    self, DisplayChain, End, ResumeReport, ServeConfig, ServedSnapshot, Stop,
+};
 use serde::Serialize;
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::image::{load, name_and_report};
 use crate::context::Context;
@@ -82,7 +86,7 @@ pub struct ServeArgs {
     pub prefetch: bool,
     pub record: bool,
     pub fault_size: Option<String>,
-    pub prefetch_rate: Option<String>,
+    pub prefetch_rate: Option<NonZeroU64>,
     pub prefetch_workers: usize,
     pub kill_vmm: bool,
     pub handshake_timeout: u64,
@@ -96,6 +100,8 @@ struct Ready<'a> {
     socket: &'a Path,
     memory_bytes: u64,
     working_set_bytes: u64,
+    /// Why a recorded working set is not used (missing or corrupt).
+    working_set_error: Option<&'a str>,
     prefetch: bool,
     record: bool,
     fault_bytes: u64,
@@ -121,22 +127,30 @@ pub fn serve(ctx: &Context, snapshot: &str, socket: &Path, args: ServeArgs) -> R
     let cfg = ServeConfig {
         fault_bytes,
         prefetch: args.prefetch && !args.record,
-        prefetch_rate: args
-            .prefetch_rate
-            .as_deref()
-            .map(|r| size_arg(r, "--prefetch-rate"))
-            .transpose()?,
+        prefetch_rate: args.prefetch_rate,
         prefetch_workers: args.prefetch_workers,
         record: args.record.then(|| ImportOptions::new(ctx.staging_dir())),
-        kill_vmm_on_failure: args.kill_vmm,
+        kill_vmm: args.kill_vmm,
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        ..ServeConfig::default()
     };
+    // SIGINT/SIGTERM: end the resume under way (with its report), exit.
+    let stop = Stop::new().context("creating the stop signal")?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing signal handlers")?;
+    let on_signal = stop.clone();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            on_signal.request();
+        }
+    });
     let ready = Ready {
         ready: true,
         snapshot: id.to_hex(),
         socket,
         memory_bytes: served.image.size(),
         working_set_bytes: served.working_set.as_ref().map_or(0, |w| w.set.bytes()),
+        working_set_error: served.working_set_error.as_deref(),
         prefetch: cfg.prefetch,
         record: args.record,
         fault_bytes,
@@ -147,6 +161,7 @@ pub fn serve(ctx: &Context, snapshot: &str, socket: &Path, args: ServeArgs) -> R
         socket,
         &served,
         &cfg,
+        &stop,
         || {
             let _ = emit(json, &ready, || {
                 format!(
@@ -180,11 +195,17 @@ pub fn serve(ctx: &Context, snapshot: &str, socket: &Path, args: ServeArgs) -> R
 
 fn resume_text(r: &ResumeReport) -> String {
     let mut s = format!(
-        "resume of {} by pid {}: {} regions, {:.2} s\n  handshake       {:.0} us; first fault answered {} after it\n  faults          {} (p50 {:.1} us, p99 {:.1} us, max {:.1} us), {} installed on demand\n",
+        "resume of {} by pid {}: {} regions, {:.2} s, ended: {}\n  handshake       {:.0} us; first fault answered {} after it\n  faults          {} (p50 {:.1} us, p99 {:.1} us, max {:.1} us), {} installed on demand\n",
         &r.snapshot[..12],
         r.vmm_pid.map_or("?".into(), |p| p.to_string()),
         r.regions.len(),
         r.seconds,
+        match r.end {
+            Some(End::VmmExited) => "the VMM exited",
+            Some(End::AddressSpaceGone) => "the VMM's memory is gone",
+            Some(End::Stopped) => "stopped",
+            None => "?",
+        },
         r.handshake_us,
         r.first_fault_us.map_or("never".into(), |u| format!("{u:.0} us")),
         r.faults,
@@ -202,6 +223,12 @@ fn resume_text(r: &ResumeReport) -> String {
                 ", done {ms:.0} ms after the handshake"
             ))
         );
+    }
+    if let Some(why) = &r.prefetch_stopped {
+        s += &format!("  prefetch stopped early: {why}\n");
+    }
+    if let Some(why) = &r.working_set_error {
+        s += &format!("  working set not used: {why}\n");
     }
     s += &format!(
         "  zero bytes      {}; races {}; faults left to the prefetch {}; busy retries {}; removed pages {}\n  from the store  {}\n",

@@ -1,12 +1,16 @@
 //! UFFDIO_COPY and UFFDIO_ZEROPAGE with the protocol's rules applied.
 //!
 //! EEXIST means the page is already there (installed by the other side of
-//! a race): it counts as done and the page is skipped. EAGAIN means the
-//! VMM's address space is changing (a REMOVE event is pending): the caller
-//! must read and apply pending events, then retry from where the copy
-//! stopped. ESRCH means the VMM process is gone.
+//! a race): it counts as done and the page is skipped. EAGAIN with nothing
+//! done means the VMM's address space is changing (a REMOVE event is
+//! pending): the caller must read and apply pending events, then retry
+//! from where the copy stopped; with part done it only says where the
+//! kernel stopped (at a page already there), and the copy goes on from
+//! there, so every page is counted once, by whoever installed it. ESRCH
+//! means the VMM process is gone.
 
 use std::io;
+use std::os::fd::AsRawFd;
 
 use libc::c_void;
 use userfaultfd::{Error as UffdError, Uffd};
@@ -16,8 +20,9 @@ use userfaultfd::{Error as UffdError, Uffd};
 pub enum Install {
     /// Every page is there; `existed` of them already were.
     Done { existed: u64 },
-    /// Stopped after `done` bytes: events are pending (EAGAIN).
-    Busy { done: u64 },
+    /// Stopped after `done` bytes, `existed` pages of which already were
+    /// there: events are pending (EAGAIN).
+    Busy { done: u64, existed: u64 },
     /// The VMM's address space is gone.
     Gone,
 }
@@ -63,7 +68,7 @@ pub fn copy(uffd: &Uffd, dst: u64, src: &[u8], page: u64, wake: bool) -> io::Res
             // The crate reports EAGAIN as a partial copy; a negative count
             // (the errno) means nothing was copied.
             Err(UffdError::PartiallyCopied(n)) if (n as isize) > 0 => off += n as u64,
-            Err(UffdError::PartiallyCopied(_)) => return Ok(Install::Busy { done: off }),
+            Err(UffdError::PartiallyCopied(_)) => return Ok(Install::Busy { done: off, existed }),
             Err(UffdError::CopyFailed(e)) if e as i32 == libc::EEXIST => {
                 existed += 1;
                 // Whoever installed it may not have woken this page's waiters.
@@ -93,41 +98,80 @@ pub fn zero(
         for at in (0..len).step_by(page as usize) {
             match copy(uffd, dst + at, &zeros[..page as usize], page, wake)? {
                 Install::Done { existed: e } => existed += e,
-                Install::Busy { done } => return Ok(Install::Busy { done: at + done }),
+                Install::Busy { done, existed: e } => {
+                    return Ok(Install::Busy {
+                        done: at + done,
+                        existed: existed + e,
+                    })
+                }
                 Install::Gone => return Ok(Install::Gone),
             }
         }
         return Ok(Install::Done { existed });
     }
-    // SAFETY: the range lies in a region the VMM registered with this
-    // userfaultfd (checked by the caller); the kernel maps zero pages
-    // there and touches no memory of this process.
-    match unsafe { uffd.zeropage(dst as *mut c_void, len as usize, wake) } {
-        Ok(n) if n as u64 == len => Ok(Install::Done { existed: 0 }),
-        // Part done, or a page already present, or events pending: the
-        // crate does not say how far it got, so go page by page.
-        Ok(_) | Err(UffdError::ZeropageFailed(_)) if len > page => {
-            let mut existed = 0;
-            for at in (0..len).step_by(page as usize) {
-                match zero(uffd, dst + at, page, page, zeros, wake)? {
-                    Install::Done { existed: e } => existed += e,
-                    Install::Busy { done } => return Ok(Install::Busy { done: at + done }),
-                    Install::Gone => return Ok(Install::Gone),
-                }
+    let (mut off, mut existed) = (0u64, 0u64);
+    while off < len {
+        match zeropage(uffd, dst + off, len - off, wake) {
+            Ok(n) => off += n,
+            // Part done: up to a page already there, or events pending.
+            Err((libc::EAGAIN, n)) if n > 0 => off += n,
+            Err((libc::EAGAIN, _)) => return Ok(Install::Busy { done: off, existed }),
+            Err((libc::EEXIST, _)) => {
+                existed += 1;
+                // Whoever installed it may not have woken this page's waiters.
+                let _ = uffd.wake((dst + off) as *mut c_void, page as usize);
+                off += page;
             }
-            Ok(Install::Done { existed })
+            Err((libc::ESRCH, _)) => return Ok(Install::Gone),
+            Err((errno, _)) => {
+                return Err(io::Error::other(format!(
+                    "UFFDIO_ZEROPAGE of {} bytes at {:#x} failed: {}",
+                    len - off,
+                    dst + off,
+                    io::Error::from_raw_os_error(errno)
+                )))
+            }
         }
-        Err(UffdError::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
-            let _ = uffd.wake(dst as *mut c_void, page as usize);
-            Ok(Install::Done { existed: 1 })
-        }
-        Err(UffdError::ZeropageFailed(e)) if e as i32 == libc::EAGAIN => {
-            Ok(Install::Busy { done: 0 })
-        }
-        Err(UffdError::ZeropageFailed(e)) if e as i32 == libc::ESRCH => Ok(Install::Gone),
-        Ok(n) => Err(io::Error::other(format!(
-            "UFFDIO_ZEROPAGE at {dst:#x} installed {n} of {len} bytes"
-        ))),
-        Err(e) => Err(fail("UFFDIO_ZEROPAGE", dst, len as usize, e)),
+    }
+    Ok(Install::Done { existed })
+}
+
+/// `struct uffdio_zeropage` of <linux/userfaultfd.h>.
+#[repr(C)]
+struct UffdioZeropage {
+    start: u64,
+    len: u64,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// `UFFDIO_ZEROPAGE`: `_IOWR(0xAA, 0x04, struct uffdio_zeropage)`.
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xC020_AA04;
+const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1;
+
+/// One UFFDIO_ZEROPAGE over `[dst, dst + len)`: the bytes zeroed, or the
+/// errno with the bytes zeroed before it (the userfaultfd crate drops
+/// those, and a partial zeroing reports EAGAIN).
+fn zeropage(uffd: &Uffd, dst: u64, len: u64, wake: bool) -> Result<u64, (i32, u64)> {
+    let mut arg = UffdioZeropage {
+        start: dst,
+        len,
+        mode: if wake {
+            0
+        } else {
+            UFFDIO_ZEROPAGE_MODE_DONTWAKE
+        },
+        zeropage: 0,
+    };
+    // SAFETY: `arg` is a live uffdio_zeropage the kernel reads and writes
+    // back; the range lies in a region the VMM registered with this
+    // userfaultfd (checked by the caller), where the kernel maps zero pages;
+    // no memory of this process is written but `arg`.
+    let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut arg) };
+    let done = u64::try_from(arg.zeropage).unwrap_or(0);
+    if rc == 0 {
+        Ok(done)
+    } else {
+        Err((io::Error::last_os_error().raw_os_error().unwrap_or(0), done))
     }
 }

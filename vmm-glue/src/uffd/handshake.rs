@@ -3,11 +3,15 @@
 //! The VMM connects to the handler's Unix socket and sends, in one
 //! message, a UTF-8 JSON array describing its guest memory regions with
 //! the userfaultfd attached as SCM_RIGHTS. Each object has
-//! `base_host_virt_addr`, `size`, `offset` (where the region starts in the
-//! memory file) and `page_size` in bytes; current Firecracker also sends
-//! the deprecated `page_size_kib`, which holds bytes despite its name, and
-//! older releases send only that. All three shapes are accepted. The VMM
-//! has already called UFFDIO_API and registered every region.
+//! `base_host_virt_addr`, `size` and `offset` (where the region starts in
+//! the memory file), and by release:
+//! - 1.12 and later: `page_size` in bytes and the deprecated
+//!   `page_size_kib`, which holds bytes despite its name;
+//! - 1.7 to 1.11: `page_size_kib` only;
+//! - 1.6 and older: no page size at all, which means the host's.
+//!
+//! All are accepted. The VMM has already called UFFDIO_API and registered
+//! every region.
 
 use std::fs::File;
 use std::io;
@@ -107,7 +111,8 @@ pub fn parse_regions(json: &[u8], image_size: u64) -> Result<Vec<GuestRegion>, H
                 )))
             }
             (Some(p), _) | (None, Some(p)) => p,
-            (None, None) => return Err(bad("no page_size or page_size_kib".into())),
+            // Firecracker 1.6 and older: no huge pages yet.
+            (None, None) => host_page_size(),
         };
         if !page_size.is_power_of_two() || !(4096..=MAX_PAGE_SIZE).contains(&page_size) {
             return Err(bad(format!(
@@ -157,6 +162,14 @@ pub fn parse_regions(json: &[u8], image_size: u64) -> Result<Vec<GuestRegion>, H
         }
     }
     Ok(regions.into_iter().map(|(_, r)| r).collect())
+}
+
+/// The host's base page size.
+fn host_page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the running system; no memory
+    // of ours is involved.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).unwrap_or(4096)
 }
 
 /// Reads a handshake from `stream`: the JSON bytes and the userfaultfd.
@@ -237,11 +250,13 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     #[test]
-    fn accepts_all_three_shapes() {
+    fn accepts_every_release_shape() {
         let current = br#"[{"base_host_virt_addr":1073741824,"size":1073741824,"offset":0,"page_size":4096,"page_size_kib":4096}]"#;
         let newer = br#"[{"base_host_virt_addr":1073741824,"size":1073741824,"offset":0,"page_size":4096}]"#;
         let older = br#"[{"base_host_virt_addr":1073741824,"size":1073741824,"offset":0,"page_size_kib":4096}]"#;
-        for json in [&current[..], &newer[..], &older[..]] {
+        let oldest = br#"[{"base_host_virt_addr":1073741824,"size":1073741824,"offset":0}]"#;
+        assert_eq!(host_page_size(), 4096, "x86-64");
+        for json in [&current[..], &newer[..], &older[..], &oldest[..]] {
             let r = parse_regions(json, 2 * GIB).unwrap();
             assert_eq!(
                 r,
@@ -271,7 +286,6 @@ mod tests {
             (b"not json", "not a JSON array"),
             (b"{}", "not a JSON array"),
             (b"[]", "no regions"),
-            (br#"[{"base_host_virt_addr":4096,"size":4096,"offset":0}]"#, "no page_size"),
             (br#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096,"page_size_kib":4}]"#, "disagree"),
             (br#"[{"base_host_virt_addr":4097,"size":4096,"offset":0,"page_size":4096}]"#, "multiples"),
             (br#"[{"base_host_virt_addr":4096,"size":6000,"offset":0,"page_size":4096}]"#, "multiples"),

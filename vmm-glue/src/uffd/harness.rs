@@ -5,7 +5,9 @@
 //! memory (with `MAP_HUGETLB` for huge-page regions), creates a
 //! userfaultfd asking for REMOVE events, registers every region in
 //! MISSING mode and sends the handshake (JSON plus the descriptor) over
-//! the handler's socket. Then the caller plays the guest: it touches
+//! the handler's socket, in the shape of a given Firecracker release and
+//! keeping or closing the socket as that release does ([`Release`]). Then
+//! the caller plays the guest: it touches
 //! guest memory (by offset in the memory file) from as many threads as it
 //! likes and compares what it reads with the source. It is real memory and
 //! a real userfaultfd: nothing is simulated but the VMM process itself.
@@ -24,6 +26,36 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 pub struct RegionSpec {
     pub size: u64,
     pub page_size: u64,
+}
+
+/// Which Firecracker releases' handshake the harness speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// 1.6 and older: regions without a page size; the socket is dropped
+    /// right after the handshake.
+    V1_6,
+    /// 1.7 to 1.11: `page_size_kib` only (in bytes); the socket is dropped
+    /// right after the handshake.
+    V1_7,
+    /// 1.12 and later: `page_size` and `page_size_kib`; the socket is kept
+    /// until the VMM exits.
+    V1_12,
+}
+
+impl Release {
+    pub fn keeps_socket(self) -> bool {
+        self == Release::V1_12
+    }
+
+    /// By name: "1.6", "1.7" or "1.12".
+    pub fn parse(name: &str) -> Option<Release> {
+        match name {
+            "1.6" => Some(Release::V1_6),
+            "1.7" => Some(Release::V1_7),
+            "1.12" => Some(Release::V1_12),
+            _ => None,
+        }
+    }
 }
 
 struct Mapped {
@@ -74,11 +106,18 @@ fn map_region(size: u64, page_size: u64) -> io::Result<*mut u8> {
 }
 
 impl VmmHarness {
-    /// Maps the regions back to back in the memory file and registers them.
+    /// Maps the regions back to back in the memory file and registers them
+    /// with a non-blocking userfaultfd, as Firecracker does.
     pub fn new(specs: &[RegionSpec]) -> io::Result<VmmHarness> {
+        VmmHarness::with_uffd(specs, true)
+    }
+
+    /// As [`VmmHarness::new`], with a blocking userfaultfd if `non_blocking`
+    /// is false (as a VMM other than Firecracker may pass).
+    pub fn with_uffd(specs: &[RegionSpec], non_blocking: bool) -> io::Result<VmmHarness> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
-            .non_blocking(true)
+            .non_blocking(non_blocking)
             .user_mode_only(false)
             .require_features(FeatureFlags::EVENT_REMOVE)
             .create()
@@ -123,15 +162,27 @@ impl VmmHarness {
         self.regions.iter().map(|r| r.size).sum()
     }
 
-    /// The handshake Firecracker sends: current shape, with both page size fields.
+    /// The handshake Firecracker 1.12 sends, with both page size fields.
     pub fn handshake_json(&self) -> String {
+        self.handshake_json_of(Release::V1_12)
+    }
+
+    /// The handshake `release` sends.
+    pub fn handshake_json_of(&self, release: Release) -> String {
         let items: Vec<String> = self
             .regions
             .iter()
             .map(|r| {
+                let page = match release {
+                    Release::V1_6 => String::new(),
+                    Release::V1_7 => format!(r#","page_size_kib":{}"#, r.page_size),
+                    Release::V1_12 => {
+                        format!(r#","page_size":{0},"page_size_kib":{0}"#, r.page_size)
+                    }
+                };
                 format!(
-                    r#"{{"base_host_virt_addr":{},"size":{},"offset":{},"page_size":{},"page_size_kib":{}}}"#,
-                    r.base as u64, r.size, r.offset, r.page_size, r.page_size
+                    r#"{{"base_host_virt_addr":{},"size":{},"offset":{}{page}}}"#,
+                    r.base as u64, r.size, r.offset
                 )
             })
             .collect();
@@ -155,14 +206,17 @@ impl VmmHarness {
         *self.uffd.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// Connects to the page server and sends the handshake.
+    /// Connects to the page server and sends the handshake as 1.12 does.
     pub fn connect(&mut self, socket: &Path) -> io::Result<()> {
-        let json = self.handshake_json();
-        self.stream = Some(send_handshake(
-            socket,
-            json.as_bytes(),
-            Some(self.uffd_fd()),
-        )?);
+        self.connect_as(socket, Release::V1_12)
+    }
+
+    /// Connects and sends the handshake as `release` does, closing the
+    /// socket right after it if that release did.
+    pub fn connect_as(&mut self, socket: &Path, release: Release) -> io::Result<()> {
+        let json = self.handshake_json_of(release);
+        let stream = send_handshake(socket, json.as_bytes(), Some(self.uffd_fd()))?;
+        self.stream = release.keeps_socket().then_some(stream);
         Ok(())
     }
 
