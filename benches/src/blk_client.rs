@@ -126,6 +126,17 @@ impl Client {
         Ok(self.slot_bytes(0, len).to_vec())
     }
 
+    /// Writes `data` (at most `MAX_REQUEST` bytes) at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        assert!(data.len() <= MAX_REQUEST);
+        // SAFETY: slot 0 is `MAX_REQUEST` bytes of the region libblkio
+        // mapped for us, and idle (every request was waited for).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.slot(0), data.len()) };
+        self.q
+            .write(offset, self.slot(0), data.len(), 0, ReqFlags::empty());
+        self.wait_one()
+    }
+
     /// Reads the whole disk once, `MAX_REQUEST` at a time, 8 in flight.
     pub fn read_all(&mut self) -> Result<()> {
         let mut next = 0u64;

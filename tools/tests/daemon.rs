@@ -1,0 +1,258 @@
+//! `cairn daemon` and `cairn sandbox`: sandboxes created from an image and
+//! cloned while they run, each disk read and written through libblkio (the
+//! vhost-user client QEMU and fio use), every byte compared; the daemon
+//! killed with SIGKILL and restarted loses no flushed write; refusals say
+//! why.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use cairn_benches::blk_client::Client;
+use serde_json::Value;
+
+const MIB: usize = 1 << 20;
+
+struct Env {
+    dir: tempfile::TempDir,
+    store: String,
+    image: Vec<u8>,
+}
+
+struct Daemon {
+    child: Child,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Sends `signal` and waits for the process to end.
+    fn signal(mut self, signal: &str) {
+        let pid = self.child.id().to_string();
+        common::run_ok(Command::new("kill").args([signal, &pid]));
+        self.child.wait().unwrap();
+    }
+}
+
+impl Env {
+    /// A 16 MiB image (random and text stretches) imported as `base`.
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store = format!("file://{}", dir.path().join("store").display());
+        let mut rng = fastrand::Rng::with_seed(12);
+        let mut image = Vec::with_capacity(16 * MIB);
+        for i in 0..16 {
+            match i % 2 {
+                0 => image.extend((0..MIB).map(|_| rng.u8(..))),
+                _ => image.extend((0..MIB).map(|j| b"cairn daemon ..."[j % 16])),
+            }
+        }
+        let env = Env { dir, store, image };
+        std::fs::write(env.path("image.raw"), &env.image).unwrap();
+        common::run_ok(
+            env.cairn()
+                .args(["image", "import-raw", "--name", "base"])
+                .arg(env.path("image.raw")),
+        );
+        env
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.path("daemon.sock")
+    }
+
+    fn cairn(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        c.args(["--store", &self.store, "--cache-dir"])
+            .arg(self.path("cache"))
+            .arg("--daemon")
+            .arg(self.socket());
+        c
+    }
+
+    /// Starts the daemon and waits for its ready line.
+    fn daemon(&self) -> (Daemon, Value) {
+        let mut child = self
+            .cairn()
+            .args(["--json", "daemon", "--state-dir"])
+            .arg(self.path("state"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ready: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("ready line is not JSON ({e}): {line:?}"));
+        assert_eq!(ready["ready"], true, "{line}");
+        (Daemon { child }, ready)
+    }
+
+    /// `cairn --json sandbox ARGS`, which must succeed: its JSON.
+    fn sandbox(&self, args: &[&str]) -> Value {
+        let out = common::run_ok(self.cairn().args(["--json", "sandbox"]).args(args));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `cairn sandbox ARGS`, which must fail: its output.
+    fn sandbox_fails(&self, args: &[&str]) -> Output {
+        let out = self.cairn().arg("sandbox").args(args).output().unwrap();
+        assert!(!out.status.success(), "sandbox {args:?} succeeded");
+        out
+    }
+}
+
+fn connect(view: &Value) -> Client {
+    Client::connect(Path::new(view["disk_socket"].as_str().unwrap())).unwrap()
+}
+
+/// Writes `fill` at `offset` of the disk and of its model.
+fn put(c: &mut Client, model: &mut [u8], offset: usize, len: usize, fill: u8) {
+    c.write(offset as u64, &vec![fill; len]).unwrap();
+    model[offset..offset + len].fill(fill);
+}
+
+fn whole(c: &mut Client, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    for off in (0..len).step_by(MIB) {
+        out.extend(c.read(off as u64, MIB.min(len - off)).unwrap());
+    }
+    out
+}
+
+/// A GET over the daemon's socket, raw HTTP/1.1: the body.
+fn http_get(socket: &Path, path: &str) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: cairn\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+}
+
+#[test]
+fn sandboxes_are_created_cloned_while_running_and_survive_a_killed_daemon() {
+    let env = Env::new();
+    let (daemon, ready) = env.daemon();
+    assert_eq!(ready["recovered"], 0);
+
+    // A named sandbox from the image: its disk is the image.
+    let a = env.sandbox(&["create", "alpha", "--image", "base"]);
+    assert_eq!(a["name"], "alpha");
+    assert_eq!(a["state"], "running");
+    assert!(a["memory_socket"].is_null());
+    let mut ca = connect(&a);
+    let mut model_a = env.image.clone();
+    assert!(whole(&mut ca, env.image.len()) == model_a);
+    put(&mut ca, &mut model_a, 4096, 8192, 0xa1);
+    put(&mut ca, &mut model_a, 9 * MIB, 4096, 0xa1);
+    ca.flush().unwrap();
+
+    // A clone while it runs (its VMM connected): the clone has the disk as
+    // it was; the two diverge from then on.
+    let b = env.sandbox(&["clone", "alpha", "beta"]);
+    assert_eq!(b["cloned_from"], a["id"]);
+    let at_clone = model_a.clone();
+    put(&mut ca, &mut model_a, 4096, 4096, 0xa2);
+    let mut cb = connect(&b);
+    let mut model_b = at_clone.clone();
+    assert!(
+        whole(&mut cb, env.image.len()) == model_b,
+        "the clone is the disk at the clone"
+    );
+    put(&mut cb, &mut model_b, 9 * MIB, 4096, 0xb1);
+    put(&mut cb, &mut model_b, 15 * MIB, 4096, 0xb1);
+    cb.flush().unwrap();
+    ca.flush().unwrap();
+    assert!(
+        whole(&mut ca, env.image.len()) == model_a,
+        "the clone's writes are not in alpha"
+    );
+    assert!(
+        whole(&mut cb, env.image.len()) == model_b,
+        "alpha's writes are not in the clone"
+    );
+
+    // The API lists both; describe by name; metrics are served.
+    let ls = env.sandbox(&["ls"]);
+    assert_eq!(ls["sandboxes"].as_array().unwrap().len(), 2);
+    let d = env.sandbox(&["describe", "beta"]);
+    assert_eq!(d["id"], b["id"]);
+    assert_eq!(d["layers"], 2);
+    let metrics = http_get(&env.socket(), "/metrics");
+    assert!(metrics.contains("cairn_sandboxes 2"), "{metrics}");
+    assert!(
+        metrics.contains("cairn_api_request_seconds_count{op=\"clone\",outcome=\"ok\"} 1"),
+        "{metrics}"
+    );
+
+    // Refusals say why.
+    let out = env.sandbox_fails(&["create", "alpha", "--image", "base"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let out = env.sandbox_fails(&["create", "--image", "no-such-image"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-image"));
+    let out = env.sandbox_fails(&["rm", "gamma"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no sandbox `gamma`"));
+
+    // kill -9 of the daemon: every flushed write is there after a restart.
+    drop(ca);
+    drop(cb);
+    daemon.signal("-KILL");
+    let (daemon, ready) = env.daemon();
+    assert_eq!(ready["recovered"], 2);
+    let a2 = env.sandbox(&["describe", "alpha"]);
+    let b2 = env.sandbox(&["describe", "beta"]);
+    assert!(whole(&mut connect(&a2), env.image.len()) == model_a);
+    assert!(whole(&mut connect(&b2), env.image.len()) == model_b);
+
+    // A second daemon on the same state directory is refused.
+    let out = env
+        .cairn()
+        .args(["daemon", "--socket"])
+        .arg(env.path("other.sock"))
+        .arg("--state-dir")
+        .arg(env.path("state"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another daemon"));
+
+    // rm: gone, and its own layer deleted; alpha keeps the layer they share.
+    env.sandbox(&["rm", "beta"]);
+    assert_eq!(
+        env.sandbox(&["ls"])["sandboxes"].as_array().unwrap().len(),
+        1
+    );
+    assert!(
+        whole(
+            &mut connect(&env.sandbox(&["describe", "alpha"])),
+            env.image.len()
+        ) == model_a
+    );
+    let layers = std::fs::read_dir(env.path("state").join("layers"))
+        .unwrap()
+        .count();
+    assert_eq!(layers, 2, "alpha's frozen layer and its live one");
+    daemon.signal("-TERM");
+
+    // No daemon: the CLI says how to start one.
+    let out = env.sandbox_fails(&["ls"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cairn daemon"));
+}
