@@ -675,7 +675,7 @@ async fn grow(store: &Arc<dyn ObjectStore>, project: &str, from: usize, n: usize
         tasks.spawn(async move {
             let new = NewSandbox {
                 project,
-                name: (i % 10 == 0).then(|| format!("sb-{i:07}")),
+                name: i.is_multiple_of(10).then(|| format!("sb-{i:07}")),
                 source: SandboxSource::Image(img),
                 host: "host-a".into(),
             };
