@@ -12,8 +12,8 @@ case "${1:-start}" in
 start)
     if ! up; then
         mkdir -p "$dir"
-        command -v moto_server >/dev/null || { echo "moto_server is not installed (tools/dev/setup.sh installs it)" >&2; exit 1; }
-        nohup moto_server -H 127.0.0.1 -p "$port" >"$dir/log" 2>&1 &
+        python3 -c 'import moto.server' 2>/dev/null || { echo "moto is not installed (tools/dev/setup.sh installs it)" >&2; exit 1; }
+        nohup python3 -m moto.server -H 127.0.0.1 -p "$port" >"$dir/log" 2>&1 &
         echo $! >"$dir/pid"
         for _ in $(seq 150); do up && break; sleep 0.1; done
         up || { echo "moto_server did not start; see $dir/log" >&2; exit 1; }

@@ -26,7 +26,9 @@ pub mod snapshot;
 
 pub use error::CatalogError;
 pub use image::{ImageRecord, Made, NewImage};
-pub use names::{check_name, check_project, is_record_id, new_id, DEFAULT_PROJECT};
+pub use names::{
+    check_name, check_project, check_sandbox_name, is_record_id, new_id, DEFAULT_PROJECT,
+};
 pub use record::Stored;
 pub use sandbox::{NewSandbox, Owner, SandboxRecord, SandboxSource, SandboxState};
 pub use snapshot::{NewSnapshot, SnapshotRecord, SnapshotState, SnapshotUri};

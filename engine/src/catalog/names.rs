@@ -10,8 +10,17 @@ const NAME_RULE: &str = "use 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and 
 const PROJECT_RULE: &str =
     "use 1 to 64 characters of a-z, 0-9, '_' and '-', starting with a letter or digit";
 
-/// An image or sandbox name.
+/// An image name.
 pub fn check_name(name: &str) -> Result<(), CatalogError> {
+    check(name, "image name")
+}
+
+/// A sandbox name (the same rule as an image name's).
+pub fn check_sandbox_name(name: &str) -> Result<(), CatalogError> {
+    check(name, "sandbox name")
+}
+
+fn check(name: &str, what: &'static str) -> Result<(), CatalogError> {
     let ok = (1..=128).contains(&name.len())
         && !name.starts_with('.')
         && name.parse::<ManifestId>().is_err()
@@ -23,7 +32,7 @@ pub fn check_name(name: &str) -> Result<(), CatalogError> {
         Ok(())
     } else {
         Err(CatalogError::BadName {
-            what: "name",
+            what,
             name: name.to_owned(),
             rule: NAME_RULE,
         })

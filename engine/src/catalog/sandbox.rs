@@ -19,7 +19,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::record::{self, as_text, Created, Kind, Stored};
-use super::{check_name, check_project, is_record_id, new_id, CatalogError};
+use super::{check_project, check_sandbox_name, is_record_id, new_id, CatalogError};
 use crate::id::ManifestId;
 use crate::layout;
 use crate::objstore::ObjectStore;
@@ -143,7 +143,7 @@ pub async fn create(
 ) -> Result<SandboxRecord, CatalogError> {
     check_project(&new.project)?;
     if let Some(n) = &new.name {
-        check_name(n)?;
+        check_sandbox_name(n)?;
     }
     let now = record::now();
     let mut rec = SandboxRecord {
@@ -196,7 +196,7 @@ pub async fn get(
 ) -> Result<Option<Stored<SandboxRecord>>, CatalogError> {
     check_project(project)?;
     if !is_record_id(name_or_id) {
-        check_name(name_or_id)?;
+        check_sandbox_name(name_or_id)?;
         return record::read_live(store, &layout::sandbox_key(project, name_or_id)).await;
     }
     let id = name_or_id;
@@ -280,7 +280,7 @@ pub async fn take(
     force: bool,
 ) -> Result<SandboxRecord, CatalogError> {
     check_project(project)?;
-    check_name(name)?;
+    check_sandbox_name(name)?;
     record::update(
         store,
         &layout::sandbox_key(project, name),
