@@ -188,6 +188,24 @@ impl S3Store {
         e
     }
 
+    /// A GET's whole body; cut short, a transient error.
+    async fn body(&self, key: &str, body: ByteStream) -> Result<Bytes, StoreError> {
+        Ok(body
+            .collect()
+            .await
+            .map_err(|e| {
+                StoreError::new(
+                    "get",
+                    &self.uri,
+                    key,
+                    ErrorKind::Transient,
+                    format!("body cut short: {e}"),
+                )
+                .with_source(e)
+            })?
+            .into_bytes())
+    }
+
     fn etag(&self, op: &'static str, key: &str, etag: Option<&str>) -> Result<Version, StoreError> {
         match etag {
             Some(t) if !t.is_empty() => Ok(Version(t.to_owned())),
@@ -324,21 +342,7 @@ impl ObjectStore for S3Store {
             req = req.range(format!("bytes={}-{}", r.start, r.end - 1));
         }
         let out = req.send().await.map_err(|e| self.classify("get", key, e))?;
-        let bytes = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| {
-                StoreError::new(
-                    "get",
-                    &self.uri,
-                    key,
-                    ErrorKind::Transient,
-                    format!("body cut short: {e}"),
-                )
-                .with_source(e)
-            })?
-            .into_bytes();
+        let bytes = self.body(key, out.body).await?;
         if let Some(r) = range {
             if bytes.len() as u64 != r.end - r.start {
                 return Err(StoreError::new(
@@ -473,21 +477,7 @@ impl ObjectStore for S3Store {
             Err(e) => return Err(self.classify("get", key, e)),
         };
         let version = self.etag("get", key, out.e_tag())?;
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| {
-                StoreError::new(
-                    "get",
-                    &self.uri,
-                    key,
-                    ErrorKind::Transient,
-                    format!("body cut short: {e}"),
-                )
-                .with_source(e)
-            })?
-            .into_bytes();
+        let data = self.body(key, out.body).await?;
         Ok(Some(Versioned { data, version }))
     }
 
