@@ -210,6 +210,10 @@ fn register_says_why_it_refuses_and_registers_a_completed_snapshot() {
     let d = env.json(Some("team"), &["image", "describe", "reg"]);
     assert_eq!(d["record"]["made"]["how"], "register");
     assert_eq!(d["id"], base.as_str());
+    // By id: the record of a name for it.
+    let d = env.json(None, &["image", "describe", &base]);
+    assert_eq!(d["record"]["project"], "default");
+    assert_eq!(d["record"]["made"]["how"], "import-raw");
     let text = String::from_utf8_lossy(&env.cairn(None, &["image", "describe", "reg"]).stdout)
         .into_owned();
     for w in [

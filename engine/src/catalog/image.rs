@@ -282,6 +282,20 @@ pub async fn resolve(
     }
 }
 
+/// A record `project` sees that names manifest `id` (the first by name),
+/// for describing an image given by id: a listing, not a lookup.
+pub async fn named(
+    store: &dyn ObjectStore,
+    project: &str,
+    id: &ManifestId,
+) -> Result<Option<ImageRecord>, CatalogError> {
+    Ok(list(store, project)
+        .await?
+        .into_iter()
+        .filter_map(|(_, r)| r.ok())
+        .find(|r| r.id == *id))
+}
+
 /// One page of `project`'s own image names, in order: one LIST.
 pub async fn list_page(
     store: &dyn ObjectStore,

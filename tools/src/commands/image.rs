@@ -226,6 +226,12 @@ pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
         .rt
         .block_on(catalog::image::resolve(remote, &ctx.project, image))?;
     let id = resolved.id;
+    let record = match resolved.record {
+        Some(r) => Some(r),
+        None => ctx
+            .rt
+            .block_on(catalog::image::named(remote, &ctx.project, &id))?,
+    };
     let m = ctx.rt.block_on(catalog::load_manifest(remote, &id))?;
     let store = ctx.chunk_store()?;
     let distinct = m.distinct_chunks();
@@ -239,7 +245,7 @@ pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
     });
     let out = Described {
         id: id.to_hex(),
-        record: resolved.record,
+        record,
         kind: match m.kind {
             ManifestKind::Disk => "disk",
             ManifestKind::Memory => "memory",
