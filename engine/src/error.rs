@@ -20,6 +20,10 @@ pub enum ErrorKind {
     Unsupported,
     /// Credentials were rejected or lack permission.
     PermissionDenied,
+    /// The request conflicts with what is there now (a name is taken, a
+    /// state cannot move that way, another host owns the record): not
+    /// retried as-is.
+    Conflict,
 }
 
 impl ErrorKind {

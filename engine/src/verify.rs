@@ -107,13 +107,13 @@ pub async fn verify(
         report.problem(layout::pack_index_key(&index.id), what);
     }
 
-    for (name, id) in crate::catalog::list_images(store)
+    for (key, id) in crate::catalog::image::every_name(store)
         .await
         .map_err(catalog_store_error)?
     {
         report.images += 1;
         if let Err(e) = id {
-            report.problem(layout::image_ref_key(&name), e.to_string());
+            report.problem(key, e.to_string());
         }
     }
 
@@ -188,13 +188,7 @@ pub async fn verify(
 fn catalog_store_error(e: crate::catalog::CatalogError) -> StoreError {
     match e {
         crate::catalog::CatalogError::Store(s) => s,
-        other => StoreError::new(
-            "list",
-            "",
-            layout::IMAGE_REFS,
-            other.kind(),
-            other.to_string(),
-        ),
+        other => StoreError::new("list", "", layout::CATALOG, other.kind(), other.to_string()),
     }
 }
 

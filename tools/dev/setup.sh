@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what cairn's build, tests and benchmarks need on a fresh Debian 12
 # machine: system packages, the Rust toolchain's parts, and s3s-fs (the S3
-# server the tests use). Idempotent: skips what is already there.
-# CAIRN_SETUP_S3=0 skips s3s-fs (the file:// demo does not need it).
+# server the tests use) and moto's S3 server (the catalog's race tests:
+# its conditional writes are atomic). Idempotent: skips what is already there.
+# CAIRN_SETUP_S3=0 skips s3s-fs and moto (the file:// demo needs neither).
 set -euo pipefail
 sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
 
@@ -31,4 +32,16 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 if [ "${CAIRN_SETUP_S3:-1}" != 0 ] && { ! command -v s3s-fs >/dev/null || ! s3s-fs --version 2>/dev/null | grep -q '0.14.1'; }; then
     echo "setup: building s3s-fs 0.14.1 (about 2 minutes)" >&2
     cargo install s3s-fs@0.14.1 --locked --features binary --quiet
+fi
+
+# moto's S3 server, from the machine's configured Python package index.
+if [ "${CAIRN_SETUP_S3:-1}" != 0 ] && ! python3 -c 'import moto.server, flask' 2>/dev/null; then
+    echo "setup: installing moto's S3 server (pip: moto[server])" >&2
+    python3 -m pip --version >/dev/null 2>&1 || {
+        export DEBIAN_FRONTEND=noninteractive
+        $sudo apt-get install -y -qq python3-pip >/dev/null
+    }
+    # Debian's own Python refuses system-wide pip installs unless told.
+    python3 -m pip install --quiet 'moto[server]' 2>/dev/null ||
+        python3 -m pip install --quiet --break-system-packages 'moto[server]'
 fi

@@ -2,6 +2,7 @@
 # Runs every test on a fresh machine: installs what is needed, starts the
 # S3 server, builds the guest fixture and cairn once (release), then lint,
 # unit and integration tests, the QEMU end-to-end tests and a fuzz smoke run.
+# moto's S3 server runs beside s3s-fs for the catalog's race tests.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tools/dev/setup.sh
@@ -20,7 +21,8 @@ fi
 # The overlay's crash tests mount a FUSE fault injector: fail if they cannot.
 export CAIRN_REQUIRE_FUSE=1
 eval "$(tools/dev/s3-server.sh start)"
-trap 'tools/dev/s3-server.sh stop' EXIT
+eval "$(tools/dev/moto-server.sh start)"
+trap 'tools/dev/s3-server.sh stop; tools/dev/moto-server.sh stop' EXIT
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo test --release --workspace

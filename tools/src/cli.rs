@@ -37,6 +37,9 @@ pub struct Global {
     /// from the store (0 turns it off).
     #[arg(long, global = true, env = "CAIRN_READAHEAD", default_value = "4M")]
     pub readahead: String,
+    /// The project whose images, snapshots and sandboxes a command sees.
+    #[arg(long, global = true, env = "CAIRN_PROJECT", default_value = cairn_engine::catalog::DEFAULT_PROJECT)]
+    pub project: String,
     /// Print one JSON object on stdout instead of text; no progress bars.
     #[arg(long, global = true)]
     pub json: bool,
@@ -48,9 +51,12 @@ pub struct Global {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Images: import, export, list, describe.
+    /// Images: import, register, export, list, describe, remove.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Snapshots: list, describe, remove.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Disks: serve an image lazily to a VMM.
     #[command(subcommand)]
     Disk(DiskCommand),
@@ -100,12 +106,51 @@ pub enum ImageCommand {
         image: String,
         file: PathBuf,
     },
-    /// List named images.
+    /// List the project's images and the public ones.
     Ls,
-    /// Show an image's manifest: sizes, chunks, storage.
+    /// Show an image: its record (project, size, unique bytes, parent,
+    /// how it was made) and its manifest's chunks and storage.
     Describe {
         /// Image name or manifest id.
         image: String,
+    },
+    /// Remove an image name (its data goes at the next garbage collection).
+    Rm { name: String },
+    /// Name a completed snapshot's disk as an image.
+    Register {
+        /// The snapshot's URI, as `cairn snapshot describe` prints it.
+        snapshot_uri: String,
+        #[arg(long)]
+        name: String,
+        /// Resolve the name from every project (public names are unique in the store).
+        #[arg(long)]
+        public: bool,
+        /// The Dockerfile the image was built with, kept with its record.
+        #[arg(long)]
+        dockerfile: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// List the project's snapshots and their states.
+    Ls {
+        /// Most snapshots to list.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// List those after this id (the last of a previous page).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Show a snapshot's record.
+    Describe { id: String },
+    /// Remove a completed or failed snapshot (its data goes at the next
+    /// garbage collection).
+    Rm {
+        id: String,
+        /// Also one still pending or uploading (its host is gone for good).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -243,8 +288,6 @@ pub enum SandboxCommand {
         /// Queues of its virtio-blk device.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
         queues: u16,
-        #[arg(long, env = "CAIRN_PROJECT", default_value = "default")]
-        project: String,
     },
     /// A second sandbox with the disk of a running one as it is now.
     Clone {

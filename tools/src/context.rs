@@ -19,6 +19,17 @@ pub struct Context {
     pub cache_size: u64,
     pub readahead: u64,
     pub json: bool,
+    /// The catalog project (checked).
+    pub project: String,
+    /// Who this is, in catalog records: `HOST:PID`.
+    pub host: String,
+}
+
+/// This host's name, for the catalog's records of who did what.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned())
 }
 
 fn default_store() -> Result<String> {
@@ -60,6 +71,7 @@ impl Context {
             None => default_store()?,
         };
         let uri: StoreUri = text.parse()?;
+        cairn_engine::catalog::check_project(&g.project).context("--project")?;
         let cache_dir = match &g.cache_dir {
             Some(d) => d.clone(),
             None => default_cache_dir(&uri)?,
@@ -86,6 +98,8 @@ impl Context {
             cache_size,
             readahead,
             json: g.json,
+            project: g.project.clone(),
+            host: format!("{}:{}", host_name(), std::process::id()),
         })
     }
 

@@ -106,6 +106,24 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+fn import_name(image: &Path) -> String {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_default();
+    let safe: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("bench-{safe}")
+}
+
 fn cairn_import(store: &Path, image: &Path, chunk_kib: u32) -> Result<(f64, u64, Value)> {
     let mut cmd = Command::new(cairn_bin()?);
     cmd.arg("--store")
@@ -114,7 +132,8 @@ fn cairn_import(store: &Path, image: &Path, chunk_kib: u32) -> Result<(f64, u64,
         .arg(store.join(".cache"))
         .args(["image", "import-raw"])
         .arg(image)
-        .args(["--name", "bench", "--json", "--chunk-size"])
+        // A name per file: the catalog refuses a taken name for another image.
+        .args(["--name", &import_name(image), "--json", "--chunk-size"])
         .arg(format!("{chunk_kib}K"));
     let (took, rss, stdout) = run_measured(&mut cmd)?;
     let report: Value = serde_json::from_slice(&stdout).context("cairn --json output")?;

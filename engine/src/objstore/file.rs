@@ -4,6 +4,20 @@
 //! (a hard link fails if the target exists, which makes "put if absent"
 //! atomic), so a reader never sees a partial object and a crash leaves at
 //! worst a stray file in `.tmp/`.
+//!
+//! Conditional writes ([`ObjectStore::put_if`]), overwrites and deletes
+//! hold an exclusive `flock` on one of 256 lock files in `.locks/` (the
+//! key's shard), so they are atomic between the processes of a host; a
+//! version is a digest of the object's bytes. (Hosts that share the
+//! directory over a network filesystem get whatever its `flock` gives.)
+//!
+//! Keys under [`FAN_OUT_PREFIXES`] (the catalog, which may hold millions
+//! of records in one collection) are stored in a trie of directories named
+//! by the first characters of their last segment: `catalog/x/abcd` is the
+//! file `catalog/x/@a/@b/@c/abcd`. `@` is not a key character, so the
+//! directories never collide with keys, and a page of a listing in key
+//! order reads only the directories its keys are in, however many keys
+//! the collection holds.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -14,10 +28,18 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{check_key, ObjectStore, PutMode, PutOutcome, StoreError};
+use super::{
+    check_key, Conditional, ListPage, ObjectStore, Precondition, PutMode, PutOutcome, StoreError,
+    Version, Versioned, MAX_PAGE,
+};
 use crate::error::ErrorKind;
 
 const TMP_DIR: &str = ".tmp";
+const LOCK_DIR: &str = ".locks";
+/// Key prefixes whose last segment is fanned out into a trie.
+pub const FAN_OUT_PREFIXES: &[&str] = &["catalog/"];
+/// Characters of the last segment that name trie levels.
+const FAN_OUT_DEPTH: usize = 3;
 
 #[derive(Debug, Clone)]
 pub struct FileStore {
@@ -29,6 +51,7 @@ impl FileStore {
     /// Opens (creating if needed) the store rooted at `root`.
     pub fn open(root: &Path) -> io::Result<FileStore> {
         fs::create_dir_all(root.join(TMP_DIR))?;
+        fs::create_dir_all(root.join(LOCK_DIR))?;
         let root = root.canonicalize()?;
         Ok(FileStore {
             uri: format!("file://{}", root.display()),
@@ -42,7 +65,19 @@ impl FileStore {
 
     fn path_of(&self, op: &'static str, key: &str) -> Result<PathBuf, StoreError> {
         check_key(key).map_err(|m| self.err(op, key, ErrorKind::InvalidInput, m))?;
-        Ok(self.root.join(key))
+        Ok(self.root.join(stored_path(key)))
+    }
+
+    /// Holds the exclusive lock of `key`'s shard until the guard drops.
+    fn lock(&self, key: &str) -> io::Result<File> {
+        let shard = blake3::hash(key.as_bytes()).as_bytes()[0];
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(LOCK_DIR).join(format!("{shard:02x}")))?;
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)?;
+        Ok(f)
     }
 
     fn err(
@@ -99,15 +134,63 @@ impl FileStore {
         Ok(outcome)
     }
 
-    fn put_sync(&self, dest: &Path, data: &[u8], mode: PutMode) -> io::Result<PutOutcome> {
+    fn put_sync(
+        &self,
+        key: &str,
+        dest: &Path,
+        data: &[u8],
+        mode: PutMode,
+    ) -> io::Result<PutOutcome> {
         if mode == PutMode::IfAbsent && dest.exists() {
             return Ok(PutOutcome::AlreadyExisted);
         }
+        // Content-addressed creates need no lock (a link is atomic);
+        // overwrites must not slip between a conditional write's check
+        // and its rename.
+        let _lock = match mode {
+            PutMode::Overwrite => Some(self.lock(key)?),
+            PutMode::IfAbsent => None,
+        };
+        let tmp = self.write_tmp(data)?;
+        self.install(&tmp, dest, mode)
+    }
+
+    fn write_tmp(&self, data: &[u8]) -> io::Result<PathBuf> {
         let tmp = self.tmp_path();
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
-        self.install(&tmp, dest, mode)
+        Ok(tmp)
+    }
+
+    fn put_if_sync(
+        &self,
+        key: &str,
+        dest: &Path,
+        data: &[u8],
+        precondition: &Precondition,
+    ) -> io::Result<Conditional> {
+        let _lock = self.lock(key)?;
+        let holds = match precondition {
+            Precondition::Absent => !dest.exists(),
+            Precondition::Matches(want) => match fs::read(dest) {
+                Ok(current) => version_of(&current) == *want,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => return Err(e),
+            },
+        };
+        if !holds {
+            return Ok(Conditional::PreconditionFailed);
+        }
+        let tmp = self.write_tmp(data)?;
+        let mode = match precondition {
+            Precondition::Absent => PutMode::IfAbsent,
+            Precondition::Matches(_) => PutMode::Overwrite,
+        };
+        Ok(match self.install(&tmp, dest, mode)? {
+            PutOutcome::Created => Conditional::Written(version_of(data)),
+            PutOutcome::AlreadyExisted => Conditional::PreconditionFailed,
+        })
     }
 
     fn put_file_sync(&self, dest: &Path, src: &Path) -> io::Result<PutOutcome> {
@@ -134,11 +217,10 @@ impl FileStore {
             for entry in entries {
                 let entry = entry?;
                 let path = entry.path();
-                let rel = path
-                    .strip_prefix(&self.root)
-                    .expect("walk stays under root")
-                    .to_string_lossy()
-                    .into_owned();
+                let rel = key_of(
+                    path.strip_prefix(&self.root)
+                        .expect("walk stays under root"),
+                );
                 // Dot names are the store's own (temporaries, a local cache).
                 if entry.file_name().to_string_lossy().starts_with('.') {
                     continue;
@@ -152,6 +234,147 @@ impl FileStore {
         }
         keys.sort();
         Ok(keys)
+    }
+
+    fn list_page_sync(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> io::Result<ListPage> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let dir_part = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
+        let fanned = FAN_OUT_PREFIXES
+            .iter()
+            .any(|p| dir_part.len() > p.len() && dir_part.starts_with(p));
+        if fanned {
+            let after = match start_after {
+                Some(a) if a.starts_with(dir_part) => Some(&a[dir_part.len()..]),
+                Some(a) if a > dir_part => return Ok(ListPage::default()),
+                _ => None,
+            };
+            let mut walk = TrieWalk {
+                dir_key: dir_part,
+                want: &prefix[dir_part.len()..],
+                after,
+                limit,
+                keys: Vec::new(),
+            };
+            let mut node = String::new();
+            if walk.visit(&self.root.join(dir_part), &mut node)? {
+                let truncated = walk.keys.len() > limit;
+                walk.keys.truncate(limit);
+                return Ok(ListPage {
+                    keys: walk.keys,
+                    truncated,
+                });
+            }
+        }
+        // Anywhere else (packs, manifests: listed whole anyway): all, then cut.
+        let mut keys: Vec<String> = self
+            .list_sync(prefix)?
+            .into_iter()
+            .filter(|k| start_after.is_none_or(|a| k.as_str() > a))
+            .take(limit + 1)
+            .collect();
+        let truncated = keys.len() > limit;
+        keys.truncate(limit);
+        Ok(ListPage { keys, truncated })
+    }
+}
+
+/// A digest of an object's bytes: its version on `file://`.
+fn version_of(data: &[u8]) -> Version {
+    Version(blake3::hash(data).to_hex()[..32].to_owned())
+}
+
+/// Where a key's file is, relative to the root (see the module docs).
+fn stored_path(key: &str) -> PathBuf {
+    if !FAN_OUT_PREFIXES.iter().any(|p| key.starts_with(p)) {
+        return PathBuf::from(key);
+    }
+    let (dir, leaf) = key
+        .rsplit_once('/')
+        .expect("fanned-out keys have a directory");
+    let mut path = PathBuf::from(dir);
+    for c in leaf.chars().take(FAN_OUT_DEPTH) {
+        path.push(format!("@{c}"));
+    }
+    path.push(leaf);
+    path
+}
+
+/// The key a path relative to the root stores (trie levels dropped).
+fn key_of(rel: &Path) -> String {
+    rel.iter()
+        .map(|c| c.to_string_lossy())
+        .filter(|c| !c.starts_with('@'))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// A page of keys, in order, from one fanned-out directory's trie.
+struct TrieWalk<'a> {
+    dir_key: &'a str,
+    /// The page's keys start with this (after `dir_key`).
+    want: &'a str,
+    /// The page starts after this last segment.
+    after: Option<&'a str>,
+    limit: usize,
+    /// Up to `limit + 1` keys (one more says the page is truncated).
+    keys: Vec<String>,
+}
+
+impl TrieWalk<'_> {
+    /// Visits the trie node `node` (the leading characters its keys share)
+    /// in `dir`. `Ok(false)`: the directory holds more than a trie (plain
+    /// subdirectories), so the caller lists another way.
+    fn visit(&mut self, dir: &Path, node: &mut String) -> io::Result<bool> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        let (mut files, mut levels) = (Vec::new(), Vec::new());
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_dir = entry.file_type()?.is_dir();
+            match name.strip_prefix('@') {
+                Some(c) if is_dir => levels.push(c.to_owned()),
+                _ if name.starts_with('.') => {}
+                _ if is_dir => return Ok(false),
+                _ => files.push(name),
+            }
+        }
+        // A key that is exactly this node sorts before every longer one.
+        files.sort();
+        for f in files {
+            if f.starts_with(self.want) && self.after.is_none_or(|a| f.as_str() > a) {
+                self.keys.push(format!("{}{f}", self.dir_key));
+                if self.keys.len() > self.limit {
+                    return Ok(true);
+                }
+            }
+        }
+        levels.sort();
+        for c in levels {
+            let len = node.len();
+            node.push_str(&c);
+            let wanted = node.starts_with(self.want) || self.want.starts_with(node.as_str());
+            let after_start = self.after.is_none_or(|a| {
+                let n = node.len().min(a.len());
+                node.as_bytes()[..n] >= a.as_bytes()[..n]
+            });
+            if wanted && after_start && !self.visit(&dir.join(format!("@{c}")), node)? {
+                return Ok(false);
+            }
+            node.truncate(len);
+            if self.keys.len() > self.limit {
+                break;
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -196,7 +419,7 @@ impl ObjectStore for FileStore {
         let this = self.clone();
         let key = key.to_owned();
         blocking(move || {
-            this.put_sync(&path, &data, mode)
+            this.put_sync(&key, &path, &data, mode)
                 .map_err(this.io_err("put", &key))
         })
         .await
@@ -230,12 +453,62 @@ impl ObjectStore for FileStore {
         blocking(move || this.list_sync(&p).map_err(this.io_err("list", &p))).await
     }
 
+    async fn get_versioned(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let path = self.path_of("get", key)?;
+        match tokio::fs::read(&path).await {
+            Ok(data) => Ok(Some(Versioned {
+                version: version_of(&data),
+                data: Bytes::from(data),
+            })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io_err("get", key)(e)),
+        }
+    }
+
+    async fn put_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        precondition: Precondition,
+    ) -> Result<Conditional, StoreError> {
+        let path = self.path_of("put", key)?;
+        let this = self.clone();
+        let key = key.to_owned();
+        blocking(move || {
+            this.put_if_sync(&key, &path, &data, &precondition)
+                .map_err(this.io_err("put", &key))
+        })
+        .await
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
+        let this = self.clone();
+        let p = prefix.to_owned();
+        let after = start_after.map(str::to_owned);
+        blocking(move || {
+            this.list_page_sync(&p, after.as_deref(), limit)
+                .map_err(this.io_err("list", &p))
+        })
+        .await
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path_of("delete", key)?;
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(self.io_err("delete", key)(e)),
-        }
+        let this = self.clone();
+        let key = key.to_owned();
+        blocking(move || {
+            let _lock = this.lock(&key).map_err(this.io_err("delete", &key))?;
+            match fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(this.io_err("delete", &key)(e)),
+            }
+        })
+        .await
     }
 }

@@ -11,6 +11,14 @@
 //! page fault may not: those go through [`ObjectStore::get_within`] with a
 //! [`Deadline`], short per attempt and bounded in all, after which the
 //! caller gets an error naming the store, its endpoint and the key.
+//!
+//! Mutable records (the catalog) use the conditional half of the seam: a
+//! read that returns the object's [`Version`], a put with a
+//! [`Precondition`] (absent, or still at a version) that either writes or
+//! reports that the precondition failed, atomically between every writer
+//! the backend serves (S3: `If-None-Match: *` and `If-Match` on the ETag;
+//! `file://`: a lock per key shard, between the processes of one host),
+//! and a listing by pages after a start key.
 
 mod file;
 mod resilient;
@@ -106,6 +114,65 @@ pub enum PutOutcome {
     AlreadyExisted,
 }
 
+/// An object's version as its store names it: S3's ETag, a digest of the
+/// bytes on `file://`. Opaque: only compared, and handed back to
+/// [`ObjectStore::put_if`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Version(pub String);
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An object's bytes with the version they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub data: Bytes,
+    pub version: Version,
+}
+
+/// What a conditional put requires of the key it writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// No object has the key (a name is taken).
+    Absent,
+    /// The object is still at this version (compare-and-swap).
+    Matches(Version),
+}
+
+/// What a conditional put did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conditional {
+    /// Written; the object is now at this version.
+    Written(Version),
+    /// Not written: the precondition did not hold (the key exists, is
+    /// missing, or is at another version).
+    PreconditionFailed,
+}
+
+/// One page of a listing: keys in order, and whether more follow the last.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    pub keys: Vec<String>,
+    pub truncated: bool,
+}
+
+impl ListPage {
+    /// Where the next page starts (after this key), if there is one.
+    pub fn next_start_after(&self) -> Option<&str> {
+        if self.truncated {
+            self.keys.last().map(String::as_str)
+        } else {
+            None
+        }
+    }
+}
+
+/// The most keys one page may ask for (S3's own cap on a LIST).
+pub const MAX_PAGE: usize = 1000;
+
 /// How long a read someone is waiting on may take: each attempt, and all
 /// attempts with the backoff between them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +256,31 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Every key that starts with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+
+    /// The object's bytes and version, or `None` if it does not exist.
+    async fn get_versioned(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
+
+    /// Writes `data` only if `precondition` holds, atomically against every
+    /// other conditional write of the key. After a transient failure the
+    /// write may or may not have happened: a caller that retries and then
+    /// sees [`Conditional::PreconditionFailed`] reads the key back to tell.
+    async fn put_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        precondition: Precondition,
+    ) -> Result<Conditional, StoreError>;
+
+    /// Up to `limit` (at most [`MAX_PAGE`]) keys that start with `prefix`
+    /// and sort after `start_after`, in order: one request on S3; on
+    /// `file://` a walk of the directories the page's keys are in (see
+    /// [`FileStore`] for which prefixes that holds under).
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError>;
 
     /// Deletes the object; deleting a missing object succeeds.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;

@@ -17,7 +17,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use super::{bounded, Deadline, ObjectStore, PutMode, PutOutcome, StoreError};
+use super::{
+    bounded, Conditional, Deadline, ListPage, ObjectStore, Precondition, PutMode, PutOutcome,
+    StoreError, Versioned,
+};
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -298,6 +301,35 @@ impl ObjectStore for Resilient {
             .await
     }
 
+    async fn get_versioned(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        self.run("get", key, None, || self.inner.get_versioned(key))
+            .await
+    }
+
+    async fn put_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        precondition: Precondition,
+    ) -> Result<Conditional, StoreError> {
+        self.run("put", key, None, || {
+            self.inner.put_if(key, data.clone(), precondition.clone())
+        })
+        .await
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
+        self.run("list", prefix, None, || {
+            self.inner.list_page(prefix, start_after, limit)
+        })
+        .await
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.run("delete", key, None, || self.inner.delete(key))
             .await
@@ -381,6 +413,25 @@ mod tests {
             unimplemented!()
         }
         async fn list(&self, _: &str) -> Result<Vec<String>, StoreError> {
+            unimplemented!()
+        }
+        async fn get_versioned(&self, _: &str) -> Result<Option<Versioned>, StoreError> {
+            unimplemented!()
+        }
+        async fn put_if(
+            &self,
+            _: &str,
+            _: Bytes,
+            _: Precondition,
+        ) -> Result<Conditional, StoreError> {
+            unimplemented!()
+        }
+        async fn list_page(
+            &self,
+            _: &str,
+            _: Option<&str>,
+            _: usize,
+        ) -> Result<ListPage, StoreError> {
             unimplemented!()
         }
         async fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -22,7 +22,10 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
-use super::{check_key, ObjectStore, PutMode, PutOutcome, S3Options, StoreError};
+use super::{
+    check_key, Conditional, ListPage, ObjectStore, Precondition, PutMode, PutOutcome, S3Options,
+    StoreError, Version, Versioned, MAX_PAGE,
+};
 use crate::error::ErrorKind;
 
 const DEFAULT_PART_SIZE: usize = 16 << 20;
@@ -185,6 +188,37 @@ impl S3Store {
         e
     }
 
+    /// A GET's whole body; cut short, a transient error.
+    async fn body(&self, key: &str, body: ByteStream) -> Result<Bytes, StoreError> {
+        Ok(body
+            .collect()
+            .await
+            .map_err(|e| {
+                StoreError::new(
+                    "get",
+                    &self.uri,
+                    key,
+                    ErrorKind::Transient,
+                    format!("body cut short: {e}"),
+                )
+                .with_source(e)
+            })?
+            .into_bytes())
+    }
+
+    fn etag(&self, op: &'static str, key: &str, etag: Option<&str>) -> Result<Version, StoreError> {
+        match etag {
+            Some(t) if !t.is_empty() => Ok(Version(t.to_owned())),
+            _ => Err(StoreError::new(
+                op,
+                &self.uri,
+                key,
+                ErrorKind::Unsupported,
+                "the server sent no ETag: conditional writes need an S3 server that returns one",
+            )),
+        }
+    }
+
     async fn put_multipart(
         &self,
         key: &str,
@@ -308,21 +342,7 @@ impl ObjectStore for S3Store {
             req = req.range(format!("bytes={}-{}", r.start, r.end - 1));
         }
         let out = req.send().await.map_err(|e| self.classify("get", key, e))?;
-        let bytes = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| {
-                StoreError::new(
-                    "get",
-                    &self.uri,
-                    key,
-                    ErrorKind::Transient,
-                    format!("body cut short: {e}"),
-                )
-                .with_source(e)
-            })?
-            .into_bytes();
+        let bytes = self.body(key, out.body).await?;
         if let Some(r) = range {
             if bytes.len() as u64 != r.end - r.start {
                 return Err(StoreError::new(
@@ -438,6 +458,88 @@ impl ObjectStore for S3Store {
         }
         keys.sort();
         Ok(keys)
+    }
+
+    async fn get_versioned(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let full = self.full_key("get", key)?;
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(self.classify("get", key, e)),
+        };
+        let version = self.etag("get", key, out.e_tag())?;
+        let data = self.body(key, out.body).await?;
+        Ok(Some(Versioned { data, version }))
+    }
+
+    async fn put_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        precondition: Precondition,
+    ) -> Result<Conditional, StoreError> {
+        let full = self.full_key("put", key)?;
+        let req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .body(ByteStream::from(data));
+        let req = match &precondition {
+            Precondition::Absent => req.if_none_match("*"),
+            Precondition::Matches(v) => req.if_match(&v.0),
+        };
+        match req.send().await {
+            Ok(out) => Ok(Conditional::Written(self.etag("put", key, out.e_tag())?)),
+            // 412: the key exists, or is at another version. 404: If-Match
+            // on a key that is gone.
+            Err(e)
+                if matches!(
+                    e.raw_response().map(|r| r.status().as_u16()),
+                    Some(412 | 404)
+                ) =>
+            {
+                Ok(Conditional::PreconditionFailed)
+            }
+            Err(e) => Err(self.classify("put", key, e)),
+        }
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(format!("{}{prefix}", self.prefix))
+            .set_start_after(start_after.map(|a| format!("{}{a}", self.prefix)))
+            .max_keys(limit.clamp(1, MAX_PAGE) as i32)
+            .send()
+            .await
+            .map_err(|e| self.classify("list", prefix, e))?;
+        Ok(ListPage {
+            keys: out
+                .contents()
+                .iter()
+                .filter_map(|o| o.key())
+                .filter_map(|k| k.strip_prefix(&self.prefix))
+                .map(str::to_owned)
+                .collect(),
+            truncated: out.is_truncated() == Some(true),
+        })
     }
 
     async fn prepare(&self) -> Result<(), StoreError> {

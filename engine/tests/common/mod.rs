@@ -4,6 +4,7 @@
 
 pub mod conformance;
 pub mod fault_proxy;
+pub mod wrappers;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -181,4 +182,35 @@ pub fn test_image(chunks: usize, chunk_size: usize, seed: u64) -> Vec<u8> {
         }
     }
     out
+}
+
+/// moto's S3 server, as `tools/dev/moto-server.sh` started it: conditional
+/// writes atomic under concurrency. It checks no credentials.
+pub fn moto_endpoint() -> String {
+    std::env::var("CAIRN_TEST_MOTO_ENDPOINT")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| {
+            panic!(
+                "this test needs moto's S3 server: set CAIRN_TEST_MOTO_ENDPOINT \
+                 (eval \"$(tools/dev/moto-server.sh start)\"; tools/dev/test.sh does)"
+            )
+        })
+}
+
+/// A fresh bucket on moto, behind the retry policy.
+pub async fn fresh_moto_store(tag: &str) -> (Arc<dyn ObjectStore>, S3Options) {
+    let opts = moto_options(&unique(&format!("t-{tag}")));
+    let s3 = S3Store::connect(&opts).await;
+    s3.ensure_bucket()
+        .await
+        .expect("create a test bucket on moto");
+    (
+        Arc::new(Resilient::new(Arc::new(s3), fast_retries(), 8)),
+        opts,
+    )
+}
+
+pub fn moto_options(bucket: &str) -> S3Options {
+    s3_options(&moto_endpoint(), bucket, "moto", "moto")
 }

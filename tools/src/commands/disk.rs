@@ -20,6 +20,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use super::image::{load, name_and_report};
 use crate::context::Context;
 use crate::output::{bytes_bar, emit};
+use cairn_engine::catalog::Made;
 
 #[derive(Serialize)]
 struct Ready<'a> {
@@ -158,7 +159,7 @@ pub fn snapshot(ctx: &Context, overlay_dir: &Path, name: &str) -> Result<ExitCod
             overlay_dir.display()
         )
     })?;
-    let (_, base) = load(ctx, &overlay.meta().base)?;
+    let (base_id, base) = load(ctx, &overlay.meta().base)?;
     let store = ctx.chunk_store()?;
     let opts = ImportOptions::new(ctx.staging_dir());
     let bar = bytes_bar(base.logical_size, ctx.json, "snapshotting");
@@ -168,6 +169,16 @@ pub fn snapshot(ctx: &Context, overlay_dir: &Path, name: &str) -> Result<ExitCod
     })
     .with_context(|| format!("snapshotting overlay {}", overlay_dir.display()))?;
     bar.finish_and_clear();
-    name_and_report(ctx, &store, name, report, started, "snapshot")?;
+    let made = Made::new("disk-snapshot", Some(overlay_dir.display().to_string()));
+    name_and_report(
+        ctx,
+        &store,
+        name,
+        report,
+        started,
+        "snapshot",
+        made,
+        Some(base_id),
+    )?;
     Ok(ExitCode::SUCCESS)
 }

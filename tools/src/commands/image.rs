@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
-use cairn_engine::catalog;
+use cairn_engine::catalog::{self, image::NewImage, ImageRecord, Made};
 use cairn_engine::export::export_raw;
 use cairn_engine::import::{import_raw as engine_import, ImportOptions};
 use cairn_engine::manifest::{Manifest, ManifestKind};
@@ -25,7 +25,8 @@ struct Imported {
     throughput_mib_s: f64,
 }
 
-/// Points `name` at the new image and prints what `verb` did.
+/// Names the new image in the project and prints what `verb` did.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn name_and_report(
     ctx: &Context,
     store: &cairn_engine::chunkstore::ChunkStore,
@@ -33,10 +34,20 @@ pub(crate) fn name_and_report(
     report: cairn_engine::import::ImportReport,
     started: Instant,
     verb: &str,
+    made: Made,
+    parent: Option<ManifestId>,
 ) -> Result<()> {
     let id: ManifestId = report.id.parse()?;
+    let new = NewImage {
+        project: ctx.project.clone(),
+        name: name.to_owned(),
+        id,
+        public: false,
+        parent,
+        made,
+    };
     ctx.rt
-        .block_on(catalog::set_image(store.remote().as_ref(), name, &id))?;
+        .block_on(catalog::image::create(store.remote().as_ref(), new))?;
     let seconds = started.elapsed().as_secs_f64();
     let out = Imported {
         name: name.to_owned(),
@@ -91,13 +102,16 @@ pub fn import_raw(
     let (_, report) = engine_import(&store, file, &opts, &|done| bar.set_position(done))
         .with_context(|| format!("importing {} into {}", file.display(), store.remote().uri()))?;
     bar.finish_and_clear();
-    name_and_report(ctx, &store, name, report, started, "imported")?;
+    let made = Made::new("import-raw", Some(file.display().to_string()));
+    name_and_report(ctx, &store, name, report, started, "imported", made, None)?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) fn load(ctx: &Context, image: &str) -> Result<(ManifestId, Manifest)> {
     let remote = ctx.remote.as_ref();
-    let id = ctx.rt.block_on(catalog::resolve(remote, image))?;
+    let id = ctx
+        .rt
+        .block_on(catalog::resolve(remote, &ctx.project, image))?;
     let manifest = ctx.rt.block_on(catalog::load_manifest(remote, &id))?;
     Ok((id, manifest))
 }
@@ -138,40 +152,53 @@ pub fn export(ctx: &Context, image: &str, file: &Path) -> Result<ExitCode> {
 #[derive(Serialize)]
 struct Listed {
     name: String,
-    id: Option<String>,
-    logical_bytes: Option<u64>,
+    #[serde(flatten)]
+    record: Option<ImageRecord>,
     error: Option<String>,
 }
 
 pub fn ls(ctx: &Context) -> Result<ExitCode> {
     let remote = ctx.remote.as_ref();
-    let mut rows = Vec::new();
-    for (name, id) in ctx.rt.block_on(catalog::list_images(remote))? {
-        let loaded =
-            id.and_then(|id| Ok((id, ctx.rt.block_on(catalog::load_manifest(remote, &id))?)));
-        rows.push(match loaded {
-            Ok((id, m)) => Listed {
+    let rows: Vec<Listed> = ctx
+        .rt
+        .block_on(catalog::image::list(remote, &ctx.project))?
+        .into_iter()
+        .map(|(name, r)| match r {
+            Ok(record) => Listed {
                 name,
-                id: Some(id.to_hex()),
-                logical_bytes: Some(m.logical_size),
+                record: Some(record),
                 error: None,
             },
             Err(e) => Listed {
                 name,
-                id: None,
-                logical_bytes: None,
+                record: None,
                 error: Some(e.to_string()),
             },
-        });
-    }
+        })
+        .collect();
     emit(ctx.json, &rows, || {
-        let mut s = format!("{:<32} {:<14} {:>12}\n", "NAME", "ID", "SIZE");
+        let mut s = format!(
+            "{:<28} {:<14} {:>10} {:>10} {:<14} {:<14} {:<10}\n",
+            "NAME", "ID", "SIZE", "UNIQUE", "PARENT", "MADE BY", "PROJECT"
+        );
         for r in &rows {
-            let id = r.id.as_deref().map_or("?", |i| &i[..12]);
-            let size = r
-                .logical_bytes
-                .map_or_else(|| r.error.clone().unwrap_or_default(), human);
-            s += &format!("{:<32} {:<14} {:>12}\n", r.name, id, size);
+            s += &match (&r.record, &r.error) {
+                (Some(i), _) => format!(
+                    "{:<28} {:<14} {:>10} {:>10} {:<14} {:<14} {:<10}\n",
+                    r.name,
+                    i.id.short(),
+                    human(i.size),
+                    human(i.unique_bytes),
+                    i.parent.map_or("-".to_owned(), |p| p.short()),
+                    i.made.how,
+                    if i.public {
+                        format!("{} (public)", i.project)
+                    } else {
+                        i.project.clone()
+                    },
+                ),
+                (None, e) => format!("{:<28} {}\n", r.name, e.as_deref().unwrap_or("?")),
+            };
         }
         s
     })?;
@@ -181,6 +208,8 @@ pub fn ls(ctx: &Context) -> Result<ExitCode> {
 #[derive(Serialize)]
 struct Described {
     id: String,
+    /// The name's record, when described by name.
+    record: Option<ImageRecord>,
     kind: &'static str,
     logical_bytes: u64,
     chunk_size: u32,
@@ -192,7 +221,18 @@ struct Described {
 }
 
 pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
-    let (id, m) = load(ctx, image)?;
+    let remote = ctx.remote.as_ref();
+    let resolved = ctx
+        .rt
+        .block_on(catalog::image::resolve(remote, &ctx.project, image))?;
+    let id = resolved.id;
+    let record = match resolved.record {
+        Some(r) => Some(r),
+        None => ctx
+            .rt
+            .block_on(catalog::image::named(remote, &ctx.project, &id))?,
+    };
+    let m = ctx.rt.block_on(catalog::load_manifest(remote, &id))?;
     let store = ctx.chunk_store()?;
     let distinct = m.distinct_chunks();
     let (stored, missing) = store.with_pack_map(|map| {
@@ -205,6 +245,7 @@ pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
     });
     let out = Described {
         id: id.to_hex(),
+        record,
         kind: match m.kind {
             ManifestKind::Disk => "disk",
             ManifestKind::Memory => "memory",
@@ -218,9 +259,26 @@ pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
         missing_chunks: missing,
     };
     emit(ctx.json, &out, || {
-        format!(
-            "image {image}\n  id              {}\n  kind            {}\n  logical size    {} ({} bytes)\n  chunk size      {}\n  chunks          {} ({} zero, {} distinct)\n  stored bytes    {}\n  missing chunks  {}\n",
-            out.id,
+        let mut s = format!("image {image}\n  id              {}\n", out.id);
+        if let Some(r) = &out.record {
+            s += &format!(
+                "  name            {}\n  project         {}{}\n  unique bytes    {} ({} bytes)\n  parent          {}\n  made by         {}{}\n  created         {}\n",
+                r.name,
+                r.project,
+                if r.public { " (public)" } else { "" },
+                human(r.unique_bytes),
+                r.unique_bytes,
+                r.parent.map_or("-".to_owned(), |p| p.to_hex()),
+                r.made.how,
+                r.made.from.as_deref().map(|f| format!(" from {f}")).unwrap_or_default(),
+                if r.created.is_empty() { "-" } else { &r.created },
+            );
+            if let Some(d) = &r.made.dockerfile {
+                s += &format!("  dockerfile      {} lines\n", d.lines().count());
+            }
+        }
+        s += &format!(
+            "  kind            {}\n  logical size    {} ({} bytes)\n  chunk size      {}\n  chunks          {} ({} zero, {} distinct)\n  stored bytes    {}\n  missing chunks  {}\n",
             out.kind,
             human(out.logical_bytes),
             out.logical_bytes,
@@ -230,6 +288,73 @@ pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
             out.distinct_chunks,
             human(out.stored_bytes),
             out.missing_chunks
+        );
+        s
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rm(ctx: &Context, name: &str) -> Result<ExitCode> {
+    let removed = ctx.rt.block_on(catalog::image::remove(
+        ctx.remote.as_ref(),
+        &ctx.project,
+        name,
+        &ctx.host,
+    ))?;
+    emit(ctx.json, &removed, || {
+        format!(
+            "removed image name {name} from project {} (image {}; its data goes at the next garbage collection)\n",
+            removed.project,
+            removed.id.short()
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The most of a Dockerfile kept with an image's record.
+const MAX_DOCKERFILE: u64 = 16 << 10;
+
+pub fn register(
+    ctx: &Context,
+    uri: &str,
+    name: &str,
+    public: bool,
+    dockerfile: Option<&Path>,
+) -> Result<ExitCode> {
+    let dockerfile = match dockerfile {
+        Some(p) => {
+            let len = std::fs::metadata(p)
+                .with_context(|| format!("cannot read --dockerfile {}", p.display()))?
+                .len();
+            if len > MAX_DOCKERFILE {
+                anyhow::bail!(
+                    "--dockerfile {} is {len} bytes; at most {MAX_DOCKERFILE} are kept with an image",
+                    p.display()
+                );
+            }
+            Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("--dockerfile {} is not UTF-8 text", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    let rec = ctx.rt.block_on(catalog::snapshot::register(
+        ctx.remote.as_ref(),
+        &ctx.project,
+        uri,
+        name,
+        public,
+        dockerfile,
+    ))?;
+    emit(ctx.json, &rec, || {
+        format!(
+            "registered {uri} as image {name} in project {}{} (image {}, {}, {} unique)\n",
+            rec.project,
+            if rec.public { ", public" } else { "" },
+            rec.id.short(),
+            human(rec.size),
+            human(rec.unique_bytes)
         )
     })?;
     Ok(ExitCode::SUCCESS)

@@ -19,6 +19,7 @@ use super::image::{load, name_and_report};
 use crate::context::Context;
 use crate::output::{bytes_bar, emit};
 use crate::size::{human, parse_size};
+use cairn_engine::catalog::Made;
 
 fn size_arg(text: &str, what: &str) -> Result<u64> {
     parse_size(text)
@@ -78,6 +79,8 @@ pub fn import(
         report,
         started,
         "imported memory snapshot",
+        Made::new("mem-import", Some(file.display().to_string())),
+        layout.parent,
     )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -5,13 +5,14 @@ mod disk;
 mod image;
 mod mem;
 mod sandbox;
+mod snapshot;
 mod verify;
 
 use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::cli::{Cli, Command, DiskCommand, ImageCommand, MemCommand};
+use crate::cli::{Cli, Command, DiskCommand, ImageCommand, MemCommand, SnapshotCommand};
 use crate::context::Context;
 use crate::daemon;
 
@@ -36,6 +37,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Image(ImageCommand::Export { image, file }) => image::export(&ctx, &image, &file),
         Command::Image(ImageCommand::Ls) => image::ls(&ctx),
         Command::Image(ImageCommand::Describe { image }) => image::describe(&ctx, &image),
+        Command::Image(ImageCommand::Rm { name }) => image::rm(&ctx, &name),
+        Command::Image(ImageCommand::Register {
+            snapshot_uri,
+            name,
+            public,
+            dockerfile,
+        }) => image::register(&ctx, &snapshot_uri, &name, public, dockerfile.as_deref()),
+        Command::Snapshot(SnapshotCommand::Ls { limit, after }) => {
+            snapshot::ls(&ctx, limit, after.as_deref())
+        }
+        Command::Snapshot(SnapshotCommand::Describe { id }) => snapshot::describe(&ctx, &id),
+        Command::Snapshot(SnapshotCommand::Rm { id, force }) => snapshot::rm(&ctx, &id, force),
         Command::Disk(DiskCommand::Serve {
             image,
             socket,

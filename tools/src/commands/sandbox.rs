@@ -22,11 +22,10 @@ pub fn run(g: &Global, cmd: &SandboxCommand) -> Result<ExitCode> {
             name,
             image,
             queues,
-            project,
         } => client.call(
             Method::POST,
             "/v1/sandboxes",
-            Some(&json!({ "name": name, "image": image, "queues": queues, "project": project })),
+            Some(&json!({ "name": name, "image": image, "queues": queues, "project": g.project })),
         )?,
         SandboxCommand::Clone { sandbox, name } => client.call(
             Method::POST,

@@ -44,6 +44,7 @@ impl ApiError {
             return match e.kind() {
                 ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),
                 ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, "invalid_input"),
+                ErrorKind::Conflict => (StatusCode::CONFLICT, "conflict"),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             };
         }

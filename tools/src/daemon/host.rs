@@ -216,11 +216,13 @@ impl Host {
                 req.queues
             )));
         }
+        catalog::check_project(&req.project)?;
         let remote = self.store.remote().clone();
-        let image = self
-            .store
-            .runtime()
-            .block_on(catalog::resolve(remote.as_ref(), &req.image))?;
+        let image = self.store.runtime().block_on(catalog::resolve(
+            remote.as_ref(),
+            &req.project,
+            &req.image,
+        ))?;
         let manifest = self.load_manifest(&image)?;
         let mut inner = self.lock();
         Self::check_name(&inner, &req.name)?;
