@@ -83,6 +83,27 @@ pub enum ImageCommand {
         #[arg(long, default_value_t = cairn_engine::import::DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
     },
+    /// Import an OCI image as a bootable image: an ext4 root disk with the
+    /// image's config beside it. REF is docker://HOST[:PORT]/REPO[:TAG|@DIGEST],
+    /// oci:DIR[:TAG] or docker-archive:FILE[:REPO:TAG].
+    Import {
+        reference: String,
+        /// Name to give the image (default: the repository's last element).
+        #[arg(long)]
+        name: Option<String>,
+        /// The platform to pick from a multi-platform image (default: this machine's).
+        #[arg(long)]
+        platform: Option<String>,
+        /// The root disk's size, e.g. 4G (default: the content plus headroom).
+        #[arg(long)]
+        disk_size: Option<String>,
+        /// Talk plain HTTP to the registry.
+        #[arg(long)]
+        insecure: bool,
+        /// Chunk size, a power of two from 4K to 16M.
+        #[arg(long, default_value = DEFAULT_CHUNK_SIZE_ARG)]
+        chunk_size: String,
+    },
     /// Write an image back to a raw file, byte for byte.
     Export {
         /// Image name or manifest id.

@@ -389,6 +389,17 @@ fn apply_entries<R: Read>(
             }));
         }
         let path = entry.path_bytes().into_owned();
+        // Refused before a byte of it is read.
+        if state.total.get().saturating_add(entry.size()) > limits.max_bytes {
+            return Err(Reason::Limit(OciError::Limit {
+                what: format!("entry `{}` of layer {layer}", show(&path)),
+                limit: limits.max_bytes,
+                detail: format!(
+                    "its header says {} bytes: a decompression bomb, or an image too big for this limit",
+                    entry.size()
+                ),
+            }));
+        }
         apply_entry(tree, spool, &mut entry, &path, layer, limits)
             .map_err(|why| Reason::Entry(show(&path), why))?;
         // Whatever the entry held and was not read is part of the stream.
