@@ -20,7 +20,9 @@ fi
 # The overlay's crash tests mount a FUSE fault injector: fail if they cannot.
 export CAIRN_REQUIRE_FUSE=1
 eval "$(tools/dev/s3-server.sh start)"
-trap 'tools/dev/s3-server.sh stop' EXIT
+# The OCI registries (open and htpasswd) the image import tests pull from.
+eval "$(tools/dev/registry-server.sh start)"
+trap 'tools/dev/s3-server.sh stop; tools/dev/registry-server.sh stop' EXIT
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo test --release --workspace
