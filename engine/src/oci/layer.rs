@@ -283,6 +283,19 @@ pub fn apply(
     let (diff_id, bytes) = match result {
         Ok(v) => v,
         Err(reason) => {
+            // A blob that fails to parse may simply be damaged: say so
+            // when its digest shows it (the rest of it is bounded by its size).
+            if let (Some(want), None) = (&input.digest, state.tripped.get()) {
+                if let Ok((got, _)) = blob.into_inner().finish() {
+                    if got != *want {
+                        return Err(OciError::Digest {
+                            what: format!("layer blob {}", input.name),
+                            expected: want.to_string(),
+                            actual: got.to_string(),
+                        });
+                    }
+                }
+            }
             return Err(match state.tripped.get() {
                 Some("bytes") => OciError::Limit {
                     what: format!("layer {} uncompressed (with the layers below)", input.name),
@@ -306,7 +319,7 @@ pub fn apply(
                     Reason::Other(why) => layer_err(why),
                     Reason::Limit(e) => e,
                 },
-            })
+            });
         }
     };
     let (digest, compressed) = blob.into_inner().finish().map_err(|e| {

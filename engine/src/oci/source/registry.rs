@@ -39,6 +39,7 @@ pub struct Registry {
     reference: Reference,
     auth: RegistryAuth,
     config_path: String,
+    insecure: bool,
     rt: Handle,
 }
 
@@ -102,6 +103,7 @@ impl Registry {
                 || "no Docker config (HOME is unset)".into(),
                 |p| p.display().to_string(),
             ),
+            insecure: opts.insecure,
             rt: opts.runtime.clone(),
         })
     }
@@ -141,10 +143,13 @@ impl Registry {
                 "registry {registry}: no manifest for {}: {m}",
                 self.reference
             )),
-            e => OciError::Registry {
-                registry,
-                reason: format!("{e}"),
-            },
+            e => {
+                let mut reason = crate::error::DisplayChain(&e).to_string();
+                if matches!(e, E::RequestError(_)) && !self.insecure {
+                    reason += " (over HTTPS; if the registry speaks plain HTTP, pass --insecure)";
+                }
+                OciError::Registry { registry, reason }
+            }
         }
     }
 
