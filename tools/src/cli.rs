@@ -104,6 +104,27 @@ pub enum ImageCommand {
         #[arg(long, default_value = DEFAULT_CHUNK_SIZE_ARG)]
         chunk_size: String,
     },
+    /// Build an image from a Dockerfile (RUN steps in a bubblewrap sandbox,
+    /// every step cached). The context is the Dockerfile's folder.
+    Build {
+        /// The build context (default: the Dockerfile's folder, else `.`).
+        dir: Option<PathBuf>,
+        /// The Dockerfile (default: DIR/Dockerfile).
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        /// Name to give the image (default: the context folder's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// A build argument, K=V (repeatable).
+        #[arg(long = "build-arg")]
+        build_args: Vec<String>,
+        /// The platform of the base images.
+        #[arg(long)]
+        platform: Option<String>,
+        /// Talk plain HTTP to registries FROM names.
+        #[arg(long)]
+        insecure: bool,
+    },
     /// Write an image back to a raw file, byte for byte.
     Export {
         /// Image name or manifest id.

@@ -119,6 +119,16 @@ impl Spool {
         }
     }
 
+    /// Appends to a spool that already holds bytes.
+    pub fn resume(mut file: std::fs::File) -> io::Result<Spool> {
+        use std::io::Seek;
+        let len = file.seek(io::SeekFrom::End(0))?;
+        Ok(Spool {
+            out: io::BufWriter::with_capacity(1 << 20, file),
+            len,
+        })
+    }
+
     fn append(&mut self, r: &mut impl Read) -> io::Result<(u64, u64)> {
         let at = self.len;
         let n = io::copy(r, &mut self.out)?;

@@ -13,6 +13,7 @@
 //!
 //! Must not know: the CLI, progress bars, image names.
 
+pub mod build;
 pub mod digest;
 pub mod error;
 pub mod ext4;

@@ -103,6 +103,15 @@ impl Node {
     }
 }
 
+enum Walk {
+    Found(NodeId),
+    Missing {
+        dir: NodeId,
+        name: Vec<u8>,
+        rest: Vec<Vec<u8>>,
+    },
+}
+
 /// The tree: `nodes[0]` is the root directory.
 #[derive(Debug)]
 pub struct Tree {
@@ -245,17 +254,14 @@ impl Tree {
         }
     }
 
-    /// Resolves `comps` (already split, without `.` or `..`) to a
-    /// directory, following symbolic links within the tree and creating
-    /// missing directories (with `meta`) when `create` is set.
-    pub fn resolve_dir(
-        &mut self,
-        comps: &[&[u8]],
-        create: Option<(&Meta, u16)>,
-    ) -> Result<NodeId, String> {
-        let mut todo: Vec<Vec<u8>> = comps.iter().rev().map(|c| c.to_vec()).collect();
-        let mut cur = ROOT;
-        let mut links = 0u32;
+    /// Walks `todo` (components, last first) from `cur`, following
+    /// symbolic links within the tree; stops at the first missing one.
+    fn walk(
+        &self,
+        mut cur: NodeId,
+        mut todo: Vec<Vec<u8>>,
+        links: &mut u32,
+    ) -> Result<Walk, String> {
         while let Some(comp) = todo.pop() {
             match comp.as_slice() {
                 b"" | b"." => continue,
@@ -265,27 +271,18 @@ impl Tree {
                 }
                 _ => {}
             }
-            let next = match self.lookup(cur, &comp) {
-                Some(e) => e.node,
-                None => match create {
-                    Some((meta, layer)) => {
-                        let d = self.add(Kind::Dir(Dir::default()), meta.clone(), layer);
-                        self.link(cur, &comp, d, layer);
-                        d
-                    }
-                    None => {
-                        return Err(format!(
-                            "`{}` does not exist",
-                            String::from_utf8_lossy(&comp)
-                        ))
-                    }
-                },
+            let Some(next) = self.lookup(cur, &comp).map(|e| e.node) else {
+                return Ok(Walk::Missing {
+                    dir: cur,
+                    name: comp,
+                    rest: todo,
+                });
             };
             match &self.node(next).kind {
                 Kind::Dir(_) => cur = next,
                 Kind::Symlink(target) => {
-                    links += 1;
-                    if links > MAX_SYMLINKS {
+                    *links += 1;
+                    if *links > MAX_SYMLINKS {
                         return Err(format!(
                             "more than {MAX_SYMLINKS} symbolic links while resolving it"
                         ));
@@ -303,7 +300,47 @@ impl Tree {
                 }
             }
         }
-        Ok(cur)
+        Ok(Walk::Found(cur))
+    }
+
+    /// The directory `comps` names (split, without `..`), following
+    /// symbolic links within the tree.
+    pub fn find_dir(&self, comps: &[&[u8]]) -> Result<NodeId, String> {
+        let todo = comps.iter().rev().map(|c| c.to_vec()).collect();
+        match self.walk(ROOT, todo, &mut 0)? {
+            Walk::Found(id) => Ok(id),
+            Walk::Missing { name, .. } => Err(format!(
+                "`{}` does not exist",
+                String::from_utf8_lossy(&name)
+            )),
+        }
+    }
+
+    /// Like [`Tree::find_dir`], creating missing directories (with `meta`,
+    /// in layer `layer`) when `create` is set.
+    pub fn resolve_dir(
+        &mut self,
+        comps: &[&[u8]],
+        create: Option<(&Meta, u16)>,
+    ) -> Result<NodeId, String> {
+        let Some((meta, layer)) = create else {
+            return self.find_dir(comps);
+        };
+        let mut links = 0;
+        let mut at = (
+            ROOT,
+            comps.iter().rev().map(|c| c.to_vec()).collect::<Vec<_>>(),
+        );
+        loop {
+            match self.walk(at.0, at.1, &mut links)? {
+                Walk::Found(id) => return Ok(id),
+                Walk::Missing { dir, name, rest } => {
+                    let d = self.add(Kind::Dir(Dir::default()), meta.clone(), layer);
+                    self.link(dir, &name, d, layer);
+                    at = (d, rest);
+                }
+            }
+        }
     }
 
     /// Records where the layer that just ended left the directories it
@@ -316,8 +353,7 @@ impl Tree {
         }
     }
 
-    /// The path of a live node found by walking from the root (for messages
-    /// and tests); `None` if it is not reachable.
+    /// Nodes some directory entry still names (and the root).
     pub fn live_nodes(&self) -> usize {
         self.nodes
             .iter()

@@ -188,6 +188,131 @@ pub fn import(ctx: &Context, reference: &str, args: &ImportArgs) -> Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
+pub struct BuildArgs {
+    pub dir: Option<std::path::PathBuf>,
+    pub file: Option<std::path::PathBuf>,
+    pub name: Option<String>,
+    pub build_args: Vec<String>,
+    pub platform: Option<String>,
+    pub insecure: bool,
+}
+
+#[derive(Serialize)]
+struct BuiltOut<'a> {
+    id: &'a str,
+    name: &'a str,
+    steps: usize,
+    steps_run: usize,
+    cached: bool,
+    new_bytes: u64,
+    notes: &'a [String],
+    seconds: f64,
+}
+
+pub fn build(ctx: &Context, args: &BuildArgs) -> Result<ExitCode> {
+    use std::path::{Path, PathBuf};
+    let (context, dockerfile) = match (&args.dir, &args.file) {
+        (Some(d), Some(f)) => (d.clone(), f.clone()),
+        (Some(d), None) => (d.clone(), d.join("Dockerfile")),
+        (None, Some(f)) => (
+            f.parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+            f.clone(),
+        ),
+        (None, None) => (PathBuf::from("."), PathBuf::from("Dockerfile")),
+    };
+    let context = context
+        .canonicalize()
+        .with_context(|| format!("the build context {}", context.display()))?;
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => context
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    catalog::check_name(&name).with_context(|| {
+        format!(
+            "no image name follows from {}: pass --name",
+            context.display()
+        )
+    })?;
+    let mut build_args = std::collections::BTreeMap::new();
+    for kv in &args.build_args {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--build-arg {kv}: expected K=V"))?;
+        build_args.insert(k.to_owned(), v.to_owned());
+    }
+    let platform = match &args.platform {
+        Some(p) => Platform::parse(p)?,
+        None => Platform::host(),
+    };
+    ctx.rt
+        .block_on(ctx.remote.prepare())
+        .with_context(|| format!("preparing {} for writing", ctx.remote.uri()))?;
+    let store = ctx.chunk_store()?;
+    let staging = ctx.staging_dir();
+    std::fs::create_dir_all(&staging)?;
+    let resolv = staging.join("resolv.conf");
+    let have_resolv = std::fs::copy("/etc/resolv.conf", &resolv).is_ok();
+    let sandbox = cairn_engine::oci::build::sandbox::Bubblewrap {
+        resolv_conf: have_resolv.then_some(resolv),
+    };
+    let req = cairn_engine::oci::build::BuildRequest {
+        dockerfile,
+        context,
+        build_args,
+        cache: ctx.cache_dir.clone(),
+        oci: OciOptions {
+            platform,
+            disk_size: None,
+            insecure: args.insecure,
+            docker_config: None,
+            limits: Limits::default(),
+            import: ImportOptions::new(staging),
+            runtime: ctx.rt.handle().clone(),
+        },
+        sandbox: &sandbox,
+    };
+    let started = Instant::now();
+    let json = ctx.json;
+    let built = cairn_engine::oci::build::build(&store, &req, &|step| {
+        if !json {
+            eprintln!("==> {step}");
+        }
+    })
+    .context("building")?;
+    let id: ManifestId = built.manifest_id.parse()?;
+    ctx.rt
+        .block_on(catalog::set_image(store.remote().as_ref(), &name, &id))?;
+    let out = BuiltOut {
+        id: &built.manifest_id,
+        name: &name,
+        steps: built.steps,
+        steps_run: built.steps_run,
+        cached: built.report.is_none(),
+        new_bytes: built.report.as_ref().map_or(0, |r| r.new_bytes),
+        notes: &built.notes,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    emit(ctx.json, &out, || {
+        let mut s = String::new();
+        for n in out.notes {
+            s += &format!("note: {n}\n");
+        }
+        s + &format!(
+            "built {name}\n  id             {}\n  steps          {} ({} run, the rest from the cache)\n  new bytes      {}\n  took           {:.2} s\n",
+            out.id,
+            out.steps,
+            out.steps_run,
+            human(out.new_bytes),
+            out.seconds
+        )
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `describe`'s lines for an image's OCI config and source.
 pub fn describe_lines(meta: &ImageMeta) -> String {
     let c = &meta.config;
