@@ -6,6 +6,7 @@
 //! fixtures/out/guest) and qemu-system-x86.
 
 mod common;
+mod oci_common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -26,29 +27,13 @@ fn guest_dir() -> PathBuf {
     dir
 }
 
-fn fixtures() -> PathBuf {
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("oci-fixtures");
-    common::run_ok(
-        Command::new("python3")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/build-oci-layouts.py"))
-            .arg(&out),
-    );
-    out
-}
-
 #[test]
 fn an_imported_oci_image_boots_and_runs_its_command() {
     let guest = guest_dir();
-    let layout = fixtures().join("boot");
-    let dir = tempfile::tempdir().unwrap();
-    let store = format!("file://{}", dir.path().join("store").display());
-    let cairn = || {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
-        c.args(["--store", &store, "--cache-dir"])
-            .arg(dir.path().join("cache"))
-            .args(["--cache-size", "256M"]);
-        c
-    };
+    let layout = oci_common::fixtures().join("boot");
+    let env = oci_common::Env::new();
+    let dir = &env.dir;
+    let cairn = || env.command();
     common::run_ok(
         cairn()
             .args(["--json", "image", "import"])

@@ -6,56 +6,19 @@
 //! owners and devices).
 
 mod common;
+mod oci_common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use serde_json::Value;
+use oci_common::{fixtures, Env};
 
-fn fixtures() -> PathBuf {
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("oci-fixtures");
-    common::run_ok(
-        Command::new("python3")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/build-oci-layouts.py"))
-            .arg(&out),
-    );
-    out
+trait BuildEnv {
+    fn context(&self, name: &str, dockerfile: &str, files: &[(&str, &str)]) -> PathBuf;
+    fn cat(&self, image: &str, path: &str) -> String;
 }
 
-struct Env {
-    dir: tempfile::TempDir,
-    store: String,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let store = format!("file://{}", dir.path().join("store").display());
-        Env { dir, store }
-    }
-
-    fn cairn(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_cairn"))
-            .args(["--store", &self.store, "--cache-dir"])
-            .arg(self.dir.path().join("cache"))
-            .args(["--cache-size", "256M"])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok_json(&self, args: &[&str]) -> Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        let out = self.cairn(&all);
-        assert!(
-            out.status.success(),
-            "cairn {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
+impl BuildEnv for Env {
     /// A build context `name` with this Dockerfile and files.
     fn context(&self, name: &str, dockerfile: &str, files: &[(&str, &str)]) -> PathBuf {
         let d = self.dir.path().join(name);

@@ -6,11 +6,12 @@
 //! and a failed import that leaves no name behind.
 
 mod common;
+mod oci_common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 
+use oci_common::{fixtures, stderr, Env};
 use serde_json::Value;
 
 struct Registries {
@@ -32,19 +33,6 @@ fn registries() -> Registries {
         user: get("CAIRN_TEST_REGISTRY_USER"),
         password: get("CAIRN_TEST_REGISTRY_PASSWORD"),
     }
-}
-
-fn fixtures() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("oci-fixtures");
-        common::run_ok(
-            Command::new("python3")
-                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/build-oci-layouts.py"))
-                .arg(&out),
-        );
-        out
-    })
 }
 
 /// Pushes fixture layout `name` to both registries as `fixture/NAME:latest`
@@ -73,68 +61,6 @@ fn pushed(name: &str) -> String {
         done.push(name.to_owned());
     }
     name.to_owned()
-}
-
-struct Env {
-    dir: tempfile::TempDir,
-    store: String,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let store = format!("file://{}", dir.path().join("store").display());
-        std::fs::create_dir_all(dir.path().join("docker")).unwrap();
-        Env { dir, store }
-    }
-
-    fn docker_config(&self) -> PathBuf {
-        self.dir.path().join("docker")
-    }
-
-    fn cairn(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_cairn"))
-            .args(["--store", &self.store, "--cache-dir"])
-            .arg(self.dir.path().join("cache"))
-            .args(["--cache-size", "256M"])
-            .args(args)
-            .env("DOCKER_CONFIG", self.docker_config())
-            .env(
-                "PATH",
-                format!(
-                    "{}:{}",
-                    self.docker_config().display(),
-                    std::env::var("PATH").unwrap()
-                ),
-            )
-            .output()
-            .unwrap()
-    }
-
-    fn ok_json(&self, args: &[&str]) -> Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        let out = self.cairn(&all);
-        assert!(
-            out.status.success(),
-            "cairn {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn names(&self) -> Vec<String> {
-        let v = self.ok_json(&["image", "ls"]);
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["name"].as_str().unwrap().to_owned())
-            .collect()
-    }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]
