@@ -33,5 +33,6 @@ pub mod export;
 pub mod import;
 pub mod layout;
 pub mod locate;
+pub mod oci;
 pub mod snapshot;
 pub mod verify;

@@ -22,7 +22,9 @@ fi
 export CAIRN_REQUIRE_FUSE=1
 eval "$(tools/dev/s3-server.sh start)"
 eval "$(tools/dev/moto-server.sh start)"
-trap 'tools/dev/s3-server.sh stop; tools/dev/moto-server.sh stop' EXIT
+# The OCI registries (open and htpasswd) the image import tests pull from.
+eval "$(tools/dev/registry-server.sh start)"
+trap 'tools/dev/s3-server.sh stop; tools/dev/moto-server.sh stop; tools/dev/registry-server.sh stop' EXIT
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo test --release --workspace

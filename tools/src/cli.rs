@@ -100,6 +100,48 @@ pub enum ImageCommand {
         #[arg(long, default_value_t = cairn_engine::import::DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
     },
+    /// Import an OCI image as a bootable image: an ext4 root disk with the
+    /// image's config beside it. REF is docker://HOST[:PORT]/REPO[:TAG|@DIGEST],
+    /// oci:DIR[:TAG] or docker-archive:FILE[:REPO:TAG].
+    Import {
+        reference: String,
+        /// Name to give the image (default: the repository's last element).
+        #[arg(long)]
+        name: Option<String>,
+        /// The platform to pick from a multi-platform image (default: this machine's).
+        #[arg(long)]
+        platform: Option<String>,
+        /// The root disk's size, e.g. 4G (default: the content plus headroom).
+        #[arg(long)]
+        disk_size: Option<String>,
+        /// Talk plain HTTP to the registry.
+        #[arg(long)]
+        insecure: bool,
+        /// Chunk size, a power of two from 4K to 16M.
+        #[arg(long, default_value = DEFAULT_CHUNK_SIZE_ARG)]
+        chunk_size: String,
+    },
+    /// Build an image from a Dockerfile (RUN steps in a bubblewrap sandbox,
+    /// every step cached). The context is the Dockerfile's folder.
+    Build {
+        /// The build context (default: the Dockerfile's folder, else `.`).
+        dir: Option<PathBuf>,
+        /// The Dockerfile (default: DIR/Dockerfile).
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        /// Name to give the image (default: the context folder's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// A build argument, K=V (repeatable).
+        #[arg(long = "build-arg")]
+        build_args: Vec<String>,
+        /// The platform of the base images.
+        #[arg(long)]
+        platform: Option<String>,
+        /// Talk plain HTTP to registries FROM names.
+        #[arg(long)]
+        insecure: bool,
+    },
     /// Write an image back to a raw file, byte for byte.
     Export {
         /// Image name or manifest id.

@@ -218,6 +218,9 @@ struct Described {
     distinct_chunks: usize,
     stored_bytes: u64,
     missing_chunks: usize,
+    /// An OCI image's config and source (`cairn image import`, `build`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image: Option<cairn_engine::oci::image::ImageMeta>,
 }
 
 pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
@@ -243,7 +246,12 @@ pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
                 None => (s, miss + 1),
             })
     });
+    let oci = match cairn_engine::oci::image::ImageMeta::decode(&m.meta) {
+        Some(meta) if m.kind == ManifestKind::Disk => Some(meta.map_err(anyhow::Error::msg)?),
+        _ => None,
+    };
     let out = Described {
+        image: oci,
         id: id.to_hex(),
         record,
         kind: match m.kind {
@@ -289,7 +297,11 @@ pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
             human(out.stored_bytes),
             out.missing_chunks
         );
-        s
+        s + &out
+            .image
+            .as_ref()
+            .map(super::oci::describe_lines)
+            .unwrap_or_default()
     })?;
     Ok(ExitCode::SUCCESS)
 }

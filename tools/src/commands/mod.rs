@@ -4,6 +4,7 @@ mod bench;
 mod disk;
 mod image;
 mod mem;
+mod oci;
 mod sandbox;
 mod snapshot;
 mod verify;
@@ -34,6 +35,42 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             chunk_size,
             zstd_level,
         }) => image::import_raw(&ctx, &file, &name, &chunk_size, zstd_level),
+        Command::Image(ImageCommand::Import {
+            reference,
+            name,
+            platform,
+            disk_size,
+            insecure,
+            chunk_size,
+        }) => oci::import(
+            &ctx,
+            &reference,
+            &oci::ImportArgs {
+                name,
+                platform,
+                disk_size,
+                insecure,
+                chunk_size,
+            },
+        ),
+        Command::Image(ImageCommand::Build {
+            dir,
+            file,
+            name,
+            build_args,
+            platform,
+            insecure,
+        }) => oci::build(
+            &ctx,
+            &oci::BuildArgs {
+                dir,
+                file,
+                name,
+                build_args,
+                platform,
+                insecure,
+            },
+        ),
         Command::Image(ImageCommand::Export { image, file }) => image::export(&ctx, &image, &file),
         Command::Image(ImageCommand::Ls) => image::ls(&ctx),
         Command::Image(ImageCommand::Describe { image }) => image::describe(&ctx, &image),
