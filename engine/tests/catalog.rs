@@ -430,6 +430,18 @@ async fn names_are_unique_per_project_and_public_names_resolve_from_every_projec
     assert_eq!(catalog::resolve(s, "alpha", "ubuntu").await.unwrap(), c);
     let e = image::remove(s, "alpha", "nothing", "t").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
+
+    // A rebuild moves a private name (create_or_move); a public one stays.
+    let moved = image::create_or_move(s, new_image("alpha", "ubuntu", b))
+        .await
+        .unwrap();
+    assert_eq!(moved.id, b);
+    assert_eq!(catalog::resolve(s, "alpha", "ubuntu").await.unwrap(), b);
+    let e = image::create_or_move(s, new_image("beta", "node", c))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CatalogError::NameTaken { .. }), "{e}");
+    assert_eq!(catalog::resolve(s, "gamma", "node").await.unwrap(), a);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

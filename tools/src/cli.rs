@@ -117,6 +117,9 @@ pub enum ImageCommand {
         /// Talk plain HTTP to the registry.
         #[arg(long)]
         insecure: bool,
+        /// Move the name if it names another image (a re-import of a moved tag).
+        #[arg(long)]
+        replace: bool,
         /// Chunk size, a power of two from 4K to 16M.
         #[arg(long, default_value = DEFAULT_CHUNK_SIZE_ARG)]
         chunk_size: String,
@@ -141,6 +144,9 @@ pub enum ImageCommand {
         /// Talk plain HTTP to registries FROM names.
         #[arg(long)]
         insecure: bool,
+        /// Move the name if it names another image (a rebuild).
+        #[arg(long)]
+        replace: bool,
     },
     /// Write an image back to a raw file, byte for byte.
     Export {

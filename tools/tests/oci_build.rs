@@ -11,7 +11,7 @@ mod oci_common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use oci_common::{fixtures, Env};
+use oci_common::{fixtures, stderr, Env};
 
 trait BuildEnv {
     fn context(&self, name: &str, dockerfile: &str, files: &[(&str, &str)]) -> PathBuf;
@@ -108,15 +108,35 @@ fn builds_caches_each_step_and_reruns_only_what_changed() {
         dockerfile(&base, &format!("{run} && echo more >> /app/greeting")),
     )
     .unwrap();
-    let changed = e.ok_json(&["image", "build", ctx_s, "--build-arg", "GREETING=bonjour"]);
+    let rebuild = [
+        "image",
+        "build",
+        ctx_s,
+        "--build-arg",
+        "GREETING=bonjour",
+        "--replace",
+    ];
+    let changed = e.ok_json(&rebuild);
     assert_eq!(changed["steps_run"], 1, "{changed}");
     assert_eq!(e.cat("app", "/app/greeting"), "bonjour\nmore\n");
 
     // A changed file in the context reruns its COPY and the steps after it
     // (COPY --from and RUN), not the first stage.
     std::fs::write(ctx.join("hello.txt"), "changed\n").unwrap();
-    let copied = e.ok_json(&["image", "build", ctx_s, "--build-arg", "GREETING=bonjour"]);
+    let copied = e.ok_json(&rebuild);
     assert_eq!(copied["steps_run"], 3, "{copied}");
+    assert_eq!(e.cat("app", "/app/copied"), "changed\n");
+
+    // Without --replace, a build that makes another image keeps the name
+    // where it was.
+    std::fs::write(ctx.join("hello.txt"), "changed again\n").unwrap();
+    let out = e.cairn(&["image", "build", ctx_s, "--build-arg", "GREETING=bonjour"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("the image name `app` is taken"),
+        "a rebuild moved a name without --replace: {}",
+        stderr(&out)
+    );
     assert_eq!(e.cat("app", "/app/copied"), "changed\n");
 }
 

@@ -104,43 +104,25 @@ fn kind_name(m: &Manifest) -> &'static str {
 /// Naming the same manifest the same way again succeeds and changes
 /// nothing; a name held by another image is refused.
 pub async fn create(store: &dyn ObjectStore, new: NewImage) -> Result<ImageRecord, CatalogError> {
-    check_project(&new.project)?;
-    check_name(&new.name)?;
-    let manifest = load_manifest(store, &new.id).await?;
-    let parent = match &new.parent {
-        Some(p) => Some(load_manifest(store, p).await?),
-        None => None,
-    };
-    let rec = ImageRecord {
-        name: new.name.clone(),
-        project: new.project.clone(),
-        id: new.id,
-        public: new.public,
-        kind: kind_name(&manifest).to_owned(),
-        size: manifest.logical_size,
-        unique_bytes: unique_bytes(&manifest, parent.as_ref()),
-        parent: new.parent,
-        made: new.made,
-        created: record::now(),
-    };
+    let rec = record_for(store, new).await?;
     let taken = |holder: String| CatalogError::NameTaken {
         what: "image",
-        name: new.name.clone(),
-        project: new.project.clone(),
+        name: rec.name.clone(),
+        project: rec.project.clone(),
         holder,
     };
-    if new.project == DEFAULT_PROJECT {
-        if let Some(old) = legacy_ref(store, &new.name).await? {
-            if old != new.id {
+    if rec.project == DEFAULT_PROJECT {
+        if let Some(old) = legacy_ref(store, &rec.name).await? {
+            if old != rec.id {
                 return Err(taken(format!(
                     "image {} named before the catalog, at {}",
                     old.short(),
-                    layout::image_ref_key(&new.name)
+                    layout::image_ref_key(&rec.name)
                 )));
             }
         }
     }
-    let key = layout::image_key(&new.project, &new.name);
+    let key = layout::image_key(&rec.project, &rec.name);
     let rec = match record::create(store, &key, &rec).await? {
         Created::Won(_) => rec,
         Created::Taken(held) if held.record.id == rec.id && held.record.public == rec.public => {
@@ -152,6 +134,59 @@ pub async fn create(store: &dyn ObjectStore, new: NewImage) -> Result<ImageRecor
         claim_public(store, &key, &rec).await?;
     }
     Ok(rec)
+}
+
+/// The record `new` makes, checked against its manifests.
+async fn record_for(store: &dyn ObjectStore, new: NewImage) -> Result<ImageRecord, CatalogError> {
+    check_project(&new.project)?;
+    check_name(&new.name)?;
+    let manifest = load_manifest(store, &new.id).await?;
+    let parent = match &new.parent {
+        Some(p) => Some(load_manifest(store, p).await?),
+        None => None,
+    };
+    Ok(ImageRecord {
+        name: new.name,
+        project: new.project,
+        id: new.id,
+        public: new.public,
+        kind: kind_name(&manifest).to_owned(),
+        size: manifest.logical_size,
+        unique_bytes: unique_bytes(&manifest, parent.as_ref()),
+        parent: new.parent,
+        made: new.made,
+        created: record::now(),
+    })
+}
+
+/// Like [`create`], but a private name that names another private image
+/// is moved to this one (a rebuild or a re-import of a moved tag): one
+/// compare-and-swap, so racing movers each land whole, one after the
+/// other. A public name, or one from before the catalog, is not moved.
+pub async fn create_or_move(
+    store: &dyn ObjectStore,
+    new: NewImage,
+) -> Result<ImageRecord, CatalogError> {
+    let refused = match create(store, new.clone()).await {
+        Err(e @ CatalogError::NameTaken { .. }) if !new.public => e,
+        other => return other,
+    };
+    let rec = record_for(store, new).await?;
+    let key = layout::image_key(&rec.project, &rec.name);
+    let moved = record::update::<ImageRecord>(store, &key, |held| {
+        if held.public {
+            Err(CatalogError::NameTaken {
+                what: "image",
+                name: held.name.clone(),
+                project: held.project.clone(),
+                holder: format!("public image {}, which is not moved", held.id.short()),
+            })
+        } else {
+            Ok(rec.clone())
+        }
+    })
+    .await?;
+    moved.map(|s| s.record).ok_or(refused)
 }
 
 /// Takes the store-wide public name; gives the project's name back if

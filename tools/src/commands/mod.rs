@@ -41,6 +41,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             platform,
             disk_size,
             insecure,
+            replace,
             chunk_size,
         }) => oci::import(
             &ctx,
@@ -50,6 +51,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 platform,
                 disk_size,
                 insecure,
+                replace,
                 chunk_size,
             },
         ),
@@ -60,6 +62,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             build_args,
             platform,
             insecure,
+            replace,
         }) => oci::build(
             &ctx,
             &oci::BuildArgs {
@@ -69,6 +72,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 build_args,
                 platform,
                 insecure,
+                replace,
             },
         ),
         Command::Image(ImageCommand::Export { image, file }) => image::export(&ctx, &image, &file),

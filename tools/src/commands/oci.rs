@@ -19,9 +19,9 @@ use crate::context::Context;
 use crate::output::emit;
 use crate::size::{human, parse_size};
 
-/// Names image `id` in the context's project (the name keeps the image
-/// it has: the catalog refuses to move a taken name to another image).
-fn name_image(ctx: &Context, name: &str, id: &str, made: Made) -> Result<()> {
+/// Names image `id` in the context's project; with `replace`, a private
+/// name that names another image moves to this one.
+fn name_image(ctx: &Context, name: &str, id: &str, made: Made, replace: bool) -> Result<()> {
     let id: ManifestId = id.parse()?;
     let new = NewImage {
         project: ctx.project.clone(),
@@ -31,8 +31,14 @@ fn name_image(ctx: &Context, name: &str, id: &str, made: Made) -> Result<()> {
         parent: None,
         made,
     };
-    ctx.rt
-        .block_on(catalog::image::create(ctx.remote.as_ref(), new))?;
+    let remote = ctx.remote.as_ref();
+    ctx.rt.block_on(async {
+        if replace {
+            catalog::image::create_or_move(remote, new).await
+        } else {
+            catalog::image::create(remote, new).await
+        }
+    })?;
     Ok(())
 }
 
@@ -41,6 +47,7 @@ pub struct ImportArgs {
     pub platform: Option<String>,
     pub disk_size: Option<String>,
     pub insecure: bool,
+    pub replace: bool,
     pub chunk_size: String,
 }
 
@@ -179,6 +186,7 @@ pub fn import(ctx: &Context, reference: &str, args: &ImportArgs) -> Result<ExitC
         &name,
         &imp.report.id,
         Made::new("oci-import", Some(reference.to_owned())),
+        args.replace,
     )?;
     let out = Imported {
         id: imp.report.id.clone(),
@@ -215,6 +223,7 @@ pub struct BuildArgs {
     pub build_args: Vec<String>,
     pub platform: Option<String>,
     pub insecure: bool,
+    pub replace: bool,
 }
 
 #[derive(Serialize)]
@@ -305,7 +314,7 @@ pub fn build(ctx: &Context, args: &BuildArgs) -> Result<ExitCode> {
         }
     })
     .context("building")?;
-    name_image(ctx, &name, &built.manifest_id, made)?;
+    name_image(ctx, &name, &built.manifest_id, made, args.replace)?;
     let out = BuiltOut {
         id: &built.manifest_id,
         name: &name,
