@@ -91,7 +91,12 @@ fn pulls_from_a_registry_and_reimports_nothing() {
     ]);
     assert_eq!(again["new_bytes"], 0);
     let by_digest = format!("docker://{}/fixture/{name}@{digest}", r.open);
-    let d = e.ok_json(&["image", "import", "--insecure", &by_digest]);
+    // The same disk, but the source recorded is the digest: another
+    // manifest, so the name moves only when told to.
+    let out = e.cairn(&["image", "import", "--insecure", &by_digest]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is taken"), "{}", stderr(&out));
+    let d = e.ok_json(&["image", "import", "--insecure", &by_digest, "--replace"]);
     assert_eq!(d["new_bytes"], 0);
     assert_eq!(d["digest"], digest.as_str());
 
