@@ -221,6 +221,11 @@ pub enum DiskCommand {
         /// Virtqueues, one worker thread each.
         #[arg(long, default_value_t = 1)]
         queues: u16,
+        /// The longest, in microseconds, a queue's worker keeps watching its
+        /// ring after it drains (adaptive: only while requests come back
+        /// that soon); 0 turns polling off.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1000))]
+        poll_us: u64,
     },
     /// Fold a stopped overlay into a new image that shares every unchanged
     /// chunk with its parent.

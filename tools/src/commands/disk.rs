@@ -61,6 +61,7 @@ pub fn serve(
     overlay_dir: &Path,
     read_only: bool,
     queues: u16,
+    poll: std::time::Duration,
 ) -> Result<ExitCode> {
     if queues == 0 || queues > 64 {
         bail!("--queues must be 1 to 64, not {queues}");
@@ -78,6 +79,7 @@ pub fn serve(
         read_only,
         queues,
         serial: format!("cairn-{}", id.short()),
+        poll,
     };
     let backend = BlkBackend::new(cfg, disks);
 

@@ -96,7 +96,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             overlay,
             read_only,
             queues,
-        }) => disk::serve(&ctx, &image, &socket, &overlay, read_only, queues),
+            poll_us,
+        }) => disk::serve(
+            &ctx,
+            &image,
+            &socket,
+            &overlay,
+            read_only,
+            queues,
+            std::time::Duration::from_micros(poll_us),
+        ),
         Command::Disk(DiskCommand::Snapshot { overlay, name }) => {
             disk::snapshot(&ctx, &overlay, &name)
         }

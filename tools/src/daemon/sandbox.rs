@@ -111,6 +111,7 @@ impl Running {
             read_only: false,
             queues: record.queues,
             serial: format!("cairn-{}", &record.id[..12]),
+            poll: cairn_vmm_glue::blk::DEFAULT_POLL,
         };
         let backend = BlkBackend::new(cfg, (0..record.queues).map(|_| disk.queue()).collect());
         let server = BlkServer::start(socket, backend)

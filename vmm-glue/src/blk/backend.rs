@@ -3,16 +3,18 @@
 //! path (the overlay's dirty map is atomic; FLUSH gathers every queue).
 
 use std::io;
+use std::num::Wrapping;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use cairn_engine::disk::LazyDisk;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -21,6 +23,7 @@ use vmm_sys_util::event::{
 
 use super::config::{DeviceConfig, CONFIG_LEN, QUEUE_SIZE, WRITEBACK_OFFSET};
 use super::exec::{execute, ExecConfig};
+use super::poll::Poller;
 use super::request::{parse, Limits};
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -29,6 +32,7 @@ struct Worker {
     disk: LazyDisk,
     mem: Option<Memory>,
     scratch: Vec<u8>,
+    poller: Poller,
 }
 
 /// What the driver negotiated and asked for of the write cache. Until
@@ -96,6 +100,7 @@ impl BlkBackend {
                         disk,
                         mem: None,
                         scratch: Vec::new(),
+                        poller: Poller::new(cfg.poll),
                     })
                 })
                 .collect(),
@@ -131,57 +136,77 @@ impl BlkBackend {
     /// Serves the queue `index` until it has nothing available.
     fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
         let mut worker = lock(&self.workers[index]);
-        let Worker { disk, mem, scratch } = &mut *worker;
+        let Worker {
+            disk,
+            mem,
+            scratch,
+            poller,
+        } = &mut *worker;
+        poller.woke(Instant::now());
         let Some(atomic) = mem.clone() else {
             return Err(io::Error::other("queue kicked before guest memory was set"));
         };
         let mem = atomic.memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let qerr = |e: virtio_queue::Error| io::Error::other(e.to_string());
-        loop {
-            if event_idx {
-                vring.disable_notification().map_err(qerr)?;
-            }
-            let chains: Vec<_> = vring
-                .get_mut()
-                .get_queue_mut()
-                .iter(mem.clone())
-                .map_err(qerr)?
-                .collect();
-            for chain in chains {
-                let head = chain.head_index();
-                let used = match parse(chain, &*mem, &self.limits) {
-                    Ok(req) => {
-                        tracing::trace!(queue = index, kind = ?req.kind, sector = req.sector, len = req.data_len, "request");
-                        // Read per request: the guest may switch the cache
-                        // between two requests of one batch.
-                        let writethrough = !self.writeback();
-                        let done = execute(&req, disk, &*mem, &self.exec, writethrough, scratch);
-                        match mem.write_obj(done.status, req.status) {
-                            Ok(()) => done.used_len,
-                            Err(e) => {
-                                tracing::warn!("cannot write the status byte: {e}");
-                                0
+        'serve: loop {
+            loop {
+                if event_idx {
+                    vring.disable_notification().map_err(qerr)?;
+                }
+                let chains: Vec<_> = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .iter(mem.clone())
+                    .map_err(qerr)?
+                    .collect();
+                for chain in chains {
+                    let head = chain.head_index();
+                    let used = match parse(chain, &*mem, &self.limits) {
+                        Ok(req) => {
+                            tracing::trace!(queue = index, kind = ?req.kind, sector = req.sector, len = req.data_len, "request");
+                            // Read per request: the guest may switch the cache
+                            // between two requests of one batch.
+                            let writethrough = !self.writeback();
+                            let done =
+                                execute(&req, disk, &*mem, &self.exec, writethrough, scratch);
+                            match mem.write_obj(done.status, req.status) {
+                                Ok(()) => done.used_len,
+                                Err(e) => {
+                                    tracing::warn!("cannot write the status byte: {e}");
+                                    0
+                                }
                             }
                         }
-                    }
-                    Err(rej) => {
-                        tracing::warn!(queue = index, "refused a request: {}", rej.why);
-                        match rej.status.map(|at| mem.write_obj(rej.code, at)) {
-                            Some(Ok(())) => 1,
-                            _ => 0,
+                        Err(rej) => {
+                            tracing::warn!(queue = index, "refused a request: {}", rej.why);
+                            match rej.status.map(|at| mem.write_obj(rej.code, at)) {
+                                Some(Ok(())) => 1,
+                                _ => 0,
+                            }
                         }
-                    }
-                };
-                vring.add_used(head, used).map_err(qerr)?;
+                    };
+                    vring.add_used(head, used).map_err(qerr)?;
+                }
+                if !event_idx || !vring.enable_notification().map_err(qerr)? {
+                    break;
+                }
             }
-            if !event_idx || !vring.enable_notification().map_err(qerr)? {
-                break;
+            if !event_idx || vring.needs_notification().map_err(qerr)? {
+                vring.signal_used_queue()?;
+            }
+            // Drained and answered: watch the ring a little before sleeping.
+            let more = poller.watch(|| {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                let avail = queue.avail_idx(&*mem, Ordering::Acquire).map_err(qerr)?;
+                Ok::<_, io::Error>(avail != Wrapping(queue.next_avail()))
+            })?;
+            if !more {
+                break 'serve;
             }
         }
-        if !event_idx || vring.needs_notification().map_err(qerr)? {
-            vring.signal_used_queue()?;
-        }
+        poller.slept(Instant::now());
         Ok(())
     }
 }
@@ -407,6 +432,7 @@ mod tests {
             read_only: false,
             queues: 0,
             serial: "t".into(),
+            poll: super::super::config::DEFAULT_POLL,
         };
         BlkBackend::new(cfg, Vec::new())
     }

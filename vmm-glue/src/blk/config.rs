@@ -33,7 +33,14 @@ pub struct DeviceConfig {
     pub queues: u16,
     /// Returned by GET_ID: at most 20 bytes.
     pub serial: String,
+    /// The longest a queue's worker watches its ring after it drains
+    /// (adaptive, see [`super::poll`]); zero turns polling off.
+    pub poll: std::time::Duration,
 }
+
+/// The default bound on polling: a depth-1 driver on this kind of host
+/// sends its next request within it.
+pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 impl DeviceConfig {
     pub fn capacity_sectors(&self) -> u64 {
@@ -114,6 +121,7 @@ mod tests {
             read_only: false,
             queues: 4,
             serial: "x".into(),
+            poll: DEFAULT_POLL,
         };
         let c = d.config_space(true);
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2 << 20);

@@ -3,7 +3,8 @@
 pub mod backend;
 pub mod config;
 pub mod exec;
+pub mod poll;
 pub mod request;
 
 pub use backend::{serve, BlkBackend, BlkServer};
-pub use config::DeviceConfig;
+pub use config::{DeviceConfig, DEFAULT_POLL};
