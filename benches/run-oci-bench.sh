@@ -71,7 +71,7 @@ dockerfile() {
     printf 'FROM oci:%s/bench:latest\nRUN dd if=/dev/urandom of=/opt/a bs=1M count=8 2>/dev/null\nRUN echo two > /opt/b\nRUN echo %s > /opt/c\n' \
         "$images" "$1" >"$ctx/Dockerfile"
 }
-build() { "$cairn" --store "file://$work/s1" --cache-dir "$work/s1.cache" --json image build "$ctx" --name built; }
+build() { "$cairn" --store "file://$work/s1" --cache-dir "$work/s1.cache" --json image build "$ctx" --name built --replace; }
 dockerfile three; build >/dev/null
 t0=$(now); rebuild=$(build); t1=$(now); rebuild_s=$(awk "BEGIN {print $t1 - $t0}")
 dockerfile changed; changed=$(build)
