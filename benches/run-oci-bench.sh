@@ -18,7 +18,7 @@ tools/dev/setup.sh >&2
 export PATH="$HOME/.cargo/bin:$PATH"
 rounds=${ROUNDS:-3}
 export PLUS_MIB=${PLUS_MIB:-32}
-cargo build --release -p cairn >&2
+cargo build --release --workspace --bins >&2
 cairn=$PWD/target/release/cairn
 base=$(fixtures/build-debian-minimal.sh)
 images=$(python3 benches/oci-bench-image.py target/bench/oci-images "$base")
@@ -42,10 +42,15 @@ size=0
 for r in $(seq "$rounds"); do
     for who in cairn pipe; do
         [ $((r % 2)) = 0 ] && who=$([ "$who" = cairn ] && echo pipe || echo cairn)
-        rm -rf "$work/s$r" "$work/s$r.cache" "$work/oci" "$work/bundle" "$work/disk.img"
+        # Only the pipeline's outputs: store s1 must keep cairn's first import
+        # for the re-import below.
+        rm -rf "$work/oci" "$work/bundle" "$work/disk.img"
         sync
         t0=$(now)
         if [ "$who" = cairn ]; then
+            rm -rf "$work/s$r" "$work/s$r.cache"
+            sync
+            t0=$(now)
             out=$(cairn_import "s$r" bench "docker://$reg/bench/bench:latest")
             t1=$(now)
             size=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["logical_bytes"])')

@@ -96,21 +96,7 @@ impl Env {
     /// the returned channel.
     fn boot(&self, socket: &Path, job: &str) -> Guest {
         let g = &self.guest;
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "512", "-smp", "1", "-nographic"])
-            .args(["-no-reboot", "-net", "none"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
-            .args(["-numa", "node,memdev=mem", "-chardev"])
-            .arg(format!("socket,id=c0,path={}", socket.display()))
-            .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"])
-            .arg("-kernel")
-            .arg(g.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(g.join("initramfs.cpio.gz"))
-            .arg("-append")
-            .arg(format!("console=ttyS0 quiet panic=-1 cairn.test={job}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+        let mut child = common::qemu_guest(g, socket, &format!("cairn.test={job}"))
             .spawn()
             .expect("starting qemu-system-x86_64 (Debian package qemu-system-x86)");
         let stdout = child.stdout.take().unwrap();

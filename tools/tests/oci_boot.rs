@@ -73,22 +73,7 @@ fn an_imported_oci_image_boots_and_runs_its_command() {
         .unwrap();
     assert!(ready.contains("\"ready\":true"), "not ready: {ready:?}");
 
-    let mut qemu = Command::new("timeout")
-        .args(["180", "qemu-system-x86_64"])
-        .args(["-accel", "tcg", "-m", "512", "-smp", "1", "-nographic"])
-        .args(["-no-reboot", "-net", "none"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
-        .args(["-numa", "node,memdev=mem", "-chardev"])
-        .arg(format!("socket,id=c0,path={}", socket.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"])
-        .arg("-kernel")
-        .arg(guest.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(guest.join("initramfs.cpio.gz"))
-        .arg("-append")
-        .arg(format!("console=ttyS0 quiet panic=-1 cmd={cmd}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+    let mut qemu = common::qemu_guest(&guest, &socket, &format!("cmd={cmd}"))
         .spawn()
         .expect("qemu-system-x86_64 (Debian package qemu-system-x86)");
     let (tx, lines) = mpsc::channel();
@@ -112,6 +97,10 @@ fn an_imported_oci_image_boots_and_runs_its_command() {
         if line.contains("CAIRN-OCI: done") {
             break;
         }
+    }
+    // The guest powers off after "done"; on a timeout it is stopped here.
+    if !seen.iter().any(|l| l.contains("CAIRN-OCI: done")) {
+        let _ = qemu.kill();
     }
     let _ = qemu.wait();
     let _ = server.kill();

@@ -17,3 +17,26 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// QEMU (TCG, 1 vCPU, 512 MiB) booting the guest fixture in `guest` from
+/// the vhost-user-blk disk on `socket`, `append` added to the kernel's
+/// command line; its console on stdout, piped.
+#[allow(dead_code)]
+pub fn qemu_guest(guest: &std::path::Path, socket: &std::path::Path, append: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-accel", "tcg", "-m", "512", "-smp", "1", "-nographic"])
+        .args(["-no-reboot", "-net", "none"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+        .args(["-numa", "node,memdev=mem", "-chardev"])
+        .arg(format!("socket,id=c0,path={}", socket.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"])
+        .arg("-kernel")
+        .arg(guest.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(guest.join("initramfs.cpio.gz"))
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 {append}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    c
+}
