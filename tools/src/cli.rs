@@ -336,12 +336,23 @@ pub enum SandboxCommand {
         /// sandboxes go when their daemon stops.
         name: Option<String>,
         /// The image (name or id).
+        #[arg(
+            long,
+            required_unless_present = "snapshot",
+            conflicts_with = "snapshot"
+        )]
+        image: Option<String>,
+        /// A completed snapshot (its id) to start from instead of an image.
         #[arg(long)]
-        image: String,
+        snapshot: Option<String>,
         /// Queues of its virtio-blk device.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
         queues: u16,
     },
+    /// Snapshot a running sandbox's disk as it is now (one FLUSH); the
+    /// upload runs in the background: `cairn snapshot describe ID` shows
+    /// when it is completed.
+    Snapshot { sandbox: String },
     /// A second sandbox with the disk of a running one as it is now.
     Clone {
         sandbox: String,

@@ -84,8 +84,14 @@ impl Env {
 
     /// Starts the daemon and waits for its ready line.
     fn daemon(&self) -> (Daemon, Value) {
+        self.daemon_with(&[])
+    }
+
+    /// [`Env::daemon`] with extra environment (fault injectors).
+    fn daemon_with(&self, envs: &[(&str, &str)]) -> (Daemon, Value) {
         let mut child = self
             .cairn()
+            .envs(envs.iter().copied())
             .args(["--json", "daemon", "--state-dir"])
             .arg(self.path("state"))
             .stdout(Stdio::piped())
@@ -255,4 +261,143 @@ fn sandboxes_are_created_cloned_while_running_and_survive_a_killed_daemon() {
     // No daemon: the CLI says how to start one.
     let out = env.sandbox_fails(&["ls"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("cairn daemon"));
+}
+
+impl Env {
+    /// `cairn --json ARGS` (not a sandbox command), which must succeed.
+    fn json(&self, args: &[&str]) -> Value {
+        let out = common::run_ok(self.cairn().arg("--json").args(args));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Waits for snapshot `id` to leave pending and uploading.
+    fn settled(&self, id: &str) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let d = self.json(&["snapshot", "describe", id]);
+            let state = d["state"].as_str().unwrap_or_default().to_owned();
+            if state == "completed" || state == "failed" {
+                return d;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "snapshot {id} still {state} after 60 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn a_running_sandbox_is_snapshotted_and_new_sandboxes_start_from_the_snapshot() {
+    let env = Env::new();
+    let (daemon, _) = env.daemon();
+    let a = env.sandbox(&["create", "alpha", "--image", "base"]);
+    let mut ca = connect(&a);
+    let mut model = env.image.clone();
+    put(&mut ca, &mut model, 0, 4096, 0x51);
+    put(&mut ca, &mut model, 5 * MIB, 3 * 4096, 0x52);
+    ca.flush().unwrap();
+
+    // The snapshot is the disk at the call; alpha runs on, its VMM connected.
+    let snap = env.sandbox(&["snapshot", "alpha"]);
+    let id = snap["id"].as_str().unwrap().to_owned();
+    assert!(
+        matches!(snap["state"].as_str(), Some("pending" | "uploading")),
+        "{snap}"
+    );
+    let at_snapshot = model.clone();
+    put(&mut ca, &mut model, 0, 4096, 0x53);
+    ca.flush().unwrap();
+    let done = env.settled(&id);
+    assert_eq!(done["state"], "completed", "{done}");
+    assert!(done["uri"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("snapshots/{id}")));
+    assert_eq!(env.sandbox(&["describe", "alpha"])["layers"], 2);
+    assert!(
+        whole(&mut ca, env.image.len()) == model,
+        "alpha keeps its writes"
+    );
+
+    // A sandbox from the snapshot has the disk at the snapshot.
+    let b = env.sandbox(&["create", "beta", "--snapshot", &id]);
+    assert_eq!(b["snapshot"], id.as_str());
+    let mut cb = connect(&b);
+    assert!(
+        whole(&mut cb, env.image.len()) == at_snapshot,
+        "the snapshot is the disk at the call, not after"
+    );
+
+    // Registered as an image, it starts sandboxes like any image.
+    let uri = done["uri"].as_str().unwrap();
+    env.json(&["image", "register", uri, "--name", "snapped"]);
+    let c = env.sandbox(&["create", "--image", "snapped"]);
+    assert!(whole(&mut connect(&c), env.image.len()) == at_snapshot);
+
+    // Refusals say why.
+    let out = env.sandbox_fails(&["snapshot", "gamma"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no sandbox `gamma`"));
+    let out = env.sandbox_fails(&["create", "--snapshot", "0123456789abcdef0123456789abcdef"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no snapshot"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The upload's record is gone once it finished; a restart keeps alpha.
+    let pending = std::fs::read_dir(env.path("state").join("snapshots"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(pending, 0, "a finished upload left its record");
+    drop(ca);
+    drop(cb);
+    daemon.signal("-KILL");
+    let (daemon, ready) = env.daemon();
+    assert_eq!(ready["recovered"], 3, "alpha, beta and the unnamed one");
+    assert!(
+        whole(
+            &mut connect(&env.sandbox(&["describe", "alpha"])),
+            env.image.len()
+        ) == model
+    );
+    daemon.signal("-TERM");
+}
+
+#[test]
+fn an_upload_cut_by_a_killed_daemon_resumes_at_the_next_start() {
+    let env = Env::new();
+    // Fault injector: uploads wait 60 s before they start, so the kill
+    // below lands while this one is in flight.
+    let (daemon, _) = env.daemon_with(&[("CAIRN_FAULT_STALL_UPLOADS_MS", "60000")]);
+    let a = env.sandbox(&["create", "alpha", "--image", "base"]);
+    let mut ca = connect(&a);
+    let mut model = env.image.clone();
+    put(&mut ca, &mut model, 3 * MIB, MIB, 0x61);
+    put(&mut ca, &mut model, 4 * MIB, MIB, 0x61);
+    ca.flush().unwrap();
+    let snap = env.sandbox(&["snapshot", "alpha"]);
+    let id = snap["id"].as_str().unwrap().to_owned();
+    let at_snapshot = model.clone();
+    put(&mut ca, &mut model, 3 * MIB, 4096, 0x62);
+    ca.flush().unwrap();
+    drop(ca);
+    daemon.signal("-KILL");
+    let state = env.json(&["snapshot", "describe", &id])["state"].clone();
+    assert_eq!(state, "pending", "the kill landed before the upload began");
+
+    let (daemon, ready) = env.daemon();
+    assert_eq!(ready["uploads_resumed"], 1, "{ready}");
+    let done = env.settled(&id);
+    assert_eq!(done["state"], "completed", "{done}");
+    let b = env.sandbox(&["create", "--snapshot", &id]);
+    assert!(whole(&mut connect(&b), env.image.len()) == at_snapshot);
+    assert!(
+        whole(
+            &mut connect(&env.sandbox(&["describe", "alpha"])),
+            env.image.len()
+        ) == model
+    );
+    daemon.signal("-TERM");
 }

@@ -21,11 +21,23 @@ pub fn run(g: &Global, cmd: &SandboxCommand) -> Result<ExitCode> {
         SandboxCommand::Create {
             name,
             image,
+            snapshot,
             queues,
         } => client.call(
             Method::POST,
             "/v1/sandboxes",
-            Some(&json!({ "name": name, "image": image, "queues": queues, "project": g.project })),
+            Some(&json!({
+                "name": name,
+                "image": image,
+                "snapshot": snapshot,
+                "queues": queues,
+                "project": g.project
+            })),
+        )?,
+        SandboxCommand::Snapshot { sandbox } => client.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{sandbox}/snapshot"),
+            None,
         )?,
         SandboxCommand::Clone { sandbox, name } => client.call(
             Method::POST,
@@ -72,6 +84,11 @@ fn text(cmd: &SandboxCommand, answer: &Value) -> String {
             out
         }
         SandboxCommand::Rm { sandbox } => format!("removed {sandbox}\n"),
+        SandboxCommand::Snapshot { sandbox } => format!(
+            "snapshot {} of {sandbox}: {} (uploading in the background; see `cairn snapshot describe`)\n",
+            answer["id"].as_str().unwrap_or("-"),
+            answer["state"].as_str().unwrap_or("-"),
+        ),
         SandboxCommand::Describe { .. } => {
             serde_json::to_string_pretty(answer).unwrap_or_default() + "\n"
         }

@@ -93,6 +93,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/sandboxes", post(create).get(list))
         .route("/v1/sandboxes/{key}", get(describe).delete(remove))
         .route("/v1/sandboxes/{key}/clone", post(clone_sandbox))
+        .route("/v1/sandboxes/{key}/snapshot", post(snapshot))
         .route("/metrics", get(metrics))
         .with_state(api)
 }
@@ -142,6 +143,11 @@ async fn clone_sandbox(
 ) -> ApiResult<impl IntoResponse> {
     let view = blocking(&api, "clone", move |h| h.clone_sandbox(&key, req)).await?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn snapshot(State(api): State<Api>, Path(key): Path<String>) -> ApiResult<impl IntoResponse> {
+    let rec = blocking(&api, "snapshot", move |h| h.snapshot(&key)).await?;
+    Ok((StatusCode::ACCEPTED, Json(rec)))
 }
 
 async fn metrics(State(api): State<Api>) -> Response {

@@ -18,6 +18,8 @@ use serde::Serialize;
 
 use super::layers::Layers;
 use super::sandbox::{new_id, now, Running, SandboxRecord};
+use super::uploads::{self, PendingUpload};
+use cairn_engine::catalog::snapshot::{NewSnapshot, SnapshotRecord, SnapshotState};
 
 /// Why an operation was refused, as the API reports it.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,7 @@ pub struct SandboxView {
     /// Bytes its live layer holds (written since its last snapshot).
     pub bytes_written: u64,
     pub cloned_from: Option<String>,
+    pub snapshot: Option<String>,
     pub created: u64,
     pub served_since: u64,
 }
@@ -66,17 +69,21 @@ impl SandboxView {
             layers: rec.layers.len(),
             bytes_written: r.disk.live().dirty_count() * BLOCK,
             cloned_from: rec.cloned_from.clone(),
+            snapshot: rec.snapshot.clone(),
             created: rec.created,
             served_since: r.served_since,
         }
     }
 }
 
-/// What a new sandbox is made from.
+/// What a new sandbox is made from: an image or a completed snapshot.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct CreateRequest {
     pub name: Option<String>,
-    pub image: String,
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub snapshot: Option<String>,
     #[serde(default = "default_project")]
     pub project: String,
     #[serde(default = "one")]
@@ -101,11 +108,18 @@ struct Inner {
     sandboxes: BTreeMap<String, Running>,
 }
 
+/// Layers that snapshots being uploaded stand on, by snapshot id: kept
+/// until their upload ends, whatever happens to their sandbox.
+type Uploading = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
+
 pub struct Host {
     state_dir: PathBuf,
     socket_dir: PathBuf,
     store: ChunkStore,
+    /// Who this host is in the catalog's records.
+    host_id: String,
     inner: Mutex<Inner>,
+    uploading: Uploading,
 }
 
 impl Host {
@@ -119,6 +133,8 @@ impl Host {
                 layers: Layers::new(state_dir)?,
                 sandboxes: BTreeMap::new(),
             }),
+            host_id: format!("{}:daemon", crate::context::host_name()),
+            uploading: Arc::default(),
             store,
         })
     }
@@ -144,14 +160,30 @@ impl Host {
         Ok(Arc::new(m))
     }
 
-    /// Serves every sandbox the state directory records, as it was; deletes
-    /// layers no record names (a crash between making and recording one).
-    pub fn recover(&self) -> Result<usize> {
-        let records = SandboxRecord::load_all(&self.state_dir)?;
+    /// Serves every sandbox the state directory records, as it was, and
+    /// takes up the snapshot uploads it records; deletes layers nothing
+    /// names (a crash between making and recording one). Returns how many
+    /// sandboxes and uploads.
+    pub fn recover(&self) -> Result<(usize, usize)> {
+        let mut records = SandboxRecord::load_all(&self.state_dir)?;
+        let jobs = PendingUpload::load_all(&self.state_dir)?;
         let mut inner = self.lock();
+        // A crash between recording an upload and giving its sandbox a new
+        // layer: the snapshot's instant is now (nothing was written since
+        // the crash), so the new layer goes on before the disk is served.
+        for rec in records.iter_mut() {
+            if jobs.iter().any(|j| j.layers == rec.layers) {
+                let base: ManifestId = rec.base.parse().context("record's base manifest id")?;
+                let size = self.load_manifest(&base)?.logical_size;
+                let (next, _) = inner.layers.create(&base, size)?;
+                rec.layers.push(next);
+                rec.save(&self.state_dir)?;
+            }
+        }
         let named: std::collections::HashSet<String> = records
             .iter()
             .flat_map(|r| r.layers.iter().cloned())
+            .chain(jobs.iter().flat_map(|j| j.layers.iter().cloned()))
             .collect();
         let swept = inner.layers.sweep(&|id| named.contains(id))?;
         if swept > 0 {
@@ -165,7 +197,102 @@ impl Host {
                 .with_context(|| format!("recovering sandbox {id}"))?;
             inner.sandboxes.insert(id, running);
         }
-        Ok(n)
+        let uploads = jobs.len();
+        for job in jobs {
+            let id = job.id.clone();
+            self.start_upload(&mut inner, job)
+                .with_context(|| format!("resuming the upload of snapshot {id}"))?;
+        }
+        Ok((n, uploads))
+    }
+
+    /// Uploads `job` on its own thread; its layers are kept until it ends.
+    fn start_upload(&self, inner: &mut Inner, job: PendingUpload) -> Result<()> {
+        let base: ManifestId = job.base.parse().context("upload's base manifest id")?;
+        let base = self.load_manifest(&base)?;
+        let mut layers = Vec::new();
+        for id in &job.layers {
+            let layer = inner.layers.open(id)?;
+            if !layer.is_frozen() {
+                layer.freeze()?;
+            }
+            layers.push(layer);
+        }
+        self.uploading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job.id.clone(), job.layers.clone());
+        let (store, state_dir, host) = (
+            self.store.clone(),
+            self.state_dir.clone(),
+            self.host_id.clone(),
+        );
+        let uploading = self.uploading.clone();
+        std::thread::Builder::new()
+            .name("cairn-upload".into())
+            .spawn(move || {
+                uploads::run(&store, &state_dir, &host, &job, base, &layers);
+                uploading
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&job.id);
+            })
+            .context("starting an upload thread")?;
+        Ok(())
+    }
+
+    /// Snapshots a running sandbox at the instant of the call: its live
+    /// layer is frozen (one FLUSH; every write completed before is in, none
+    /// issued after) and a fresh one put above it, then the frozen stack is
+    /// folded and uploaded in the background. Returns the pending record.
+    pub fn snapshot(&self, key: &str) -> Result<SnapshotRecord> {
+        let mut inner = self.lock();
+        let src = Self::find(&inner, key).ok_or_else(|| Refusal::NoSuchSandbox(key.to_owned()))?;
+        let (base, size) = (src.disk.base(), src.disk.size());
+        let src_record = src.record.clone();
+        let image: ManifestId = src_record.image.parse().context("record's image id")?;
+        let remote = self.store.remote().clone();
+        // The catalog's record first: if this fails, nothing has changed.
+        let snap = self.store.runtime().block_on(catalog::snapshot::create(
+            remote.as_ref(),
+            NewSnapshot {
+                project: src_record.project.clone(),
+                parent: None,
+                image: Some(image),
+                sandbox: Some(src_record.id.clone()),
+                host: self.host_id.clone(),
+            },
+        ))?;
+        let job = PendingUpload {
+            id: snap.id.clone(),
+            project: src_record.project.clone(),
+            base: base.id().to_hex(),
+            layers: src_record.layers.clone(),
+        };
+        job.save(&self.state_dir)?;
+        let (next_id, next) = inner.layers.create(&base.id(), size)?;
+        let running = inner
+            .sandboxes
+            .get_mut(&src_record.id)
+            .expect("found above");
+        let mut record = src_record;
+        record.layers.push(next_id);
+        record.save(&self.state_dir)?;
+        running.record = record;
+        running.disk.freeze(next)?;
+        self.start_upload(&mut inner, job)?;
+        Ok(snap)
+    }
+
+    /// Layers in use: under a served disk or an upload.
+    fn layers_in_use(&self, inner: &Inner) -> std::collections::HashSet<String> {
+        let uploading = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
+        inner
+            .sandboxes
+            .values()
+            .flat_map(|r| r.record.layers.iter().cloned())
+            .chain(uploading.values().flatten().cloned())
+            .collect()
     }
 
     /// Opens a record's layers (all but the top frozen) and serves its disk.
@@ -208,7 +335,42 @@ impl Host {
         Ok(())
     }
 
-    /// A new sandbox from an image (name or id).
+    /// What `req` starts from: the image it descends from, the manifest
+    /// its first layer stands on, and the image's name as asked for.
+    fn source(&self, req: &CreateRequest) -> Result<(ManifestId, ManifestId, Option<String>)> {
+        let remote = self.store.remote().clone();
+        let rt = self.store.runtime();
+        match (&req.image, &req.snapshot) {
+            (Some(image), None) => {
+                let id = rt.block_on(catalog::resolve(remote.as_ref(), &req.project, image))?;
+                Ok((id, id, (*image != id.to_hex()).then(|| image.clone())))
+            }
+            (None, Some(snap)) => {
+                let rec = rt
+                    .block_on(catalog::snapshot::get(remote.as_ref(), &req.project, snap))?
+                    .ok_or_else(|| {
+                        Refusal::BadRequest(format!(
+                            "no snapshot `{snap}` in project `{}` (see `cairn snapshot ls`)",
+                            req.project
+                        ))
+                    })?
+                    .record;
+                let Some(disk) = rec.disk.filter(|_| rec.state == SnapshotState::Completed) else {
+                    bail!(Refusal::BadRequest(format!(
+                        "snapshot {snap} is {}{}: a sandbox starts only from a completed one",
+                        rec.state,
+                        rec.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                    )));
+                };
+                Ok((rec.image.unwrap_or(disk), disk, None))
+            }
+            _ => bail!(Refusal::BadRequest(
+                "give either an image or a snapshot to start from".into()
+            )),
+        }
+    }
+
+    /// A new sandbox from an image (name or id) or a completed snapshot.
     pub fn create(&self, req: CreateRequest) -> Result<SandboxView> {
         if req.queues == 0 || req.queues > 16 {
             bail!(Refusal::BadRequest(format!(
@@ -217,25 +379,21 @@ impl Host {
             )));
         }
         catalog::check_project(&req.project)?;
-        let remote = self.store.remote().clone();
-        let image = self.store.runtime().block_on(catalog::resolve(
-            remote.as_ref(),
-            &req.project,
-            &req.image,
-        ))?;
-        let manifest = self.load_manifest(&image)?;
+        let (image, base, image_name) = self.source(&req)?;
+        let manifest = self.load_manifest(&base)?;
         let mut inner = self.lock();
         Self::check_name(&inner, &req.name)?;
-        let (layer_id, layer) = inner.layers.create(&image, manifest.logical_size)?;
+        let (layer_id, layer) = inner.layers.create(&base, manifest.logical_size)?;
         let record = SandboxRecord {
             id: new_id(),
             name: req.name,
             project: req.project,
             image: image.to_hex(),
-            image_name: (req.image != image.to_hex()).then_some(req.image),
-            base: image.to_hex(),
+            image_name,
+            base: base.to_hex(),
             layers: vec![layer_id],
             cloned_from: None,
+            snapshot: req.snapshot,
             queues: req.queues,
             created: now(),
         };
@@ -280,6 +438,7 @@ impl Host {
                 .chain([clone_layer_id])
                 .collect(),
             cloned_from: Some(src_id),
+            snapshot: src_record.snapshot.clone(),
             queues: src_record.queues,
             created: now(),
         };
@@ -327,11 +486,7 @@ impl Host {
         drop(running.stop());
         SandboxRecord::delete(&self.state_dir, &id)?;
         let mut inner = self.lock();
-        let in_use: std::collections::HashSet<String> = inner
-            .sandboxes
-            .values()
-            .flat_map(|r| r.record.layers.iter().cloned())
-            .collect();
+        let in_use = self.layers_in_use(&inner);
         inner.layers.release(&layers, &|l| in_use.contains(l));
         Ok(())
     }

@@ -12,6 +12,7 @@ mod host;
 mod layers;
 mod metrics;
 mod sandbox;
+mod uploads;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -60,6 +61,8 @@ struct Ready<'a> {
     state_dir: &'a Path,
     store: &'a str,
     recovered: usize,
+    /// Snapshot uploads a crash interrupted, taken up again.
+    uploads_resumed: usize,
     metrics_addr: Option<SocketAddr>,
 }
 
@@ -110,7 +113,7 @@ pub fn run(ctx: &Context, cfg: DaemonConfig) -> Result<ExitCode> {
         &cfg.state_dir.join("run"),
         store,
     )?);
-    let recovered = host.recover().context("recovering the sandboxes")?;
+    let (recovered, uploads_resumed) = host.recover().context("recovering the sandboxes")?;
     let api = api::Api {
         host: host.clone(),
         metrics: Arc::new(metrics::Metrics::default()),
@@ -135,14 +138,16 @@ pub fn run(ctx: &Context, cfg: DaemonConfig) -> Result<ExitCode> {
             state_dir: &cfg.state_dir,
             store: host.store().remote().uri(),
             recovered,
+            uploads_resumed,
             metrics_addr: cfg.metrics_addr,
         };
         emit(ctx.json, &ready, || {
             format!(
-                "ready: daemon on {} (state {}, {} sandbox(es) recovered)\n",
+                "ready: daemon on {} (state {}, {} sandbox(es) recovered, {} upload(s) resumed)\n",
                 cfg.socket.display(),
                 cfg.state_dir.display(),
-                recovered
+                recovered,
+                uploads_resumed
             )
         })?;
         let _ = std::io::stdout().flush();

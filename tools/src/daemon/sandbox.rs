@@ -29,6 +29,9 @@ pub struct SandboxRecord {
     pub layers: Vec<String>,
     /// The sandbox it was cloned from, if any.
     pub cloned_from: Option<String>,
+    /// The snapshot it was made from, if any.
+    #[serde(default)]
+    pub snapshot: Option<String>,
     pub queues: u16,
     /// Seconds since the epoch.
     pub created: u64,
@@ -45,6 +48,20 @@ pub fn new_id() -> String {
     format!("{:032x}", fastrand::u128(..))
 }
 
+/// Writes `bytes` to `path` durably: a temporary file, synced, renamed
+/// over it, the directory synced.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("a file in a directory");
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().expect("a file name").to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| std::fs::File::open(dir)?.sync_all())
+        .with_context(|| format!("saving {}", path.display()))
+}
+
 impl SandboxRecord {
     fn path(state_dir: &Path, id: &str) -> PathBuf {
         state_dir.join("sandboxes").join(format!("{id}.json"))
@@ -52,16 +69,8 @@ impl SandboxRecord {
 
     /// Writes the record durably (temporary file, sync, rename, directory sync).
     pub fn save(&self, state_dir: &Path) -> Result<()> {
-        let path = Self::path(state_dir, &self.id);
-        let dir = path.parent().expect("a file in a directory");
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".{}.tmp", self.id));
         let text = serde_json::to_vec_pretty(self).expect("plain struct");
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .and_then(|()| std::fs::File::open(dir)?.sync_all())
-            .with_context(|| format!("saving {}", path.display()))
+        write_durably(&Self::path(state_dir, &self.id), &text)
     }
 
     pub fn delete(state_dir: &Path, id: &str) -> Result<()> {
