@@ -353,6 +353,17 @@ pub enum SandboxCommand {
     /// upload runs in the background: `cairn snapshot describe ID` shows
     /// when it is completed.
     Snapshot { sandbox: String },
+    /// Sandboxes from a completed snapshot: NAME, or NAME-1..NAME-N with
+    /// --count N (unnamed without NAME).
+    Fork {
+        snapshot: String,
+        name: Option<String>,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        count: u32,
+        /// Queues of each one's virtio-blk device.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+        queues: u16,
+    },
     /// A second sandbox with the disk of a running one as it is now.
     Clone {
         sandbox: String,

@@ -330,6 +330,34 @@ fn a_running_sandbox_is_snapshotted_and_new_sandboxes_start_from_the_snapshot() 
         "the snapshot is the disk at the call, not after"
     );
 
+    // Forked three times: three sandboxes, each with the disk at the
+    // snapshot, each diverging on its own.
+    let forks = env.sandbox(&["fork", &id, "worker", "--count", "3"]);
+    let forks = forks["sandboxes"].as_array().unwrap().clone();
+    let names: Vec<_> = forks.iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["worker-1", "worker-2", "worker-3"]);
+    let mut first = connect(&forks[0]);
+    first.write(0, &[0x54; 4096]).unwrap();
+    first.flush().unwrap();
+    assert!(whole(&mut connect(&forks[1]), env.image.len()) == at_snapshot);
+    // A fork that cannot be made whole makes nothing: batch-1 is made,
+    // batch-2 is taken, so batch-1 goes again.
+    env.sandbox(&["fork", &id, "batch-2"]);
+    let out = env.sandbox_fails(&["fork", &id, "batch", "--count", "3"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let listed = env.sandbox(&["ls"]);
+    let mut names: Vec<_> = listed["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["alpha", "batch-2", "beta", "worker-1", "worker-2", "worker-3"]
+    );
+
     // Registered as an image, it starts sandboxes like any image.
     let uri = done["uri"].as_str().unwrap();
     env.json(&["image", "register", uri, "--name", "snapped"]);
@@ -355,7 +383,7 @@ fn a_running_sandbox_is_snapshotted_and_new_sandboxes_start_from_the_snapshot() 
     drop(cb);
     daemon.signal("-KILL");
     let (daemon, ready) = env.daemon();
-    assert_eq!(ready["recovered"], 3, "alpha, beta and the unnamed one");
+    assert_eq!(ready["recovered"], 7, "six named and the unnamed one");
     assert!(
         whole(
             &mut connect(&env.sandbox(&["describe", "alpha"])),

@@ -34,6 +34,16 @@ pub fn run(g: &Global, cmd: &SandboxCommand) -> Result<ExitCode> {
                 "project": g.project
             })),
         )?,
+        SandboxCommand::Fork {
+            snapshot,
+            name,
+            count,
+            queues,
+        } => client.call(
+            Method::POST,
+            &format!("/v1/snapshots/{snapshot}/fork"),
+            Some(&json!({ "name": name, "count": count, "queues": queues, "project": g.project })),
+        )?,
         SandboxCommand::Snapshot { sandbox } => client.call(
             Method::POST,
             &format!("/v1/sandboxes/{sandbox}/snapshot"),
@@ -73,7 +83,7 @@ fn line(s: &Value) -> String {
 
 fn text(cmd: &SandboxCommand, answer: &Value) -> String {
     match cmd {
-        SandboxCommand::Ls => {
+        SandboxCommand::Ls | SandboxCommand::Fork { .. } => {
             let mut out = format!(
                 "{:<34} {:<16} {:<9} {:<16} {}\n",
                 "ID", "NAME", "STATE", "IMAGE", "DISK SOCKET"

@@ -13,7 +13,7 @@ use cairn_engine::catalog::CatalogError;
 use cairn_engine::ErrorKind;
 use serde::Serialize;
 
-use super::host::{CloneRequest, CreateRequest, Host, Refusal};
+use super::host::{CloneRequest, CreateRequest, ForkRequest, Host, Refusal};
 use super::metrics::Metrics;
 
 #[derive(Clone)]
@@ -94,6 +94,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/sandboxes/{key}", get(describe).delete(remove))
         .route("/v1/sandboxes/{key}/clone", post(clone_sandbox))
         .route("/v1/sandboxes/{key}/snapshot", post(snapshot))
+        .route("/v1/snapshots/{id}/fork", post(fork))
         .route("/metrics", get(metrics))
         .with_state(api)
 }
@@ -148,6 +149,18 @@ async fn clone_sandbox(
 async fn snapshot(State(api): State<Api>, Path(key): Path<String>) -> ApiResult<impl IntoResponse> {
     let rec = blocking(&api, "snapshot", move |h| h.snapshot(&key)).await?;
     Ok((StatusCode::ACCEPTED, Json(rec)))
+}
+
+async fn fork(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Json(req): Json<ForkRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let made = blocking(&api, "fork", move |h| h.fork(&id, req)).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "sandboxes": made })),
+    ))
 }
 
 async fn metrics(State(api): State<Api>) -> Response {

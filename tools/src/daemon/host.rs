@@ -98,6 +98,26 @@ fn one() -> u16 {
     1
 }
 
+/// Sandboxes from one completed snapshot: `name` (with `-1`, `-2`, ...
+/// when `count` is more than one) or unnamed.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ForkRequest {
+    pub name: Option<String>,
+    #[serde(default = "one_count")]
+    pub count: u32,
+    #[serde(default = "default_project")]
+    pub project: String,
+    #[serde(default = "one")]
+    pub queues: u16,
+}
+
+fn one_count() -> u32 {
+    1
+}
+
+/// The most sandboxes one fork makes.
+pub const MAX_FORK: u32 = 1000;
+
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct CloneRequest {
     pub name: Option<String>,
@@ -404,6 +424,47 @@ impl Host {
         let view = SandboxView::of(&running);
         inner.sandboxes.insert(view.id.clone(), running);
         Ok(view)
+    }
+
+    /// `req.count` sandboxes from snapshot `snapshot`, each on its own
+    /// layer over the snapshot's disk. All or nothing: if one cannot be
+    /// made, those made before it are removed.
+    pub fn fork(&self, snapshot: &str, req: ForkRequest) -> Result<Vec<SandboxView>> {
+        if req.count == 0 || req.count > MAX_FORK {
+            bail!(Refusal::BadRequest(format!(
+                "count must be 1 to {MAX_FORK}, not {}",
+                req.count
+            )));
+        }
+        let names: Vec<Option<String>> = (1..=req.count)
+            .map(|i| match (&req.name, req.count) {
+                (Some(n), 1) => Some(n.clone()),
+                (Some(n), _) => Some(format!("{n}-{i}")),
+                (None, _) => None,
+            })
+            .collect();
+        let mut made: Vec<SandboxView> = Vec::new();
+        for name in names {
+            let one = CreateRequest {
+                name,
+                image: None,
+                snapshot: Some(snapshot.to_owned()),
+                project: req.project.clone(),
+                queues: req.queues,
+            };
+            match self.create(one) {
+                Ok(v) => made.push(v),
+                Err(e) => {
+                    for v in &made {
+                        if let Err(undo) = self.remove(&v.id) {
+                            tracing::warn!(sandbox = %v.id, error = %format!("{undo:#}"), "undoing a failed fork");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(made)
     }
 
     /// A second sandbox with the disk of `source` as it is now; `source`
