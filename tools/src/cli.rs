@@ -364,6 +364,18 @@ pub enum SandboxCommand {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
         queues: u16,
     },
+    /// Suspend a named sandbox (stop its VM first): its disk is snapshotted
+    /// and uploaded, the catalog records it as suspended, its local state
+    /// is freed. Returns when the snapshot is completed.
+    Suspend { sandbox: String },
+    /// Resume a suspended sandbox on this daemon's host (any host that
+    /// shares the store).
+    Resume {
+        name: String,
+        /// Queues of its virtio-blk device.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+        queues: u16,
+    },
     /// A second sandbox with the disk of a running one as it is now.
     Clone {
         sandbox: String,

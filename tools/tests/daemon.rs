@@ -89,11 +89,34 @@ impl Env {
 
     /// [`Env::daemon`] with extra environment (fault injectors).
     fn daemon_with(&self, envs: &[(&str, &str)]) -> (Daemon, Value) {
-        let mut child = self
-            .cairn()
+        self.start_daemon(self.cairn(), "state", envs)
+    }
+
+    /// A second host on the same store: its own daemon socket, state
+    /// directory and cache. Its commands come from [`Env::cairn_b`].
+    fn daemon_b(&self) -> (Daemon, Value) {
+        self.start_daemon(self.cairn_b(), "state-b", &[])
+    }
+
+    fn cairn_b(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        c.args(["--store", &self.store, "--cache-dir"])
+            .arg(self.path("cache-b"))
+            .arg("--daemon")
+            .arg(self.path("daemon-b.sock"));
+        c
+    }
+
+    fn start_daemon(
+        &self,
+        mut cairn: Command,
+        state: &str,
+        envs: &[(&str, &str)],
+    ) -> (Daemon, Value) {
+        let mut child = cairn
             .envs(envs.iter().copied())
             .args(["--json", "daemon", "--state-dir"])
-            .arg(self.path("state"))
+            .arg(self.path(state))
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -428,4 +451,93 @@ fn an_upload_cut_by_a_killed_daemon_resumes_at_the_next_start() {
         ) == model
     );
     daemon.signal("-TERM");
+}
+
+/// `cairn --json sandbox ARGS` through `cmd`, which must succeed.
+fn sandbox_via(mut cmd: Command, args: &[&str]) -> Value {
+    let out = common::run_ok(cmd.args(["--json", "sandbox"]).args(args));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_suspended_sandbox_resumes_on_another_host_that_shares_the_store() {
+    let env = Env::new();
+    let (daemon_a, _) = env.daemon();
+    let (daemon_b, _) = env.daemon_b();
+    let a = env.sandbox(&["create", "alpha", "--image", "base"]);
+    let mut ca = connect(&a);
+    let mut model = env.image.clone();
+    put(&mut ca, &mut model, 2 * MIB, 4096, 0x71);
+    put(&mut ca, &mut model, 11 * MIB, 8192, 0x72);
+    ca.flush().unwrap();
+    drop(ca);
+
+    // Two hosts never both hold a name.
+    let out = env
+        .cairn_b()
+        .args(["sandbox", "create", "alpha", "--image", "base"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is taken"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nor resumes one that is running elsewhere.
+    let out = env
+        .cairn_b()
+        .args(["sandbox", "resume", "alpha"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("suspend it there first"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An unnamed sandbox is not suspended.
+    let u = env.sandbox(&["create", "--image", "base"]);
+    let out = env.sandbox_fails(&["suspend", u["id"].as_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only a named sandbox"));
+
+    // Suspended on A: gone from A, its snapshot completed.
+    let s = env.sandbox(&["suspend", "alpha"]);
+    assert_eq!(s["state"], "suspended", "{s}");
+    let snap = s["snapshot"].as_str().unwrap().to_owned();
+    assert_eq!(
+        env.json(&["snapshot", "describe", &snap])["state"],
+        "completed"
+    );
+    let left: Vec<_> = env.sandbox(&["ls"])["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(left, [Value::Null], "only the unnamed one stays on A");
+
+    // Resumed on B, with its own cache: the disk as it was.
+    let b = sandbox_via(env.cairn_b(), &["resume", "alpha"]);
+    assert_eq!(b["name"], "alpha");
+    let mut cb = connect(&b);
+    assert!(
+        whole(&mut cb, env.image.len()) == model,
+        "B serves alpha's disk"
+    );
+    put(&mut cb, &mut model, 2 * MIB, 4096, 0x73);
+    cb.flush().unwrap();
+    drop(cb);
+    // A cannot take it back while B serves it; after B suspends, it can.
+    let out = env.sandbox_fails(&["resume", "alpha"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("suspend it there first"));
+    sandbox_via(env.cairn_b(), &["suspend", "alpha"]);
+    let back = env.sandbox(&["resume", "alpha"]);
+    assert!(whole(&mut connect(&back), env.image.len()) == model);
+
+    // rm gives the name back to the catalog: B may take it.
+    env.sandbox(&["rm", "alpha"]);
+    sandbox_via(env.cairn_b(), &["create", "alpha", "--image", "base"]);
+    daemon_a.signal("-TERM");
+    daemon_b.signal("-TERM");
 }

@@ -44,6 +44,16 @@ pub fn run(g: &Global, cmd: &SandboxCommand) -> Result<ExitCode> {
             &format!("/v1/snapshots/{snapshot}/fork"),
             Some(&json!({ "name": name, "count": count, "queues": queues, "project": g.project })),
         )?,
+        SandboxCommand::Suspend { sandbox } => client.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{sandbox}/suspend"),
+            None,
+        )?,
+        SandboxCommand::Resume { name, queues } => client.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{name}/resume"),
+            Some(&json!({ "queues": queues, "project": g.project })),
+        )?,
         SandboxCommand::Snapshot { sandbox } => client.call(
             Method::POST,
             &format!("/v1/sandboxes/{sandbox}/snapshot"),
@@ -102,7 +112,13 @@ fn text(cmd: &SandboxCommand, answer: &Value) -> String {
         SandboxCommand::Describe { .. } => {
             serde_json::to_string_pretty(answer).unwrap_or_default() + "\n"
         }
-        SandboxCommand::Create { .. } | SandboxCommand::Clone { .. } => format!(
+        SandboxCommand::Suspend { sandbox } => format!(
+            "suspended {sandbox} (snapshot {})\n",
+            answer["snapshot"].as_str().unwrap_or("-")
+        ),
+        SandboxCommand::Create { .. }
+        | SandboxCommand::Clone { .. }
+        | SandboxCommand::Resume { .. } => format!(
             "{} {}\ndisk socket: {}\n",
             answer["id"].as_str().unwrap_or("-"),
             answer["name"].as_str().unwrap_or(""),

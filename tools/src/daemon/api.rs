@@ -13,7 +13,7 @@ use cairn_engine::catalog::CatalogError;
 use cairn_engine::ErrorKind;
 use serde::Serialize;
 
-use super::host::{CloneRequest, CreateRequest, ForkRequest, Host, Refusal};
+use super::host::{CloneRequest, CreateRequest, ForkRequest, Host, Refusal, ResumeRequest};
 use super::metrics::Metrics;
 
 #[derive(Clone)]
@@ -95,6 +95,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/sandboxes/{key}/clone", post(clone_sandbox))
         .route("/v1/sandboxes/{key}/snapshot", post(snapshot))
         .route("/v1/snapshots/{id}/fork", post(fork))
+        .route("/v1/sandboxes/{key}/suspend", post(suspend))
+        .route("/v1/sandboxes/{key}/resume", post(resume))
         .route("/metrics", get(metrics))
         .with_state(api)
 }
@@ -161,6 +163,23 @@ async fn fork(
         StatusCode::CREATED,
         Json(serde_json::json!({ "sandboxes": made })),
     ))
+}
+
+async fn suspend(State(api): State<Api>, Path(key): Path<String>) -> ApiResult<impl IntoResponse> {
+    let rec = blocking(&api, "suspend", move |h| h.suspend(&key)).await?;
+    Ok(Json(rec))
+}
+
+async fn resume(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    Json(req): Json<ResumeRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let view = blocking(&api, "resume", move |h| {
+        h.resume(&key, &req.project, req.queues)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(view)))
 }
 
 async fn metrics(State(api): State<Api>) -> Response {

@@ -98,6 +98,15 @@ fn one() -> u16 {
     1
 }
 
+/// Which suspended sandbox to resume here, and how to serve it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ResumeRequest {
+    #[serde(default = "default_project")]
+    pub project: String,
+    #[serde(default = "one")]
+    pub queues: u16,
+}
+
 /// Sandboxes from one completed snapshot: `name` (with `-1`, `-2`, ...
 /// when `count` is more than one) or unnamed.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -142,6 +151,20 @@ pub struct Host {
     uploading: Uploading,
 }
 
+/// This daemon's name in the catalog: the host's name and an id kept in
+/// the state directory, so that two daemons on one machine are two hosts.
+fn host_id(state_dir: &Path) -> Result<String> {
+    let path = state_dir.join("host-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        _ => {
+            let id = format!("{}:{:08x}", crate::context::host_name(), fastrand::u32(..));
+            super::sandbox::write_durably(&path, id.as_bytes())?;
+            Ok(id)
+        }
+    }
+}
+
 impl Host {
     pub fn new(state_dir: &Path, socket_dir: &Path, store: ChunkStore) -> Result<Host> {
         std::fs::create_dir_all(socket_dir)
@@ -153,7 +176,7 @@ impl Host {
                 layers: Layers::new(state_dir)?,
                 sandboxes: BTreeMap::new(),
             }),
-            host_id: format!("{}:daemon", crate::context::host_name()),
+            host_id: host_id(state_dir)?,
             uploading: Arc::default(),
             store,
         })
@@ -403,6 +426,279 @@ impl Host {
         let manifest = self.load_manifest(&base)?;
         let mut inner = self.lock();
         Self::check_name(&inner, &req.name)?;
+        let source = match &req.snapshot {
+            Some(s) => catalog::sandbox::SandboxSource::Snapshot(s.clone()),
+            None => catalog::sandbox::SandboxSource::Image(image),
+        };
+        let generation = self.take_name(&req.project, req.name.as_deref(), source)?;
+        let (project, name) = (req.project.clone(), req.name.clone());
+        let served = self.serve_new(
+            &mut inner, req, image, base, image_name, manifest, generation,
+        );
+        if let (Err(_), Some(name)) = (&served, name) {
+            // Not served after all: the name goes back.
+            self.release_name(&project, &name, generation);
+        }
+        served
+    }
+
+    /// A named sandbox takes its name in the catalog (of two hosts that race
+    /// for it, one wins); returns its generation, 0 for an unnamed one.
+    fn take_name(
+        &self,
+        project: &str,
+        name: Option<&str>,
+        source: catalog::sandbox::SandboxSource,
+    ) -> Result<u64> {
+        let Some(name) = name else {
+            return Ok(0);
+        };
+        let remote = self.store.remote().clone();
+        let rec = self.store.runtime().block_on(catalog::sandbox::create(
+            remote.as_ref(),
+            catalog::sandbox::NewSandbox {
+                project: project.to_owned(),
+                name: Some(name.to_owned()),
+                source,
+                host: self.host_id.clone(),
+            },
+        ))?;
+        Ok(rec.generation)
+    }
+
+    /// Removes a name this host holds at `generation` from the catalog;
+    /// a failure is logged (the name stays taken until removed by hand).
+    fn release_name(&self, project: &str, name: &str, generation: u64) {
+        if generation == 0 {
+            return;
+        }
+        let owner = catalog::sandbox::Owner {
+            host: self.host_id.clone(),
+            generation,
+        };
+        let remote = self.store.remote().clone();
+        if let Err(e) = self.store.runtime().block_on(catalog::sandbox::remove(
+            remote.as_ref(),
+            project,
+            name,
+            Some(&owner),
+            &self.host_id,
+        )) {
+            tracing::warn!(sandbox = %name, error = %e, "cannot give the name back to the catalog");
+        }
+    }
+
+    /// The catalog owner of a served named sandbox.
+    fn owner(&self, record: &SandboxRecord) -> catalog::sandbox::Owner {
+        catalog::sandbox::Owner {
+            host: self.host_id.clone(),
+            generation: record.generation,
+        }
+    }
+
+    /// Suspends a named sandbox: stops serving it (its VMM should be
+    /// stopped first), snapshots and uploads its disk, records the snapshot
+    /// in the catalog as the one to resume from, and frees its local state.
+    /// Returns when the snapshot is completed.
+    pub fn suspend(&self, key: &str) -> Result<catalog::sandbox::SandboxRecord> {
+        let remote = self.store.remote().clone();
+        let rt = self.store.runtime();
+        let mut inner = self.lock();
+        let found =
+            Self::find(&inner, key).ok_or_else(|| Refusal::NoSuchSandbox(key.to_owned()))?;
+        let record = found.record.clone();
+        let Some(name) = record.name.clone() else {
+            bail!(Refusal::BadRequest(format!(
+                "sandbox {} has no name: only a named sandbox can be suspended (unnamed ones go when their daemon stops); remove it, or snapshot it",
+                record.id
+            )));
+        };
+        let owner = self.owner(&record);
+        use catalog::sandbox::SandboxState;
+        rt.block_on(catalog::sandbox::set_state(
+            remote.as_ref(),
+            &record.project,
+            &name,
+            &owner,
+            SandboxState::Suspending,
+            None,
+        ))?;
+        let running = inner.sandboxes.remove(&record.id).expect("found above");
+        // The stop (which waits for a connected VMM) and the upload run
+        // without the lock: other sandboxes are served meanwhile.
+        drop(inner);
+        let disk = running.disk.clone();
+        let outcome = (|| -> Result<String> {
+            running.stop().context("stopping the sandbox")?;
+            let layers = disk.layers();
+            for l in &layers {
+                if !l.is_frozen() {
+                    l.freeze()?;
+                }
+            }
+            let image: ManifestId = record.image.parse().context("record's image id")?;
+            let snap = rt.block_on(catalog::snapshot::create(
+                remote.as_ref(),
+                NewSnapshot {
+                    project: record.project.clone(),
+                    parent: record.snapshot.clone(),
+                    image: Some(image),
+                    sandbox: Some(record.id.clone()),
+                    host: self.host_id.clone(),
+                },
+            ))?;
+            let job = PendingUpload {
+                id: snap.id.clone(),
+                project: record.project.clone(),
+                base: disk.base().id().to_hex(),
+                layers: record.layers.clone(),
+            };
+            job.save(&self.state_dir)?;
+            uploads::run(
+                &self.store,
+                &self.state_dir,
+                &self.host_id,
+                &job,
+                disk.base(),
+                &layers,
+            );
+            let done = rt
+                .block_on(catalog::snapshot::get(
+                    remote.as_ref(),
+                    &record.project,
+                    &snap.id,
+                ))?
+                .context("the suspend snapshot's record vanished")?
+                .record;
+            if done.state != SnapshotState::Completed {
+                bail!(
+                    "the suspend snapshot {} is {}: {}",
+                    snap.id,
+                    done.state,
+                    done.reason.unwrap_or_default()
+                );
+            }
+            Ok(snap.id)
+        })();
+        let mut inner = self.lock();
+        let snapshot = match outcome {
+            Ok(s) => s,
+            Err(e) => {
+                // Served again as it was; the catalog says running again.
+                let back = self.serve(&mut inner, record.clone());
+                let _ = rt.block_on(catalog::sandbox::set_state(
+                    remote.as_ref(),
+                    &record.project,
+                    &name,
+                    &owner,
+                    SandboxState::Running,
+                    None,
+                ));
+                if let Ok(r) = back {
+                    inner.sandboxes.insert(record.id.clone(), r);
+                }
+                return Err(e.context(format!("suspending {name}")));
+            }
+        };
+        let suspended = rt.block_on(catalog::sandbox::set_state(
+            remote.as_ref(),
+            &record.project,
+            &name,
+            &owner,
+            SandboxState::Suspended,
+            Some(&snapshot),
+        ))?;
+        SandboxRecord::delete(&self.state_dir, &record.id)?;
+        let in_use = self.layers_in_use(&inner);
+        inner
+            .layers
+            .release(&record.layers, &|l| in_use.contains(l));
+        Ok(suspended)
+    }
+
+    /// Resumes a suspended named sandbox on this host (the one that
+    /// suspended it or another sharing the store): takes it over in the
+    /// catalog (the next generation fences any earlier owner) and serves a
+    /// disk from its suspend snapshot.
+    pub fn resume(&self, name: &str, project: &str, queues: u16) -> Result<SandboxView> {
+        catalog::check_project(project)?;
+        let remote = self.store.remote().clone();
+        let rt = self.store.runtime();
+        let mut inner = self.lock();
+        Self::check_name(&inner, &Some(name.to_owned()))?;
+        let taken = rt.block_on(catalog::sandbox::take(
+            remote.as_ref(),
+            project,
+            name,
+            &self.host_id,
+            false,
+        ))?;
+        let snapshot = taken
+            .snapshot
+            .clone()
+            .context("the catalog's record of a suspended sandbox names no snapshot")?;
+        let req = CreateRequest {
+            name: Some(name.to_owned()),
+            image: None,
+            snapshot: Some(snapshot),
+            project: project.to_owned(),
+            queues,
+        };
+        let served = self.source(&req).and_then(|(image, base, _)| {
+            let manifest = self.load_manifest(&base)?;
+            self.serve_new(
+                &mut inner,
+                req,
+                image,
+                base,
+                None,
+                manifest,
+                taken.generation,
+            )
+        });
+        if served.is_err() {
+            // Back to suspended, for this host or another to try again.
+            let owner = catalog::sandbox::Owner {
+                host: self.host_id.clone(),
+                generation: taken.generation,
+            };
+            let _ = rt.block_on(async {
+                catalog::sandbox::set_state(
+                    remote.as_ref(),
+                    project,
+                    name,
+                    &owner,
+                    catalog::sandbox::SandboxState::Suspending,
+                    None,
+                )
+                .await?;
+                catalog::sandbox::set_state(
+                    remote.as_ref(),
+                    project,
+                    name,
+                    &owner,
+                    catalog::sandbox::SandboxState::Suspended,
+                    None,
+                )
+                .await
+            });
+        }
+        served
+    }
+
+    /// The local half of [`Host::create`] and [`Host::resume`]: a layer,
+    /// the record, the server.
+    #[allow(clippy::too_many_arguments)]
+    fn serve_new(
+        &self,
+        inner: &mut Inner,
+        req: CreateRequest,
+        image: ManifestId,
+        base: ManifestId,
+        image_name: Option<String>,
+        manifest: Arc<Manifest>,
+        generation: u64,
+    ) -> Result<SandboxView> {
         let (layer_id, layer) = inner.layers.create(&base, manifest.logical_size)?;
         let record = SandboxRecord {
             id: new_id(),
@@ -414,6 +710,7 @@ impl Host {
             layers: vec![layer_id],
             cloned_from: None,
             snapshot: req.snapshot,
+            generation,
             queues: req.queues,
             created: now(),
         };
@@ -476,6 +773,38 @@ impl Host {
             Self::find(&inner, source).ok_or_else(|| Refusal::NoSuchSandbox(source.to_owned()))?;
         let (base, size) = (src.disk.base(), src.disk.size());
         let src_id = src.record.id.clone();
+        let image: ManifestId = src.record.image.parse().context("record's image id")?;
+        let project = src.record.project.clone();
+        let generation = self.take_name(
+            &project,
+            req.name.as_deref(),
+            catalog::sandbox::SandboxSource::Image(image),
+        )?;
+        let made = self.clone_onto(
+            &mut inner,
+            &src_id,
+            req.name.clone(),
+            generation,
+            base,
+            size,
+        );
+        if let (Err(_), Some(name)) = (&made, &req.name) {
+            self.release_name(&project, name, generation);
+        }
+        made
+    }
+
+    /// The local half of [`Host::clone_sandbox`].
+    fn clone_onto(
+        &self,
+        inner: &mut Inner,
+        src_id: &str,
+        name: Option<String>,
+        generation: u64,
+        base: Arc<Manifest>,
+        size: u64,
+    ) -> Result<SandboxView> {
+        let src_id = src_id.to_owned();
         let (next_id, next) = inner.layers.create(&base.id(), size)?;
         let (clone_layer_id, clone_layer) = inner.layers.create(&base.id(), size)?;
         // Recorded before the freeze: after a crash, the source's old top
@@ -488,7 +817,7 @@ impl Host {
         let frozen = running.disk.freeze(next)?;
         let record = SandboxRecord {
             id: new_id(),
-            name: req.name,
+            name,
             project: src_record.project.clone(),
             image: src_record.image.clone(),
             image_name: src_record.image_name.clone(),
@@ -500,6 +829,7 @@ impl Host {
                 .collect(),
             cloned_from: Some(src_id),
             snapshot: src_record.snapshot.clone(),
+            generation,
             queues: src_record.queues,
             created: now(),
         };
@@ -544,8 +874,16 @@ impl Host {
         };
         let layers = running.record.layers.clone();
         let id = running.record.id.clone();
+        let named = running
+            .record
+            .name
+            .clone()
+            .map(|n| (running.record.project.clone(), n, running.record.generation));
         drop(running.stop());
         SandboxRecord::delete(&self.state_dir, &id)?;
+        if let Some((project, name, generation)) = named {
+            self.release_name(&project, &name, generation);
+        }
         let mut inner = self.lock();
         let in_use = self.layers_in_use(&inner);
         inner.layers.release(&layers, &|l| in_use.contains(l));

@@ -32,6 +32,10 @@ pub struct SandboxRecord {
     /// The snapshot it was made from, if any.
     #[serde(default)]
     pub snapshot: Option<String>,
+    /// A named sandbox's generation in the catalog while this host serves
+    /// it (0: unnamed, not in the catalog).
+    #[serde(default)]
+    pub generation: u64,
     pub queues: u16,
     /// Seconds since the epoch.
     pub created: u64,

@@ -39,7 +39,8 @@ impl Poller {
         self.window = if slept > self.max {
             Duration::ZERO
         } else {
-            (self.window * 2).clamp(START, self.max)
+            // Not `clamp`: the bound may be below START (or zero).
+            (self.window * 2).max(START).min(self.max)
         };
     }
 
@@ -102,6 +103,12 @@ mod tests {
             "an idle queue stops polling"
         );
         assert_eq!(after(&mut p, 10), START);
+    }
+
+    #[test]
+    fn a_bound_below_the_first_window_is_the_window() {
+        let mut p = Poller::new(Duration::from_micros(1));
+        assert_eq!(after(&mut p, 1), Duration::from_micros(1));
     }
 
     #[test]
