@@ -584,8 +584,15 @@ impl Host {
         let snapshot = match outcome {
             Ok(s) => s,
             Err(e) => {
-                // Served again as it was; the catalog says running again.
-                let back = self.serve(&mut inner, record.clone());
+                // Served again as it was, on a fresh live layer (the old top
+                // was frozen for the snapshot); the catalog says running.
+                let back = (|| -> Result<Running> {
+                    let mut again = record.clone();
+                    let (next, _) = inner.layers.create(&disk.base().id(), disk.size())?;
+                    again.layers.push(next);
+                    again.save(&self.state_dir)?;
+                    self.serve(&mut inner, again)
+                })();
                 let _ = rt.block_on(catalog::sandbox::set_state(
                     remote.as_ref(),
                     &record.project,
@@ -594,8 +601,13 @@ impl Host {
                     SandboxState::Running,
                     None,
                 ));
-                if let Ok(r) = back {
-                    inner.sandboxes.insert(record.id.clone(), r);
+                match back {
+                    Ok(r) => {
+                        inner.sandboxes.insert(record.id.clone(), r);
+                    }
+                    Err(b) => {
+                        tracing::error!(sandbox = %name, error = %format!("{b:#}"), "a sandbox whose suspend failed could not be served again; restart the daemon")
+                    }
                 }
                 return Err(e.context(format!("suspending {name}")));
             }
