@@ -124,20 +124,8 @@ pub fn serve_connection(
     result
 }
 
-/// An error with its causes, on one line.
-pub struct DisplayChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for DisplayChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
-    }
-}
+/// An error with its causes, on one line (the engine's).
+pub use cairn_engine::error::DisplayChain;
 
 fn serve_guarded(
     snapshot: &ServedSnapshot,
