@@ -133,7 +133,8 @@ impl BlkBackend {
         }
     }
 
-    /// Serves the queue `index` until it has nothing available.
+    /// Serves the queue `index` until it has nothing available and stays
+    /// empty for the poller's window.
     fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
         let mut worker = lock(&self.workers[index]);
         let Worker {
@@ -148,50 +149,8 @@ impl BlkBackend {
         };
         let mem = atomic.memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
-        let qerr = |e: virtio_queue::Error| io::Error::other(e.to_string());
-        'serve: loop {
-            loop {
-                if event_idx {
-                    vring.disable_notification().map_err(qerr)?;
-                }
-                let chains: Vec<_> = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .iter(mem.clone())
-                    .map_err(qerr)?
-                    .collect();
-                for chain in chains {
-                    let head = chain.head_index();
-                    let used = match parse(chain, &*mem, &self.limits) {
-                        Ok(req) => {
-                            tracing::trace!(queue = index, kind = ?req.kind, sector = req.sector, len = req.data_len, "request");
-                            // Read per request: the guest may switch the cache
-                            // between two requests of one batch.
-                            let writethrough = !self.writeback();
-                            let done =
-                                execute(&req, disk, &*mem, &self.exec, writethrough, scratch);
-                            match mem.write_obj(done.status, req.status) {
-                                Ok(()) => done.used_len,
-                                Err(e) => {
-                                    tracing::warn!("cannot write the status byte: {e}");
-                                    0
-                                }
-                            }
-                        }
-                        Err(rej) => {
-                            tracing::warn!(queue = index, "refused a request: {}", rej.why);
-                            match rej.status.map(|at| mem.write_obj(rej.code, at)) {
-                                Some(Ok(())) => 1,
-                                _ => 0,
-                            }
-                        }
-                    };
-                    vring.add_used(head, used).map_err(qerr)?;
-                }
-                if !event_idx || !vring.enable_notification().map_err(qerr)? {
-                    break;
-                }
-            }
+        loop {
+            self.drain(index, vring, &mem, disk, scratch, event_idx)?;
             if !event_idx || vring.needs_notification().map_err(qerr)? {
                 vring.signal_used_queue()?;
             }
@@ -203,12 +162,70 @@ impl BlkBackend {
                 Ok::<_, io::Error>(avail != Wrapping(queue.next_avail()))
             })?;
             if !more {
-                break 'serve;
+                break;
             }
         }
         poller.slept(Instant::now());
         Ok(())
     }
+
+    /// Runs every request the queue holds, until it is empty with
+    /// notifications on again.
+    fn drain(
+        &self,
+        index: usize,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        disk: &mut LazyDisk,
+        scratch: &mut Vec<u8>,
+        event_idx: bool,
+    ) -> io::Result<()> {
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(qerr)?;
+            }
+            let chains: Vec<_> = vring
+                .get_mut()
+                .get_queue_mut()
+                .iter(mem)
+                .map_err(qerr)?
+                .collect();
+            for chain in chains {
+                let head = chain.head_index();
+                let used = match parse(chain, mem, &self.limits) {
+                    Ok(req) => {
+                        tracing::trace!(queue = index, kind = ?req.kind, sector = req.sector, len = req.data_len, "request");
+                        // Read per request: the guest may switch the cache
+                        // between two requests of one batch.
+                        let writethrough = !self.writeback();
+                        let done = execute(&req, disk, mem, &self.exec, writethrough, scratch);
+                        match mem.write_obj(done.status, req.status) {
+                            Ok(()) => done.used_len,
+                            Err(e) => {
+                                tracing::warn!("cannot write the status byte: {e}");
+                                0
+                            }
+                        }
+                    }
+                    Err(rej) => {
+                        tracing::warn!(queue = index, "refused a request: {}", rej.why);
+                        match rej.status.map(|at| mem.write_obj(rej.code, at)) {
+                            Some(Ok(())) => 1,
+                            _ => 0,
+                        }
+                    }
+                };
+                vring.add_used(head, used).map_err(qerr)?;
+            }
+            if !event_idx || !vring.enable_notification().map_err(qerr)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn qerr(e: virtio_queue::Error) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
 impl VhostUserBackend for BlkBackend {
