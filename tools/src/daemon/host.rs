@@ -293,26 +293,8 @@ impl Host {
         let src = Self::find(&inner, key).ok_or_else(|| Refusal::NoSuchSandbox(key.to_owned()))?;
         let (base, size) = (src.disk.base(), src.disk.size());
         let src_record = src.record.clone();
-        let image: ManifestId = src_record.image.parse().context("record's image id")?;
-        let remote = self.store.remote().clone();
         // The catalog's record first: if this fails, nothing has changed.
-        let snap = self.store.runtime().block_on(catalog::snapshot::create(
-            remote.as_ref(),
-            NewSnapshot {
-                project: src_record.project.clone(),
-                parent: None,
-                image: Some(image),
-                sandbox: Some(src_record.id.clone()),
-                host: self.host_id.clone(),
-            },
-        ))?;
-        let job = PendingUpload {
-            id: snap.id.clone(),
-            project: src_record.project.clone(),
-            base: base.id().to_hex(),
-            layers: src_record.layers.clone(),
-        };
-        job.save(&self.state_dir)?;
+        let (snap, job) = self.record_upload(&src_record, None, &base)?;
         let (next_id, next) = inner.layers.create(&base.id(), size)?;
         let running = inner
             .sandboxes
@@ -325,6 +307,36 @@ impl Host {
         running.disk.freeze(next)?;
         self.start_upload(&mut inner, job)?;
         Ok(snap)
+    }
+
+    /// A pending snapshot of `record`'s layers over `base`: its catalog
+    /// record, and its upload recorded in the state directory.
+    fn record_upload(
+        &self,
+        record: &SandboxRecord,
+        parent: Option<String>,
+        base: &Manifest,
+    ) -> Result<(SnapshotRecord, PendingUpload)> {
+        let image: ManifestId = record.image.parse().context("record's image id")?;
+        let remote = self.store.remote().clone();
+        let snap = self.store.runtime().block_on(catalog::snapshot::create(
+            remote.as_ref(),
+            NewSnapshot {
+                project: record.project.clone(),
+                parent,
+                image: Some(image),
+                sandbox: Some(record.id.clone()),
+                host: self.host_id.clone(),
+            },
+        ))?;
+        let job = PendingUpload {
+            id: snap.id.clone(),
+            project: record.project.clone(),
+            base: base.id().to_hex(),
+            layers: record.layers.clone(),
+        };
+        job.save(&self.state_dir)?;
+        Ok((snap, job))
     }
 
     /// Layers in use: under a served disk or an upload.
@@ -430,40 +442,47 @@ impl Host {
             Some(s) => catalog::sandbox::SandboxSource::Snapshot(s.clone()),
             None => catalog::sandbox::SandboxSource::Image(image),
         };
-        let generation = self.take_name(&req.project, req.name.as_deref(), source)?;
         let (project, name) = (req.project.clone(), req.name.clone());
-        let served = self.serve_new(
-            &mut inner, req, image, base, image_name, manifest, generation,
-        );
-        if let (Err(_), Some(name)) = (&served, name) {
-            // Not served after all: the name goes back.
-            self.release_name(&project, &name, generation);
-        }
-        served
+        self.named(&project, name.as_deref(), source, |generation| {
+            self.serve_new(
+                &mut inner, req, image, base, image_name, manifest, generation,
+            )
+        })
     }
 
-    /// A named sandbox takes its name in the catalog (of two hosts that race
-    /// for it, one wins); returns its generation, 0 for an unnamed one.
-    fn take_name(
+    /// Runs `make` with the generation of the name it serves: a named
+    /// sandbox first takes its name in the catalog (of two hosts that race
+    /// for it, one wins) and gives it back if `make` fails; an unnamed one
+    /// is generation 0, not in the catalog.
+    fn named<T>(
         &self,
         project: &str,
         name: Option<&str>,
         source: catalog::sandbox::SandboxSource,
-    ) -> Result<u64> {
+        make: impl FnOnce(u64) -> Result<T>,
+    ) -> Result<T> {
         let Some(name) = name else {
-            return Ok(0);
+            return make(0);
         };
         let remote = self.store.remote().clone();
-        let rec = self.store.runtime().block_on(catalog::sandbox::create(
-            remote.as_ref(),
-            catalog::sandbox::NewSandbox {
-                project: project.to_owned(),
-                name: Some(name.to_owned()),
-                source,
-                host: self.host_id.clone(),
-            },
-        ))?;
-        Ok(rec.generation)
+        let generation = self
+            .store
+            .runtime()
+            .block_on(catalog::sandbox::create(
+                remote.as_ref(),
+                catalog::sandbox::NewSandbox {
+                    project: project.to_owned(),
+                    name: Some(name.to_owned()),
+                    source,
+                    host: self.host_id.clone(),
+                },
+            ))?
+            .generation;
+        let made = make(generation);
+        if made.is_err() {
+            self.release_name(project, name, generation);
+        }
+        made
     }
 
     /// Removes a name this host holds at `generation` from the catalog;
@@ -472,10 +491,7 @@ impl Host {
         if generation == 0 {
             return;
         }
-        let owner = catalog::sandbox::Owner {
-            host: self.host_id.clone(),
-            generation,
-        };
+        let owner = self.owner(generation);
         let remote = self.store.remote().clone();
         if let Err(e) = self.store.runtime().block_on(catalog::sandbox::remove(
             remote.as_ref(),
@@ -488,11 +504,11 @@ impl Host {
         }
     }
 
-    /// The catalog owner of a served named sandbox.
-    fn owner(&self, record: &SandboxRecord) -> catalog::sandbox::Owner {
+    /// This host as the catalog's owner of a named sandbox at `generation`.
+    fn owner(&self, generation: u64) -> catalog::sandbox::Owner {
         catalog::sandbox::Owner {
             host: self.host_id.clone(),
-            generation: record.generation,
+            generation,
         }
     }
 
@@ -513,7 +529,7 @@ impl Host {
                 record.id
             )));
         };
-        let owner = self.owner(&record);
+        let owner = self.owner(record.generation);
         use catalog::sandbox::SandboxState;
         rt.block_on(catalog::sandbox::set_state(
             remote.as_ref(),
@@ -536,24 +552,7 @@ impl Host {
                     l.freeze()?;
                 }
             }
-            let image: ManifestId = record.image.parse().context("record's image id")?;
-            let snap = rt.block_on(catalog::snapshot::create(
-                remote.as_ref(),
-                NewSnapshot {
-                    project: record.project.clone(),
-                    parent: record.snapshot.clone(),
-                    image: Some(image),
-                    sandbox: Some(record.id.clone()),
-                    host: self.host_id.clone(),
-                },
-            ))?;
-            let job = PendingUpload {
-                id: snap.id.clone(),
-                project: record.project.clone(),
-                base: disk.base().id().to_hex(),
-                layers: record.layers.clone(),
-            };
-            job.save(&self.state_dir)?;
+            let (snap, job) = self.record_upload(&record, record.snapshot.clone(), &disk.base())?;
             uploads::run(
                 &self.store,
                 &self.state_dir,
@@ -670,10 +669,7 @@ impl Host {
         });
         if served.is_err() {
             // Back to suspended, for this host or another to try again.
-            let owner = catalog::sandbox::Owner {
-                host: self.host_id.clone(),
-                generation: taken.generation,
-            };
+            let owner = self.owner(taken.generation);
             let _ = rt.block_on(async {
                 catalog::sandbox::set_state(
                     remote.as_ref(),
@@ -787,23 +783,21 @@ impl Host {
         let src_id = src.record.id.clone();
         let image: ManifestId = src.record.image.parse().context("record's image id")?;
         let project = src.record.project.clone();
-        let generation = self.take_name(
+        self.named(
             &project,
             req.name.as_deref(),
             catalog::sandbox::SandboxSource::Image(image),
-        )?;
-        let made = self.clone_onto(
-            &mut inner,
-            &src_id,
-            req.name.clone(),
-            generation,
-            base,
-            size,
-        );
-        if let (Err(_), Some(name)) = (&made, &req.name) {
-            self.release_name(&project, name, generation);
-        }
-        made
+            |generation| {
+                self.clone_onto(
+                    &mut inner,
+                    &src_id,
+                    req.name.clone(),
+                    generation,
+                    base,
+                    size,
+                )
+            },
+        )
     }
 
     /// The local half of [`Host::clone_sandbox`].

@@ -66,6 +66,25 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("saving {}", path.display()))
 }
 
+/// Every `*.json` file in `dir` (created if missing), parsed; `what`
+/// names them in errors.
+pub fn read_json_dir<T: serde::de::DeserializeOwned>(dir: &Path, what: &str) -> Result<Vec<T>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let text =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            out.push(
+                serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is not {what}", path.display()))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
 impl SandboxRecord {
     fn path(state_dir: &Path, id: &str) -> PathBuf {
         state_dir.join("sandboxes").join(format!("{id}.json"))
@@ -89,19 +108,8 @@ impl SandboxRecord {
 
     /// Every record in the state directory.
     pub fn load_all(state_dir: &Path) -> Result<Vec<SandboxRecord>> {
-        let dir = state_dir.join("sandboxes");
-        std::fs::create_dir_all(&dir)?;
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "json") {
-                let text =
-                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-                let record: SandboxRecord = serde_json::from_slice(&text)
-                    .with_context(|| format!("{} is not a sandbox record", path.display()))?;
-                out.push(record);
-            }
-        }
+        let mut out: Vec<SandboxRecord> =
+            read_json_dir(&state_dir.join("sandboxes"), "a sandbox record")?;
         out.sort_by_key(|r| (r.created, r.id.clone()));
         Ok(out)
     }

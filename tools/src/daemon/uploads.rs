@@ -42,25 +42,7 @@ impl PendingUpload {
 
     /// Every recorded upload.
     pub fn load_all(state_dir: &Path) -> Result<Vec<PendingUpload>> {
-        let d = dir(state_dir);
-        let mut out = Vec::new();
-        let entries = match std::fs::read_dir(&d) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", d.display())),
-        };
-        for entry in entries {
-            let path = entry?.path();
-            if path.extension().is_some_and(|x| x == "json") {
-                let text =
-                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-                out.push(
-                    serde_json::from_slice(&text)
-                        .with_context(|| format!("{} is not an upload record", path.display()))?,
-                );
-            }
-        }
-        Ok(out)
+        super::sandbox::read_json_dir(&dir(state_dir), "an upload record")
     }
 
     fn forget(&self, state_dir: &Path) {
