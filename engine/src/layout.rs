@@ -63,6 +63,14 @@ pub fn snapshot_key(id: &str) -> String {
     format!("{SNAPSHOTS}{id}")
 }
 
+pub const VM_STATES: &str = "vmstate/";
+
+/// An opaque VM-state blob (e.g. Firecracker's vmstate file), by the
+/// BLAKE3 hash of its content.
+pub fn vm_state_key(hash_hex: &str) -> String {
+    format!("{VM_STATES}{hash_hex}")
+}
+
 /// Where a project's image names are listed.
 pub fn images_prefix(project: &str) -> String {
     format!("{CATALOG}images/{project}/")

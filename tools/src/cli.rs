@@ -326,6 +326,27 @@ pub struct DaemonArgs {
     /// Also serve /metrics over TCP here, e.g. 127.0.0.1:9464.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Leave a VMM running when its memory stops being served mid-resume
+    /// (its sandbox removed, the daemon stopped); by default it is killed,
+    /// since its next page fault would never be answered.
+    #[arg(long)]
+    pub no_kill_vmm: bool,
+}
+
+/// A VMM's memory file and VM-state blob, taken with a snapshot, clone or
+/// suspend (pause the VM, have the VMM write them, then call).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MachineArgs {
+    /// The VM's memory file (full, or a diff with --memory-diff).
+    #[arg(long)]
+    pub memory: Option<PathBuf>,
+    /// The memory file is a sparse diff over the memory the sandbox was
+    /// started from (holes unchanged), as Firecracker's diff snapshots.
+    #[arg(long, requires = "memory")]
+    pub memory_diff: bool,
+    /// An opaque VM-state blob (e.g. Firecracker's vmstate file).
+    #[arg(long)]
+    pub vm_state: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -352,7 +373,11 @@ pub enum SandboxCommand {
     /// Snapshot a running sandbox's disk as it is now (one FLUSH); the
     /// upload runs in the background: `cairn snapshot describe ID` shows
     /// when it is completed.
-    Snapshot { sandbox: String },
+    Snapshot {
+        sandbox: String,
+        #[command(flatten)]
+        machine: MachineArgs,
+    },
     /// Sandboxes from a completed snapshot: NAME, or NAME-1..NAME-N with
     /// --count N (unnamed without NAME).
     Fork {
@@ -367,7 +392,11 @@ pub enum SandboxCommand {
     /// Suspend a named sandbox (stop its VM first): its disk is snapshotted
     /// and uploaded, the catalog records it as suspended, its local state
     /// is freed. Returns when the snapshot is completed.
-    Suspend { sandbox: String },
+    Suspend {
+        sandbox: String,
+        #[command(flatten)]
+        machine: MachineArgs,
+    },
     /// Resume a suspended sandbox on this daemon's host (any host that
     /// shares the store).
     Resume {
@@ -376,10 +405,13 @@ pub enum SandboxCommand {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
         queues: u16,
     },
-    /// A second sandbox with the disk of a running one as it is now.
+    /// A second sandbox with the disk of a running one as it is now (and
+    /// the memory and VM state given, served at once).
     Clone {
         sandbox: String,
         name: Option<String>,
+        #[command(flatten)]
+        machine: MachineArgs,
     },
     /// The sandboxes this daemon serves.
     Ls,

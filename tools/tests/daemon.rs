@@ -115,7 +115,8 @@ impl Env {
     ) -> (Daemon, Value) {
         let mut child = cairn
             .envs(envs.iter().copied())
-            .args(["--json", "daemon", "--state-dir"])
+            // The tests' VMMs (the uffd harness) are this process.
+            .args(["--json", "daemon", "--no-kill-vmm", "--state-dir"])
             .arg(self.path(state))
             .stdout(Stdio::piped())
             .spawn()
@@ -293,6 +294,23 @@ impl Env {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Waits (up to 30 s) for sandbox `key` to stand on `n` layers.
+    fn eventually_layers(&self, key: &str, n: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let d = self.sandbox(&["describe", key]);
+            if d["layers"] == n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{key} still has {} layers, not {n}",
+                d["layers"]
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Waits for snapshot `id` to leave pending and uploading.
     fn settled(&self, id: &str) -> Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -338,7 +356,9 @@ fn a_running_sandbox_is_snapshotted_and_new_sandboxes_start_from_the_snapshot() 
         .as_str()
         .unwrap()
         .ends_with(&format!("snapshots/{id}")));
-    assert_eq!(env.sandbox(&["describe", "alpha"])["layers"], 2);
+    // Once uploaded, alpha stands on the snapshot's image: the folded
+    // layer is dropped, its stack back to one layer.
+    env.eventually_layers("alpha", 1);
     assert!(
         whole(&mut ca, env.image.len()) == model,
         "alpha keeps its writes"
@@ -540,4 +560,162 @@ fn a_suspended_sandbox_resumes_on_another_host_that_shares_the_store() {
     sandbox_via(env.cairn_b(), &["create", "alpha", "--image", "base"]);
     daemon_a.signal("-TERM");
     daemon_b.signal("-TERM");
+}
+
+/// Reads all of guest memory through a sandbox's page server, as a VMM
+/// resumed from it would (the harness in this process), and compares it.
+fn assert_memory_served(view: &Value, want: &[u8]) {
+    use cairn_vmm_glue::uffd::harness::{RegionSpec, VmmHarness};
+    let socket = view["memory_socket"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no memory socket: {view}"));
+    let mut vmm = VmmHarness::new(&[RegionSpec {
+        size: want.len() as u64,
+        page_size: 4096,
+    }])
+    .unwrap();
+    vmm.connect(Path::new(socket)).unwrap();
+    let mut got = vec![0u8; want.len()];
+    vmm.read(0, &mut got);
+    vmm.disconnect();
+    let first_bad = got.iter().zip(want).position(|(a, b)| a != b);
+    assert!(
+        first_bad.is_none(),
+        "{}: memory differs from byte {first_bad:?}",
+        view["id"]
+    );
+}
+
+#[test]
+fn memory_and_vm_state_are_snapshotted_forked_diffed_and_cloned() {
+    use std::io::{Seek, SeekFrom};
+    let env = Env::new();
+    let (daemon, _) = env.daemon();
+    let size = 8usize << 20;
+    let memory = cairn_vmm_glue::uffd::harness::synthetic_memory(size as u64, 9);
+    let mem = env.path("vm.mem");
+    std::fs::write(&mem, &memory).unwrap();
+    let vm_state = env.path("vm.state");
+    std::fs::write(&vm_state, b"vmstate: registers and devices, one").unwrap();
+
+    let a = env.sandbox(&["create", "vm", "--image", "base"]);
+    assert!(a["memory_socket"].is_null(), "{a}");
+    let mut ca = connect(&a);
+    let mut disk = env.image.clone();
+    put(&mut ca, &mut disk, 3 * MIB, 4096, 0x61);
+    ca.flush().unwrap();
+    // A diff needs memory to be over: refused, with the reason.
+    let out = env.sandbox_fails(&[
+        "snapshot",
+        "vm",
+        "--memory",
+        mem.to_str().unwrap(),
+        "--memory-diff",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not started from memory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let odd = env.path("odd.mem");
+    std::fs::write(&odd, vec![1u8; 5000]).unwrap();
+    let out = env.sandbox_fails(&["snapshot", "vm", "--memory", odd.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("4 KiB pages"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A full memory file and a VM state with the disk.
+    let snap = env.sandbox(&[
+        "snapshot",
+        "vm",
+        "--memory",
+        mem.to_str().unwrap(),
+        "--vm-state",
+        vm_state.to_str().unwrap(),
+    ]);
+    let id = snap["id"].as_str().unwrap().to_owned();
+    // The VMM may write its files again at once: the daemon took copies.
+    std::fs::write(&mem, vec![0u8; size]).unwrap();
+    std::fs::write(&vm_state, b"overwritten").unwrap();
+    let done = env.settled(&id);
+    assert_eq!(done["state"], "completed", "{done}");
+    assert!(done["memory"].is_string(), "{done}");
+    assert!(done["vm_state"].is_string(), "{done}");
+
+    // Forked twice: each serves the memory byte-exact, has the VM state
+    // as a file, and the disk at the snapshot.
+    let forks = env.sandbox(&["fork", &id, "--count", "2"]);
+    let forks = forks["sandboxes"].as_array().unwrap().clone();
+    assert_eq!(forks.len(), 2);
+    for f in &forks {
+        assert_memory_served(f, &memory);
+        let state = std::fs::read(f["vm_state"].as_str().unwrap()).unwrap();
+        assert_eq!(state, b"vmstate: registers and devices, one");
+        assert!(whole(&mut connect(f), env.image.len()) == disk);
+    }
+    assert_ne!(forks[0]["memory_socket"], forks[1]["memory_socket"]);
+
+    // A Firecracker-style diff over the fork's memory: written pages are
+    // data, holes unchanged.
+    let diff = env.path("diff.mem");
+    let mut file = std::fs::File::create(&diff).unwrap();
+    file.set_len(size as u64).unwrap();
+    let mut child = memory.clone();
+    for p in [0usize, 5, 700, 2047] {
+        let page = vec![p as u8 ^ 0x3c; 4096];
+        file.seek(SeekFrom::Start((p * 4096) as u64)).unwrap();
+        file.write_all(&page).unwrap();
+        child[p * 4096..][..4096].copy_from_slice(&page);
+    }
+    drop(file);
+    let fork0 = forks[0]["id"].as_str().unwrap();
+    let snap2 = env.sandbox(&[
+        "snapshot",
+        fork0,
+        "--memory",
+        diff.to_str().unwrap(),
+        "--memory-diff",
+    ]);
+    let id2 = snap2["id"].as_str().unwrap().to_owned();
+    let done2 = env.settled(&id2);
+    assert_eq!(done2["state"], "completed", "{done2}");
+    assert_eq!(done2["parent"], id.as_str(), "{done2}");
+    let from_diff = env.sandbox(&["create", "--snapshot", &id2]);
+    assert_memory_served(&from_diff, &child);
+    assert!(from_diff["vm_state"].is_null(), "{from_diff}");
+
+    // A clone with memory serves it at once (no upload waited for).
+    let mut cloned = child.clone();
+    cloned[size - 4096..].fill(0x77);
+    std::fs::write(&mem, &cloned).unwrap();
+    let c = env.sandbox(&["clone", fork0, "twin", "--memory", mem.to_str().unwrap()]);
+    assert_memory_served(&c, &cloned);
+    // A clone without memory arguments keeps its source's.
+    let plain = env.sandbox(&["clone", &id_of(&forks[1])]);
+    assert_memory_served(&plain, &memory);
+
+    // Removing a sandbox stops its page server, which ends the resume
+    // under way (the harness VMM, which never exits) and reports it.
+    for v in [&forks[0], &forks[1], &from_diff, &c, &plain] {
+        env.sandbox(&["rm", &id_of(v)]);
+        let socket = v["memory_socket"].as_str().unwrap();
+        assert!(!Path::new(socket).exists(), "{socket} left behind");
+    }
+    let metrics = http_get(&env.socket(), "/metrics");
+    let resumes: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cairn_memory_resumes_total "))
+        .unwrap_or_else(|| panic!("no resume counter in {metrics}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(resumes, 5, "{metrics}");
+    drop(ca);
+    daemon.signal("-TERM");
+}
+
+fn id_of(view: &Value) -> String {
+    view["id"].as_str().unwrap().to_owned()
 }

@@ -168,6 +168,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     socket,
                     state_dir,
                     metrics_addr: args.metrics_addr,
+                    kill_vmm: !args.no_kill_vmm,
                 },
             )
         }

@@ -2,11 +2,13 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
 use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::cli::{Global, SandboxCommand};
+use crate::cli::{Global, MachineArgs, SandboxCommand};
 use crate::daemon::client::DaemonClient;
 use crate::daemon::default_socket;
 use crate::output::emit;
@@ -44,26 +46,34 @@ pub fn run(g: &Global, cmd: &SandboxCommand) -> Result<ExitCode> {
             &format!("/v1/snapshots/{snapshot}/fork"),
             Some(&json!({ "name": name, "count": count, "queues": queues, "project": g.project })),
         )?,
-        SandboxCommand::Suspend { sandbox } => client.call(
+        SandboxCommand::Suspend { sandbox, machine } => client.call(
             Method::POST,
             &format!("/v1/sandboxes/{sandbox}/suspend"),
-            None,
+            Some(&machine_body(machine)?),
         )?,
         SandboxCommand::Resume { name, queues } => client.call(
             Method::POST,
             &format!("/v1/sandboxes/{name}/resume"),
             Some(&json!({ "queues": queues, "project": g.project })),
         )?,
-        SandboxCommand::Snapshot { sandbox } => client.call(
+        SandboxCommand::Snapshot { sandbox, machine } => client.call(
             Method::POST,
             &format!("/v1/sandboxes/{sandbox}/snapshot"),
-            None,
+            Some(&machine_body(machine)?),
         )?,
-        SandboxCommand::Clone { sandbox, name } => client.call(
-            Method::POST,
-            &format!("/v1/sandboxes/{sandbox}/clone"),
-            Some(&json!({ "name": name })),
-        )?,
+        SandboxCommand::Clone {
+            sandbox,
+            name,
+            machine,
+        } => {
+            let mut body = machine_body(machine)?;
+            body["name"] = json!(name);
+            client.call(
+                Method::POST,
+                &format!("/v1/sandboxes/{sandbox}/clone"),
+                Some(&body),
+            )?
+        }
         SandboxCommand::Ls => client.call(Method::GET, "/v1/sandboxes", None)?,
         SandboxCommand::Describe { sandbox } => {
             client.call(Method::GET, &format!("/v1/sandboxes/{sandbox}"), None)?
@@ -75,6 +85,20 @@ pub fn run(g: &Global, cmd: &SandboxCommand) -> Result<ExitCode> {
     };
     emit(g.json, &answer, || text(cmd, &answer))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The VMM's files as the daemon reads them: absolute paths.
+fn machine_body(m: &MachineArgs) -> Result<Value> {
+    let absolute = |p: &Option<PathBuf>| -> Result<Option<PathBuf>> {
+        p.as_ref()
+            .map(|p| std::path::absolute(p).with_context(|| format!("resolving {}", p.display())))
+            .transpose()
+    };
+    Ok(json!({
+        "memory": absolute(&m.memory)?,
+        "memory_diff": m.memory_diff,
+        "vm_state": absolute(&m.vm_state)?,
+    }))
 }
 
 fn line(s: &Value) -> String {
@@ -104,7 +128,7 @@ fn text(cmd: &SandboxCommand, answer: &Value) -> String {
             out
         }
         SandboxCommand::Rm { sandbox } => format!("removed {sandbox}\n"),
-        SandboxCommand::Snapshot { sandbox } => format!(
+        SandboxCommand::Snapshot { sandbox, .. } => format!(
             "snapshot {} of {sandbox}: {} (uploading in the background; see `cairn snapshot describe`)\n",
             answer["id"].as_str().unwrap_or("-"),
             answer["state"].as_str().unwrap_or("-"),
@@ -112,17 +136,26 @@ fn text(cmd: &SandboxCommand, answer: &Value) -> String {
         SandboxCommand::Describe { .. } => {
             serde_json::to_string_pretty(answer).unwrap_or_default() + "\n"
         }
-        SandboxCommand::Suspend { sandbox } => format!(
+        SandboxCommand::Suspend { sandbox, .. } => format!(
             "suspended {sandbox} (snapshot {})\n",
             answer["snapshot"].as_str().unwrap_or("-")
         ),
         SandboxCommand::Create { .. }
         | SandboxCommand::Clone { .. }
-        | SandboxCommand::Resume { .. } => format!(
-            "{} {}\ndisk socket: {}\n",
-            answer["id"].as_str().unwrap_or("-"),
-            answer["name"].as_str().unwrap_or(""),
-            answer["disk_socket"].as_str().unwrap_or("-")
-        ),
+        | SandboxCommand::Resume { .. } => {
+            let mut out = format!(
+                "{} {}\ndisk socket: {}\n",
+                answer["id"].as_str().unwrap_or("-"),
+                answer["name"].as_str().unwrap_or(""),
+                answer["disk_socket"].as_str().unwrap_or("-")
+            );
+            if let Some(m) = answer["memory_socket"].as_str() {
+                out += &format!("memory socket: {m}\n");
+            }
+            if let Some(v) = answer["vm_state"].as_str() {
+                out += &format!("vm state: {v}\n");
+            }
+            out
+        }
     }
 }

@@ -13,7 +13,9 @@ use cairn_engine::catalog::CatalogError;
 use cairn_engine::ErrorKind;
 use serde::Serialize;
 
-use super::host::{CloneRequest, CreateRequest, ForkRequest, Host, Refusal, ResumeRequest};
+use super::host::{
+    CloneRequest, CreateRequest, ForkRequest, Host, MachineInput, Refusal, ResumeRequest,
+};
 use super::metrics::Metrics;
 
 #[derive(Clone)]
@@ -148,8 +150,18 @@ async fn clone_sandbox(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-async fn snapshot(State(api): State<Api>, Path(key): Path<String>) -> ApiResult<impl IntoResponse> {
-    let rec = blocking(&api, "snapshot", move |h| h.snapshot(&key)).await?;
+/// The VMM's files, when the request has a body.
+fn machine(body: Option<Json<MachineInput>>) -> MachineInput {
+    body.map(|Json(m)| m).unwrap_or_default()
+}
+
+async fn snapshot(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    body: Option<Json<MachineInput>>,
+) -> ApiResult<impl IntoResponse> {
+    let input = machine(body);
+    let rec = blocking(&api, "snapshot", move |h| h.snapshot(&key, input)).await?;
     Ok((StatusCode::ACCEPTED, Json(rec)))
 }
 
@@ -165,8 +177,13 @@ async fn fork(
     ))
 }
 
-async fn suspend(State(api): State<Api>, Path(key): Path<String>) -> ApiResult<impl IntoResponse> {
-    let rec = blocking(&api, "suspend", move |h| h.suspend(&key)).await?;
+async fn suspend(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    body: Option<Json<MachineInput>>,
+) -> ApiResult<impl IntoResponse> {
+    let input = machine(body);
+    let rec = blocking(&api, "suspend", move |h| h.suspend(&key, input)).await?;
     Ok(Json(rec))
 }
 

@@ -12,13 +12,14 @@ use cairn_engine::catalog;
 use cairn_engine::chunkstore::ChunkStore;
 use cairn_engine::disk::Disk;
 use cairn_engine::manifest::Manifest;
-use cairn_engine::overlay::BLOCK;
+use cairn_engine::overlay::{Overlay, BLOCK};
 use cairn_engine::ManifestId;
 use serde::Serialize;
 
 use super::layers::Layers;
-use super::sandbox::{new_id, now, Running, SandboxRecord};
-use super::uploads::{self, PendingUpload};
+use super::pages::{PageConfig, PageServer};
+use super::sandbox::{copy_sparse, new_id, now, write_durably, Running, SandboxRecord};
+use super::uploads::{self, MachineState, PendingUpload};
 use cairn_engine::catalog::snapshot::{NewSnapshot, SnapshotRecord, SnapshotState};
 
 /// Why an operation was refused, as the API reports it.
@@ -44,10 +45,15 @@ pub struct SandboxView {
     pub base: String,
     pub disk_socket: PathBuf,
     pub memory_socket: Option<PathBuf>,
+    /// The memory image its page server serves.
+    pub memory: Option<String>,
+    /// Its VM-state blob (e.g. Firecracker's vmstate file), as a local file.
+    pub vm_state: Option<PathBuf>,
     pub layers: usize,
     /// Bytes its live layer holds (written since its last snapshot).
     pub bytes_written: u64,
     pub cloned_from: Option<String>,
+    /// Its latest snapshot, else the one it was made from.
     pub snapshot: Option<String>,
     pub created: u64,
     pub served_since: u64,
@@ -65,7 +71,9 @@ impl SandboxView {
             image_name: rec.image_name.clone(),
             base: rec.base.clone(),
             disk_socket: r.disk_socket.clone(),
-            memory_socket: None,
+            memory_socket: r.pages.as_ref().map(|p| p.socket.clone()),
+            memory: rec.memory.clone(),
+            vm_state: r.vm_state_path.clone(),
             layers: rec.layers.len(),
             bytes_written: r.disk.live().dirty_count() * BLOCK,
             cloned_from: rec.cloned_from.clone(),
@@ -127,9 +135,36 @@ fn one_count() -> u32 {
 /// The most sandboxes one fork makes.
 pub const MAX_FORK: u32 = 1000;
 
+/// A VMM's memory file and VM-state blob, given with a snapshot, clone
+/// or suspend: paths on the daemon's host, read by the daemon.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct MachineInput {
+    #[serde(default)]
+    pub memory: Option<PathBuf>,
+    /// The memory file is a sparse diff (holes unchanged) over the memory
+    /// the sandbox was started from, as Firecracker's diff snapshots are.
+    #[serde(default)]
+    pub memory_diff: bool,
+    #[serde(default)]
+    pub vm_state: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct CloneRequest {
     pub name: Option<String>,
+    #[serde(flatten)]
+    pub machine: MachineInput,
+}
+
+/// Where a new sandbox starts from.
+struct Source {
+    /// The image it descends from, and its name as asked for.
+    image: ManifestId,
+    image_name: Option<String>,
+    /// The manifest its first layer stands on.
+    base: ManifestId,
+    memory: Option<ManifestId>,
+    vm_state: Option<String>,
 }
 
 struct Inner {
@@ -147,8 +182,59 @@ pub struct Host {
     store: ChunkStore,
     /// Who this host is in the catalog's records.
     host_id: String,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
     uploading: Uploading,
+    pages: PageConfig,
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Layers in use: under a served disk or an upload.
+fn layers_in_use(inner: &Inner, uploading: &Uploading) -> std::collections::HashSet<String> {
+    let uploading = uploading.lock().unwrap_or_else(|p| p.into_inner());
+    inner
+        .sandboxes
+        .values()
+        .flat_map(|r| r.record.layers.iter().cloned())
+        .chain(uploading.values().flatten().cloned())
+        .collect()
+}
+
+/// Once `job`'s layers are uploaded as image `folded`, every sandbox
+/// standing on them (the one snapshotted, and clones sharing its frozen
+/// layers) stands on `folded` instead: its stack, and so its reads and
+/// its next snapshot, no longer grow by a layer per snapshot. The record
+/// is saved after the swap and the layers deleted after that, so a crash
+/// anywhere leaves a stack that reads the same.
+fn rebase(
+    inner: &mut Inner,
+    state_dir: &Path,
+    job: &PendingUpload,
+    layers: &[Arc<Overlay>],
+    folded: Arc<Manifest>,
+) {
+    for running in inner.sandboxes.values_mut() {
+        let rec = &running.record;
+        if rec.base != job.base
+            || rec.layers.len() <= job.layers.len()
+            || rec.layers[..job.layers.len()] != job.layers[..]
+        {
+            continue;
+        }
+        if !running.disk.rebase(folded.clone(), layers) {
+            continue;
+        }
+        let mut next = rec.clone();
+        next.base = folded.id().to_hex();
+        next.layers.drain(..job.layers.len());
+        if let Err(e) = next.save(state_dir) {
+            // The old record still names layers that read the same.
+            tracing::warn!(sandbox = %rec.id, error = %format!("{e:#}"), "cannot record a rebase");
+        }
+        running.record = next;
+    }
 }
 
 /// This daemon's name in the catalog: the host's name and an id kept in
@@ -166,24 +252,30 @@ fn host_id(state_dir: &Path) -> Result<String> {
 }
 
 impl Host {
-    pub fn new(state_dir: &Path, socket_dir: &Path, store: ChunkStore) -> Result<Host> {
+    pub fn new(
+        state_dir: &Path,
+        socket_dir: &Path,
+        store: ChunkStore,
+        pages: PageConfig,
+    ) -> Result<Host> {
         std::fs::create_dir_all(socket_dir)
             .with_context(|| format!("creating {}", socket_dir.display()))?;
         Ok(Host {
             state_dir: state_dir.to_owned(),
             socket_dir: socket_dir.to_owned(),
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 layers: Layers::new(state_dir)?,
                 sandboxes: BTreeMap::new(),
-            }),
+            })),
             host_id: host_id(state_dir)?,
             uploading: Arc::default(),
             store,
+            pages,
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 
     pub fn store(&self) -> &ChunkStore {
@@ -192,6 +284,121 @@ impl Host {
 
     fn disk_socket(&self, id: &str) -> PathBuf {
         self.socket_dir.join(format!("{}.disk.sock", &id[..16]))
+    }
+
+    fn memory_socket(&self, id: &str) -> PathBuf {
+        self.socket_dir.join(format!("{}.mem.sock", &id[..16]))
+    }
+
+    fn vm_state_path(&self, id: &str) -> PathBuf {
+        self.state_dir.join("vm-state").join(id)
+    }
+
+    /// Snapshot uploads under way.
+    pub fn uploads_in_flight(&self) -> usize {
+        self.uploading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Serves a sandbox: its disk, and its memory and VM state if it has them.
+    fn start(&self, record: SandboxRecord, disk: Arc<Disk>) -> Result<Running> {
+        let mut pages = None;
+        if let Some(m) = &record.memory {
+            let id: ManifestId = m.parse().context("record's memory image id")?;
+            pages = Some(PageServer::start(
+                &self.store,
+                id,
+                &self.memory_socket(&record.id),
+                &self.pages,
+            )?);
+        }
+        let mut vm_state_path = None;
+        if let Some(key) = &record.vm_state {
+            let path = self.vm_state_path(&record.id);
+            if !path.exists() {
+                let remote = self.store.remote().clone();
+                let bytes = self
+                    .store
+                    .runtime()
+                    .block_on(remote.get(key, None))
+                    .with_context(|| format!("fetching the VM state {key}"))?;
+                write_durably(&path, &bytes)?;
+            }
+            vm_state_path = Some(path);
+        }
+        let socket = self.disk_socket(&record.id);
+        let mut running = Running::start(record, disk, &socket)?;
+        running.pages = pages;
+        running.vm_state_path = vm_state_path;
+        Ok(running)
+    }
+
+    /// Copies a VMM's files into the state directory (the VMM may write
+    /// them again) for an upload; checks them first.
+    fn take_machine(
+        &self,
+        record: &SandboxRecord,
+        input: &MachineInput,
+    ) -> Result<Option<MachineState>> {
+        if input.memory.is_none() && input.vm_state.is_none() {
+            if input.memory_diff {
+                bail!(Refusal::BadRequest(
+                    "memory_diff without a memory file".into()
+                ));
+            }
+            return Ok(None);
+        }
+        let memory_parent = match (input.memory_diff, &record.memory) {
+            (false, _) => None,
+            (true, Some(m)) => Some(m.clone()),
+            (true, None) => bail!(Refusal::BadRequest(format!(
+                "sandbox {} was not started from memory: a diff has nothing to be over; give a full memory file",
+                record.id
+            ))),
+        };
+        let dir = self.state_dir.join("inputs");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let copy = |from: &Path, ext: &str| -> Result<PathBuf> {
+            let meta = std::fs::metadata(from)
+                .map_err(|e| Refusal::BadRequest(format!("cannot read {}: {e}", from.display())))?;
+            if !meta.is_file() {
+                bail!(Refusal::BadRequest(format!(
+                    "{} is not a file",
+                    from.display()
+                )));
+            }
+            let to = dir.join(format!("{}.{ext}", new_id()));
+            copy_sparse(from, &to)
+                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+            Ok(to)
+        };
+        let memory = match &input.memory {
+            Some(m) => {
+                let len = std::fs::metadata(m).map(|md| md.len()).unwrap_or(0);
+                if len == 0 || len % 4096 != 0 {
+                    bail!(Refusal::BadRequest(format!(
+                        "{} is {len} bytes, not a whole number of 4 KiB pages: is it a memory file?",
+                        m.display()
+                    )));
+                }
+                Some(copy(m, "mem")?)
+            }
+            None => None,
+        };
+        let vm_state = match &input.vm_state {
+            Some(v) => Some(copy(v, "vmstate")?),
+            None => None,
+        };
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))?;
+        Ok(Some(MachineState {
+            memory,
+            memory_parent,
+            vm_state,
+        }))
     }
 
     fn load_manifest(&self, id: &ManifestId) -> Result<Arc<Manifest>> {
@@ -270,15 +477,21 @@ impl Host {
             self.state_dir.clone(),
             self.host_id.clone(),
         );
-        let uploading = self.uploading.clone();
+        let (uploading, shared) = (self.uploading.clone(), self.inner.clone());
         std::thread::Builder::new()
             .name("cairn-upload".into())
             .spawn(move || {
-                uploads::run(&store, &state_dir, &host, &job, base, &layers);
+                let folded = uploads::run(&store, &state_dir, &host, &job, base, &layers);
+                let mut inner = lock(&shared);
+                if let Some(disk) = folded {
+                    rebase(&mut inner, &state_dir, &job, &layers, disk);
+                }
                 uploading
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&job.id);
+                let in_use = layers_in_use(&inner, &uploading);
+                inner.layers.release(&job.layers, &|l| in_use.contains(l));
             })
             .context("starting an upload thread")?;
         Ok(())
@@ -288,13 +501,17 @@ impl Host {
     /// layer is frozen (one FLUSH; every write completed before is in, none
     /// issued after) and a fresh one put above it, then the frozen stack is
     /// folded and uploaded in the background. Returns the pending record.
-    pub fn snapshot(&self, key: &str) -> Result<SnapshotRecord> {
+    pub fn snapshot(&self, key: &str, input: MachineInput) -> Result<SnapshotRecord> {
+        // The VMM's files are copied first, without the lock.
+        let record = self.get_record(key)?;
+        let machine = self.take_machine(&record, &input)?;
         let mut inner = self.lock();
         let src = Self::find(&inner, key).ok_or_else(|| Refusal::NoSuchSandbox(key.to_owned()))?;
         let (base, size) = (src.disk.base(), src.disk.size());
         let src_record = src.record.clone();
         // The catalog's record first: if this fails, nothing has changed.
-        let (snap, job) = self.record_upload(&src_record, None, &base)?;
+        let (snap, job) =
+            self.record_upload(&src_record, src_record.snapshot.clone(), &base, machine)?;
         let (next_id, next) = inner.layers.create(&base.id(), size)?;
         let running = inner
             .sandboxes
@@ -302,6 +519,7 @@ impl Host {
             .expect("found above");
         let mut record = src_record;
         record.layers.push(next_id);
+        record.snapshot = Some(snap.id.clone());
         record.save(&self.state_dir)?;
         running.record = record;
         running.disk.freeze(next)?;
@@ -316,6 +534,7 @@ impl Host {
         record: &SandboxRecord,
         parent: Option<String>,
         base: &Manifest,
+        machine: Option<MachineState>,
     ) -> Result<(SnapshotRecord, PendingUpload)> {
         let image: ManifestId = record.image.parse().context("record's image id")?;
         let remote = self.store.remote().clone();
@@ -334,6 +553,7 @@ impl Host {
             project: record.project.clone(),
             base: base.id().to_hex(),
             layers: record.layers.clone(),
+            machine,
         };
         job.save(&self.state_dir)?;
         Ok((snap, job))
@@ -341,13 +561,7 @@ impl Host {
 
     /// Layers in use: under a served disk or an upload.
     fn layers_in_use(&self, inner: &Inner) -> std::collections::HashSet<String> {
-        let uploading = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
-        inner
-            .sandboxes
-            .values()
-            .flat_map(|r| r.record.layers.iter().cloned())
-            .chain(uploading.values().flatten().cloned())
-            .collect()
+        layers_in_use(inner, &self.uploading)
     }
 
     /// Opens a record's layers (all but the top frozen) and serves its disk.
@@ -363,8 +577,16 @@ impl Host {
             layers.push(layer);
         }
         let disk = Disk::open(manifest, self.store.clone(), layers)?;
-        let socket = self.disk_socket(&record.id);
-        Running::start(record, disk, &socket)
+        self.start(record, disk)
+    }
+
+    /// A copy of a sandbox's record.
+    fn get_record(&self, key: &str) -> Result<SandboxRecord> {
+        let inner = self.lock();
+        Ok(Self::find(&inner, key)
+            .ok_or_else(|| Refusal::NoSuchSandbox(key.to_owned()))?
+            .record
+            .clone())
     }
 
     fn find<'a>(inner: &'a Inner, key: &str) -> Option<&'a Running> {
@@ -390,15 +612,20 @@ impl Host {
         Ok(())
     }
 
-    /// What `req` starts from: the image it descends from, the manifest
-    /// its first layer stands on, and the image's name as asked for.
-    fn source(&self, req: &CreateRequest) -> Result<(ManifestId, ManifestId, Option<String>)> {
+    /// What `req` starts from.
+    fn source(&self, req: &CreateRequest) -> Result<Source> {
         let remote = self.store.remote().clone();
         let rt = self.store.runtime();
         match (&req.image, &req.snapshot) {
             (Some(image), None) => {
                 let id = rt.block_on(catalog::resolve(remote.as_ref(), &req.project, image))?;
-                Ok((id, id, (*image != id.to_hex()).then(|| image.clone())))
+                Ok(Source {
+                    image: id,
+                    image_name: (*image != id.to_hex()).then(|| image.clone()),
+                    base: id,
+                    memory: None,
+                    vm_state: None,
+                })
             }
             (None, Some(snap)) => {
                 let rec = rt
@@ -417,7 +644,13 @@ impl Host {
                         rec.reason.map(|r| format!(" ({r})")).unwrap_or_default()
                     )));
                 };
-                Ok((rec.image.unwrap_or(disk), disk, None))
+                Ok(Source {
+                    image: rec.image.unwrap_or(disk),
+                    image_name: None,
+                    base: disk,
+                    memory: rec.memory,
+                    vm_state: rec.vm_state,
+                })
             }
             _ => bail!(Refusal::BadRequest(
                 "give either an image or a snapshot to start from".into()
@@ -434,19 +667,16 @@ impl Host {
             )));
         }
         catalog::check_project(&req.project)?;
-        let (image, base, image_name) = self.source(&req)?;
-        let manifest = self.load_manifest(&base)?;
+        let source = self.source(&req)?;
         let mut inner = self.lock();
         Self::check_name(&inner, &req.name)?;
-        let source = match &req.snapshot {
+        let from = match &req.snapshot {
             Some(s) => catalog::sandbox::SandboxSource::Snapshot(s.clone()),
-            None => catalog::sandbox::SandboxSource::Image(image),
+            None => catalog::sandbox::SandboxSource::Image(source.image),
         };
         let (project, name) = (req.project.clone(), req.name.clone());
-        self.named(&project, name.as_deref(), source, |generation| {
-            self.serve_new(
-                &mut inner, req, image, base, image_name, manifest, generation,
-            )
+        self.named(&project, name.as_deref(), from, |generation| {
+            self.serve_new(&mut inner, req, source, generation)
         })
     }
 
@@ -516,19 +746,25 @@ impl Host {
     /// stopped first), snapshots and uploads its disk, records the snapshot
     /// in the catalog as the one to resume from, and frees its local state.
     /// Returns when the snapshot is completed.
-    pub fn suspend(&self, key: &str) -> Result<catalog::sandbox::SandboxRecord> {
+    pub fn suspend(
+        &self,
+        key: &str,
+        input: MachineInput,
+    ) -> Result<catalog::sandbox::SandboxRecord> {
         let remote = self.store.remote().clone();
         let rt = self.store.runtime();
-        let mut inner = self.lock();
-        let found =
-            Self::find(&inner, key).ok_or_else(|| Refusal::NoSuchSandbox(key.to_owned()))?;
-        let record = found.record.clone();
+        let record = self.get_record(key)?;
         let Some(name) = record.name.clone() else {
             bail!(Refusal::BadRequest(format!(
                 "sandbox {} has no name: only a named sandbox can be suspended (unnamed ones go when their daemon stops); remove it, or snapshot it",
                 record.id
             )));
         };
+        let machine = self.take_machine(&record, &input)?;
+        let mut inner = self.lock();
+        let found =
+            Self::find(&inner, key).ok_or_else(|| Refusal::NoSuchSandbox(key.to_owned()))?;
+        let record = found.record.clone();
         let owner = self.owner(record.generation);
         use catalog::sandbox::SandboxState;
         rt.block_on(catalog::sandbox::set_state(
@@ -552,7 +788,12 @@ impl Host {
                     l.freeze()?;
                 }
             }
-            let (snap, job) = self.record_upload(&record, record.snapshot.clone(), &disk.base())?;
+            let (snap, job) = self.record_upload(
+                &record,
+                record.snapshot.clone(),
+                &disk.base(),
+                machine.clone(),
+            )?;
             uploads::run(
                 &self.store,
                 &self.state_dir,
@@ -619,7 +860,7 @@ impl Host {
             SandboxState::Suspended,
             Some(&snapshot),
         ))?;
-        SandboxRecord::delete(&self.state_dir, &record.id)?;
+        self.forget(&record.id)?;
         let in_use = self.layers_in_use(&inner);
         inner
             .layers
@@ -655,18 +896,9 @@ impl Host {
             project: project.to_owned(),
             queues,
         };
-        let served = self.source(&req).and_then(|(image, base, _)| {
-            let manifest = self.load_manifest(&base)?;
-            self.serve_new(
-                &mut inner,
-                req,
-                image,
-                base,
-                None,
-                manifest,
-                taken.generation,
-            )
-        });
+        let served = self
+            .source(&req)
+            .and_then(|source| self.serve_new(&mut inner, req, source, taken.generation));
         if served.is_err() {
             // Back to suspended, for this host or another to try again.
             let owner = self.owner(taken.generation);
@@ -696,36 +928,34 @@ impl Host {
 
     /// The local half of [`Host::create`] and [`Host::resume`]: a layer,
     /// the record, the server.
-    #[allow(clippy::too_many_arguments)]
     fn serve_new(
         &self,
         inner: &mut Inner,
         req: CreateRequest,
-        image: ManifestId,
-        base: ManifestId,
-        image_name: Option<String>,
-        manifest: Arc<Manifest>,
+        source: Source,
         generation: u64,
     ) -> Result<SandboxView> {
-        let (layer_id, layer) = inner.layers.create(&base, manifest.logical_size)?;
+        let manifest = self.load_manifest(&source.base)?;
+        let (layer_id, layer) = inner.layers.create(&source.base, manifest.logical_size)?;
         let record = SandboxRecord {
             id: new_id(),
             name: req.name,
             project: req.project,
-            image: image.to_hex(),
-            image_name,
-            base: base.to_hex(),
+            image: source.image.to_hex(),
+            image_name: source.image_name,
+            base: source.base.to_hex(),
             layers: vec![layer_id],
             cloned_from: None,
             snapshot: req.snapshot,
             generation,
             queues: req.queues,
             created: now(),
+            memory: source.memory.map(|m| m.to_hex()),
+            vm_state: source.vm_state,
         };
         record.save(&self.state_dir)?;
         let disk = Disk::open(manifest, self.store.clone(), vec![layer])?;
-        let socket = self.disk_socket(&record.id);
-        let running = Running::start(record, disk, &socket)?;
+        let running = self.start(record, disk)?;
         let view = SandboxView::of(&running);
         inner.sandboxes.insert(view.id.clone(), running);
         Ok(view)
@@ -775,6 +1005,9 @@ impl Host {
     /// A second sandbox with the disk of `source` as it is now; `source`
     /// keeps running on a fresh layer. Costs `source` one FLUSH.
     pub fn clone_sandbox(&self, source: &str, req: CloneRequest) -> Result<SandboxView> {
+        // Memory is imported before the disk's instant, without the lock:
+        // the VMM is paused while it wrote the file and until this returns.
+        let machine = self.clone_machine(&self.get_record(source)?, &req.machine)?;
         let mut inner = self.lock();
         Self::check_name(&inner, &req.name)?;
         let src =
@@ -795,12 +1028,42 @@ impl Host {
                     generation,
                     base,
                     size,
+                    machine,
                 )
             },
         )
     }
 
+    /// A clone's memory and VM state, stored now: its page server serves
+    /// them at once. Returns (memory image id, VM-state key).
+    fn clone_machine(
+        &self,
+        src: &SandboxRecord,
+        input: &MachineInput,
+    ) -> Result<(Option<String>, Option<String>)> {
+        let Some(taken) = self.take_machine(src, input)? else {
+            return Ok((src.memory.clone(), src.vm_state.clone()));
+        };
+        let staging = self.state_dir.join("staging");
+        std::fs::create_dir_all(&staging)
+            .with_context(|| format!("creating {}", staging.display()))?;
+        let stored = uploads::store_machine(
+            &self.store,
+            &taken,
+            &cairn_engine::import::ImportOptions::new(staging),
+        );
+        for f in taken.memory.iter().chain(taken.vm_state.iter()) {
+            let _ = std::fs::remove_file(f);
+        }
+        let (memory, vm_state) = stored?;
+        Ok((
+            memory.map(|m| m.to_hex()).or_else(|| src.memory.clone()),
+            vm_state.or_else(|| src.vm_state.clone()),
+        ))
+    }
+
     /// The local half of [`Host::clone_sandbox`].
+    #[allow(clippy::too_many_arguments)]
     fn clone_onto(
         &self,
         inner: &mut Inner,
@@ -809,6 +1072,7 @@ impl Host {
         generation: u64,
         base: Arc<Manifest>,
         size: u64,
+        (memory, vm_state): (Option<String>, Option<String>),
     ) -> Result<SandboxView> {
         let src_id = src_id.to_owned();
         let (next_id, next) = inner.layers.create(&base.id(), size)?;
@@ -838,6 +1102,8 @@ impl Host {
             generation,
             queues: src_record.queues,
             created: now(),
+            memory,
+            vm_state,
         };
         record.save(&self.state_dir)?;
         let disk = Disk::open(
@@ -845,11 +1111,16 @@ impl Host {
             self.store.clone(),
             [frozen, vec![clone_layer]].concat(),
         )?;
-        let socket = self.disk_socket(&record.id);
-        let running = Running::start(record, disk, &socket)?;
+        let running = self.start(record, disk)?;
         let view = SandboxView::of(&running);
         inner.sandboxes.insert(view.id.clone(), running);
         Ok(view)
+    }
+
+    /// Deletes a sandbox's record and local files.
+    fn forget(&self, id: &str) -> Result<()> {
+        let _ = std::fs::remove_file(self.vm_state_path(id));
+        SandboxRecord::delete(&self.state_dir, id)
     }
 
     pub fn list(&self) -> Vec<SandboxView> {
@@ -886,7 +1157,7 @@ impl Host {
             .clone()
             .map(|n| (running.record.project.clone(), n, running.record.generation));
         drop(running.stop());
-        SandboxRecord::delete(&self.state_dir, &id)?;
+        self.forget(&id)?;
         if let Some((project, name, generation)) = named {
             self.release_name(&project, &name, generation);
         }

@@ -31,6 +31,11 @@ pub struct Metrics {
     cache_misses: Counter,
     remote_bytes: Counter,
     remote_gets: Counter,
+    uploads_in_flight: Gauge,
+    resumes: Counter,
+    faults: Counter,
+    first_fault: Histogram,
+    fault_p99: Histogram,
 }
 
 impl Default for Metrics {
@@ -47,6 +52,12 @@ impl Default for Metrics {
             cache_misses: Counter::default(),
             remote_bytes: Counter::default(),
             remote_gets: Counter::default(),
+            uploads_in_flight: Gauge::default(),
+            resumes: Counter::default(),
+            faults: Counter::default(),
+            // 10 µs to about 80 ms.
+            first_fault: Histogram::new(exponential_buckets(1e-5, 2.0, 14)),
+            fault_p99: Histogram::new(exponential_buckets(1e-5, 2.0, 14)),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -76,6 +87,31 @@ impl Default for Metrics {
                 "Ranged GETs sent to the store",
                 m.remote_gets.clone(),
             );
+            r.register(
+                "snapshot_uploads_in_flight",
+                "Snapshots being folded and uploaded (the upload backlog)",
+                m.uploads_in_flight.clone(),
+            );
+            r.register(
+                "memory_resumes",
+                "VMM resumes served by the page servers",
+                m.resumes.clone(),
+            );
+            r.register(
+                "memory_faults",
+                "Page faults answered by the page servers",
+                m.faults.clone(),
+            );
+            r.register(
+                "memory_first_fault_seconds",
+                "From a resume's handshake to its first fault answered",
+                m.first_fault.clone(),
+            );
+            r.register(
+                "memory_fault_p99_seconds",
+                "Each resume's 99th percentile fault latency",
+                m.fault_p99.clone(),
+            );
         }
         m
     }
@@ -97,9 +133,22 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// A page server's resume, when it ends.
+    pub fn observe_resume(&self, r: &cairn_vmm_glue::uffd::ResumeReport) {
+        self.resumes.inc();
+        self.faults.inc_by(r.faults);
+        if let Some(us) = r.first_fault_us {
+            self.first_fault.observe(us / 1e6);
+        }
+        if r.faults > 0 {
+            self.fault_p99.observe(r.fault_p99_us / 1e6);
+        }
+    }
+
     /// The metrics as OpenMetrics text.
     pub fn render(&self, host: &Host) -> String {
         self.sandboxes.set(host.list().len() as i64);
+        self.uploads_in_flight.set(host.uploads_in_flight() as i64);
         let store = host.store();
         let cache = store.cache().stats();
         catch_up(&self.cache_hits, cache.hits.load(Ordering::Relaxed));

@@ -11,6 +11,7 @@ pub mod client;
 mod host;
 mod layers;
 mod metrics;
+mod pages;
 mod sandbox;
 mod uploads;
 
@@ -33,6 +34,8 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub metrics_addr: Option<SocketAddr>,
+    /// Kill a VMM whose memory stops being served mid-resume.
+    pub kill_vmm: bool,
 }
 
 /// The daemon's socket when none is given: under the user's runtime
@@ -108,15 +111,24 @@ pub fn run(ctx: &Context, cfg: DaemonConfig) -> Result<ExitCode> {
     }
     claim_socket(&cfg.socket)?;
     let store = ctx.chunk_store()?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let pages = {
+        let m = metrics.clone();
+        pages::PageConfig {
+            kill_vmm: cfg.kill_vmm,
+            on_resume: Arc::new(move |r| m.observe_resume(r)),
+        }
+    };
     let host = Arc::new(Host::new(
         &cfg.state_dir,
         &cfg.state_dir.join("run"),
         store,
+        pages,
     )?);
     let (recovered, uploads_resumed) = host.recover().context("recovering the sandboxes")?;
     let api = api::Api {
         host: host.clone(),
-        metrics: Arc::new(metrics::Metrics::default()),
+        metrics,
     };
     let served = ctx.rt.block_on(async {
         let listener = tokio::net::UnixListener::bind(&cfg.socket)

@@ -10,6 +10,8 @@ use cairn_engine::disk::Disk;
 use cairn_vmm_glue::blk::{BlkBackend, BlkServer, DeviceConfig};
 use serde::{Deserialize, Serialize};
 
+use super::pages::PageServer;
+
 /// What the state directory keeps of a sandbox: enough to serve it again
 /// after a restart.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -29,7 +31,8 @@ pub struct SandboxRecord {
     pub layers: Vec<String>,
     /// The sandbox it was cloned from, if any.
     pub cloned_from: Option<String>,
-    /// The snapshot it was made from, if any.
+    /// Its latest snapshot, else the one it was made from: the parent of
+    /// its next snapshot.
     #[serde(default)]
     pub snapshot: Option<String>,
     /// A named sandbox's generation in the catalog while this host serves
@@ -39,6 +42,12 @@ pub struct SandboxRecord {
     pub queues: u16,
     /// Seconds since the epoch.
     pub created: u64,
+    /// The memory image its page server serves, if it has memory.
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// The store key of its VM-state blob, if any.
+    #[serde(default)]
+    pub vm_state: Option<String>,
 }
 
 pub fn now() -> u64 {
@@ -64,6 +73,44 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
         .and_then(|()| std::fs::rename(&tmp, path))
         .and_then(|()| std::fs::File::open(dir)?.sync_all())
         .with_context(|| format!("saving {}", path.display()))
+}
+
+/// Copies `from` to `to` keeping its holes (a diff memory file's holes
+/// mean "unchanged": a plain copy would turn them into written zeros),
+/// and syncs the copy.
+pub fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
+    use rustix::fs::{seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let src = std::fs::File::open(from)?;
+    let len = src.metadata()?.len();
+    let dst = std::fs::File::create(to)?;
+    dst.set_len(len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < len {
+        let data = match seek(&src, SeekFrom::Data(pos)) {
+            Ok(at) => at.min(len),
+            Err(rustix::io::Errno::NXIO) => len,
+            // No SEEK_DATA here: all of it is data.
+            Err(_) => pos,
+        };
+        if data >= len {
+            break;
+        }
+        let end = match seek(&src, SeekFrom::Hole(data)) {
+            Ok(at) => at.clamp(data + 1, len),
+            Err(_) => len,
+        };
+        let mut at = data;
+        while at < end {
+            let n = buf.len().min((end - at) as usize);
+            src.read_exact_at(&mut buf[..n], at)?;
+            dst.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        pos = end;
+    }
+    dst.sync_all()
 }
 
 /// Every `*.json` file in `dir` (created if missing), parsed; `what`
@@ -121,11 +168,16 @@ pub struct Running {
     pub disk: Arc<Disk>,
     pub disk_socket: PathBuf,
     server: Option<BlkServer>,
+    /// Its memory's page server, when it has memory.
+    pub pages: Option<PageServer>,
+    /// Its VM-state blob, fetched from the store.
+    pub vm_state_path: Option<PathBuf>,
     pub served_since: u64,
 }
 
 impl Running {
-    /// Serves `disk` on `socket` with `record.queues` queues.
+    /// Serves `disk` on `socket` with `record.queues` queues (memory, if
+    /// any, is added by the caller).
     pub fn start(record: SandboxRecord, disk: Arc<Disk>, socket: &Path) -> Result<Running> {
         let cfg = DeviceConfig {
             capacity_bytes: disk.size(),
@@ -142,6 +194,8 @@ impl Running {
             disk,
             disk_socket: socket.to_owned(),
             server: Some(server),
+            pages: None,
+            vm_state_path: None,
             served_since: now(),
         })
     }
@@ -149,6 +203,9 @@ impl Running {
     /// Stops serving (waits for a connected VMM to go) and makes every
     /// completed write durable.
     pub fn stop(mut self) -> Result<SandboxRecord> {
+        if let Some(p) = self.pages.take() {
+            p.stop();
+        }
         if let Some(s) = self.server.take() {
             s.stop().context("stopping the disk server")?;
         }

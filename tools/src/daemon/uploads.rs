@@ -10,8 +10,11 @@ use anyhow::{Context as _, Result};
 use cairn_engine::catalog::snapshot::{self, Completion};
 use cairn_engine::chunkstore::ChunkStore;
 use cairn_engine::import::ImportOptions;
+use cairn_engine::layout;
 use cairn_engine::manifest::Manifest;
+use cairn_engine::memory::{import_memory, MemLayout};
 use cairn_engine::overlay::Overlay;
+use cairn_engine::ManifestId;
 use serde::{Deserialize, Serialize};
 
 /// What an upload needs to run again after a restart.
@@ -24,6 +27,28 @@ pub struct PendingUpload {
     pub base: String,
     /// The frozen layers, bottom to top.
     pub layers: Vec<String>,
+    /// The memory and VM state taken with the disk, if any.
+    #[serde(default)]
+    pub machine: Option<MachineState>,
+}
+
+/// A VMM's memory file and VM-state blob, copied into the state
+/// directory when the snapshot is taken (the VMM may reuse its files),
+/// imported with the disk, deleted when the upload ends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MachineState {
+    /// The copied memory file.
+    pub memory: Option<PathBuf>,
+    /// The memory image a diff file is over (None: a full file).
+    pub memory_parent: Option<String>,
+    /// The copied VM-state blob.
+    pub vm_state: Option<PathBuf>,
+}
+
+impl MachineState {
+    fn files(&self) -> impl Iterator<Item = &PathBuf> {
+        self.memory.iter().chain(self.vm_state.iter())
+    }
 }
 
 fn dir(state_dir: &Path) -> PathBuf {
@@ -46,6 +71,11 @@ impl PendingUpload {
     }
 
     fn forget(&self, state_dir: &Path) {
+        for f in self.machine.iter().flat_map(MachineState::files) {
+            if let Err(e) = std::fs::remove_file(f) {
+                tracing::warn!(snapshot = %self.id, file = %f.display(), error = %e, "cannot delete a finished upload's input");
+            }
+        }
         if let Err(e) = std::fs::remove_file(self.path(state_dir)) {
             tracing::warn!(snapshot = %self.id, error = %e, "cannot delete a finished upload's record");
         }
@@ -54,7 +84,8 @@ impl PendingUpload {
 
 /// Folds `layers` over `base` into a disk image, stores it, and completes
 /// the snapshot; marks it failed (with the reason) if that cannot be
-/// done. Then forgets the pending record.
+/// done. Then forgets the pending record. Returns the disk image made,
+/// if the snapshot completed now.
 pub fn run(
     store: &ChunkStore,
     state_dir: &Path,
@@ -62,11 +93,11 @@ pub fn run(
     job: &PendingUpload,
     base: Arc<Manifest>,
     layers: &[Arc<Overlay>],
-) {
+) -> Option<Arc<Manifest>> {
     let remote = store.remote().clone();
     let rt = store.runtime();
     stall_for_tests();
-    let outcome = (|| -> Result<()> {
+    let outcome = (|| -> Result<Option<Arc<Manifest>>> {
         let current = rt
             .block_on(snapshot::get(remote.as_ref(), &job.project, &job.id))?
             .with_context(|| format!("snapshot {} is not in the catalog", job.id))?
@@ -82,7 +113,7 @@ pub fn run(
             }
             snapshot::SnapshotState::Uploading => {}
             // Finished before a crash hid it: nothing left to do.
-            _ => return Ok(()),
+            _ => return Ok(None),
         }
         let staging = state_dir.join("staging");
         std::fs::create_dir_all(&staging)
@@ -91,20 +122,27 @@ pub fn run(
         let (manifest, _) =
             cairn_engine::snapshot::fold_layers(store, base, layers, &opts, &|_| {})
                 .context("folding the frozen layers")?;
+        let (memory, vm_state) = match &job.machine {
+            Some(m) => store_machine(store, m, &opts)?,
+            None => (None, None),
+        };
         rt.block_on(snapshot::complete(
             remote.as_ref(),
             &job.project,
             &job.id,
             Completion {
                 disk: manifest.id(),
-                memory: None,
-                vm_state: None,
+                memory,
+                vm_state,
             },
         ))?;
-        Ok(())
+        Ok(Some(Arc::new(manifest)))
     })();
-    match outcome {
-        Ok(()) => tracing::info!(snapshot = %job.id, "snapshot completed"),
+    let folded = match outcome {
+        Ok(m) => {
+            tracing::info!(snapshot = %job.id, "snapshot completed");
+            m
+        }
         Err(e) => {
             let reason = format!("{e:#}");
             tracing::error!(snapshot = %job.id, %reason, "snapshot failed");
@@ -116,11 +154,79 @@ pub fn run(
             )) {
                 tracing::error!(snapshot = %job.id, error = %e, "cannot mark the snapshot failed");
                 // Kept: the next start tries again.
-                return;
+                return None;
             }
+            None
         }
-    }
+    };
     job.forget(state_dir);
+    folded
+}
+
+/// Imports a memory file (full, or a diff over its parent) and stores a
+/// VM-state blob: their manifest id and key.
+pub fn store_machine(
+    store: &ChunkStore,
+    m: &MachineState,
+    opts: &ImportOptions,
+) -> Result<(Option<ManifestId>, Option<String>)> {
+    let memory = match &m.memory {
+        Some(path) => Some(import_memory_file(
+            store,
+            path,
+            m.memory_parent.as_deref(),
+            opts,
+        )?),
+        None => None,
+    };
+    let vm_state = match &m.vm_state {
+        Some(path) => Some(store_vm_state(store, path)?),
+        None => None,
+    };
+    Ok((memory, vm_state))
+}
+
+/// Imports the memory file at `path` with 4 KiB pages, as a diff over
+/// `parent` (a memory image's id) when one is given.
+pub fn import_memory_file(
+    store: &ChunkStore,
+    path: &Path,
+    parent: Option<&str>,
+    opts: &ImportOptions,
+) -> Result<ManifestId> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    let mut layout = MemLayout::single(len, 4096);
+    let parent = match parent {
+        Some(p) => {
+            let id: ManifestId = p.parse().context("the memory parent's id")?;
+            layout.parent = Some(id);
+            let remote = store.remote().clone();
+            Some(Arc::new(store.runtime().block_on(
+                cairn_engine::catalog::load_manifest(remote.as_ref(), &id),
+            )?))
+        }
+        None => None,
+    };
+    let (manifest, _) = import_memory(store, path, &layout, parent, opts, &|_| {})
+        .with_context(|| format!("importing memory file {}", path.display()))?;
+    Ok(manifest.id())
+}
+
+/// Stores a VM-state blob under its content's hash; returns the key.
+pub fn store_vm_state(store: &ChunkStore, path: &Path) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::copy(&mut f, &mut hasher))
+        .with_context(|| format!("reading {}", path.display()))?;
+    let key = layout::vm_state_key(&hasher.finalize().to_hex());
+    let remote = store.remote().clone();
+    store
+        .runtime()
+        .block_on(remote.put_file(&key, path))
+        .with_context(|| format!("storing VM state {} as {key}", path.display()))?;
+    Ok(key)
 }
 
 /// Fault injector for the crash tests, named as such: with
