@@ -1,13 +1,16 @@
-//! QEMU guests for the end-to-end tests: the guest fixture's directory and
-//! a booted guest whose console lines the test waits on (its console tail
-//! is printed when a test fails while it runs).
+//! QEMU guests for the end-to-end tests: the guest fixture's directory, a
+//! booted guest whose console lines the test waits on (its console tail is
+//! printed when a test fails while it runs), and a QMP client.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 /// How long a guest may take to boot (or to reach any one marker) under TCG.
 pub const BOOT: Duration = Duration::from_secs(120);
@@ -41,15 +44,18 @@ const TAIL: usize = 80;
 pub struct Guest {
     name: String,
     child: Child,
+    stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
     tail: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl Guest {
-    /// Starts `qemu` (a [`super::qemu_guest`] command, console on stdout).
-    /// `name` labels its console in failure reports.
+    /// Starts `qemu` (a [`super::qemu_guest`] command, console on stdout)
+    /// with its stdin piped to the guest's console. `name` labels its
+    /// console in failure reports.
     pub fn start(name: &str, mut qemu: Command) -> Guest {
         let mut child = qemu
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("starting qemu-system-x86_64 (Debian package qemu-system-x86)");
@@ -73,6 +79,7 @@ impl Guest {
         });
         Guest {
             name: name.to_owned(),
+            stdin: child.stdin.take(),
             child,
             lines,
             tail,
@@ -104,6 +111,15 @@ impl Guest {
                 ),
             }
         }
+    }
+
+    /// Types `line` on the guest's console (its /init reads it).
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("the guest's stdin is open");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("typing on guest {}'s console: {e}", self.name));
     }
 
     /// Waits for QEMU to exit (the guest powers off); it must succeed.
@@ -138,6 +154,59 @@ impl Drop for Guest {
                 eprintln!("{line}");
             }
             eprintln!("--- end of guest {}'s console ---", self.name);
+        }
+    }
+}
+
+/// A QMP connection to a QEMU started with `-qmp unix:PATH,server=on,wait=off`,
+/// capabilities negotiated.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path) -> Qmp {
+        let writer = UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("connecting to QMP on {}: {e}", path.display()));
+        writer
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut qmp = Qmp {
+            reader: BufReader::new(writer.try_clone().unwrap()),
+            writer,
+        };
+        let greeting = qmp.read();
+        assert!(
+            greeting.get("QMP").is_some(),
+            "not a QMP greeting: {greeting}"
+        );
+        qmp.execute("qmp_capabilities");
+        qmp
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("reading from QMP: {e}"));
+        assert!(!line.is_empty(), "QMP closed its socket");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP sent {line:?}: {e}"))
+    }
+
+    /// Runs `command` (no arguments); its `return` value. Events read on
+    /// the way are skipped; an error fails the test.
+    pub fn execute(&mut self, command: &str) -> Value {
+        writeln!(self.writer, "{{\"execute\":\"{command}\"}}").unwrap();
+        loop {
+            let mut answer = self.read();
+            if answer.get("event").is_some() {
+                continue;
+            }
+            if let Some(r) = answer.get_mut("return") {
+                return r.take();
+            }
+            panic!("QMP {command} failed: {answer}");
         }
     }
 }
