@@ -6,47 +6,34 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
 
 use cairn_benches::blk_client::Client;
+use common::daemon::sandbox_via;
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
 
+/// The daemon's environment ([`common::daemon::Env`], a `file://` store)
+/// with a 16 MiB image imported as `base`.
 struct Env {
-    dir: tempfile::TempDir,
-    store: String,
+    shared: common::daemon::Env,
     image: Vec<u8>,
 }
 
-struct Daemon {
-    child: Child,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    /// Sends `signal` and waits for the process to end.
-    fn signal(mut self, signal: &str) {
-        let pid = self.child.id().to_string();
-        common::run_ok(Command::new("kill").args([signal, &pid]));
-        self.child.wait().unwrap();
+impl std::ops::Deref for Env {
+    type Target = common::daemon::Env;
+    fn deref(&self) -> &common::daemon::Env {
+        &self.shared
     }
 }
 
 impl Env {
     /// A 16 MiB image (random and text stretches) imported as `base`.
     fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let store = format!("file://{}", dir.path().join("store").display());
+        let shared = common::daemon::Env::file();
         let mut rng = fastrand::Rng::with_seed(12);
         let mut image = Vec::with_capacity(16 * MIB);
         for i in 0..16 {
@@ -55,7 +42,7 @@ impl Env {
                 _ => image.extend((0..MIB).map(|j| b"cairn daemon ..."[j % 16])),
             }
         }
-        let env = Env { dir, store, image };
+        let env = Env { shared, image };
         std::fs::write(env.path("image.raw"), &env.image).unwrap();
         common::run_ok(
             env.cairn()
@@ -63,85 +50,6 @@ impl Env {
                 .arg(env.path("image.raw")),
         );
         env
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.path("daemon.sock")
-    }
-
-    fn cairn(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
-        c.args(["--store", &self.store, "--cache-dir"])
-            .arg(self.path("cache"))
-            .arg("--daemon")
-            .arg(self.socket());
-        c
-    }
-
-    /// Starts the daemon and waits for its ready line.
-    fn daemon(&self) -> (Daemon, Value) {
-        self.daemon_with(&[])
-    }
-
-    /// [`Env::daemon`] with extra environment (fault injectors).
-    fn daemon_with(&self, envs: &[(&str, &str)]) -> (Daemon, Value) {
-        self.start_daemon(self.cairn(), "state", envs)
-    }
-
-    /// A second host on the same store: its own daemon socket, state
-    /// directory and cache. Its commands come from [`Env::cairn_b`].
-    fn daemon_b(&self) -> (Daemon, Value) {
-        self.start_daemon(self.cairn_b(), "state-b", &[])
-    }
-
-    fn cairn_b(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
-        c.args(["--store", &self.store, "--cache-dir"])
-            .arg(self.path("cache-b"))
-            .arg("--daemon")
-            .arg(self.path("daemon-b.sock"));
-        c
-    }
-
-    fn start_daemon(
-        &self,
-        mut cairn: Command,
-        state: &str,
-        envs: &[(&str, &str)],
-    ) -> (Daemon, Value) {
-        let mut child = cairn
-            .envs(envs.iter().copied())
-            // The tests' VMMs (the uffd harness) are this process.
-            .args(["--json", "daemon", "--no-kill-vmm", "--state-dir"])
-            .arg(self.path(state))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let ready: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("ready line is not JSON ({e}): {line:?}"));
-        assert_eq!(ready["ready"], true, "{line}");
-        (Daemon { child }, ready)
-    }
-
-    /// `cairn --json sandbox ARGS`, which must succeed: its JSON.
-    fn sandbox(&self, args: &[&str]) -> Value {
-        let out = common::run_ok(self.cairn().args(["--json", "sandbox"]).args(args));
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// `cairn sandbox ARGS`, which must fail: its output.
-    fn sandbox_fails(&self, args: &[&str]) -> Output {
-        let out = self.cairn().arg("sandbox").args(args).output().unwrap();
-        assert!(!out.status.success(), "sandbox {args:?} succeeded");
-        out
     }
 }
 
@@ -287,48 +195,6 @@ fn sandboxes_are_created_cloned_while_running_and_survive_a_killed_daemon() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cairn daemon"));
 }
 
-impl Env {
-    /// `cairn --json ARGS` (not a sandbox command), which must succeed.
-    fn json(&self, args: &[&str]) -> Value {
-        let out = common::run_ok(self.cairn().arg("--json").args(args));
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// Waits (up to 30 s) for sandbox `key` to stand on `n` layers.
-    fn eventually_layers(&self, key: &str, n: u64) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let d = self.sandbox(&["describe", key]);
-            if d["layers"] == n {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{key} still has {} layers, not {n}",
-                d["layers"]
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
-
-    /// Waits for snapshot `id` to leave pending and uploading.
-    fn settled(&self, id: &str) -> Value {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let d = self.json(&["snapshot", "describe", id]);
-            let state = d["state"].as_str().unwrap_or_default().to_owned();
-            if state == "completed" || state == "failed" {
-                return d;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "snapshot {id} still {state} after 60 s"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
-}
-
 #[test]
 fn a_running_sandbox_is_snapshotted_and_new_sandboxes_start_from_the_snapshot() {
     let env = Env::new();
@@ -471,12 +337,6 @@ fn an_upload_cut_by_a_killed_daemon_resumes_at_the_next_start() {
         ) == model
     );
     daemon.signal("-TERM");
-}
-
-/// `cairn --json sandbox ARGS` through `cmd`, which must succeed.
-fn sandbox_via(mut cmd: Command, args: &[&str]) -> Value {
-    let out = common::run_ok(cmd.args(["--json", "sandbox"]).args(args));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]

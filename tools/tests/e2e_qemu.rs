@@ -10,21 +10,8 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
-fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("CAIRN_GUEST_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/out/guest"),
-        PathBuf::from,
-    );
-    assert!(
-        dir.join("rootfs.ext4").exists(),
-        "guest fixture missing in {}: run fixtures/build-guest.sh (tools/dev/test.sh does)",
-        dir.display()
-    );
-    dir
-}
+use common::qemu::{field, guest_dir, Guest, BOOT};
 
 struct Env {
     dir: tempfile::TempDir,
@@ -93,26 +80,12 @@ impl Env {
     }
 
     /// Boots the guest with `cairn.test=job`; its console lines arrive on
-    /// the returned channel.
+    /// the returned guest.
     fn boot(&self, socket: &Path, job: &str) -> Guest {
-        let g = &self.guest;
-        let mut child = common::qemu_guest(g, socket, &format!("cairn.test={job}"))
-            .spawn()
-            .expect("starting qemu-system-x86_64 (Debian package qemu-system-x86)");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Guest {
-            child,
-            lines,
-            started: Instant::now(),
-        }
+        Guest::start(
+            job,
+            common::qemu_guest(&self.guest, socket, &format!("cairn.test={job}")),
+        )
     }
 }
 
@@ -148,58 +121,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-struct Guest {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    started: Instant,
-}
-
-impl Guest {
-    /// The first console line containing `marker`, within `limit`.
-    fn expect(&mut self, marker: &str, limit: Duration) -> String {
-        let deadline = self.started + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(marker) => return line,
-                Ok(line) if line.contains("CAIRN-GUEST") || line.contains("Kernel panic") => {
-                    panic!("guest failed: {line}")
-                }
-                Ok(_) => {}
-                Err(_) => panic!("no {marker:?} from the guest within {limit:?}"),
-            }
-        }
-    }
-
-    /// Waits for QEMU to exit (the guest powers off).
-    fn finish(mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                assert!(st.success(), "qemu exited with {st}");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("qemu did not exit after the guest powered off");
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-const BOOT: Duration = Duration::from_secs(120);
-
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
 #[test]

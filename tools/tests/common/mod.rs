@@ -1,6 +1,13 @@
-//! Helpers shared by the tools test binaries.
+//! Helpers shared by the tools test binaries; `daemon` (a daemon on a
+//! store, driven by the CLI) and `qemu` (booted guests, QMP) for the
+//! binaries that need them.
 
 use std::process::{Command, Output};
+
+#[allow(dead_code)]
+pub mod daemon;
+#[allow(dead_code)]
+pub mod qemu;
 
 /// Runs `cmd` and returns its output; fails the test, with the command and
 /// what it printed, unless it succeeded.

@@ -1,0 +1,268 @@
+//! End to end: `cairn daemon` serves sandboxes' root disks to QEMU (TCG)
+//! guests. A named sandbox boots and writes a marker; with its VM paused
+//! through QMP it is snapshotted and cloned, then it writes on; the clone
+//! boots in a second QEMU with the disk as it was at the clone and writes
+//! its own file; the snapshot, registered as an image, boots a third
+//! sandbox; the named one, suspended, is resumed and booted on a second
+//! daemon (its own state and cache) that shares the store, moto's S3
+//! server. Every check reads files in a guest.
+//!
+//! Needs the guest fixture (`fixtures/build-guest.sh`, path in
+//! CAIRN_GUEST_DIR or fixtures/out/guest), qemu-system-x86, debugfs
+//! (e2fsprogs) and moto (tools/dev/moto-server.sh); `tools/dev/test.sh`
+//! provides them all.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::daemon::{sandbox_via, Env};
+use common::qemu::{field, guest_dir, Guest, Qmp, BOOT};
+use serde_json::Value;
+
+/// The guest's /init for this test (the fixture's own /init knows only its
+/// jobs). `cairn.job=` on the kernel command line picks the job,
+/// `cairn.token=` makes the files' contents this run's. Lines starting
+/// with CAIRN- are for the test; it answers CAIRN-WAITING by typing a line
+/// on the console.
+///   origin  write /data/marker; wait; write /data/after-clone; wait; show
+///   clone   show; write /data/clone; show
+///   look    show
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+job=$(sed -n 's/.*cairn\.job=\([a-z]*\).*/\1/p' /proc/cmdline)
+token=$(sed -n 's/.*cairn\.token=\([0-9a-z]*\).*/\1/p' /proc/cmdline)
+must() { "$@" || { echo "CAIRN-GUEST: '$*' failed"; poweroff -f; }; }
+# put NAME: /data/NAME holds "NAME-TOKEN", fsynced with its directory.
+put() {
+    echo "$1-$token" >"/data/$1" || { echo "CAIRN-GUEST: cannot write /data/$1"; poweroff -f; }
+    must sync "/data/$1" /data
+    sync
+}
+get() { cat "/data/$1" 2>/dev/null || echo -; }
+# What the disk holds: the page cache dropped first, so reads go to it.
+show() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    echo "CAIRN-SEEN marker=$(get marker) after=$(get after-clone) clone=$(get clone)"
+}
+wait_go() {
+    echo "CAIRN-WAITING $1"
+    read -r go || { echo "CAIRN-GUEST: the console closed"; poweroff -f; }
+}
+echo "CAIRN-INIT job=$job"
+case "$job" in
+origin)
+    must mount -o remount,rw /
+    put marker
+    echo "CAIRN-WRITTEN marker"
+    wait_go clone
+    put after-clone
+    echo "CAIRN-WRITTEN after-clone"
+    wait_go look
+    show
+    ;;
+clone)
+    show
+    must mount -o remount,rw /
+    put clone
+    echo "CAIRN-WRITTEN clone"
+    show
+    ;;
+look)
+    show
+    ;;
+*)
+    echo "CAIRN-GUEST: no job $job"
+    ;;
+esac
+must mount -o remount,ro /
+echo "CAIRN-DONE"
+poweroff -f
+"#;
+
+/// A copy of the fixture's root disk with [`INIT`] as its /init, written
+/// with debugfs (no mount needed).
+fn test_rootfs(env: &Env, guest: &Path) -> PathBuf {
+    let image = env.path("rootfs.ext4");
+    std::fs::copy(guest.join("rootfs.ext4"), &image).unwrap();
+    let init = env.path("init");
+    std::fs::write(&init, INIT).unwrap();
+    let script = env.path("debugfs.cmds");
+    std::fs::write(
+        &script,
+        format!(
+            "cd /\nrm init\nwrite {} init\nsif init mode 0100755\n",
+            init.display()
+        ),
+    )
+    .unwrap();
+    common::run_ok(
+        Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(&script)
+            .arg(&image),
+    );
+    // debugfs reports some failures only on stderr: read the result back.
+    let out = common::run_ok(
+        Command::new("debugfs")
+            .args(["-R", "cat /init"])
+            .arg(&image),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        INIT,
+        "the test's /init did not land in {}",
+        image.display()
+    );
+    image
+}
+
+/// QEMU booting `sandbox`'s disk socket with `job`; with a QMP socket at
+/// `qmp` if given.
+fn boot(guest: &Path, sandbox: &Value, job: &str, token: &str, qmp: Option<&Path>) -> Guest {
+    let name = sandbox["name"].as_str().unwrap_or("unnamed");
+    let socket = Path::new(
+        sandbox["disk_socket"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no disk_socket in {sandbox}")),
+    );
+    let mut qemu = common::qemu_guest(
+        guest,
+        socket,
+        &format!("cairn.job={job} cairn.token={token}"),
+    );
+    if let Some(qmp) = qmp {
+        qemu.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    }
+    Guest::start(&format!("{name} ({job})"), qemu)
+}
+
+/// What `who`'s CAIRN-SEEN line says each file holds ("-": absent).
+fn seen<'a>(who: &str, line: &'a str) -> [&'a str; 3] {
+    println!("{who}: {line}");
+    ["marker", "after", "clone"].map(|k| field(line, k))
+}
+
+#[test]
+fn a_booted_sandbox_is_cloned_and_snapshotted_while_paused_and_resumed_on_another_daemon() {
+    let guest = guest_dir();
+    let env = Env::moto("daemon-qemu");
+    let rootfs = test_rootfs(&env, &guest);
+    common::run_ok(
+        env.cairn()
+            .args(["--json", "image", "import-raw", "--name", "guest"])
+            .arg(&rootfs),
+    );
+    let token = format!("{:016x}", fastrand::u64(..));
+    let marker = format!("marker-{token}");
+    let after = format!("after-clone-{token}");
+    let clone = format!("clone-{token}");
+    let (daemon_a, _) = env.daemon();
+    let (daemon_b, _) = env.daemon_b();
+
+    // 1. A named sandbox from the image boots and writes the marker (fsynced).
+    let alpha = env.sandbox(&["create", "alpha", "--image", "guest"]);
+    assert_eq!(alpha["name"], "alpha", "{alpha}");
+    let qmp_socket = env.path("alpha.qmp");
+    let mut ga = boot(&guest, &alpha, "origin", &token, Some(&qmp_socket));
+    ga.expect("CAIRN-WRITTEN marker", BOOT);
+    ga.expect("CAIRN-WAITING clone", BOOT);
+
+    // 2. Paused through QMP: snapshot and clone; then it runs on and writes
+    // a second file, after the clone.
+    let mut qmp = Qmp::connect(&qmp_socket);
+    qmp.execute("stop");
+    assert_eq!(qmp.execute("query-status")["running"], false);
+    let snap = env.sandbox(&["snapshot", "alpha"]);
+    let snap_id = snap["id"].as_str().unwrap().to_owned();
+    let beta = env.sandbox(&["clone", "alpha", "beta"]);
+    assert_eq!(beta["cloned_from"], alpha["id"], "{beta}");
+    qmp.execute("cont");
+    assert_eq!(qmp.execute("query-status")["running"], true);
+    ga.send("go");
+    ga.expect("CAIRN-WRITTEN after-clone", BOOT);
+    ga.expect("CAIRN-WAITING look", BOOT);
+
+    // 3. The clone, booted in a second QEMU while alpha still runs: the
+    // disk at the clone (the marker, not the later file); it writes its own.
+    let mut gb = boot(&guest, &beta, "clone", &token, None);
+    let line = gb.expect("CAIRN-SEEN", BOOT);
+    assert_eq!(
+        seen("the clone", &line),
+        [marker.as_str(), "-", "-"],
+        "the clone: {line}"
+    );
+    gb.expect("CAIRN-WRITTEN clone", BOOT);
+    let line = gb.expect("CAIRN-SEEN", BOOT);
+    assert_eq!(
+        seen("the clone after its write", &line),
+        [marker.as_str(), "-", clone.as_str()],
+        "the clone after writing its file: {line}"
+    );
+    gb.expect("CAIRN-DONE", BOOT);
+    gb.finish();
+    // Alpha does not see the clone's file (its guest reads its disk with the
+    // page cache dropped; checked again below from a fresh boot of its
+    // disk on the second daemon), and shuts down.
+    ga.send("go");
+    let line = ga.expect("CAIRN-SEEN", BOOT);
+    assert_eq!(
+        seen("alpha", &line),
+        [marker.as_str(), after.as_str(), "-"],
+        "alpha after the clone wrote: {line}"
+    );
+    ga.expect("CAIRN-DONE", BOOT);
+    ga.finish();
+    drop(qmp);
+
+    // 4. The snapshot completes; registered as an image, it starts a
+    // sandbox whose guest sees the disk at the snapshot.
+    let done = env.settled(&snap_id);
+    assert_eq!(done["state"], "completed", "{done}");
+    let listed = env.json(&["snapshot", "ls"]);
+    let entry = listed["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == snap_id.as_str())
+        .unwrap_or_else(|| panic!("snapshot ls does not list {snap_id}: {listed}"));
+    assert_eq!(entry["state"], "completed", "{entry}");
+    let uri = done["uri"].as_str().unwrap();
+    env.json(&["image", "register", uri, "--name", "snapped"]);
+    let gamma = env.sandbox(&["create", "gamma", "--image", "snapped"]);
+    let mut gg = boot(&guest, &gamma, "look", &token, None);
+
+    // 5. Alpha (its QEMU shut down) suspended here, resumed on the second
+    // daemon, booted there: its files, and not the clone's.
+    let suspended = env.sandbox(&["suspend", "alpha"]);
+    assert_eq!(suspended["state"], "suspended", "{suspended}");
+    let resumed = sandbox_via(env.cairn_b(), &["resume", "alpha"]);
+    assert_eq!(resumed["name"], "alpha", "{resumed}");
+    let mut gr = boot(&guest, &resumed, "look", &token, None);
+
+    let line = gg.expect("CAIRN-SEEN", BOOT);
+    assert_eq!(
+        seen("gamma (the snapshot's image)", &line),
+        [marker.as_str(), "-", "-"],
+        "a sandbox from the snapshot's image: {line}"
+    );
+    gg.expect("CAIRN-DONE", BOOT);
+    gg.finish();
+    let line = gr.expect("CAIRN-SEEN", BOOT);
+    assert_eq!(
+        seen("alpha resumed on the second daemon", &line),
+        [marker.as_str(), after.as_str(), "-"],
+        "alpha resumed on the second daemon: {line}"
+    );
+    gr.expect("CAIRN-DONE", BOOT);
+    gr.finish();
+
+    daemon_a.signal("-TERM");
+    daemon_b.signal("-TERM");
+}
