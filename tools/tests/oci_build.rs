@@ -1,7 +1,8 @@
 //! `cairn image build`: a multi-stage Dockerfile over the `boot` fixture
 //! (busybox), RUN in bubblewrap, COPY from the context and from a stage,
 //! ENV/ARG substitution; the step cache (a rebuild runs nothing, a changed
-//! last RUN reruns only itself); refusals (COPY ../x, FROM $VAR). Needs
+//! last RUN reruns only itself); RUN as a non-root USER (by name and by
+//! number: ids, HOME, owners, access); refusals (COPY ../x, FROM $VAR). Needs
 //! bubblewrap (tools/dev/setup.sh installs it) and root (the build root's
 //! owners and devices).
 
@@ -16,6 +17,7 @@ use oci_common::{fixtures, stderr, Env};
 trait BuildEnv {
     fn context(&self, name: &str, dockerfile: &str, files: &[(&str, &str)]) -> PathBuf;
     fn cat(&self, image: &str, path: &str) -> String;
+    fn owner(&self, image: &str, path: &str) -> (u32, u32);
 }
 
 impl BuildEnv for Env {
@@ -42,6 +44,25 @@ impl BuildEnv for Env {
                 .arg(&img),
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The uid and gid of a file of the image's disk, read by debugfs.
+    fn owner(&self, image: &str, path: &str) -> (u32, u32) {
+        let img = self.dir.path().join(format!("{image}.img"));
+        let out = self.cairn(&["image", "export", image, img.to_str().unwrap()]);
+        assert!(out.status.success());
+        let out = common::run_ok(
+            Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("stat {path}"))
+                .arg(&img),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| -> u32 {
+            let rest = &text[text.find(name).unwrap_or_else(|| panic!("{text}")) + name.len()..];
+            rest.split_whitespace().next().unwrap().parse().unwrap()
+        };
+        (field("User:"), field("Group:"))
     }
 }
 
@@ -168,4 +189,91 @@ fn refuses_context_escapes_and_variables_in_from() {
         0,
         "a failed build left a name"
     );
+}
+
+/// A busybox root with a user `app` (1234, group 1234, also in `staff`),
+/// its home, a root-only /root and a world-writable /tmp; then `rest`.
+fn user_dockerfile(base: &Path, rest: &str) -> String {
+    format!(
+        r#"FROM oci:{base}:latest
+RUN for a in id touch mkdir chown chmod; do busybox ln -s busybox /bin/$a; done
+RUN printf 'root:x:0:0:root:/root:/bin/sh\napp:x:1234:1234::/home/app:/bin/sh\n' > /etc/passwd && printf 'root:x:0:\napp:x:1234:\nstaff:x:50:app\n' > /etc/group
+RUN mkdir -p /home/app /root && chown 1234:1234 /home/app && chmod 700 /root && chmod 1777 /tmp
+{rest}"#,
+        base = base.display()
+    )
+}
+
+#[test]
+fn run_honours_user_by_name_and_by_number() {
+    let e = Env::new();
+    let base = fixtures().join("boot");
+    let ctx = e.context(
+        "users",
+        &user_dockerfile(
+            &base,
+            r#"USER app
+RUN id -u > /tmp/uid && id -G > /tmp/groups && echo "$HOME" > /tmp/home && touch /home/app/f
+USER 4321
+RUN id -u > /tmp/n-uid && id -g > /tmp/n-gid && echo "$HOME" > /tmp/n-home && mkdir /tmp/n
+USER 4321:77
+RUN touch /tmp/ng
+USER app:staff
+RUN ["touch", "/home/app/g"]
+"#,
+        ),
+        &[],
+    );
+    let v = e.ok_json(&["image", "build", ctx.to_str().unwrap()]);
+    assert_eq!(v["steps_run"], 7, "{v}");
+    // By name: passwd's uid, primary group and home, group's groups.
+    assert_eq!(e.cat("users", "/tmp/uid"), "1234\n");
+    assert_eq!(e.cat("users", "/tmp/groups"), "1234 50\n");
+    assert_eq!(e.cat("users", "/tmp/home"), "/home/app\n");
+    assert_eq!(e.owner("users", "/home/app/f"), (1234, 1234));
+    assert_eq!(e.owner("users", "/home/app/g"), (1234, 50));
+    // By a number passwd does not know: gid 0 and HOME / (as Docker).
+    assert_eq!(e.cat("users", "/tmp/n-uid"), "4321\n");
+    assert_eq!(e.cat("users", "/tmp/n-gid"), "0\n");
+    assert_eq!(e.cat("users", "/tmp/n-home"), "/\n");
+    assert_eq!(e.owner("users", "/tmp/n"), (4321, 0));
+    assert_eq!(e.owner("users", "/tmp/ng"), (4321, 77));
+    let d = e.ok_json(&["image", "describe", "users"]);
+    assert_eq!(d["image"]["config"]["User"], "app:staff");
+}
+
+#[test]
+fn run_as_user_cannot_write_where_the_user_may_not() {
+    let e = Env::new();
+    let base = fixtures().join("boot");
+    let ctx = e.context(
+        "denied",
+        &user_dockerfile(&base, "USER app\nRUN touch /root/secret\n"),
+        &[],
+    );
+    let out = e.cairn(&["image", "build", ctx.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let msg = stderr(&out);
+    assert!(msg.contains("Permission denied"), "{msg}");
+    assert!(
+        msg.contains(
+            "Dockerfile line 6: RUN /bin/sh -c touch /root/secret (as uid 1234, gid 1234) failed"
+        ),
+        "{msg}"
+    );
+
+    // A name passwd does not have is an error naming the line.
+    let ctx = e.context(
+        "unknown",
+        &user_dockerfile(&base, "USER nobody\nRUN id\n"),
+        &[],
+    );
+    let out = e.cairn(&["image", "build", ctx.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let msg = stderr(&out);
+    assert!(
+        msg.contains("Dockerfile line 6: RUN as USER nobody: no user named `nobody`"),
+        "{msg}"
+    );
+    assert!(e.names().is_empty(), "a failed build left a name");
 }

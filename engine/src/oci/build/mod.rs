@@ -19,6 +19,7 @@ mod context;
 pub mod dockerfile;
 mod rootfs;
 pub mod sandbox;
+mod user;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -469,15 +470,6 @@ pub fn build(
             )),
             "MAINTAINER" => {}
             "RUN" => {
-                if c.user
-                    .as_deref()
-                    .is_some_and(|u| !matches!(u, "" | "0" | "root" | "0:0" | "root:root"))
-                {
-                    return Err(bad(format!(
-                        "RUN as USER {} is not supported yet (RUN steps run as root); move USER after the RUN steps",
-                        c.user.as_deref().unwrap_or("")
-                    )));
-                }
                 if let Some(rec) = cache.read_json::<StepRecord>(&format!("steps/{step_key}.json"))
                 {
                     if rec
@@ -511,12 +503,31 @@ pub fn build(
                 let (dir, staged) = live.as_mut().expect("set above");
                 let workdir = c.working_dir.clone().unwrap_or_else(|| "/".into());
                 ensure_dir(dir.path(), &workdir)?;
-                req.sandbox.run(&Run {
-                    root: dir.path(),
-                    argv: &argv,
-                    env: &env_list(c),
-                    workdir: &workdir,
-                })?;
+                // USER is resolved now, against the root as this step sees
+                // it (an earlier step may have added the user), as Docker does.
+                let spec = c.user.clone().unwrap_or_default();
+                let who = user::resolve(
+                    &spec,
+                    &rootfs::read_text(dir.path(), "etc/passwd")?,
+                    &rootfs::read_text(dir.path(), "etc/group")?,
+                )
+                .map_err(|e| bad(format!("RUN as USER {spec}: {e}")))?;
+                let mut env = env_list(c);
+                if !env.iter().any(|(k, _)| k == "HOME") {
+                    env.push(("HOME".into(), who.home.clone()));
+                }
+                req.sandbox
+                    .run(&Run {
+                        root: dir.path(),
+                        argv: &argv,
+                        env: &env,
+                        workdir: &workdir,
+                        user: &who.id,
+                    })
+                    .map_err(|e| match e {
+                        OciError::Build(m) => bad(m),
+                        e => e,
+                    })?;
                 let (tmp, mut f) = cache.temp()?;
                 let n = rootfs::diff(&staged.tree, dir.path(), &mut f)?;
                 drop(f);

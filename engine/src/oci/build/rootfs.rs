@@ -89,6 +89,50 @@ pub fn mkdir_all(root: &Path, path: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Files the builder reads from the build root (passwd, group) are
+/// refused beyond this size.
+const READ_CAP: u64 = 16 << 20;
+
+/// The text of file `path` (relative, under `root`), following no link;
+/// empty when it does not exist.
+pub fn read_text(root: &Path, path: &str) -> Result<String, OciError> {
+    let shown = root.join(path);
+    let read = || -> io::Result<Option<Vec<u8>>> {
+        let root_fd = open_dir(rfs::CWD, root.as_os_str().as_encoded_bytes())?;
+        let mut comps: Vec<Vec<u8>> = path.split('/').map(|c| c.as_bytes().to_vec()).collect();
+        let name = comps.pop().unwrap_or_default();
+        let dir = match open_beneath(&root_fd, &comps) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let f: File = match rfs::openat(
+            &dir,
+            name.as_slice(),
+            // NONBLOCK: a FIFO there must not hang the build.
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        ) {
+            Ok(f) => f.into(),
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if !f.metadata()?.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        let mut buf = Vec::new();
+        f.take(READ_CAP + 1).read_to_end(&mut buf)?;
+        if buf.len() as u64 > READ_CAP {
+            return Err(io::Error::other(format!("larger than {READ_CAP} bytes")));
+        }
+        Ok(Some(buf))
+    };
+    match read() {
+        Ok(b) => Ok(String::from_utf8_lossy(&b.unwrap_or_default()).into_owned()),
+        Err(e) => Err(OciError::io("cannot read", shown, e)),
+    }
+}
+
 /// Writes the live tree to `root` (an empty directory).
 pub fn materialize(tree: &Tree, spool: &File, root: &Path) -> Result<(), OciError> {
     let show = root.display().to_string();
