@@ -331,6 +331,12 @@ pub struct DaemonArgs {
     /// since its next page fault would never be answered.
     #[arg(long)]
     pub no_kill_vmm: bool,
+    /// Seconds a snapshot upload is tried again while the store does not
+    /// answer (the snapshot stays uploading meanwhile); then it is marked
+    /// failed, with the reason.
+    #[arg(long, env = "CAIRN_UPLOAD_TIMEOUT", default_value_t = 900,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub upload_timeout: u64,
 }
 
 /// A VMM's memory file and VM-state blob, taken with a snapshot, clone or

@@ -33,7 +33,11 @@ impl std::ops::Deref for Env {
 impl Env {
     /// A 16 MiB image (random and text stretches) imported as `base`.
     fn new() -> Env {
-        let shared = common::daemon::Env::file();
+        Env::on(common::daemon::Env::file())
+    }
+
+    /// [`Env::new`] on another store.
+    fn on(shared: common::daemon::Env) -> Env {
         let mut rng = fastrand::Rng::with_seed(12);
         let mut image = Vec::with_capacity(16 * MIB);
         for i in 0..16 {
@@ -578,4 +582,63 @@ fn memory_and_vm_state_are_snapshotted_forked_diffed_and_cloned() {
 
 fn id_of(view: &Value) -> String {
     view["id"].as_str().unwrap().to_owned()
+}
+
+/// The store's server stopped during an upload: the snapshot completes once
+/// it is back; past the daemon's upload timeout it is marked failed with
+/// the reason instead. (A private s3s-fs, stopped and started again.)
+#[test]
+fn an_upload_outlives_a_stopped_store_or_fails_with_the_reason_after_a_bound() {
+    use common::private_s3::{PrivateS3, PRIVATE_KEY, PRIVATE_SECRET};
+    let root = tempfile::tempdir().unwrap();
+    let mut s3 = PrivateS3::start(&root.path().join("s3"));
+    let env = Env::on(common::daemon::Env::s3(
+        &s3.endpoint,
+        PRIVATE_KEY,
+        PRIVATE_SECRET,
+    ));
+    let pause = std::time::Duration::from_secs(4);
+
+    // Bounded at 1 s: the store is away for 4 s, so the snapshot fails,
+    // and says so once the catalog answers again.
+    let (daemon, _) = env.daemon_with(&[
+        ("CAIRN_FAULT_STALL_UPLOADS_MS", "500"),
+        ("CAIRN_UPLOAD_TIMEOUT", "1"),
+    ]);
+    let a = env.sandbox(&["create", "a", "--image", "base"]);
+    let mut ca = connect(&a);
+    let mut model = env.image.clone();
+    put(&mut ca, &mut model, MIB, 8192, 0x71);
+    ca.flush().unwrap();
+    let snap = env.sandbox(&["snapshot", "a"]);
+    s3.kill();
+    std::thread::sleep(pause);
+    s3.restart();
+    let failed = env.settled(snap["id"].as_str().unwrap());
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(
+        failed["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{failed}"
+    );
+    drop(ca);
+    daemon.signal("-TERM");
+
+    // Unbounded (the default): the same outage ends in a completed
+    // snapshot with the disk at the call.
+    let (daemon, _) = env.daemon_with(&[("CAIRN_FAULT_STALL_UPLOADS_MS", "500")]);
+    let mut ca = connect(&env.sandbox(&["describe", "a"]));
+    put(&mut ca, &mut model, 2 * MIB, 4096, 0x72);
+    ca.flush().unwrap();
+    let snap = env.sandbox(&["snapshot", "a"]);
+    let id = snap["id"].as_str().unwrap().to_owned();
+    s3.kill();
+    std::thread::sleep(pause);
+    s3.restart();
+    let done = env.settled(&id);
+    assert_eq!(done["state"], "completed", "{done}");
+    let forked = env.sandbox(&["fork", &id]);
+    let f = &forked["sandboxes"][0];
+    assert!(whole(&mut connect(f), env.image.len()) == model);
+    drop(ca);
+    daemon.signal("-TERM");
 }

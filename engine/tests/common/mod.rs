@@ -4,13 +4,14 @@
 
 pub mod conformance;
 pub mod fault_proxy;
+pub mod private_s3;
 pub mod wrappers;
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+#[allow(unused_imports)]
+pub use private_s3::{PrivateS3, PRIVATE_KEY, PRIVATE_SECRET};
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cairn_engine::objstore::{ObjectStore, Resilient, RetryPolicy, S3Options, S3Store};
 
@@ -95,71 +96,6 @@ pub async fn fresh_s3_store_at(endpoint: &str, tag: &str) -> (Arc<dyn ObjectStor
     s3.ensure_bucket().await.expect("create a test bucket");
     let retried = Resilient::new(Arc::new(s3.clone()), fast_retries(), 8);
     (Arc::new(retried), s3)
-}
-
-/// A private s3s-fs process, for tests that must stop and restart it.
-pub struct PrivateS3 {
-    pub endpoint: String,
-    pub port: u16,
-    pub root: PathBuf,
-    child: Option<Child>,
-}
-
-pub const PRIVATE_KEY: &str = "cairnprivate";
-pub const PRIVATE_SECRET: &str = "cairnprivatesecret";
-
-impl PrivateS3 {
-    pub fn start(root: &Path) -> PrivateS3 {
-        std::fs::create_dir_all(root).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut s = PrivateS3 {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            port,
-            root: root.to_owned(),
-            child: None,
-        };
-        s.restart();
-        s
-    }
-
-    pub fn restart(&mut self) {
-        let bin = std::env::var("CAIRN_TEST_S3S_FS").unwrap_or_else(|_| "s3s-fs".to_owned());
-        let child = Command::new(&bin)
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", PRIVATE_KEY, "--secret-key", PRIVATE_SECRET])
-            .arg(&self.root)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.root.with_extension("log")).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start `{bin}` (install: cargo install s3s-fs@0.14.1 --locked --features binary): {e}"));
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "s3s-fs did not start listening: {}",
-                std::fs::read_to_string(self.root.with_extension("log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateS3 {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// Deterministic test image bytes: a mix of zero, compressible, random and

@@ -169,6 +169,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     state_dir,
                     metrics_addr: args.metrics_addr,
                     kill_vmm: !args.no_kill_vmm,
+                    upload_timeout: std::time::Duration::from_secs(args.upload_timeout),
                 },
             )
         }

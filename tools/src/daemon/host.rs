@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use cairn_engine::catalog;
@@ -185,6 +186,8 @@ pub struct Host {
     inner: Arc<Mutex<Inner>>,
     uploading: Uploading,
     pages: PageConfig,
+    /// How long an upload is tried again while the store does not answer.
+    upload_timeout: Duration,
 }
 
 fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -257,6 +260,7 @@ impl Host {
         socket_dir: &Path,
         store: ChunkStore,
         pages: PageConfig,
+        upload_timeout: Duration,
     ) -> Result<Host> {
         std::fs::create_dir_all(socket_dir)
             .with_context(|| format!("creating {}", socket_dir.display()))?;
@@ -271,6 +275,7 @@ impl Host {
             uploading: Arc::default(),
             store,
             pages,
+            upload_timeout,
         })
     }
 
@@ -478,10 +483,19 @@ impl Host {
             self.host_id.clone(),
         );
         let (uploading, shared) = (self.uploading.clone(), self.inner.clone());
+        let upload_timeout = self.upload_timeout;
         std::thread::Builder::new()
             .name("cairn-upload".into())
             .spawn(move || {
-                let folded = uploads::run(&store, &state_dir, &host, &job, base, &layers);
+                let folded = uploads::run(
+                    &store,
+                    &state_dir,
+                    &host,
+                    &job,
+                    base,
+                    &layers,
+                    upload_timeout,
+                );
                 let mut inner = lock(&shared);
                 if let Some(disk) = folded {
                     rebase(&mut inner, &state_dir, &job, &layers, disk);
@@ -801,6 +815,7 @@ impl Host {
                 &job,
                 disk.base(),
                 &layers,
+                self.upload_timeout,
             );
             let done = rt
                 .block_on(catalog::snapshot::get(

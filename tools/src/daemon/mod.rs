@@ -36,6 +36,9 @@ pub struct DaemonConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Kill a VMM whose memory stops being served mid-resume.
     pub kill_vmm: bool,
+    /// How long a snapshot upload is tried again while the store does not
+    /// answer, before the snapshot is marked failed.
+    pub upload_timeout: std::time::Duration,
 }
 
 /// The daemon's socket when none is given: under the user's runtime
@@ -124,6 +127,7 @@ pub fn run(ctx: &Context, cfg: DaemonConfig) -> Result<ExitCode> {
         &cfg.state_dir.join("run"),
         store,
         pages,
+        cfg.upload_timeout,
     )?);
     let (recovered, uploads_resumed) = host.recover().context("recovering the sandboxes")?;
     let api = api::Api {

@@ -5,14 +5,18 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use cairn_engine::catalog::snapshot::{self, Completion};
+use cairn_engine::catalog::CatalogError;
 use cairn_engine::chunkstore::ChunkStore;
+use cairn_engine::import::ImportError;
 use cairn_engine::import::ImportOptions;
 use cairn_engine::layout;
 use cairn_engine::manifest::Manifest;
 use cairn_engine::memory::{import_memory, MemLayout};
+use cairn_engine::objstore::StoreError;
 use cairn_engine::overlay::Overlay;
 use cairn_engine::ManifestId;
 use serde::{Deserialize, Serialize};
@@ -82,10 +86,56 @@ impl PendingUpload {
     }
 }
 
+/// The longest wait between two tries of an upload.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// Whether `e` is worth trying again: the store or the catalog did not
+/// answer (stopped, unreachable, 5xx, throttled).
+fn transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<StoreError>()
+            .is_some_and(|s| s.kind().is_transient())
+            || c.downcast_ref::<CatalogError>()
+                .is_some_and(|s| s.kind().is_transient())
+            || c.downcast_ref::<ImportError>()
+                .is_some_and(|s| s.kind().is_transient())
+    })
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or (for transient
+/// failures) `give_up_after` has passed; waits between tries, doubling
+/// from half a second.
+fn with_retries<T>(
+    what: &str,
+    give_up_after: Duration,
+    mut attempt: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match attempt() {
+            Err(e)
+                if transient(&e)
+                    && started
+                        .elapsed()
+                        .checked_add(delay)
+                        .is_some_and(|t| t < give_up_after) =>
+            {
+                tracing::warn!(%what, error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "the store did not answer; trying again");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Folds `layers` over `base` into a disk image, stores it, and completes
-/// the snapshot; marks it failed (with the reason) if that cannot be
-/// done. Then forgets the pending record. Returns the disk image made,
-/// if the snapshot completed now.
+/// the snapshot. While the store does not answer, the snapshot stays
+/// uploading and the upload is tried again, for up to `give_up_after`;
+/// then, or on any other failure, the snapshot is marked failed with the
+/// reason (tried until the catalog answers). Then forgets the pending
+/// record. Returns the disk image made, if the snapshot completed now.
 pub fn run(
     store: &ChunkStore,
     state_dir: &Path,
@@ -93,51 +143,56 @@ pub fn run(
     job: &PendingUpload,
     base: Arc<Manifest>,
     layers: &[Arc<Overlay>],
+    give_up_after: Duration,
 ) -> Option<Arc<Manifest>> {
     let remote = store.remote().clone();
     let rt = store.runtime();
     stall_for_tests();
-    let outcome = (|| -> Result<Option<Arc<Manifest>>> {
-        let current = rt
-            .block_on(snapshot::get(remote.as_ref(), &job.project, &job.id))?
-            .with_context(|| format!("snapshot {} is not in the catalog", job.id))?
-            .record;
-        match current.state {
-            snapshot::SnapshotState::Pending => {
-                rt.block_on(snapshot::start_upload(
-                    remote.as_ref(),
-                    &job.project,
-                    &job.id,
-                    host,
-                ))?;
+    let outcome = with_retries(
+        &job.id,
+        give_up_after,
+        || -> Result<Option<Arc<Manifest>>> {
+            let current = rt
+                .block_on(snapshot::get(remote.as_ref(), &job.project, &job.id))?
+                .with_context(|| format!("snapshot {} is not in the catalog", job.id))?
+                .record;
+            match current.state {
+                snapshot::SnapshotState::Pending => {
+                    rt.block_on(snapshot::start_upload(
+                        remote.as_ref(),
+                        &job.project,
+                        &job.id,
+                        host,
+                    ))?;
+                }
+                snapshot::SnapshotState::Uploading => {}
+                // Finished before a crash hid it: nothing left to do.
+                _ => return Ok(None),
             }
-            snapshot::SnapshotState::Uploading => {}
-            // Finished before a crash hid it: nothing left to do.
-            _ => return Ok(None),
-        }
-        let staging = state_dir.join("staging");
-        std::fs::create_dir_all(&staging)
-            .with_context(|| format!("creating {}", staging.display()))?;
-        let opts = ImportOptions::new(staging);
-        let (manifest, _) =
-            cairn_engine::snapshot::fold_layers(store, base, layers, &opts, &|_| {})
-                .context("folding the frozen layers")?;
-        let (memory, vm_state) = match &job.machine {
-            Some(m) => store_machine(store, m, &opts)?,
-            None => (None, None),
-        };
-        rt.block_on(snapshot::complete(
-            remote.as_ref(),
-            &job.project,
-            &job.id,
-            Completion {
-                disk: manifest.id(),
-                memory,
-                vm_state,
-            },
-        ))?;
-        Ok(Some(Arc::new(manifest)))
-    })();
+            let staging = state_dir.join("staging");
+            std::fs::create_dir_all(&staging)
+                .with_context(|| format!("creating {}", staging.display()))?;
+            let opts = ImportOptions::new(staging);
+            let (manifest, _) =
+                cairn_engine::snapshot::fold_layers(store, base.clone(), layers, &opts, &|_| {})
+                    .context("folding the frozen layers")?;
+            let (memory, vm_state) = match &job.machine {
+                Some(m) => store_machine(store, m, &opts)?,
+                None => (None, None),
+            };
+            rt.block_on(snapshot::complete(
+                remote.as_ref(),
+                &job.project,
+                &job.id,
+                Completion {
+                    disk: manifest.id(),
+                    memory,
+                    vm_state,
+                },
+            ))?;
+            Ok(Some(Arc::new(manifest)))
+        },
+    );
     let folded = match outcome {
         Ok(m) => {
             tracing::info!(snapshot = %job.id, "snapshot completed");
@@ -146,12 +201,15 @@ pub fn run(
         Err(e) => {
             let reason = format!("{e:#}");
             tracing::error!(snapshot = %job.id, %reason, "snapshot failed");
-            if let Err(e) = rt.block_on(snapshot::fail(
-                remote.as_ref(),
-                &job.project,
-                &job.id,
-                &reason,
-            )) {
+            let marked = with_retries(&job.id, Duration::MAX, || {
+                Ok(rt.block_on(snapshot::fail(
+                    remote.as_ref(),
+                    &job.project,
+                    &job.id,
+                    &reason,
+                ))?)
+            });
+            if let Err(e) = marked {
                 tracing::error!(snapshot = %job.id, error = %e, "cannot mark the snapshot failed");
                 // Kept: the next start tries again.
                 return None;

@@ -48,6 +48,22 @@ impl Env {
         }
     }
 
+    /// A fresh bucket on the S3 server at `endpoint` (with its keys).
+    pub fn s3(endpoint: &str, key: &str, secret: &str) -> Env {
+        let bucket = format!("cairn-{:08x}", fastrand::u32(..));
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+            store: format!("s3://{bucket}/store?endpoint={endpoint}"),
+            envs: [
+                ("AWS_ACCESS_KEY_ID", key),
+                ("AWS_SECRET_ACCESS_KEY", secret),
+                ("AWS_REGION", "us-east-1"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .to_vec(),
+        }
+    }
+
     /// A fresh bucket on moto's S3 server (`tools/dev/moto-server.sh`),
     /// whose conditional writes are atomic: the catalog's names hold there
     /// as on a real S3. moto checks no credentials; any are given.

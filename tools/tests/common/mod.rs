@@ -7,6 +7,9 @@ use std::process::{Command, Output};
 #[allow(dead_code)]
 pub mod daemon;
 #[allow(dead_code)]
+#[path = "../../../engine/tests/common/private_s3.rs"]
+pub mod private_s3;
+#[allow(dead_code)]
 pub mod qemu;
 
 /// Runs `cmd` and returns its output; fails the test, with the command and
