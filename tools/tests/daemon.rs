@@ -642,3 +642,40 @@ fn an_upload_outlives_a_stopped_store_or_fails_with_the_reason_after_a_bound() {
     drop(ca);
     daemon.signal("-TERM");
 }
+
+/// A daemon killed in the middle of a suspend: at its next start the
+/// sandbox runs again (the catalog no longer says suspending), with every
+/// flushed write, and a second suspend and a resume work.
+#[test]
+fn a_suspend_cut_by_a_killed_daemon_leaves_the_sandbox_running() {
+    let env = Env::new();
+    let (daemon, _) = env.daemon_with(&[("CAIRN_FAULT_STALL_UPLOADS_MS", "3000")]);
+    let a = env.sandbox(&["create", "a", "--image", "base"]);
+    let mut ca = connect(&a);
+    let mut model = env.image.clone();
+    put(&mut ca, &mut model, 7 * MIB, 3 * 4096, 0x81);
+    ca.flush().unwrap();
+    drop(ca);
+    let suspend = env
+        .cairn()
+        .args(["sandbox", "suspend", "a"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The upload is stalled for 3 s: the kill lands mid-suspend.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    daemon.signal("-KILL");
+    let out = suspend.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the suspend cannot have completed");
+
+    let (daemon, ready) = env.daemon();
+    assert_eq!(ready["recovered"], 1, "{ready}");
+    let d = env.sandbox(&["describe", "a"]);
+    assert!(whole(&mut connect(&d), env.image.len()) == model);
+    let suspended = env.sandbox(&["suspend", "a"]);
+    assert_eq!(suspended["state"], "suspended", "{suspended}");
+    let back = env.sandbox(&["resume", "a"]);
+    assert!(whole(&mut connect(&back), env.image.len()) == model);
+    daemon.signal("-TERM");
+}

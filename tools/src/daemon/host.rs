@@ -420,7 +420,7 @@ impl Host {
     /// names (a crash between making and recording one). Returns how many
     /// sandboxes and uploads.
     pub fn recover(&self) -> Result<(usize, usize)> {
-        let mut records = SandboxRecord::load_all(&self.state_dir)?;
+        let mut records = self.reconcile(SandboxRecord::load_all(&self.state_dir)?)?;
         let jobs = PendingUpload::load_all(&self.state_dir)?;
         let mut inner = self.lock();
         // A crash between recording an upload and giving its sandbox a new
@@ -459,6 +459,62 @@ impl Host {
                 .with_context(|| format!("resuming the upload of snapshot {id}"))?;
         }
         Ok((n, uploads))
+    }
+
+    /// The named sandboxes of `records` as the catalog has them: one this
+    /// host no longer owns (taken over elsewhere, removed) or whose suspend
+    /// completed before a crash is forgotten here, not served; one whose
+    /// suspend a crash cut short is running again. When the catalog does
+    /// not answer, every record is kept (and served).
+    fn reconcile(&self, records: Vec<SandboxRecord>) -> Result<Vec<SandboxRecord>> {
+        use catalog::sandbox::SandboxState;
+        let remote = self.store.remote().clone();
+        let rt = self.store.runtime();
+        let mut kept = Vec::new();
+        for rec in records {
+            let Some(name) = rec.name.clone().filter(|_| rec.generation > 0) else {
+                kept.push(rec);
+                continue;
+            };
+            let owner = self.owner(rec.generation);
+            let found = match rt.block_on(catalog::sandbox::get(
+                remote.as_ref(),
+                &rec.project,
+                &name,
+            )) {
+                Ok(f) => f.map(|s| s.record),
+                Err(e) => {
+                    tracing::warn!(sandbox = %name, error = %e, "the catalog did not answer; serving the sandbox as recorded here");
+                    kept.push(rec);
+                    continue;
+                }
+            };
+            let why_not = match &found {
+                None => Some("its name is no longer in the catalog"),
+                Some(c) if c.owner() != owner => Some("another host has taken it over"),
+                Some(c) if c.state == SandboxState::Suspended => Some("its suspend completed"),
+                Some(_) => None,
+            };
+            if let Some(why) = why_not {
+                tracing::info!(sandbox = %name, why, "not serving a recorded sandbox");
+                self.forget(&rec.id)?;
+                continue;
+            }
+            if found.is_some_and(|c| c.state == SandboxState::Suspending) {
+                rt.block_on(catalog::sandbox::set_state(
+                    remote.as_ref(),
+                    &rec.project,
+                    &name,
+                    &owner,
+                    SandboxState::Running,
+                    None,
+                ))
+                .with_context(|| format!("marking {name} running again after a cut suspend"))?;
+                tracing::info!(sandbox = %name, "a suspend cut by a crash: running again");
+            }
+            kept.push(rec);
+        }
+        Ok(kept)
     }
 
     /// Uploads `job` on its own thread; its layers are kept until it ends.
