@@ -440,6 +440,7 @@ impl Host {
             .flat_map(|r| r.layers.iter().cloned())
             .chain(jobs.iter().flat_map(|j| j.layers.iter().cloned()))
             .collect();
+        self.sweep_inputs(&jobs);
         let swept = inner.layers.sweep(&|id| named.contains(id))?;
         if swept > 0 {
             tracing::info!(layers = swept, "deleted layers no sandbox recorded");
@@ -515,6 +516,27 @@ impl Host {
             kept.push(rec);
         }
         Ok(kept)
+    }
+
+    /// Deletes copied VMM files no recorded upload names (a snapshot
+    /// refused, or a crash, after the copy).
+    fn sweep_inputs(&self, jobs: &[PendingUpload]) {
+        let named: std::collections::HashSet<&PathBuf> = jobs
+            .iter()
+            .flat_map(|j| {
+                j.machine
+                    .iter()
+                    .flat_map(|m| m.memory.iter().chain(&m.vm_state))
+            })
+            .collect();
+        let Ok(dir) = std::fs::read_dir(self.state_dir.join("inputs")) else {
+            return;
+        };
+        for path in dir.flatten().map(|e| e.path()) {
+            if !named.contains(&path) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
     }
 
     /// Uploads `job` on its own thread; its layers are kept until it ends.
