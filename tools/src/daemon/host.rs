@@ -3,7 +3,7 @@
 //! the state directory consistent at every step, so a crash anywhere is
 //! recovered by [`Host::recover`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -188,7 +188,12 @@ pub struct Host {
     pages: PageConfig,
     /// How long an upload is tried again while the store does not answer.
     upload_timeout: Duration,
+    /// Manifests loaded, by id (at most [`MANIFESTS_KEPT`]).
+    manifests: Mutex<HashMap<ManifestId, Arc<Manifest>>>,
 }
+
+/// Manifests the daemon keeps loaded; past that, it starts over.
+const MANIFESTS_KEPT: usize = 256;
 
 fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -276,6 +281,7 @@ impl Host {
             store,
             pages,
             upload_timeout,
+            manifests: Mutex::default(),
         })
     }
 
@@ -406,13 +412,27 @@ impl Host {
         }))
     }
 
+    /// Manifest `id`, from the store the first time (manifests never
+    /// change: their id is their content's hash).
     fn load_manifest(&self, id: &ManifestId) -> Result<Arc<Manifest>> {
+        let cached = |m: &Mutex<HashMap<ManifestId, Arc<Manifest>>>| {
+            m.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        };
+        if let Some(m) = cached(&self.manifests) {
+            return Ok(m);
+        }
         let remote = self.store.remote().clone();
-        let m = self
-            .store
-            .runtime()
-            .block_on(catalog::load_manifest(remote.as_ref(), id))?;
-        Ok(Arc::new(m))
+        let m = Arc::new(
+            self.store
+                .runtime()
+                .block_on(catalog::load_manifest(remote.as_ref(), id))?,
+        );
+        let mut map = self.manifests.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MANIFESTS_KEPT {
+            map.clear();
+        }
+        map.insert(*id, m.clone());
+        Ok(m)
     }
 
     /// Serves every sandbox the state directory records, as it was, and
