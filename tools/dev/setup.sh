@@ -9,7 +9,7 @@ sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
 
 need_apt=()
 for pkg in libclang-dev zstd b3sum e2fsprogs time debootstrap iproute2 curl \
-    qemu-system-x86 busybox-static cpio kmod xz-utils \
+    qemu-system-x86 qemu-utils busybox-static cpio kmod xz-utils \
     python3 umoci skopeo docker-registry apache2-utils bubblewrap; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

@@ -1,0 +1,1174 @@
+//! The sandbox benchmark: a real `cairn daemon` (started here, on a
+//! `file://` store in a temporary directory unless `--store` names
+//! another) driven through its HTTP API on its Unix socket, each disk
+//! written and read through its vhost-user-blk socket with libblkio.
+//!
+//! 1. Clone and fork latency and rate for sparse images of 1, 10 and
+//!    100 GiB, 64 MiB written into the sandbox (and flushed) before each
+//!    clone, against the usual qcow2 way (the running overlay becomes a
+//!    backing file, two new overlays over it) and a full copy
+//!    (`cp --sparse=always` of the raw image with the 64 MiB in it).
+//! 2. Clones per second through the API, storage only (no VMM connected):
+//!    N clones of one sandbox, sequentially and from several clients.
+//! 3. Snapshot pause: the longest write a QD1 writer sees during
+//!    `POST /v1/sandboxes/{id}/snapshot`, against its latency around a plain
+//!    FLUSH, with 64 MiB written and not flushed.
+//! 4. Suspend time against the bytes written, and resume time to the first
+//!    4 KiB read served through the disk socket, of named sandboxes.
+//!
+//! Nothing here asserts timings. `benches/run-sandbox-bench.sh` runs it;
+//! see the README's "Sandbox benchmark".
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use cairn_benches::blk_client::Client;
+use cairn_benches::{cairn_bin, mean, median, quantile, Table};
+use clap::Parser;
+use serde_json::{json, Value};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+#[derive(Parser)]
+struct Args {
+    /// Image sizes for the clone and fork part (sparse: 1 MiB of data per
+    /// GiB, or 1 MiB for a smaller image).
+    #[arg(long, value_delimiter = ',', default_value = "1G,10G,100G")]
+    sizes: Vec<String>,
+    /// Bytes written into a sandbox before it is cloned or snapshotted.
+    #[arg(long, default_value = "64M")]
+    written: String,
+    /// Timed clones, forks and qcow2 operations per image size.
+    #[arg(long, default_value_t = 20)]
+    samples: usize,
+    /// Timed full copies per image size.
+    #[arg(long, default_value_t = 3)]
+    copy_samples: usize,
+    /// Sandboxes made by one fork call (its rate per sandbox).
+    #[arg(long, default_value_t = 100)]
+    fork_batch: u32,
+    /// Clones of one sandbox for the rate part.
+    #[arg(long, default_value_t = 1000)]
+    clones: usize,
+    /// Concurrent API clients for the rate part's second run.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// The image size of parts 2-4.
+    #[arg(long, default_value = "1G")]
+    rate_size: String,
+    /// Rounds of snapshot and of plain FLUSH for the pause part.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Bytes written before each suspend.
+    #[arg(long, value_delimiter = ',', default_value = "0,64M,256M")]
+    suspend_written: Vec<String>,
+    /// Suspend and resume rounds per written size.
+    #[arg(long, default_value_t = 3)]
+    suspend_rounds: usize,
+    /// Skip the qcow2 baseline (needs qemu-img and qemu-io: qemu-utils).
+    #[arg(long)]
+    no_qcow2: bool,
+    /// The store (default: `file://` in the work directory). An S3 store
+    /// takes its credentials from the environment.
+    #[arg(long)]
+    store: Option<String>,
+    /// Where images, stores and state go (default: a temporary directory).
+    #[arg(long)]
+    work: Option<PathBuf>,
+    #[arg(long, default_value = "target/bench/sandbox.json")]
+    json_out: PathBuf,
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], KIB),
+        Some((i, 'M' | 'm')) => (&s[..i], MIB),
+        Some((i, 'G' | 'g')) => (&s[..i], GIB),
+        Some((i, 'T' | 't')) => (&s[..i], GIB << 10),
+        _ => (s, 1),
+    };
+    Ok(num
+        .parse::<u64>()
+        .with_context(|| format!("`{s}` is not a size (e.g. 64M, 10G)"))?
+        * mult)
+}
+
+fn label(bytes: u64) -> String {
+    if bytes >= GIB && bytes.is_multiple_of(GIB) {
+        format!("{} GiB", bytes / GIB)
+    } else {
+        format!("{} MiB", bytes / MIB)
+    }
+}
+
+fn ms(secs: f64) -> String {
+    if secs < 0.01 {
+        format!("{:.2}", secs * 1e3)
+    } else {
+        format!("{:.1}", secs * 1e3)
+    }
+}
+
+/// p50, p99, mean of a sample, in seconds.
+fn stats(xs: &[f64]) -> Value {
+    json!({
+        "p50": median(xs.to_vec()),
+        "p99": quantile(xs.to_vec(), 0.99),
+        "mean": mean(xs),
+        "min": quantile(xs.to_vec(), 0.0),
+        "max": quantile(xs.to_vec(), 1.0),
+        "n": xs.len(),
+    })
+}
+
+// ---------------------------------------------------------------- the API
+
+/// HTTP/1.1 over the daemon's Unix socket, one kept-alive connection.
+struct Api {
+    socket: PathBuf,
+    conn: Option<(BufReader<UnixStream>, UnixStream)>,
+}
+
+impl Api {
+    fn new(socket: &Path) -> Api {
+        Api {
+            socket: socket.to_owned(),
+            conn: None,
+        }
+    }
+
+    /// One request: the status and the JSON answer (null if empty).
+    fn call(&mut self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        if self.conn.is_none() {
+            let s = UnixStream::connect(&self.socket)
+                .with_context(|| format!("connecting to {}", self.socket.display()))?;
+            self.conn = Some((BufReader::new(s.try_clone()?), s));
+        }
+        let (reader, writer) = self.conn.as_mut().expect("connected above");
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: cairn\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body.as_bytes());
+        writer.write_all(&req)?;
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("not an HTTP status line: {line:?}"))?;
+        let (mut len, mut chunked, mut close) = (0usize, false, false);
+        loop {
+            line.clear();
+            reader.read_line(&mut line)?;
+            let h = line.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (k, v) = h.split_once(':').unwrap_or((h, ""));
+            match k.to_ascii_lowercase().as_str() {
+                "content-length" => len = v.trim().parse()?,
+                "transfer-encoding" => chunked = v.trim().eq_ignore_ascii_case("chunked"),
+                "connection" => close = v.trim().eq_ignore_ascii_case("close"),
+                _ => {}
+            }
+        }
+        let mut buf = Vec::new();
+        if chunked {
+            loop {
+                line.clear();
+                reader.read_line(&mut line)?;
+                let n = usize::from_str_radix(line.trim(), 16)?;
+                let mut chunk = vec![0; n + 2];
+                reader.read_exact(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        } else {
+            buf.resize(len, 0);
+            reader.read_exact(&mut buf)?;
+        }
+        if close {
+            self.conn = None;
+        }
+        let value = if buf.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&buf)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&buf).into_owned()))
+        };
+        Ok((status, value))
+    }
+
+    /// A request that must succeed: its JSON.
+    fn ok(&mut self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let (status, v) = self.call(method, path, body)?;
+        if !(200..300).contains(&status) {
+            bail!("{method} {path}: HTTP {status}: {v}");
+        }
+        Ok(v)
+    }
+
+    fn create(&mut self, image: &str, name: Option<&str>) -> Result<Value> {
+        self.ok(
+            "POST",
+            "/v1/sandboxes",
+            Some(&json!({ "image": image, "name": name })),
+        )
+    }
+
+    fn clone_of(&mut self, key: &str) -> Result<Value> {
+        self.ok(
+            "POST",
+            &format!("/v1/sandboxes/{key}/clone"),
+            Some(&json!({})),
+        )
+    }
+
+    fn remove(&mut self, key: &str) -> Result<()> {
+        self.ok("DELETE", &format!("/v1/sandboxes/{key}"), None)
+            .map(drop)
+    }
+}
+
+fn id(v: &Value) -> String {
+    v["id"].as_str().unwrap_or_default().to_owned()
+}
+
+fn disk_socket(v: &Value) -> PathBuf {
+    PathBuf::from(v["disk_socket"].as_str().unwrap_or_default())
+}
+
+// ---------------------------------------------------- the daemon and CLI
+
+struct Env {
+    dir: PathBuf,
+    store: String,
+    cairn: PathBuf,
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM: unnamed sandboxes are removed, named ones kept.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Env {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn cairn(&self) -> Command {
+        let mut c = Command::new(&self.cairn);
+        c.args(["--store", &self.store, "--cache-dir"])
+            .arg(self.path("cache"));
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Result<Vec<u8>> {
+        let out = self.cairn().args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "cairn {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(out.stdout)
+    }
+
+    fn daemon(&self) -> Result<Daemon> {
+        let socket = self.path("daemon.sock");
+        let log = std::fs::File::create(self.path("daemon.log"))?;
+        let mut child = self
+            .cairn()
+            .args(["--json", "daemon", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(self.path("state"))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("starting cairn daemon")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("daemon stdout")?).read_line(&mut line)?;
+        let ready: Value = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "the daemon's ready line is not JSON: {line:?} (see {})",
+                self.path("daemon.log").display()
+            )
+        })?;
+        ensure!(ready["ready"] == true, "daemon not ready: {line}");
+        Ok(Daemon { child, socket })
+    }
+
+    /// Waits for a snapshot's upload to end; fails unless completed.
+    fn settled(&self, snap: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let out = self.run(&["--json", "snapshot", "describe", snap])?;
+            let v: Value = serde_json::from_slice(&out)?;
+            match v["state"].as_str() {
+                Some("completed") => return Ok(()),
+                Some("failed") => bail!("snapshot {snap} failed: {}", v["reason"]),
+                _ => {}
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "snapshot {snap} not done in 600 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+// ------------------------------------------------------------ disk bytes
+
+/// 1 MiB of bytes for `seed`: random, so nothing dedups or compresses away.
+fn pattern(seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..MIB).map(|_| rng.u8(..)).collect()
+}
+
+/// A sparse raw image of `size` bytes: 1 MiB of data at the start of each
+/// GiB (of a smaller image: at its start), holes elsewhere.
+fn make_sparse_image(path: &Path, size: u64) -> Result<()> {
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    let mut at = 0;
+    while at < size {
+        f.write_all_at(&pattern(at / GIB + 1000)[..MIB.min(size) as usize], at)?;
+        at += GIB;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Writes `bytes` from offset 0 through the disk socket, 1 MiB at a time.
+fn fill(c: &mut Client, bytes: u64, seed: u64) -> Result<()> {
+    let mut buf = pattern(seed);
+    let mut at = 0;
+    while at < bytes {
+        let n = MIB.min(bytes - at) as usize;
+        buf[..8].copy_from_slice(&at.to_le_bytes());
+        c.write(at, &buf[..n])?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Allocated bytes of a file.
+fn allocated(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.blocks() * 512)
+}
+
+fn free_bytes(dir: &Path) -> Result<u64> {
+    let s = rustix::fs::statvfs(dir)?;
+    Ok(s.f_bavail * s.f_frsize)
+}
+
+fn fsync(path: &Path) -> Result<()> {
+    std::fs::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn qemu_img_overlay(backing: &Path, fmt: &str, out: &Path) -> Result<()> {
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(backing)
+        .args(["-F", fmt])
+        .arg(out))
+}
+
+// ------------------------------------------------- part 1: clone and fork
+
+struct Row {
+    size: u64,
+    what: &'static str,
+    samples: Vec<f64>,
+    /// Sandboxes each sample made (a batch fork's time is per sandbox).
+    per: f64,
+}
+
+fn part_clone_fork(
+    env: &Env,
+    api: &mut Api,
+    args: &Args,
+    written: u64,
+    images: &[(u64, String, PathBuf)],
+) -> Result<(Vec<Row>, Value)> {
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for (size, image, raw) in images {
+        let size = *size;
+        let written = written.min(size);
+        eprintln!("part 1: {} image", label(size));
+        // cairn clone: a fresh sandbox each sample, `written` bytes in its
+        // live layer, flushed; the clone timed through the API.
+        let mut clone = Vec::new();
+        for s in 0..args.samples {
+            let sb = api.create(image, None)?;
+            let mut c = Client::connect(&disk_socket(&sb))?;
+            fill(&mut c, written, s as u64)?;
+            c.flush()?;
+            let t = Instant::now();
+            let cl = api.clone_of(&id(&sb))?;
+            clone.push(t.elapsed().as_secs_f64());
+            drop(c);
+            api.remove(&id(&cl))?;
+            api.remove(&id(&sb))?;
+        }
+        rows.push(Row {
+            size,
+            what: "cairn clone (API)",
+            samples: clone,
+            per: 1.0,
+        });
+
+        // cairn fork: from a completed snapshot of a sandbox with the same
+        // bytes written; each fork (count 1) timed, then one batch.
+        let sb = api.create(image, None)?;
+        let mut c = Client::connect(&disk_socket(&sb))?;
+        fill(&mut c, written, 7)?;
+        c.flush()?;
+        let t = Instant::now();
+        let snap = api.ok(
+            "POST",
+            &format!("/v1/sandboxes/{}/snapshot", id(&sb)),
+            Some(&json!({})),
+        )?;
+        let snap = id(&snap);
+        env.settled(&snap)?;
+        let upload_s = t.elapsed().as_secs_f64();
+        let mut fork = Vec::new();
+        for _ in 0..args.samples {
+            let t = Instant::now();
+            let made = api.ok(
+                "POST",
+                &format!("/v1/snapshots/{snap}/fork"),
+                Some(&json!({})),
+            )?;
+            fork.push(t.elapsed().as_secs_f64());
+            for v in made["sandboxes"].as_array().into_iter().flatten() {
+                api.remove(&id(v))?;
+            }
+        }
+        rows.push(Row {
+            size,
+            what: "cairn fork (API, count 1)",
+            samples: fork,
+            per: 1.0,
+        });
+        let t = Instant::now();
+        let made = api.ok(
+            "POST",
+            &format!("/v1/snapshots/{snap}/fork"),
+            Some(&json!({ "count": args.fork_batch })),
+        )?;
+        let batch = t.elapsed().as_secs_f64();
+        for v in made["sandboxes"].as_array().into_iter().flatten() {
+            api.remove(&id(v))?;
+        }
+        rows.push(Row {
+            size,
+            what: "cairn fork (API, count N), per sandbox",
+            samples: vec![batch / f64::from(args.fork_batch)],
+            per: f64::from(args.fork_batch),
+        });
+        drop(c);
+        api.remove(&id(&sb))?;
+        notes.push(json!({ "size": size, "snapshot_upload_s": upload_s }));
+
+        // qcow2: the running disk is an overlay over the raw image holding
+        // the written bytes; a clone renames it to a backing file and makes
+        // two new overlays over it (the source's and the clone's), both
+        // synced with their directory. A fork is one overlay over a frozen
+        // one, synced.
+        if !args.no_qcow2 {
+            let dir = env.path(&format!("qcow2-{size}"));
+            std::fs::create_dir_all(&dir)?;
+            let (mut qclone, mut qfork) = (Vec::new(), Vec::new());
+            for _ in 0..args.samples {
+                let run = dir.join("run.qcow2");
+                let frozen = dir.join("frozen.qcow2");
+                let other = dir.join("clone.qcow2");
+                let forked = dir.join("fork.qcow2");
+                qemu_img_overlay(raw, "raw", &run)?;
+                sh(Command::new("qemu-io")
+                    .args(["-f", "qcow2", "-c"])
+                    .arg(format!("write -P 0xa5 0 {written}"))
+                    .arg(&run))?;
+                fsync(&run)?;
+                let t = Instant::now();
+                std::fs::rename(&run, &frozen)?;
+                qemu_img_overlay(&frozen, "qcow2", &run)?;
+                qemu_img_overlay(&frozen, "qcow2", &other)?;
+                fsync(&run)?;
+                fsync(&other)?;
+                fsync(&dir)?;
+                qclone.push(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                qemu_img_overlay(&frozen, "qcow2", &forked)?;
+                fsync(&forked)?;
+                fsync(&dir)?;
+                qfork.push(t.elapsed().as_secs_f64());
+                for f in [&run, &frozen, &other, &forked] {
+                    std::fs::remove_file(f)?;
+                }
+            }
+            std::fs::remove_dir_all(&dir)?;
+            rows.push(Row {
+                size,
+                what: "qcow2 clone: overlay -> backing, 2 new overlays",
+                samples: qclone,
+                per: 1.0,
+            });
+            rows.push(Row {
+                size,
+                what: "qcow2 fork: 1 overlay over a frozen one",
+                samples: qfork,
+                per: 1.0,
+            });
+        }
+
+        // Full copy: the raw image with the written bytes in it, copied
+        // with `cp --sparse=always` and synced (if the disk has room).
+        let full = env.path(&format!("full-{size}.raw"));
+        sh(Command::new("cp")
+            .arg("--sparse=always")
+            .arg(raw)
+            .arg(&full))?;
+        {
+            let f = std::fs::OpenOptions::new().write(true).open(&full)?;
+            let buf = pattern(99);
+            let mut at = 0;
+            while at < written {
+                let n = MIB.min(written - at) as usize;
+                f.write_all_at(&buf[..n], at)?;
+                at += n as u64;
+            }
+            f.sync_all()?;
+        }
+        let need = allocated(&full)? + GIB;
+        if free_bytes(&env.dir)? > need {
+            let copy = env.path("copy.raw");
+            let mut cp = Vec::new();
+            for _ in 0..args.copy_samples {
+                let t = Instant::now();
+                sh(Command::new("cp")
+                    .arg("--sparse=always")
+                    .arg(&full)
+                    .arg(&copy))?;
+                fsync(&copy)?;
+                cp.push(t.elapsed().as_secs_f64());
+                std::fs::remove_file(&copy)?;
+            }
+            rows.push(Row {
+                size,
+                what: "full copy: cp --sparse=always + fsync",
+                samples: cp,
+                per: 1.0,
+            });
+        } else {
+            eprintln!("  no room for a full copy of {}", label(size));
+        }
+        notes.push(json!({ "size": size, "full_copy_allocated_bytes": allocated(&full)? }));
+        std::fs::remove_file(&full)?;
+    }
+    Ok((rows, Value::Array(notes)))
+}
+
+// ------------------------------------------------ part 2: clones a second
+
+fn part_rate(api: &mut Api, socket: &Path, image: &str, args: &Args) -> Result<Value> {
+    eprintln!("part 2: {} clones, sequential", args.clones);
+    let src = api.create(image, None)?;
+    let src_id = id(&src);
+    let mut lat = Vec::with_capacity(args.clones);
+    let mut made = Vec::with_capacity(args.clones);
+    let t = Instant::now();
+    for _ in 0..args.clones {
+        let t = Instant::now();
+        let cl = api.clone_of(&src_id)?;
+        lat.push(t.elapsed().as_secs_f64());
+        made.push(id(&cl));
+    }
+    let seq_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for m in &made {
+        api.remove(m)?;
+    }
+    let rm_s = t.elapsed().as_secs_f64();
+    api.remove(&src_id)?;
+    let tenth = (args.clones / 10).max(1);
+    let first = median(lat[..tenth].to_vec());
+    let last = median(lat[lat.len() - tenth..].to_vec());
+
+    eprintln!(
+        "part 2: {} clones, {} concurrent clients",
+        args.clones, args.clients
+    );
+    let src = api.create(image, None)?;
+    let src_id = id(&src);
+    let per = args.clones.div_ceil(args.clients);
+    let t = Instant::now();
+    let threads: Vec<_> = (0..args.clients)
+        .map(|_| {
+            let (socket, src_id) = (socket.to_owned(), src_id.clone());
+            std::thread::spawn(move || -> Result<(Vec<f64>, Vec<String>)> {
+                let mut api = Api::new(&socket);
+                let (mut lat, mut made) = (Vec::new(), Vec::new());
+                for _ in 0..per {
+                    let t = Instant::now();
+                    let cl = api.clone_of(&src_id)?;
+                    lat.push(t.elapsed().as_secs_f64());
+                    made.push(id(&cl));
+                }
+                Ok((lat, made))
+            })
+        })
+        .collect();
+    let (mut clat, mut cmade) = (Vec::new(), Vec::new());
+    for th in threads {
+        let (l, m) = th.join().expect("a client thread")?;
+        clat.extend(l);
+        cmade.extend(m);
+    }
+    let conc_s = t.elapsed().as_secs_f64();
+    for m in &cmade {
+        api.remove(m)?;
+    }
+    api.remove(&src_id)?;
+    Ok(json!({
+        "image": image,
+        "clones": args.clones,
+        "sequential": {
+            "seconds": seq_s,
+            "per_second": args.clones as f64 / seq_s,
+            "latency_s": stats(&lat),
+            "first_tenth_p50_s": first,
+            "last_tenth_p50_s": last,
+            "remove_per_second": args.clones as f64 / rm_s,
+        },
+        "concurrent": {
+            "clients": args.clients,
+            "clones": cmade.len(),
+            "seconds": conc_s,
+            "per_second": cmade.len() as f64 / conc_s,
+            "latency_s": stats(&clat),
+        },
+    }))
+}
+
+// ----------------------------------------------- part 3: snapshot pause
+
+enum Cmd {
+    /// Writes this many bytes from offset 0, not flushed.
+    Fill(u64, u64),
+    /// QD1 4 KiB writes at random offsets until the flag is set; a FLUSH
+    /// after the given time, if any.
+    Window(Arc<AtomicBool>, Option<Duration>),
+}
+
+struct WindowOut {
+    /// (issued, latency s) of each write.
+    writes: Vec<(Instant, f64)>,
+    flush: Option<f64>,
+}
+
+fn writer(socket: PathBuf, rx: mpsc::Receiver<Cmd>, tx: mpsc::Sender<Result<WindowOut>>) {
+    let mut c = match Client::connect(&socket) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(Err(e));
+            return;
+        }
+    };
+    let blocks = c.capacity() / 4096;
+    let mut rng = fastrand::Rng::with_seed(3);
+    let buf = vec![0x5au8; 4096];
+    for cmd in rx {
+        let out = (|| -> Result<WindowOut> {
+            match cmd {
+                Cmd::Fill(bytes, seed) => {
+                    fill(&mut c, bytes, seed)?;
+                    Ok(WindowOut {
+                        writes: vec![],
+                        flush: None,
+                    })
+                }
+                Cmd::Window(stop, flush_at) => {
+                    let start = Instant::now();
+                    let mut out = WindowOut {
+                        writes: vec![],
+                        flush: None,
+                    };
+                    while !stop.load(Ordering::Acquire) {
+                        if let Some(at) = flush_at {
+                            if out.flush.is_none() && start.elapsed() >= at {
+                                let t = Instant::now();
+                                c.flush()?;
+                                out.flush = Some(t.elapsed().as_secs_f64());
+                            }
+                        }
+                        let t = Instant::now();
+                        c.write(rng.u64(..blocks) * 4096, &buf)?;
+                        out.writes.push((t, t.elapsed().as_secs_f64()));
+                    }
+                    Ok(out)
+                }
+            }
+        })();
+        if tx.send(out).is_err() {
+            return;
+        }
+    }
+}
+
+fn part_pause(env: &Env, api: &mut Api, image: &str, written: u64, args: &Args) -> Result<Value> {
+    eprintln!("part 3: snapshot pause, {} rounds", args.rounds);
+    let sb = api.create(image, None)?;
+    let (ctx, crx) = mpsc::channel();
+    let (otx, orx) = mpsc::channel();
+    let socket = disk_socket(&sb);
+    let th = std::thread::spawn(move || writer(socket, crx, otx));
+    let lead = Duration::from_millis(100);
+    let (mut flush, mut pause, mut call, mut quiet) = (vec![], vec![], vec![], vec![]);
+    for r in 0..args.rounds {
+        for kind in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
+            ctx.send(Cmd::Fill(written, r as u64))?;
+            orx.recv()??;
+            let stop = Arc::new(AtomicBool::new(false));
+            if kind == 0 {
+                ctx.send(Cmd::Window(stop.clone(), Some(lead)))?;
+                std::thread::sleep(lead * 3);
+                stop.store(true, Ordering::Release);
+                let out = orx.recv()??;
+                flush.push(out.flush.context("no FLUSH in the window")?);
+                quiet.extend(out.writes.iter().map(|w| w.1));
+            } else {
+                ctx.send(Cmd::Window(stop.clone(), None))?;
+                std::thread::sleep(lead);
+                let t0 = Instant::now();
+                let snap = api.ok(
+                    "POST",
+                    &format!("/v1/sandboxes/{}/snapshot", id(&sb)),
+                    Some(&json!({})),
+                )?;
+                let t1 = Instant::now();
+                std::thread::sleep(lead);
+                stop.store(true, Ordering::Release);
+                let out = orx.recv()??;
+                call.push((t1 - t0).as_secs_f64());
+                // The longest write in flight at any time during the call.
+                let worst = out
+                    .writes
+                    .iter()
+                    .filter(|(at, l)| *at < t1 && *at + Duration::from_secs_f64(*l) > t0)
+                    .map(|w| w.1)
+                    .fold(0.0, f64::max);
+                pause.push(worst);
+                // The upload runs off the disk's path; wait for it so that
+                // rounds do not overlap.
+                env.settled(&id(&snap))?;
+            }
+        }
+    }
+    drop(ctx);
+    th.join().expect("the writer thread");
+    api.remove(&id(&sb))?;
+    Ok(json!({
+        "written": written,
+        "flush_s": stats(&flush),
+        "snapshot_pause_s": stats(&pause),
+        "snapshot_call_s": stats(&call),
+        "write_s": stats(&quiet),
+    }))
+}
+
+// ---------------------------------------- part 4: suspend and resume
+
+fn part_suspend(api: &mut Api, image: &str, sizes: &[u64], args: &Args) -> Result<Value> {
+    let mut out = Vec::new();
+    for (i, &w) in sizes.iter().enumerate() {
+        eprintln!("part 4: suspend and resume, {} written", label(w));
+        let (mut suspend, mut resume_api, mut first_read) = (vec![], vec![], vec![]);
+        for r in 0..args.suspend_rounds {
+            let name = format!("bench-suspend-{i}-{r}-{:08x}", fastrand::u32(..));
+            let sb = api.create(image, Some(&name))?;
+            let mut c = Client::connect(&disk_socket(&sb))?;
+            fill(&mut c, w, 40 + r as u64)?;
+            c.flush()?;
+            drop(c);
+            let t = Instant::now();
+            api.ok(
+                "POST",
+                &format!("/v1/sandboxes/{name}/suspend"),
+                Some(&json!({})),
+            )?;
+            suspend.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let v = api.ok(
+                "POST",
+                &format!("/v1/sandboxes/{name}/resume"),
+                Some(&json!({})),
+            )?;
+            resume_api.push(t.elapsed().as_secs_f64());
+            let mut c = Client::connect(&disk_socket(&v))?;
+            let got = c.read(0, 4096)?;
+            first_read.push(t.elapsed().as_secs_f64());
+            if w >= 4096 {
+                let mut want = pattern(40 + r as u64);
+                want[..8].copy_from_slice(&0u64.to_le_bytes());
+                ensure!(got == want[..4096], "the resumed disk reads other bytes");
+            }
+            drop(c);
+            api.remove(&name)?;
+        }
+        out.push(json!({
+            "written": w,
+            "suspend_s": stats(&suspend),
+            "resume_api_s": stats(&resume_api),
+            "resume_to_first_read_s": stats(&first_read),
+        }));
+    }
+    Ok(Value::Array(out))
+}
+
+// ----------------------------------------------------------------- main
+
+fn machine_state() -> Value {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let top = Command::new("ps")
+        .args(["-eo", "pcpu,etime,comm", "--sort=-pcpu"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .take(8)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    json!({ "loadavg": load.trim(), "top": top })
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let written = parse_size(&args.written)?;
+    let sizes: Vec<u64> = args
+        .sizes
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<Result<_>>()?;
+    let rate_size = parse_size(&args.rate_size)?;
+    let suspend_sizes: Vec<u64> = args
+        .suspend_written
+        .iter()
+        .map(|s| parse_size(s).map(|w| w.min(rate_size)))
+        .collect::<Result<_>>()?;
+    let tmp;
+    let dir = match &args.work {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    let env = Env {
+        store: args
+            .store
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", dir.join("store").display())),
+        dir,
+        cairn: cairn_bin()?,
+    };
+    let before = machine_state();
+    let started = Instant::now();
+
+    // Images: one sparse raw file per size, imported (holes skipped).
+    let mut images = Vec::new();
+    let mut imports = Vec::new();
+    let mut all: Vec<u64> = sizes.clone();
+    if !all.contains(&rate_size) {
+        all.push(rate_size);
+    }
+    for &size in &all {
+        let raw = env.path(&format!("base-{size}.raw"));
+        make_sparse_image(&raw, size)?;
+        let name = format!("bench-{}", size / MIB);
+        let t = Instant::now();
+        env.run(&[
+            "image",
+            "import-raw",
+            "--name",
+            &name,
+            raw.to_str().unwrap(),
+        ])?;
+        imports.push(json!({ "size": size, "import_s": t.elapsed().as_secs_f64() }));
+        images.push((size, name, raw));
+    }
+    let rate_image = images
+        .iter()
+        .find(|i| i.0 == rate_size)
+        .map(|i| i.1.clone())
+        .expect("imported above");
+
+    let daemon = env.daemon()?;
+    let mut api = Api::new(&daemon.socket);
+    let part1_images: Vec<_> = images
+        .iter()
+        .filter(|i| sizes.contains(&i.0))
+        .cloned()
+        .collect();
+    let (rows, notes) = part_clone_fork(&env, &mut api, &args, written, &part1_images)?;
+    let rate = part_rate(&mut api, &daemon.socket, &rate_image, &args)?;
+    let pause = part_pause(&env, &mut api, &rate_image, written.min(rate_size), &args)?;
+    let suspend = part_suspend(&mut api, &rate_image, &suspend_sizes, &args)?;
+    let metrics = api
+        .call("GET", "/metrics", None)
+        .map(|(_, v)| v)
+        .unwrap_or(Value::Null);
+    drop(daemon);
+    let after = machine_state();
+
+    // ---------------------------------------------------------- report
+    println!(
+        "\n== 1. clone and fork, {} written (and flushed) before each; {} samples, full copy {}",
+        label(written),
+        args.samples,
+        args.copy_samples
+    );
+    let mut t1 = Table::new(&[
+        "image",
+        "operation",
+        "p50 ms",
+        "p99 ms",
+        "per s",
+        "vs cairn (p50)",
+    ]);
+    let p50 = |r: &Row| median(r.samples.clone());
+    for r in &rows {
+        let cairn = rows
+            .iter()
+            .find(|c| {
+                c.size == r.size
+                    && c.what
+                        == if r.what.contains("fork") {
+                            "cairn fork (API, count 1)"
+                        } else {
+                            "cairn clone (API)"
+                        }
+            })
+            .map(p50);
+        let ratio = match cairn {
+            Some(c) if !r.what.starts_with("cairn") => format!("{:.1}x", p50(r) / c),
+            _ => String::new(),
+        };
+        let (p, q) = if r.per > 1.0 {
+            (ms(p50(r)), "-".to_owned())
+        } else {
+            (ms(p50(r)), ms(quantile(r.samples.clone(), 0.99)))
+        };
+        t1.row(vec![
+            label(r.size),
+            r.what.to_owned(),
+            p,
+            q,
+            format!("{:.0}", 1.0 / mean(&r.samples)),
+            ratio,
+        ]);
+    }
+    t1.print();
+    for what in ["cairn clone (API)", "cairn fork (API, count 1)"] {
+        let of: Vec<&Row> = rows.iter().filter(|r| r.what == what).collect();
+        if of.len() > 1 {
+            println!(
+                "  {what}: p50 at {} / at {} = {:.2}x",
+                label(of[of.len() - 1].size),
+                label(of[0].size),
+                p50(of[of.len() - 1]) / p50(of[0])
+            );
+        }
+    }
+
+    let s = &rate["sequential"];
+    let c = &rate["concurrent"];
+    println!(
+        "\n== 2. clones per second through the API, storage only (no VMM), {} image",
+        label(rate_size)
+    );
+    let mut t2 = Table::new(&["run", "clones", "per s", "p50 ms", "p99 ms", "target"]);
+    t2.row(vec![
+        "sequential, 1 client".into(),
+        s["latency_s"]["n"].to_string(),
+        format!("{:.0}", s["per_second"].as_f64().unwrap_or(0.0)),
+        ms(s["latency_s"]["p50"].as_f64().unwrap_or(0.0)),
+        ms(s["latency_s"]["p99"].as_f64().unwrap_or(0.0)),
+        ">= 1000/s".into(),
+    ]);
+    t2.row(vec![
+        format!("{} concurrent clients", args.clients),
+        c["clones"].to_string(),
+        format!("{:.0}", c["per_second"].as_f64().unwrap_or(0.0)),
+        ms(c["latency_s"]["p50"].as_f64().unwrap_or(0.0)),
+        ms(c["latency_s"]["p99"].as_f64().unwrap_or(0.0)),
+        ">= 1000/s".into(),
+    ]);
+    t2.print();
+    println!(
+        "  sequential: first tenth p50 {} ms, last tenth p50 {} ms (the source's stack grows a frozen layer per clone); removes {:.0}/s",
+        ms(s["first_tenth_p50_s"].as_f64().unwrap_or(0.0)),
+        ms(s["last_tenth_p50_s"].as_f64().unwrap_or(0.0)),
+        s["remove_per_second"].as_f64().unwrap_or(0.0)
+    );
+
+    println!(
+        "\n== 3. snapshot pause seen by a QD1 4 KiB writer, {} written (not flushed) before each, {} rounds",
+        label(written.min(rate_size)),
+        args.rounds
+    );
+    let f = |k: &str, q: &str| pause[k][q].as_f64().unwrap_or(0.0);
+    let mut t3 = Table::new(&["what", "p50 ms", "max ms", "vs FLUSH (p50)"]);
+    t3.row(vec![
+        "plain FLUSH (the writer waits for it)".into(),
+        ms(f("flush_s", "p50")),
+        ms(f("flush_s", "max")),
+        "1.0x".into(),
+    ]);
+    t3.row(vec![
+        "snapshot: longest write during the call".into(),
+        ms(f("snapshot_pause_s", "p50")),
+        ms(f("snapshot_pause_s", "max")),
+        format!("{:.2}x", f("snapshot_pause_s", "p50") / f("flush_s", "p50")),
+    ]);
+    t3.row(vec![
+        "snapshot API call".into(),
+        ms(f("snapshot_call_s", "p50")),
+        ms(f("snapshot_call_s", "max")),
+        format!("{:.2}x", f("snapshot_call_s", "p50") / f("flush_s", "p50")),
+    ]);
+    t3.row(vec![
+        "a 4 KiB write outside FLUSH windows".into(),
+        ms(f("write_s", "p50")),
+        ms(f("write_s", "max")),
+        String::new(),
+    ]);
+    t3.print();
+
+    println!(
+        "\n== 4. suspend and resume of a named sandbox, {} image, {} rounds",
+        label(rate_size),
+        args.suspend_rounds
+    );
+    let mut t4 = Table::new(&[
+        "written",
+        "suspend p50 ms",
+        "max",
+        "vs 0 written",
+        "resume API p50 ms",
+        "resume to first 4K read p50 ms",
+        "max",
+        "target",
+    ]);
+    let arr = suspend.as_array().cloned().unwrap_or_default();
+    let zero = arr
+        .first()
+        .map(|v| v["suspend_s"]["p50"].as_f64().unwrap_or(0.0));
+    for v in &arr {
+        let g = |k: &str, q: &str| v[k][q].as_f64().unwrap_or(0.0);
+        t4.row(vec![
+            label(v["written"].as_u64().unwrap_or(0)),
+            ms(g("suspend_s", "p50")),
+            ms(g("suspend_s", "max")),
+            zero.map(|z| format!("{:.1}x", g("suspend_s", "p50") / z))
+                .unwrap_or_default(),
+            ms(g("resume_api_s", "p50")),
+            ms(g("resume_to_first_read_s", "p50")),
+            ms(g("resume_to_first_read_s", "max")),
+            "< 50 ms".into(),
+        ]);
+    }
+    t4.print();
+    println!(
+        "\n  {:.0} s in all; load average before {}, after {}",
+        started.elapsed().as_secs_f64(),
+        before["loadavg"],
+        after["loadavg"]
+    );
+
+    let report = json!({
+        "command": std::env::args().collect::<Vec<_>>(),
+        "store": env.store,
+        "written": written,
+        "machine_before": before,
+        "machine_after": after,
+        "imports": imports,
+        "clone_fork": rows.iter().map(|r| json!({
+            "size": r.size,
+            "operation": r.what,
+            "sandboxes_per_sample": r.per,
+            "seconds": stats(&r.samples),
+            "samples": r.samples,
+        })).collect::<Vec<_>>(),
+        "clone_fork_notes": notes,
+        "rate": rate,
+        "pause": pause,
+        "suspend_resume": suspend,
+        "daemon_metrics": metrics,
+        "total_s": started.elapsed().as_secs_f64(),
+    });
+    if let Some(d) = args.json_out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&args.json_out, serde_json::to_vec_pretty(&report)?)?;
+    println!("  JSON: {}", args.json_out.display());
+    Ok(())
+}
