@@ -68,15 +68,24 @@ pub fn lock(dir: &Path) -> Result<File, OverlayError> {
 
 /// Creates the files of an empty overlay over `base` in `dir`, whose lock
 /// the caller holds. Files a creation that crashed before its metadata
-/// was written left behind are replaced; the metadata goes last.
-pub fn create(dir: &Path, base: &ManifestId, logical_size: u64) -> Result<(), OverlayError> {
+/// was written left behind are replaced; the metadata goes last. With
+/// `sync` false nothing is synced: the caller makes the files durable
+/// (with [`sync_creation`]) before the overlay acknowledges a FLUSH.
+pub fn create(
+    dir: &Path,
+    base: &ManifestId,
+    logical_size: u64,
+    sync: bool,
+) -> Result<(), OverlayError> {
     for name in [DATA, JOURNAL, WAL] {
         let path = dir.join(name);
         let file = create_new(&path)?;
         if name == DATA {
             file.set_len(logical_size).map_err(io_at(&path))?;
         }
-        file.sync_all().map_err(io_at(&path))?;
+        if sync {
+            file.sync_all().map_err(io_at(&path))?;
+        }
     }
     write_meta(
         dir,
@@ -86,7 +95,23 @@ pub fn create(dir: &Path, base: &ManifestId, logical_size: u64) -> Result<(), Ov
             logical_size,
             block_size: BLOCK,
         },
+        sync,
     )
+}
+
+/// Makes an overlay created without syncs durable: its files, its
+/// directory and the directory's entry in its parent.
+pub fn sync_creation(dir: &Path) -> Result<(), OverlayError> {
+    for name in [DATA, JOURNAL, WAL, META] {
+        let path = dir.join(name);
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_at(&path))?;
+    }
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        File::open(d).and_then(|f| f.sync_all()).map_err(io_at(d))?;
+    }
+    Ok(())
 }
 
 /// A new file at `path`, replacing a leftover (only called under the lock,
@@ -109,14 +134,20 @@ fn create_new(path: &Path) -> Result<File, OverlayError> {
 
 /// Writes `overlay.json` atomically: temporary file, sync, rename, sync of
 /// the directory.
-fn write_meta(dir: &Path, meta: &OverlayMeta) -> Result<(), OverlayError> {
+fn write_meta(dir: &Path, meta: &OverlayMeta, sync: bool) -> Result<(), OverlayError> {
     let tmp = dir.join(".overlay.json.tmp");
     let text = serde_json::to_vec_pretty(meta).expect("plain struct");
     fs::write(&tmp, text)
-        .and_then(|()| File::open(&tmp)?.sync_all())
+        .and_then(|()| match sync {
+            true => File::open(&tmp)?.sync_all(),
+            false => Ok(()),
+        })
         .map_err(io_at(&tmp))?;
     let path = dir.join(META);
     fs::rename(&tmp, &path).map_err(io_at(&path))?;
+    if !sync {
+        return Ok(());
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_at(dir))
@@ -175,7 +206,7 @@ fn upgrade_v1(dir: &Path, meta: OverlayMeta) -> Result<OverlayMeta, OverlayError
         version: META_VERSION,
         ..meta
     };
-    write_meta(dir, &meta)?;
+    write_meta(dir, &meta, true)?;
     fs::remove_file(&old).map_err(io_at(&old))?;
     tracing::info!(overlay = %dir.display(), extents = extents.len(), "overlay upgraded from version 1 to 2");
     Ok(meta)

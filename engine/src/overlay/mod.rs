@@ -160,6 +160,8 @@ pub struct Overlay {
     data_written: AtomicBool,
     /// A frozen layer: read-only from then on.
     frozen: AtomicBool,
+    /// Made by [`Overlay::create_fresh`] and not synced yet.
+    unsynced: AtomicBool,
     poison: OnceLock<String>,
     syncs: SyncCounters,
     _lock: File,
@@ -182,7 +184,7 @@ impl Overlay {
         std::fs::create_dir_all(dir).map_err(io_at(dir))?;
         let lock_file = files::lock(dir)?;
         if !files::meta_exists(dir) {
-            files::create(dir, base, logical_size)?;
+            files::create(dir, base, logical_size, true)?;
         }
         let o = Overlay::open_locked(dir, lock_file)?;
         if o.meta.base != base.to_hex() {
@@ -193,6 +195,31 @@ impl Overlay {
             });
         }
         Ok(o)
+    }
+
+    /// Creates an overlay over image `base` in `dir`, which must not exist,
+    /// without syncing anything: creating one costs no sync, and its first
+    /// FLUSH with writes in it makes its files and directory durable
+    /// before it answers. A crash before that loses only an overlay that
+    /// never acknowledged a write, which [`Overlay::is_whole`] tells.
+    pub fn create_fresh(
+        dir: &Path,
+        base: &ManifestId,
+        logical_size: u64,
+    ) -> Result<Arc<Overlay>, OverlayError> {
+        std::fs::create_dir(dir).map_err(io_at(dir))?;
+        let lock_file = files::lock(dir)?;
+        files::create(dir, base, logical_size, false)?;
+        let o = Overlay::open_locked(dir, lock_file)?;
+        o.unsynced.store(true, Ordering::Release);
+        Ok(o)
+    }
+
+    /// Whether `dir` holds an overlay's metadata (written last): false
+    /// for one [`Overlay::create_fresh`] made and a crash cut before its
+    /// first FLUSH (it held no acknowledged write).
+    pub fn is_whole(dir: &Path) -> bool {
+        files::meta_exists(dir)
     }
 
     /// Opens an existing overlay: replays its journal (a torn tail, a crash
@@ -262,6 +289,7 @@ impl Overlay {
             writes: AtomicU64::new(0),
             data_written: AtomicBool::new(false),
             frozen: AtomicBool::new(false),
+            unsynced: AtomicBool::new(false),
             poison: OnceLock::new(),
             syncs: SyncCounters::default(),
             meta,
@@ -622,6 +650,10 @@ impl Overlay {
         let writes = self.writes.load(Ordering::Acquire);
         if writes == fs.synced_writes {
             return Ok(());
+        }
+        if self.unsynced.load(Ordering::Acquire) {
+            files::sync_creation(&self.dir).map_err(|e| self.poisoned(e))?;
+            self.unsynced.store(false, Ordering::Release);
         }
         let (taken, direct) = {
             let mut st = lock(&self.staging);

@@ -561,11 +561,11 @@ impl Host {
 
     /// Uploads `job` on its own thread; its layers are kept until it ends.
     fn start_upload(&self, inner: &mut Inner, job: PendingUpload) -> Result<()> {
-        let base: ManifestId = job.base.parse().context("upload's base manifest id")?;
-        let base = self.load_manifest(&base)?;
+        let base_id: ManifestId = job.base.parse().context("upload's base manifest id")?;
+        let base = self.load_manifest(&base_id)?;
         let mut layers = Vec::new();
         for id in &job.layers {
-            let layer = inner.layers.open(id)?;
+            let layer = inner.layers.open(id, &base_id, base.logical_size)?;
             if !layer.is_frozen() {
                 layer.freeze()?;
             }
@@ -619,12 +619,11 @@ impl Host {
         let machine = self.take_machine(&record, &input)?;
         let mut inner = self.lock();
         let src = Self::find(&inner, key).ok_or_else(|| Refusal::NoSuchSandbox(key.to_owned()))?;
-        let (base, size) = (src.disk.base(), src.disk.size());
+        let size = src.disk.size();
         let src_record = src.record.clone();
         // The catalog's record first: if this fails, nothing has changed.
-        let (snap, job) =
-            self.record_upload(&src_record, src_record.snapshot.clone(), &base, machine)?;
-        let (next_id, next) = inner.layers.create(&base.id(), size)?;
+        let (snap, job) = self.record_upload(&src_record, src_record.snapshot.clone(), machine)?;
+        let (next_id, next) = inner.layers.create(&src_record.base_id()?, size)?;
         let running = inner
             .sandboxes
             .get_mut(&src_record.id)
@@ -645,7 +644,6 @@ impl Host {
         &self,
         record: &SandboxRecord,
         parent: Option<String>,
-        base: &Manifest,
         machine: Option<MachineState>,
     ) -> Result<(SnapshotRecord, PendingUpload)> {
         let image: ManifestId = record.image.parse().context("record's image id")?;
@@ -663,7 +661,7 @@ impl Host {
         let job = PendingUpload {
             id: snap.id.clone(),
             project: record.project.clone(),
-            base: base.id().to_hex(),
+            base: record.base.clone(),
             layers: record.layers.clone(),
             machine,
         };
@@ -682,7 +680,7 @@ impl Host {
         let manifest = self.load_manifest(&base)?;
         let mut layers = Vec::new();
         for (i, id) in record.layers.iter().enumerate() {
-            let layer = inner.layers.open(id)?;
+            let layer = inner.layers.open(id, &base, manifest.logical_size)?;
             if i + 1 < record.layers.len() && !layer.is_frozen() {
                 layer.freeze()?;
             }
@@ -900,12 +898,8 @@ impl Host {
                     l.freeze()?;
                 }
             }
-            let (snap, job) = self.record_upload(
-                &record,
-                record.snapshot.clone(),
-                &disk.base(),
-                machine.clone(),
-            )?;
+            let (snap, job) =
+                self.record_upload(&record, record.snapshot.clone(), machine.clone())?;
             uploads::run(
                 &self.store,
                 &self.state_dir,
@@ -941,7 +935,7 @@ impl Host {
                 // was frozen for the snapshot); the catalog says running.
                 let back = (|| -> Result<Running> {
                     let mut again = record.clone();
-                    let (next, _) = inner.layers.create(&disk.base().id(), disk.size())?;
+                    let (next, _) = inner.layers.create(&record.base_id()?, disk.size())?;
                     again.layers.push(next);
                     again.save(&self.state_dir)?;
                     self.serve(&mut inner, again)
@@ -1188,8 +1182,9 @@ impl Host {
         (memory, vm_state): (Option<String>, Option<String>),
     ) -> Result<SandboxView> {
         let src_id = src_id.to_owned();
-        let (next_id, next) = inner.layers.create(&base.id(), size)?;
-        let (clone_layer_id, clone_layer) = inner.layers.create(&base.id(), size)?;
+        let base_id = inner.sandboxes[&src_id].record.base_id()?;
+        let (next_id, next) = inner.layers.create(&base_id, size)?;
+        let (clone_layer_id, clone_layer) = inner.layers.create(&base_id, size)?;
         // Recorded before the freeze: after a crash, the source's old top
         // is a frozen layer under an empty one, whatever happened.
         let running = inner.sandboxes.get_mut(&src_id).expect("found above");

@@ -34,25 +34,41 @@ impl Layers {
         self.dir.join(id)
     }
 
-    /// A new, empty layer over image `base` of `size` bytes.
+    /// A new, empty layer over image `base` of `size` bytes. Nothing is
+    /// synced: the layer becomes durable at its first FLUSH with writes
+    /// (see [`Overlay::create_fresh`]), so a clone or fork costs no sync
+    /// per layer.
     pub fn create(&mut self, base: &ManifestId, size: u64) -> Result<(String, Arc<Overlay>)> {
         let id = new_id();
         let path = self.path(&id);
-        let layer = Overlay::open_or_create(&path, base, size)
+        let layer = Overlay::create_fresh(&path, base, size)
             .with_context(|| format!("creating layer {}", path.display()))?;
         self.open.insert(id.clone(), layer.clone());
         Ok((id, layer))
     }
 
     /// Layer `id`, opened (and its journal and flush log replayed) if no
-    /// disk holds it yet.
-    pub fn open(&mut self, id: &str) -> Result<Arc<Overlay>> {
+    /// disk holds it yet. A layer a crash cut before its first FLUSH (never
+    /// durable, so it held no acknowledged write) is made again, empty,
+    /// over `base` of `size` bytes.
+    pub fn open(&mut self, id: &str, base: &ManifestId, size: u64) -> Result<Arc<Overlay>> {
         if let Some(l) = self.open.get(id) {
             return Ok(l.clone());
         }
         let path = self.path(id);
-        let layer =
-            Overlay::open(&path).with_context(|| format!("opening layer {}", path.display()))?;
+        let layer = if Overlay::is_whole(&path) {
+            Overlay::open(&path).with_context(|| format!("opening layer {}", path.display()))?
+        } else {
+            tracing::warn!(layer = %path.display(), "a layer created just before a crash, never flushed: made again, empty");
+            match std::fs::remove_dir_all(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", path.display()))
+                }
+                _ => {}
+            }
+            Overlay::create_fresh(&path, base, size)
+                .with_context(|| format!("creating layer {}", path.display()))?
+        };
         self.open.insert(id.to_owned(), layer.clone());
         Ok(layer)
     }

@@ -133,6 +133,11 @@ pub fn read_json_dir<T: serde::de::DeserializeOwned>(dir: &Path, what: &str) -> 
 }
 
 impl SandboxRecord {
+    /// The manifest its layers stand on.
+    pub fn base_id(&self) -> Result<cairn_engine::ManifestId> {
+        self.base.parse().context("the record's base manifest id")
+    }
+
     fn path(state_dir: &Path, id: &str) -> PathBuf {
         state_dir.join("sandboxes").join(format!("{id}.json"))
     }
