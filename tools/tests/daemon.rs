@@ -132,16 +132,33 @@ fn sandboxes_are_created_cloned_while_running_and_survive_a_killed_daemon() {
         "alpha's writes are not in the clone"
     );
 
+    // Clones of a source with nothing written since its last freeze
+    // stand on its frozen layers: its stack does not grow.
+    let gamma = env.sandbox(&["clone", "beta"]);
+    let delta = env.sandbox(&["clone", "beta"]);
+    assert_eq!(env.sandbox(&["describe", "beta"])["layers"], 3);
+    assert_eq!(gamma["layers"], 3);
+    assert_eq!(delta["layers"], 3);
+    for v in [&gamma, &delta] {
+        assert!(whole(&mut connect(v), env.image.len()) == model_b);
+    }
+    put(&mut connect(&gamma), &mut model_b.clone(), 0, 4096, 0xc1);
+    assert!(whole(&mut connect(&delta), env.image.len()) == model_b);
+    assert!(whole(&mut cb, env.image.len()) == model_b);
+    for v in [&gamma, &delta] {
+        env.sandbox(&["rm", v["id"].as_str().unwrap()]);
+    }
+
     // The API lists both; describe by name; metrics are served.
     let ls = env.sandbox(&["ls"]);
     assert_eq!(ls["sandboxes"].as_array().unwrap().len(), 2);
     let d = env.sandbox(&["describe", "beta"]);
     assert_eq!(d["id"], b["id"]);
-    assert_eq!(d["layers"], 2);
+    assert_eq!(d["layers"], 3);
     let metrics = http_get(&env.socket(), "/metrics");
     assert!(metrics.contains("cairn_sandboxes 2"), "{metrics}");
     assert!(
-        metrics.contains("cairn_api_request_seconds_count{op=\"clone\",outcome=\"ok\"} 1"),
+        metrics.contains("cairn_api_request_seconds_count{op=\"clone\",outcome=\"ok\"} 3"),
         "{metrics}"
     );
 
@@ -739,5 +756,45 @@ fn a_layer_lost_before_its_first_flush_is_made_again_empty() {
     let mut c = connect(&env.sandbox(&["describe", "b"]));
     assert_eq!(c.read(0, 4096).unwrap(), vec![0x92; 4096]);
     drop(c);
+    daemon.signal("-TERM");
+}
+
+/// Records of unnamed sandboxes and of a source's new layer are saved
+/// unsynced (their new layers sync them at their first FLUSH). A crash
+/// that keeps the clone's record but loses the source's new one (here:
+/// the source's record put back as it was before the clone) must not let
+/// the source write into the layer its clone stands on.
+#[test]
+fn a_source_record_lost_in_a_crash_does_not_let_it_write_under_its_clone() {
+    let env = Env::new();
+    let (daemon, _) = env.daemon();
+    let a = env.sandbox(&["create", "a", "--image", "base"]);
+    let id = a["id"].as_str().unwrap().to_owned();
+    let mut ca = connect(&a);
+    let mut model = env.image.clone();
+    put(&mut ca, &mut model, 2 * MIB, 8192, 0xa1);
+    ca.flush().unwrap();
+    let record = env
+        .path("state")
+        .join("sandboxes")
+        .join(format!("{id}.json"));
+    let before = std::fs::read(&record).unwrap();
+    let b = env.sandbox(&["clone", "a", "b"]);
+    drop(ca);
+    daemon.signal("-KILL");
+    std::fs::write(&record, before).unwrap();
+
+    let (daemon, ready) = env.daemon();
+    assert_eq!(ready["recovered"], 2, "{ready}");
+    let mut ca = connect(&env.sandbox(&["describe", "a"]));
+    assert_eq!(env.sandbox(&["describe", "a"])["layers"], 2);
+    ca.write(2 * MIB as u64, &[0xa2; 4096]).unwrap();
+    ca.flush().unwrap();
+    let mut cb = connect(&env.sandbox(&["describe", &id_of(&b)]));
+    assert!(
+        whole(&mut cb, env.image.len()) == model,
+        "the clone changed"
+    );
+    drop((ca, cb));
     daemon.signal("-TERM");
 }

@@ -214,6 +214,16 @@ impl Disk {
         Ok(frozen)
     }
 
+    /// The frozen layers (bottom to top) if the live layer holds nothing:
+    /// then they and the image are the disk as it is at this instant, and a
+    /// clone can stand on them without a freeze. `None` if the live layer
+    /// holds a block. Writes are kept out while it looks.
+    pub fn frozen_if_clean(&self) -> Option<Vec<Arc<Overlay>>> {
+        let _writes = self.writing.write().unwrap_or_else(|p| p.into_inner());
+        let stack = self.read_stack();
+        (stack.live().dirty_count() == 0).then(|| stack.layers[..stack.layers.len() - 1].to_vec())
+    }
+
     /// Puts image `base` under the layers in place of the bottom ones it
     /// was folded from (`folded`, bottom to top, which must be the stack's
     /// bottom layers, frozen): they are dropped, and blocks only they held

@@ -162,10 +162,16 @@ pub struct Overlay {
     frozen: AtomicBool,
     /// Made by [`Overlay::create_fresh`] and not synced yet.
     unsynced: AtomicBool,
+    /// Run when the overlay's creation is synced, before that FLUSH
+    /// answers (see [`Overlay::before_first_sync`]).
+    first_sync_hook: OnceLock<FirstSyncHook>,
     poison: OnceLock<String>,
     syncs: SyncCounters,
     _lock: File,
 }
+
+/// See [`Overlay::before_first_sync`].
+pub type FirstSyncHook = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -213,6 +219,14 @@ impl Overlay {
         let o = Overlay::open_locked(dir, lock_file)?;
         o.unsynced.store(true, Ordering::Release);
         Ok(o)
+    }
+
+    /// Has `hook` run when an overlay made by [`Overlay::create_fresh`]
+    /// is synced, before the FLUSH that syncs it answers: for what the
+    /// caller wrote unsynced that names the overlay (a record listing it).
+    /// A failing hook fails that FLUSH (and poisons the overlay). Set once.
+    pub fn before_first_sync(&self, hook: FirstSyncHook) {
+        let _ = self.first_sync_hook.set(hook);
     }
 
     /// Whether `dir` holds an overlay's metadata (written last): false
@@ -290,6 +304,7 @@ impl Overlay {
             data_written: AtomicBool::new(false),
             frozen: AtomicBool::new(false),
             unsynced: AtomicBool::new(false),
+            first_sync_hook: OnceLock::new(),
             poison: OnceLock::new(),
             syncs: SyncCounters::default(),
             meta,
@@ -653,6 +668,9 @@ impl Overlay {
         }
         if self.unsynced.load(Ordering::Acquire) {
             files::sync_creation(&self.dir).map_err(|e| self.poisoned(e))?;
+            if let Some(hook) = self.first_sync_hook.get() {
+                hook().map_err(|e| self.poisoned(io_at(&self.dir)(e)))?;
+            }
             self.unsynced.store(false, Ordering::Release);
         }
         let (taken, direct) = {

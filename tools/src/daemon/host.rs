@@ -443,11 +443,22 @@ impl Host {
         let mut records = self.reconcile(SandboxRecord::load_all(&self.state_dir)?)?;
         let jobs = PendingUpload::load_all(&self.state_dir)?;
         let mut inner = self.lock();
-        // A crash between recording an upload and giving its sandbox a new
-        // layer: the snapshot's instant is now (nothing was written since
-        // the crash), so the new layer goes on before the disk is served.
-        for rec in records.iter_mut() {
-            if jobs.iter().any(|j| j.layers == rec.layers) {
+        // A sandbox whose top layer another stands on (a clone's record, or
+        // an upload, made durable before its own record took the new layer
+        // a crash then lost): that layer is frozen, so a new one goes on
+        // before the disk is served. Nothing was written since the crash:
+        // the clone's or snapshot's instant is now.
+        let below_top: std::collections::HashSet<&String> = records
+            .iter()
+            .flat_map(|r| &r.layers[..r.layers.len().saturating_sub(1)])
+            .chain(jobs.iter().flat_map(|j| &j.layers))
+            .collect();
+        let frozen_tops: Vec<bool> = records
+            .iter()
+            .map(|r| r.layers.last().is_some_and(|t| below_top.contains(t)))
+            .collect();
+        for (rec, frozen_top) in records.iter_mut().zip(frozen_tops) {
+            if frozen_top {
                 let base: ManifestId = rec.base.parse().context("record's base manifest id")?;
                 let size = self.load_manifest(&base)?.logical_size;
                 let (next, _) = inner.layers.create(&base, size)?;
@@ -624,14 +635,14 @@ impl Host {
         // The catalog's record first: if this fails, nothing has changed.
         let (snap, job) = self.record_upload(&src_record, src_record.snapshot.clone(), machine)?;
         let (next_id, next) = inner.layers.create(&src_record.base_id()?, size)?;
-        let running = inner
-            .sandboxes
-            .get_mut(&src_record.id)
-            .expect("found above");
         let mut record = src_record;
         record.layers.push(next_id);
         record.snapshot = Some(snap.id.clone());
-        record.save(&self.state_dir)?;
+        // Unsynced: `next` syncs it before its first FLUSH answers; until
+        // then a crash leaves the old record, whose top the upload record
+        // shows frozen (see `recover`).
+        record.save_unsynced(&self.state_dir, inner.layers.pending())?;
+        let running = inner.sandboxes.get_mut(&record.id).expect("found above");
         running.record = record;
         running.disk.freeze(next)?;
         self.start_upload(&mut inner, job)?;
@@ -688,6 +699,18 @@ impl Host {
         }
         let disk = Disk::open(manifest, self.store.clone(), layers)?;
         self.start(record, disk)
+    }
+
+    /// Saves a new sandbox's record: durably for a named one (its name is
+    /// in the catalog: it must not vanish in a crash), unsynced for an
+    /// unnamed one (ephemeral; its new layer syncs the record before its
+    /// first FLUSH answers, so a crash before that loses a sandbox that
+    /// acknowledged no write).
+    fn save_new(&self, record: &SandboxRecord, layers: &Layers) -> Result<()> {
+        match record.name {
+            Some(_) => record.save(&self.state_dir),
+            None => record.save_unsynced(&self.state_dir, layers.pending()),
+        }
     }
 
     /// A copy of a sandbox's record.
@@ -1060,7 +1083,7 @@ impl Host {
             memory: source.memory.map(|m| m.to_hex()),
             vm_state: source.vm_state,
         };
-        record.save(&self.state_dir)?;
+        self.save_new(&record, &inner.layers)?;
         let disk = Disk::open(manifest, self.store.clone(), vec![layer])?;
         let running = self.start(record, disk)?;
         let view = SandboxView::of(&running);
@@ -1183,16 +1206,28 @@ impl Host {
     ) -> Result<SandboxView> {
         let src_id = src_id.to_owned();
         let base_id = inner.sandboxes[&src_id].record.base_id()?;
-        let (next_id, next) = inner.layers.create(&base_id, size)?;
         let (clone_layer_id, clone_layer) = inner.layers.create(&base_id, size)?;
-        // Recorded before the freeze: after a crash, the source's old top
-        // is a frozen layer under an empty one, whatever happened.
-        let running = inner.sandboxes.get_mut(&src_id).expect("found above");
-        let mut src_record = running.record.clone();
-        src_record.layers.push(next_id);
-        src_record.save(&self.state_dir)?;
-        running.record = src_record.clone();
-        let frozen = running.disk.freeze(next)?;
+        let running = &inner.sandboxes[&src_id];
+        let (src_record, frozen) = match running.disk.frozen_if_clean() {
+            // Nothing written since the source's last freeze: the clone
+            // stands on its frozen layers; the source is left as it is.
+            Some(frozen) => (running.record.clone(), frozen),
+            None => {
+                let (next_id, next) = inner.layers.create(&base_id, size)?;
+                // Recorded (unsynced) before the freeze; `next` and the
+                // clone's layer sync both records before their first FLUSH
+                // answers. If a crash keeps only the clone's, the source's
+                // old top is found under the clone's layer and frozen (see
+                // `recover`).
+                let running = inner.sandboxes.get_mut(&src_id).expect("found above");
+                let mut src_record = running.record.clone();
+                src_record.layers.push(next_id);
+                src_record.save_unsynced(&self.state_dir, inner.layers.pending())?;
+                running.record = src_record.clone();
+                let frozen = running.disk.freeze(next)?;
+                (src_record, frozen)
+            }
+        };
         let record = SandboxRecord {
             id: new_id(),
             name,
@@ -1213,7 +1248,7 @@ impl Host {
             memory,
             vm_state,
         };
-        record.save(&self.state_dir)?;
+        self.save_new(&record, &inner.layers)?;
         let disk = Disk::open(
             base,
             self.store.clone(),

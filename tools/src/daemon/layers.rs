@@ -7,12 +7,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
+
+use super::sandbox::PendingRecords;
 use cairn_engine::overlay::Overlay;
 use cairn_engine::ManifestId;
 
 pub struct Layers {
     dir: PathBuf,
     open: HashMap<String, Arc<Overlay>>,
+    /// Records saved unsynced: a new layer syncs them before its first
+    /// FLUSH with writes answers.
+    pending: PendingRecords,
 }
 
 /// A fresh layer id: 16 random bytes, hex.
@@ -27,11 +32,27 @@ impl Layers {
         Ok(Layers {
             dir,
             open: HashMap::new(),
+            pending: PendingRecords::default(),
         })
     }
 
     fn path(&self, id: &str) -> PathBuf {
         self.dir.join(id)
+    }
+
+    /// The records saved unsynced, which new layers sync.
+    pub fn pending(&self) -> &PendingRecords {
+        &self.pending
+    }
+
+    /// A fresh, unsynced layer at `path` that syncs the pending records
+    /// with itself.
+    fn fresh(&self, path: &Path, base: &ManifestId, size: u64) -> Result<Arc<Overlay>> {
+        let layer = Overlay::create_fresh(path, base, size)
+            .with_context(|| format!("creating layer {}", path.display()))?;
+        let pending = self.pending.clone();
+        layer.before_first_sync(Arc::new(move || pending.sync()));
+        Ok(layer)
     }
 
     /// A new, empty layer over image `base` of `size` bytes. Nothing is
@@ -41,8 +62,7 @@ impl Layers {
     pub fn create(&mut self, base: &ManifestId, size: u64) -> Result<(String, Arc<Overlay>)> {
         let id = new_id();
         let path = self.path(&id);
-        let layer = Overlay::create_fresh(&path, base, size)
-            .with_context(|| format!("creating layer {}", path.display()))?;
+        let layer = self.fresh(&path, base, size)?;
         self.open.insert(id.clone(), layer.clone());
         Ok((id, layer))
     }
@@ -66,8 +86,7 @@ impl Layers {
                 }
                 _ => {}
             }
-            Overlay::create_fresh(&path, base, size)
-                .with_context(|| format!("creating layer {}", path.display()))?
+            self.fresh(&path, base, size)?
         };
         self.open.insert(id.to_owned(), layer.clone());
         Ok(layer)

@@ -113,6 +113,48 @@ pub fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
     dst.sync_all()
 }
 
+/// Records written without a sync, made durable together by [`Self::sync`]
+/// (which every new layer runs before its first FLUSH with writes answers).
+#[derive(Clone, Default)]
+pub struct PendingRecords(Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>);
+
+impl PendingRecords {
+    fn add(&self, path: PathBuf) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path);
+    }
+
+    /// Syncs every pending record (one since deleted is skipped) and their
+    /// directories.
+    pub fn sync(&self) -> std::io::Result<()> {
+        let paths = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        let outcome = (|| {
+            let mut dirs = std::collections::BTreeSet::new();
+            for p in &paths {
+                match std::fs::File::open(p) {
+                    Ok(f) => f.sync_all()?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                dirs.extend(p.parent().map(Path::to_owned));
+            }
+            for d in dirs {
+                std::fs::File::open(&d)?.sync_all()?;
+            }
+            Ok(())
+        })();
+        if outcome.is_err() {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(paths);
+        }
+        outcome
+    }
+}
+
 /// Every `*.json` file in `dir` (created if missing), parsed; `what`
 /// names them in errors.
 pub fn read_json_dir<T: serde::de::DeserializeOwned>(dir: &Path, what: &str) -> Result<Vec<T>> {
@@ -146,6 +188,23 @@ impl SandboxRecord {
     pub fn save(&self, state_dir: &Path) -> Result<()> {
         let text = serde_json::to_vec_pretty(self).expect("plain struct");
         write_durably(&Self::path(state_dir, &self.id), &text)
+    }
+
+    /// Writes the record whole (temporary file, rename) without a sync, and
+    /// leaves it to `pending`: for a record whose loss in a crash loses no
+    /// acknowledged write, because its new layers sync it before their
+    /// first FLUSH answers.
+    pub fn save_unsynced(&self, state_dir: &Path, pending: &PendingRecords) -> Result<()> {
+        let path = Self::path(state_dir, &self.id);
+        let dir = path.parent().expect("a file in a directory");
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".{}.json.tmp", self.id));
+        let text = serde_json::to_vec_pretty(self).expect("plain struct");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("saving {}", path.display()))?;
+        pending.add(path);
+        Ok(())
     }
 
     pub fn delete(state_dir: &Path, id: &str) -> Result<()> {
