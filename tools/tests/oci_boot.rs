@@ -9,27 +9,13 @@ mod common;
 mod oci_common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("CAIRN_GUEST_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/out/guest"),
-        PathBuf::from,
-    );
-    assert!(
-        dir.join("vmlinuz").exists(),
-        "guest fixture missing in {}: run fixtures/build-guest.sh (tools/dev/test.sh does)",
-        dir.display()
-    );
-    dir
-}
-
 #[test]
 fn an_imported_oci_image_boots_and_runs_its_command() {
-    let guest = guest_dir();
+    let guest = common::qemu::guest_dir();
     let layout = oci_common::fixtures().join("boot");
     let env = oci_common::Env::new();
     let dir = &env.dir;
