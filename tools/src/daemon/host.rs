@@ -440,6 +440,15 @@ impl Host {
     /// names (a crash between making and recording one). Returns how many
     /// sandboxes and uploads.
     pub fn recover(&self) -> Result<(usize, usize)> {
+        // What the last run left unsynced (records, fresh layers: see
+        // `PendingRecords` and `Overlay::create_fresh`) is read back from
+        // the page cache below and served as it is; it is made durable
+        // first, or an OS crash after this start could lose it under
+        // writes acknowledged since. One syncfs covers it all.
+        let dir = std::fs::File::open(&self.state_dir)
+            .with_context(|| format!("opening {}", self.state_dir.display()))?;
+        rustix::fs::syncfs(&dir)
+            .with_context(|| format!("syncing the file system of {}", self.state_dir.display()))?;
         let mut records = self.reconcile(SandboxRecord::load_all(&self.state_dir)?)?;
         let jobs = PendingUpload::load_all(&self.state_dir)?;
         let mut inner = self.lock();
