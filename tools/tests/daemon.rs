@@ -57,6 +57,26 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Sandbox `a` from `base`, with `len` bytes of `fill` written at
+    /// `offset` and flushed: its view, a connected client, the disk's model.
+    fn written_a(&self, offset: usize, len: usize, fill: u8) -> (Value, Client, Vec<u8>) {
+        let a = self.sandbox(&["create", "a", "--image", "base"]);
+        let mut ca = connect(&a);
+        let mut model = self.image.clone();
+        put(&mut ca, &mut model, offset, len, fill);
+        ca.flush().unwrap();
+        (a, ca, model)
+    }
+
+    /// Sandbox `id`'s record in the state directory.
+    fn record_path(&self, id: &str) -> std::path::PathBuf {
+        self.path("state")
+            .join("sandboxes")
+            .join(format!("{id}.json"))
+    }
+}
+
 fn connect(view: &Value) -> Client {
     Client::connect(Path::new(view["disk_socket"].as_str().unwrap())).unwrap()
 }
@@ -622,11 +642,7 @@ fn an_upload_outlives_a_stopped_store_or_fails_with_the_reason_after_a_bound() {
         ("CAIRN_FAULT_STALL_UPLOADS_MS", "500"),
         ("CAIRN_UPLOAD_TIMEOUT", "1"),
     ]);
-    let a = env.sandbox(&["create", "a", "--image", "base"]);
-    let mut ca = connect(&a);
-    let mut model = env.image.clone();
-    put(&mut ca, &mut model, MIB, 8192, 0x71);
-    ca.flush().unwrap();
+    let (_, ca, mut model) = env.written_a(MIB, 8192, 0x71);
     let snap = env.sandbox(&["snapshot", "a"]);
     s3.kill();
     std::thread::sleep(pause);
@@ -667,11 +683,7 @@ fn an_upload_outlives_a_stopped_store_or_fails_with_the_reason_after_a_bound() {
 fn a_suspend_cut_by_a_killed_daemon_leaves_the_sandbox_running() {
     let env = Env::new();
     let (daemon, _) = env.daemon_with(&[("CAIRN_FAULT_STALL_UPLOADS_MS", "3000")]);
-    let a = env.sandbox(&["create", "a", "--image", "base"]);
-    let mut ca = connect(&a);
-    let mut model = env.image.clone();
-    put(&mut ca, &mut model, 7 * MIB, 3 * 4096, 0x81);
-    ca.flush().unwrap();
+    let (_, ca, model) = env.written_a(7 * MIB, 3 * 4096, 0x81);
     drop(ca);
     let suspend = env
         .cairn()
@@ -706,26 +718,15 @@ fn a_suspend_cut_by_a_killed_daemon_leaves_the_sandbox_running() {
 fn a_layer_lost_before_its_first_flush_is_made_again_empty() {
     let env = Env::new();
     let (daemon, _) = env.daemon();
-    let a = env.sandbox(&["create", "a", "--image", "base"]);
-    let mut ca = connect(&a);
-    let mut model = env.image.clone();
-    put(&mut ca, &mut model, 4 * MIB, 8192, 0x91);
-    ca.flush().unwrap();
+    let (a, ca, model) = env.written_a(4 * MIB, 8192, 0x91);
     let clone = env.sandbox(&["clone", "a", "b"]);
     drop(ca);
     daemon.signal("-KILL");
     // Both sandboxes' top layers are fresh and were never flushed.
     for view in [&a, &clone] {
         let id = view["id"].as_str().unwrap();
-        let rec: Value = serde_json::from_slice(
-            &std::fs::read(
-                env.path("state")
-                    .join("sandboxes")
-                    .join(format!("{id}.json")),
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let rec: Value =
+            serde_json::from_slice(&std::fs::read(env.record_path(id)).unwrap()).unwrap();
         let top = rec["layers"]
             .as_array()
             .unwrap()
@@ -768,16 +769,9 @@ fn a_layer_lost_before_its_first_flush_is_made_again_empty() {
 fn a_source_record_lost_in_a_crash_does_not_let_it_write_under_its_clone() {
     let env = Env::new();
     let (daemon, _) = env.daemon();
-    let a = env.sandbox(&["create", "a", "--image", "base"]);
-    let id = a["id"].as_str().unwrap().to_owned();
-    let mut ca = connect(&a);
-    let mut model = env.image.clone();
-    put(&mut ca, &mut model, 2 * MIB, 8192, 0xa1);
-    ca.flush().unwrap();
-    let record = env
-        .path("state")
-        .join("sandboxes")
-        .join(format!("{id}.json"));
+    let (a, ca, model) = env.written_a(2 * MIB, 8192, 0xa1);
+    let id = id_of(&a);
+    let record = env.record_path(&id);
     let before = std::fs::read(&record).unwrap();
     let b = env.sandbox(&["clone", "a", "b"]);
     drop(ca);

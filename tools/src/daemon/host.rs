@@ -371,7 +371,8 @@ impl Host {
         };
         let dir = self.state_dir.join("inputs");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let copy = |from: &Path, ext: &str| -> Result<PathBuf> {
+        // A regular file's size, or the refusal.
+        let file_len = |from: &Path| -> Result<u64> {
             let meta = std::fs::metadata(from)
                 .map_err(|e| Refusal::BadRequest(format!("cannot read {}: {e}", from.display())))?;
             if !meta.is_file() {
@@ -380,6 +381,9 @@ impl Host {
                     from.display()
                 )));
             }
+            Ok(meta.len())
+        };
+        let copy = |from: &Path, ext: &str| -> Result<PathBuf> {
             let to = dir.join(format!("{}.{ext}", new_id()));
             copy_sparse(from, &to)
                 .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
@@ -387,7 +391,7 @@ impl Host {
         };
         let memory = match &input.memory {
             Some(m) => {
-                let len = std::fs::metadata(m).map(|md| md.len()).unwrap_or(0);
+                let len = file_len(m)?;
                 if len == 0 || len % 4096 != 0 {
                     bail!(Refusal::BadRequest(format!(
                         "{} is {len} bytes, not a whole number of 4 KiB pages: is it a memory file?",
@@ -399,7 +403,10 @@ impl Host {
             None => None,
         };
         let vm_state = match &input.vm_state {
-            Some(v) => Some(copy(v, "vmstate")?),
+            Some(v) => {
+                file_len(v)?;
+                Some(copy(v, "vmstate")?)
+            }
             None => None,
         };
         std::fs::File::open(&dir)
@@ -563,11 +570,7 @@ impl Host {
     fn sweep_inputs(&self, jobs: &[PendingUpload]) {
         let named: std::collections::HashSet<&PathBuf> = jobs
             .iter()
-            .flat_map(|j| {
-                j.machine
-                    .iter()
-                    .flat_map(|m| m.memory.iter().chain(&m.vm_state))
-            })
+            .flat_map(|j| j.machine.iter().flat_map(MachineState::files))
             .collect();
         let Ok(dir) = std::fs::read_dir(self.state_dir.join("inputs")) else {
             return;
@@ -1191,9 +1194,7 @@ impl Host {
             &taken,
             &cairn_engine::import::ImportOptions::new(staging),
         );
-        for f in taken.memory.iter().chain(taken.vm_state.iter()) {
-            let _ = std::fs::remove_file(f);
-        }
+        taken.remove_files(&src.id);
         let (memory, vm_state) = stored?;
         Ok((
             memory.map(|m| m.to_hex()).or_else(|| src.memory.clone()),

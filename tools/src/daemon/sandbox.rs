@@ -64,14 +64,25 @@ pub fn new_id() -> String {
 /// Writes `bytes` to `path` durably: a temporary file, synced, renamed
 /// over it, the directory synced.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_whole(path, bytes, true)
+}
+
+/// Replaces `path` with `bytes` whole (a temporary file renamed over it);
+/// with `sync`, the file is synced before the rename and the directory
+/// after it.
+fn write_whole(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     let dir = path.parent().expect("a file in a directory");
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().expect("a file name").to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp"));
+    let sync_file = |p: &Path| match sync {
+        true => std::fs::File::open(p)?.sync_all(),
+        false => Ok(()),
+    };
     std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| sync_file(&tmp))
         .and_then(|()| std::fs::rename(&tmp, path))
-        .and_then(|()| std::fs::File::open(dir)?.sync_all())
+        .and_then(|()| sync_file(dir))
         .with_context(|| format!("saving {}", path.display()))
 }
 
@@ -196,13 +207,8 @@ impl SandboxRecord {
     /// first FLUSH answers.
     pub fn save_unsynced(&self, state_dir: &Path, pending: &PendingRecords) -> Result<()> {
         let path = Self::path(state_dir, &self.id);
-        let dir = path.parent().expect("a file in a directory");
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".{}.json.tmp", self.id));
         let text = serde_json::to_vec_pretty(self).expect("plain struct");
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .with_context(|| format!("saving {}", path.display()))?;
+        write_whole(&path, &text, false)?;
         pending.add(path);
         Ok(())
     }

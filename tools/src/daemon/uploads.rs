@@ -50,8 +50,18 @@ pub struct MachineState {
 }
 
 impl MachineState {
-    fn files(&self) -> impl Iterator<Item = &PathBuf> {
+    /// The copied files.
+    pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
         self.memory.iter().chain(self.vm_state.iter())
+    }
+
+    /// Deletes the copied files (`owner` names them in warnings).
+    pub fn remove_files(&self, owner: &str) {
+        for f in self.files() {
+            if let Err(e) = std::fs::remove_file(f) {
+                tracing::warn!(%owner, file = %f.display(), error = %e, "cannot delete a copied VMM file");
+            }
+        }
     }
 }
 
@@ -75,10 +85,8 @@ impl PendingUpload {
     }
 
     fn forget(&self, state_dir: &Path) {
-        for f in self.machine.iter().flat_map(MachineState::files) {
-            if let Err(e) = std::fs::remove_file(f) {
-                tracing::warn!(snapshot = %self.id, file = %f.display(), error = %e, "cannot delete a finished upload's input");
-            }
+        if let Some(m) = &self.machine {
+            m.remove_files(&self.id);
         }
         if let Err(e) = std::fs::remove_file(self.path(state_dir)) {
             tracing::warn!(snapshot = %self.id, error = %e, "cannot delete a finished upload's record");
