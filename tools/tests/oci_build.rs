@@ -16,6 +16,7 @@ use oci_common::{fixtures, stderr, Env};
 
 trait BuildEnv {
     fn context(&self, name: &str, dockerfile: &str, files: &[(&str, &str)]) -> PathBuf;
+    fn debugfs(&self, image: &str, request: &str) -> String;
     fn cat(&self, image: &str, path: &str) -> String;
     fn owner(&self, image: &str, path: &str) -> (u32, u32);
 }
@@ -32,32 +33,23 @@ impl BuildEnv for Env {
         d
     }
 
-    /// A file of the image's disk, read by debugfs.
-    fn cat(&self, image: &str, path: &str) -> String {
+    /// What debugfs answers to `request` on the image's exported disk.
+    fn debugfs(&self, image: &str, request: &str) -> String {
         let img = self.dir.path().join(format!("{image}.img"));
         let out = self.cairn(&["image", "export", image, img.to_str().unwrap()]);
         assert!(out.status.success());
-        let out = common::run_ok(
-            Command::new("debugfs")
-                .arg("-R")
-                .arg(format!("cat {path}"))
-                .arg(&img),
-        );
+        let out = common::run_ok(Command::new("debugfs").arg("-R").arg(request).arg(&img));
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A file of the image's disk, read by debugfs.
+    fn cat(&self, image: &str, path: &str) -> String {
+        self.debugfs(image, &format!("cat {path}"))
     }
 
     /// The uid and gid of a file of the image's disk, read by debugfs.
     fn owner(&self, image: &str, path: &str) -> (u32, u32) {
-        let img = self.dir.path().join(format!("{image}.img"));
-        let out = self.cairn(&["image", "export", image, img.to_str().unwrap()]);
-        assert!(out.status.success());
-        let out = common::run_ok(
-            Command::new("debugfs")
-                .arg("-R")
-                .arg(format!("stat {path}"))
-                .arg(&img),
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = self.debugfs(image, &format!("stat {path}"));
         let field = |name: &str| -> u32 {
             let rest = &text[text.find(name).unwrap_or_else(|| panic!("{text}")) + name.len()..];
             rest.split_whitespace().next().unwrap().parse().unwrap()

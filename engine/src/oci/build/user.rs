@@ -41,12 +41,17 @@ struct GroupEntry<'a> {
     members: Vec<&'a str>,
 }
 
+/// The colon-separated fields of each line of `text` that is not a
+/// comment and has at least `min` fields.
+fn colon_records(text: &str, min: usize) -> impl Iterator<Item = Vec<&str>> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(move |f| f.len() >= min)
+}
+
 fn passwd_entries(text: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
-    text.lines().filter_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        if l.starts_with('#') || f.len() < 7 {
-            return None;
-        }
+    colon_records(text, 7).filter_map(|f| {
         Some(PasswdEntry {
             name: f[0],
             uid: f[2].parse().ok()?,
@@ -57,11 +62,7 @@ fn passwd_entries(text: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
 }
 
 fn group_entries(text: &str) -> impl Iterator<Item = GroupEntry<'_>> {
-    text.lines().filter_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        if l.starts_with('#') || f.len() < 4 {
-            return None;
-        }
+    colon_records(text, 4).filter_map(|f| {
         Some(GroupEntry {
             name: f[0],
             gid: f[2].parse().ok()?,
