@@ -32,6 +32,18 @@ pub struct OverlayMeta {
     pub block_size: u64,
 }
 
+impl OverlayMeta {
+    /// The metadata of a new overlay over image `base` of `logical_size` bytes.
+    pub fn new(base: &ManifestId, logical_size: u64) -> OverlayMeta {
+        OverlayMeta {
+            version: META_VERSION,
+            base: base.to_hex(),
+            logical_size,
+            block_size: BLOCK,
+        }
+    }
+}
+
 pub fn io_at(path: &Path) -> impl FnOnce(io::Error) -> OverlayError {
     let path = path.to_owned();
     move |source| OverlayError::Io { path, source }
@@ -71,32 +83,18 @@ pub fn lock(dir: &Path) -> Result<File, OverlayError> {
 /// was written left behind are replaced; the metadata goes last. With
 /// `sync` false nothing is synced: the caller makes the files durable
 /// (with [`sync_creation`]) before the overlay acknowledges a FLUSH.
-pub fn create(
-    dir: &Path,
-    base: &ManifestId,
-    logical_size: u64,
-    sync: bool,
-) -> Result<(), OverlayError> {
+pub fn create(dir: &Path, meta: &OverlayMeta, sync: bool) -> Result<(), OverlayError> {
     for name in [DATA, JOURNAL, WAL] {
         let path = dir.join(name);
         let file = create_new(&path)?;
         if name == DATA {
-            file.set_len(logical_size).map_err(io_at(&path))?;
+            file.set_len(meta.logical_size).map_err(io_at(&path))?;
         }
         if sync {
             file.sync_all().map_err(io_at(&path))?;
         }
     }
-    write_meta(
-        dir,
-        &OverlayMeta {
-            version: META_VERSION,
-            base: base.to_hex(),
-            logical_size,
-            block_size: BLOCK,
-        },
-        sync,
-    )
+    write_meta(dir, meta, sync)
 }
 
 /// Makes an overlay created without syncs durable: its files, its

@@ -129,18 +129,41 @@ struct FlushState {
 
 /// The journal's end; a checkpoint takes it.
 struct JournalState {
-    file: File,
     end: u64,
     /// The last batch's sequence number.
     seq: u64,
+}
+
+/// An overlay's open files: the data file, the flush log, the journal and
+/// the lock, held while they are open.
+struct Files {
+    data: File,
+    wal: File,
+    journal: File,
+    _lock: File,
+}
+
+impl Files {
+    /// Opens the files of the overlay in `dir`, whose lock is `lock`.
+    fn open(dir: &Path, lock: File) -> Result<Files, OverlayError> {
+        Ok(Files {
+            data: files::open_rw(dir, DATA)?.0,
+            wal: files::open_rw(dir, WAL)?.0,
+            journal: files::open_rw(dir, JOURNAL)?.0,
+            _lock: lock,
+        })
+    }
 }
 
 pub struct Overlay {
     dir: PathBuf,
     meta: OverlayMeta,
     blocks: u64,
-    data: File,
-    wal_file: File,
+    /// Open from the start, except for an overlay made by
+    /// [`Overlay::create_fresh`]: made at its first write.
+    files: OnceLock<Files>,
+    /// Held while a fresh overlay's files are made.
+    making_files: Mutex<()>,
     /// Blocks the overlay holds (written, even if not yet flushed).
     dirty: Bitmap,
     /// Blocks the journal names.
@@ -167,7 +190,6 @@ pub struct Overlay {
     first_sync_hook: OnceLock<FirstSyncHook>,
     poison: OnceLock<String>,
     syncs: SyncCounters,
-    _lock: File,
 }
 
 /// See [`Overlay::before_first_sync`].
@@ -190,7 +212,7 @@ impl Overlay {
         std::fs::create_dir_all(dir).map_err(io_at(dir))?;
         let lock_file = files::lock(dir)?;
         if !files::meta_exists(dir) {
-            files::create(dir, base, logical_size, true)?;
+            files::create(dir, &OverlayMeta::new(base, logical_size), true)?;
         }
         let o = Overlay::open_locked(dir, lock_file)?;
         if o.meta.base != base.to_hex() {
@@ -203,22 +225,43 @@ impl Overlay {
         Ok(o)
     }
 
-    /// Creates an overlay over image `base` in `dir`, which must not exist,
-    /// without syncing anything: creating one costs no sync, and its first
-    /// FLUSH with writes in it makes its files and directory durable
-    /// before it answers. A crash before that loses only an overlay that
-    /// never acknowledged a write, which [`Overlay::is_whole`] tells.
-    pub fn create_fresh(
-        dir: &Path,
-        base: &ManifestId,
-        logical_size: u64,
-    ) -> Result<Arc<Overlay>, OverlayError> {
-        std::fs::create_dir(dir).map_err(io_at(dir))?;
-        let lock_file = files::lock(dir)?;
-        files::create(dir, base, logical_size, false)?;
-        let o = Overlay::open_locked(dir, lock_file)?;
+    /// An overlay over image `base` to be made in `dir`, which must not
+    /// exist: nothing touches the disk until its first write, which makes
+    /// its directory and files without syncing them; its first FLUSH with
+    /// writes in it makes them durable before it answers. A crash before
+    /// that loses only an overlay that never acknowledged a write, which
+    /// [`Overlay::is_whole`] tells. So a fresh layer costs nothing until
+    /// it is written, and no sync until it is flushed.
+    pub fn create_fresh(dir: &Path, base: &ManifestId, logical_size: u64) -> Arc<Overlay> {
+        let o = Overlay::new(dir, OverlayMeta::new(base, logical_size), None, 0, 0);
         o.unsynced.store(true, Ordering::Release);
-        Ok(o)
+        Arc::new(o)
+    }
+
+    /// The overlay's files, made now if it is fresh and has none yet.
+    fn files(&self) -> Result<&Files, OverlayError> {
+        if let Some(f) = self.files.get() {
+            return Ok(f);
+        }
+        let _making = lock(&self.making_files);
+        if let Some(f) = self.files.get() {
+            return Ok(f);
+        }
+        let made = (|| {
+            std::fs::create_dir(&self.dir).map_err(io_at(&self.dir))?;
+            let lock_file = files::lock(&self.dir)?;
+            files::create(&self.dir, &self.meta, false)?;
+            Files::open(&self.dir, lock_file)
+        })()
+        .map_err(|e| self.poisoned(e))?;
+        Ok(self.files.get_or_init(|| made))
+    }
+
+    /// The overlay's files, which any write has made.
+    fn opened(&self) -> &Files {
+        self.files
+            .get()
+            .expect("an overlay's files exist from its first write on")
     }
 
     /// Has `hook` run when an overlay made by [`Overlay::create_fresh`]
@@ -251,19 +294,17 @@ impl Overlay {
             dir: dir.to_owned(),
             why,
         };
-        let (data, data_path) = files::open_rw(dir, DATA)?;
-        let len = data.metadata().map_err(io_at(&data_path))?.len();
+        let opened = Files::open(dir, lock_file)?;
+        let data_path = dir.join(DATA);
+        let len = opened.data.metadata().map_err(io_at(&data_path))?.len();
         if len != meta.logical_size {
             return Err(malformed(format!(
                 "data file is {len} bytes, the disk {}",
                 meta.logical_size
             )));
         }
-        let (journal, journal_path) = files::open_rw(dir, JOURNAL)?;
-        let replayed = files::replay_journal(dir, &journal, &journal_path)?;
+        let replayed = files::replay_journal(dir, &opened.journal, &dir.join(JOURNAL))?;
         let blocks = meta.logical_size.div_ceil(BLOCK);
-        let durable = Bitmap::new(blocks);
-        let dirty = Bitmap::new(blocks);
         for e in &replayed.extents {
             if e.end() > blocks {
                 return Err(malformed(format!(
@@ -272,21 +313,48 @@ impl Overlay {
                     e.end()
                 )));
             }
+        }
+        let wal = WalWriter::new(replayed.checkpointed + 1, &opened.wal, WAL_CAPACITY)
+            .map_err(io_at(&dir.join(WAL)))?;
+        let o = Arc::new(Overlay::new(
+            dir,
+            meta,
+            Some((opened, wal)),
+            replayed.good_len,
+            replayed.last_seq,
+        ));
+        for e in &replayed.extents {
             for b in e.start..e.end() {
-                dirty.set(b);
-                durable.set(b);
+                o.dirty.set(b);
+                o.durable.set(b);
             }
         }
-        let (wal_file, wal_path) = files::open_rw(dir, WAL)?;
-        let wal = WalWriter::new(replayed.checkpointed + 1, &wal_file, WAL_CAPACITY)
-            .map_err(io_at(&wal_path))?;
-        let o = Arc::new(Overlay {
+        o.recover_flush_log()?;
+        Ok(o)
+    }
+
+    /// An overlay with `files` open and its flush log's writer (none for
+    /// a fresh one), its journal ending at `journal_end` after batch
+    /// `journal_seq`.
+    fn new(
+        dir: &Path,
+        meta: OverlayMeta,
+        files: Option<(Files, WalWriter)>,
+        journal_end: u64,
+        journal_seq: u64,
+    ) -> Overlay {
+        let blocks = meta.logical_size.div_ceil(BLOCK);
+        let (opened, wal) = match files {
+            Some((f, w)) => (OnceLock::from(f), w),
+            None => (OnceLock::new(), WalWriter::empty(1, WAL_CAPACITY)),
+        };
+        Overlay {
             dir: dir.to_owned(),
             blocks,
-            data,
-            wal_file,
-            dirty,
-            durable,
+            files: opened,
+            making_files: Mutex::new(()),
+            dirty: Bitmap::new(blocks),
+            durable: Bitmap::new(blocks),
             unjournaled: Bitmap::new(blocks),
             staged: Bitmap::new(blocks),
             staging: Mutex::new(Staging::default()),
@@ -296,9 +364,8 @@ impl Overlay {
                 background: None,
             }),
             journal: Mutex::new(JournalState {
-                file: journal,
-                end: replayed.good_len,
-                seq: replayed.last_seq,
+                end: journal_end,
+                seq: journal_seq,
             }),
             writes: AtomicU64::new(0),
             data_written: AtomicBool::new(false),
@@ -308,10 +375,7 @@ impl Overlay {
             poison: OnceLock::new(),
             syncs: SyncCounters::default(),
             meta,
-            _lock: lock_file,
-        });
-        o.recover_flush_log()?;
-        Ok(o)
+        }
     }
 
     /// Puts the batches of the flush log's generations the journal does not
@@ -340,20 +404,26 @@ impl Overlay {
     /// number of batches it had.
     fn replay_generation(&self, gen: u64) -> Result<u64, OverlayError> {
         let wal_path = self.dir.join(WAL);
-        let applied = wal::replay(&self.wal_file, gen, WAL_CAPACITY, self.blocks, |batch| {
-            let mut data = batch.data.chunks_exact(BLOCK as usize);
-            for (b, has_data) in batch.entries {
-                match has_data {
-                    true => self.write_data(b, data.next().expect("one block per entry"))?,
-                    false => self.punch_data(b, 1)?,
+        let applied = wal::replay(
+            &self.opened().wal,
+            gen,
+            WAL_CAPACITY,
+            self.blocks,
+            |batch| {
+                let mut data = batch.data.chunks_exact(BLOCK as usize);
+                for (b, has_data) in batch.entries {
+                    match has_data {
+                        true => self.write_data(b, data.next().expect("one block per entry"))?,
+                        false => self.punch_data(b, 1)?,
+                    }
+                    self.dirty.set(b);
+                    if !self.durable.get(b) {
+                        self.unjournaled.set(b);
+                    }
                 }
-                self.dirty.set(b);
-                if !self.durable.get(b) {
-                    self.unjournaled.set(b);
-                }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
         .map_err(|e| match e {
             wal::ReplayError::Wal(e) => files::corrupt(&self.dir, WAL, e),
             wal::ReplayError::Io(e) => io_at(&wal_path)(e),
@@ -467,7 +537,8 @@ impl Overlay {
     }
 
     fn write_data(&self, b: u64, block: &[u8]) -> io::Result<()> {
-        self.data
+        self.opened()
+            .data
             .write_all_at(&block[..self.block_len(b)], b * BLOCK)
     }
 
@@ -476,7 +547,7 @@ impl Overlay {
         let off = first * BLOCK;
         let len = (count * BLOCK).min(self.meta.logical_size - off);
         let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        rustix::fs::fallocate(&self.data, flags, off, len).map_err(io::Error::from)
+        rustix::fs::fallocate(&self.opened().data, flags, off, len).map_err(io::Error::from)
     }
 
     /// Reads whole blocks from `first` (they should be dirty; clean blocks
@@ -495,9 +566,7 @@ impl Overlay {
                     j += 1;
                 }
                 let end = (j as usize * b).min(buf.len());
-                self.data
-                    .read_exact_at(&mut buf[at..end], (first + i) * BLOCK)
-                    .map_err(io_at(&self.dir.join(DATA)))?;
+                self.read_data(&mut buf[at..end], first + i)?;
                 i = j;
                 continue;
             }
@@ -523,13 +592,26 @@ impl Overlay {
             };
             if !held {
                 // Put in the data file since the bit was read.
-                self.data
-                    .read_exact_at(out, (first + i) * BLOCK)
-                    .map_err(io_at(&self.dir.join(DATA)))?;
+                self.read_data(out, first + i)?;
             }
             i += 1;
         }
         Ok(())
+    }
+
+    /// Reads the data file from block `b` on; an overlay with no files yet
+    /// holds nothing, which reads as zeros.
+    fn read_data(&self, buf: &mut [u8], b: u64) -> Result<(), OverlayError> {
+        match self.files.get() {
+            Some(f) => f
+                .data
+                .read_exact_at(buf, b * BLOCK)
+                .map_err(io_at(&self.dir.join(DATA))),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
     }
 
     /// Writes whole blocks from `first` (the last block of the disk may be
@@ -553,6 +635,7 @@ impl Overlay {
             });
         }
         self.check_range(first, count)?;
+        let files = self.files()?;
         {
             let mut st = lock(&self.staging);
             if !st.direct {
@@ -578,7 +661,7 @@ impl Overlay {
             }
         }
         let done = match data {
-            Some(d) => self.data.write_all_at(d, first * BLOCK),
+            Some(d) => files.data.write_all_at(d, first * BLOCK),
             None => self.punch_data(first, count),
         };
         done.map_err(io_at(&self.dir.join(DATA)))?;
@@ -733,10 +816,9 @@ impl Overlay {
             }
         }
         let wal_path = self.dir.join(WAL);
-        fs.wal
-            .append(&self.wal_file, entries)
-            .map_err(io_at(&wal_path))?;
-        self.sync(&self.wal_file, WAL, &self.syncs.wal)?;
+        let wal_file = &self.opened().wal;
+        fs.wal.append(wal_file, entries).map_err(io_at(&wal_path))?;
+        self.sync(wal_file, WAL, &self.syncs.wal)?;
         self.settle(taken)?;
         self.mark_unjournaled(entries.iter().map(|e| e.0));
         Ok(())
@@ -804,7 +886,8 @@ impl Overlay {
         let mut j = lock(&self.journal);
         // Taken before the sync: each of these was written before it.
         let blocks = self.unjournaled.take_all();
-        self.sync(&self.data, DATA, &self.syncs.data)?;
+        let opened = self.opened();
+        self.sync(&opened.data, DATA, &self.syncs.data)?;
         let fresh: Vec<u64> = blocks
             .into_iter()
             .filter(|&b| !self.durable.get(b))
@@ -814,8 +897,9 @@ impl Overlay {
         }
         let extents = journal::coalesce(fresh);
         let path = self.dir.join(JOURNAL);
-        j.end = journal::append(&j.file, j.end, j.seq + 1, gen, &extents).map_err(io_at(&path))?;
-        self.sync(&j.file, JOURNAL, &self.syncs.journal)?;
+        j.end = journal::append(&opened.journal, j.end, j.seq + 1, gen, &extents)
+            .map_err(io_at(&path))?;
+        self.sync(&opened.journal, JOURNAL, &self.syncs.journal)?;
         j.seq += 1;
         for e in extents {
             for b in e.start..e.end() {

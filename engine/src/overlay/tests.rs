@@ -363,3 +363,55 @@ fn a_version_1_overlay_is_upgraded_in_place() {
     drop(o);
     assert_eq!(dirty(&Overlay::open(d).unwrap()), [3, 4]);
 }
+
+#[test]
+fn a_fresh_overlay_touches_the_disk_at_its_first_write_and_syncs_at_its_first_flush() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("layer");
+    let o = Overlay::create_fresh(&dir, &base(), 64 * BLOCK);
+    // Read, FLUSH and freeze-less use without a write: nothing on disk.
+    assert_block(&o, 5, 0);
+    o.flush().unwrap();
+    assert!(!dir.exists());
+    assert_eq!(o.syncs(), Syncs::default());
+    // Held by the hook until the first FLUSH with writes.
+    let hooked = Arc::new(AtomicU64::new(0));
+    let h = hooked.clone();
+    o.before_first_sync(Arc::new(move || {
+        h.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }));
+    o.write_blocks(5, &[0x5a; B]).unwrap();
+    assert!(Overlay::is_whole(&dir), "made at the first write");
+    assert_eq!(hooked.load(Ordering::SeqCst), 0, "nothing synced yet");
+    assert_block(&o, 5, 0x5a);
+    assert_block(&o, 6, 0);
+    o.flush().unwrap();
+    assert_eq!(hooked.load(Ordering::SeqCst), 1);
+    o.write_blocks(6, &[0x6b; B]).unwrap();
+    o.flush().unwrap();
+    assert_eq!(hooked.load(Ordering::SeqCst), 1, "once");
+    // Its lock is held from the first write on.
+    assert!(matches!(
+        Overlay::open(&dir),
+        Err(OverlayError::Busy { .. })
+    ));
+    drop(o);
+    let o = Overlay::open(&dir).unwrap();
+    assert_eq!(dirty(&o), [5, 6]);
+    assert_block(&o, 5, 0x5a);
+    assert_block(&o, 6, 0x6b);
+}
+
+#[test]
+fn a_fresh_overlay_whose_files_cannot_be_made_fails_its_write_and_is_poisoned() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("layer");
+    let o = Overlay::create_fresh(&dir, &base(), 64 * BLOCK);
+    fs::create_dir(&dir).unwrap();
+    let e = o.write_blocks(1, &[1; B]).unwrap_err();
+    assert!(matches!(e, OverlayError::Io { .. }), "{e}");
+    assert!(o.is_poisoned());
+    assert!(o.flush().is_err());
+    assert!(!o.is_dirty(1));
+}

@@ -274,6 +274,18 @@ pub struct WalWriter {
 }
 
 impl WalWriter {
+    /// A writer starting generation `gen` in an empty log (as
+    /// [`WalWriter::new`] finds a log file with nothing written).
+    pub fn empty(gen: u64, capacity: u64) -> WalWriter {
+        WalWriter {
+            gen,
+            seq: 1,
+            head: region(gen, capacity).0,
+            written: [region(1, capacity).0, region(2, capacity).0],
+            capacity,
+        }
+    }
+
     /// A writer starting generation `gen` in its half of the log in `file`,
     /// which may grow to `capacity`.
     pub fn new(gen: u64, file: &File, capacity: u64) -> io::Result<WalWriter> {
@@ -375,6 +387,21 @@ mod tests {
             Ok(())
         })?;
         Ok(out)
+    }
+
+    #[test]
+    fn an_empty_writer_is_the_one_an_empty_log_file_gives() {
+        let f = tempfile::tempfile().unwrap();
+        for gen in [1, 2, 3] {
+            let (a, b) = (
+                WalWriter::new(gen, &f, CAP).unwrap(),
+                WalWriter::empty(gen, CAP),
+            );
+            assert_eq!(
+                (a.gen, a.seq, a.head, a.written),
+                (b.gen, b.seq, b.head, b.written)
+            );
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::layers::Layers;
 use super::pages::{PageConfig, PageServer};
-use super::sandbox::{copy_sparse, new_id, now, write_durably, Running, SandboxRecord};
+use super::sandbox::{copy_sparse, new_id, now, write_durably, Records, Running, SandboxRecord};
 use super::uploads::{self, MachineState, PendingUpload};
 use cairn_engine::catalog::snapshot::{NewSnapshot, SnapshotRecord, SnapshotState};
 
@@ -179,6 +179,7 @@ type Uploading = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
 
 pub struct Host {
     state_dir: PathBuf,
+    records: Records,
     socket_dir: PathBuf,
     store: ChunkStore,
     /// Who this host is in the catalog's records.
@@ -218,7 +219,7 @@ fn layers_in_use(inner: &Inner, uploading: &Uploading) -> std::collections::Hash
 /// anywhere leaves a stack that reads the same.
 fn rebase(
     inner: &mut Inner,
-    state_dir: &Path,
+    records: &Records,
     job: &PendingUpload,
     layers: &[Arc<Overlay>],
     folded: Arc<Manifest>,
@@ -237,7 +238,7 @@ fn rebase(
         let mut next = rec.clone();
         next.base = folded.id().to_hex();
         next.layers.drain(..job.layers.len());
-        if let Err(e) = next.save(state_dir) {
+        if let Err(e) = records.save(&next) {
             // The old record still names layers that read the same.
             tracing::warn!(sandbox = %rec.id, error = %format!("{e:#}"), "cannot record a rebase");
         }
@@ -269,11 +270,13 @@ impl Host {
     ) -> Result<Host> {
         std::fs::create_dir_all(socket_dir)
             .with_context(|| format!("creating {}", socket_dir.display()))?;
+        let records = Records::new(state_dir);
         Ok(Host {
             state_dir: state_dir.to_owned(),
+            records: records.clone(),
             socket_dir: socket_dir.to_owned(),
             inner: Arc::new(Mutex::new(Inner {
-                layers: Layers::new(state_dir)?,
+                layers: Layers::new(state_dir, records)?,
                 sandboxes: BTreeMap::new(),
             })),
             host_id: host_id(state_dir)?,
@@ -447,8 +450,8 @@ impl Host {
     /// names (a crash between making and recording one). Returns how many
     /// sandboxes and uploads.
     pub fn recover(&self) -> Result<(usize, usize)> {
-        // What the last run left unsynced (records, fresh layers: see
-        // `PendingRecords` and `Overlay::create_fresh`) is read back from
+        // What the last run left unsynced (fresh layers written but never
+        // flushed: see `Overlay::create_fresh`) is read back from
         // the page cache below and served as it is; it is made durable
         // first, or an OS crash after this start could lose it under
         // writes acknowledged since. One syncfs covers it all.
@@ -456,7 +459,7 @@ impl Host {
             .with_context(|| format!("opening {}", self.state_dir.display()))?;
         rustix::fs::syncfs(&dir)
             .with_context(|| format!("syncing the file system of {}", self.state_dir.display()))?;
-        let mut records = self.reconcile(SandboxRecord::load_all(&self.state_dir)?)?;
+        let mut records = self.reconcile(self.records.load_all()?)?;
         let jobs = PendingUpload::load_all(&self.state_dir)?;
         let mut inner = self.lock();
         // A sandbox whose top layer another stands on (a clone's record, or
@@ -477,9 +480,9 @@ impl Host {
             if frozen_top {
                 let base: ManifestId = rec.base.parse().context("record's base manifest id")?;
                 let size = self.load_manifest(&base)?.logical_size;
-                let (next, _) = inner.layers.create(&base, size)?;
+                let (next, _) = inner.layers.create(&base, size);
                 rec.layers.push(next);
-                rec.save(&self.state_dir)?;
+                self.records.save(rec)?;
             }
         }
         let named: std::collections::HashSet<String> = records
@@ -598,9 +601,10 @@ impl Host {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(job.id.clone(), job.layers.clone());
-        let (store, state_dir, host) = (
+        let (store, state_dir, records, host) = (
             self.store.clone(),
             self.state_dir.clone(),
+            self.records.clone(),
             self.host_id.clone(),
         );
         let (uploading, shared) = (self.uploading.clone(), self.inner.clone());
@@ -619,7 +623,7 @@ impl Host {
                 );
                 let mut inner = lock(&shared);
                 if let Some(disk) = folded {
-                    rebase(&mut inner, &state_dir, &job, &layers, disk);
+                    rebase(&mut inner, &records, &job, &layers, disk);
                 }
                 uploading
                     .lock()
@@ -646,14 +650,14 @@ impl Host {
         let src_record = src.record.clone();
         // The catalog's record first: if this fails, nothing has changed.
         let (snap, job) = self.record_upload(&src_record, src_record.snapshot.clone(), machine)?;
-        let (next_id, next) = inner.layers.create(&src_record.base_id()?, size)?;
+        let (next_id, next) = inner.layers.create(&src_record.base_id()?, size);
         let mut record = src_record;
         record.layers.push(next_id);
         record.snapshot = Some(snap.id.clone());
-        // Unsynced: `next` syncs it before its first FLUSH answers; until
+        // Deferred: `next` writes it before its first FLUSH answers; until
         // then a crash leaves the old record, whose top the upload record
         // shows frozen (see `recover`).
-        record.save_unsynced(&self.state_dir, inner.layers.pending())?;
+        self.records.defer(&record);
         let running = inner.sandboxes.get_mut(&record.id).expect("found above");
         running.record = record;
         running.disk.freeze(next)?;
@@ -714,14 +718,17 @@ impl Host {
     }
 
     /// Saves a new sandbox's record: durably for a named one (its name is
-    /// in the catalog: it must not vanish in a crash), unsynced for an
-    /// unnamed one (ephemeral; its new layer syncs the record before its
+    /// in the catalog: it must not vanish in a crash), deferred for an
+    /// unnamed one (ephemeral; its new layer writes the record before its
     /// first FLUSH answers, so a crash before that loses a sandbox that
     /// acknowledged no write).
-    fn save_new(&self, record: &SandboxRecord, layers: &Layers) -> Result<()> {
+    fn save_new(&self, record: &SandboxRecord) -> Result<()> {
         match record.name {
-            Some(_) => record.save(&self.state_dir),
-            None => record.save_unsynced(&self.state_dir, layers.pending()),
+            Some(_) => self.records.save(record),
+            None => {
+                self.records.defer(record);
+                Ok(())
+            }
         }
     }
 
@@ -970,9 +977,9 @@ impl Host {
                 // was frozen for the snapshot); the catalog says running.
                 let back = (|| -> Result<Running> {
                     let mut again = record.clone();
-                    let (next, _) = inner.layers.create(&record.base_id()?, disk.size())?;
+                    let (next, _) = inner.layers.create(&record.base_id()?, disk.size());
                     again.layers.push(next);
-                    again.save(&self.state_dir)?;
+                    self.records.save(&again)?;
                     self.serve(&mut inner, again)
                 })();
                 let _ = rt.block_on(catalog::sandbox::set_state(
@@ -1078,7 +1085,7 @@ impl Host {
         generation: u64,
     ) -> Result<SandboxView> {
         let manifest = self.load_manifest(&source.base)?;
-        let (layer_id, layer) = inner.layers.create(&source.base, manifest.logical_size)?;
+        let (layer_id, layer) = inner.layers.create(&source.base, manifest.logical_size);
         let record = SandboxRecord {
             id: new_id(),
             name: req.name,
@@ -1095,7 +1102,7 @@ impl Host {
             memory: source.memory.map(|m| m.to_hex()),
             vm_state: source.vm_state,
         };
-        self.save_new(&record, &inner.layers)?;
+        self.save_new(&record)?;
         let disk = Disk::open(manifest, self.store.clone(), vec![layer])?;
         let running = self.start(record, disk)?;
         let view = SandboxView::of(&running);
@@ -1216,23 +1223,22 @@ impl Host {
     ) -> Result<SandboxView> {
         let src_id = src_id.to_owned();
         let base_id = inner.sandboxes[&src_id].record.base_id()?;
-        let (clone_layer_id, clone_layer) = inner.layers.create(&base_id, size)?;
+        let (clone_layer_id, clone_layer) = inner.layers.create(&base_id, size);
         let running = &inner.sandboxes[&src_id];
         let (src_record, frozen) = match running.disk.frozen_if_clean() {
             // Nothing written since the source's last freeze: the clone
             // stands on its frozen layers; the source is left as it is.
             Some(frozen) => (running.record.clone(), frozen),
             None => {
-                let (next_id, next) = inner.layers.create(&base_id, size)?;
-                // Recorded (unsynced) before the freeze; `next` and the
-                // clone's layer sync both records before their first FLUSH
-                // answers. If a crash keeps only the clone's, the source's
-                // old top is found under the clone's layer and frozen (see
-                // `recover`).
+                let (next_id, next) = inner.layers.create(&base_id, size);
+                // Deferred, before the freeze: `next` writes it before its
+                // first FLUSH answers. If a crash keeps only the clone's
+                // record, the source's old top is found under the clone's
+                // layer and frozen (see `recover`).
                 let running = inner.sandboxes.get_mut(&src_id).expect("found above");
                 let mut src_record = running.record.clone();
                 src_record.layers.push(next_id);
-                src_record.save_unsynced(&self.state_dir, inner.layers.pending())?;
+                self.records.defer(&src_record);
                 running.record = src_record.clone();
                 let frozen = running.disk.freeze(next)?;
                 (src_record, frozen)
@@ -1258,7 +1264,7 @@ impl Host {
             memory,
             vm_state,
         };
-        self.save_new(&record, &inner.layers)?;
+        self.save_new(&record)?;
         let disk = Disk::open(
             base,
             self.store.clone(),
@@ -1273,7 +1279,7 @@ impl Host {
     /// Deletes a sandbox's record and local files.
     fn forget(&self, id: &str) -> Result<()> {
         let _ = std::fs::remove_file(self.vm_state_path(id));
-        SandboxRecord::delete(&self.state_dir, id)
+        self.records.delete(id)
     }
 
     pub fn list(&self) -> Vec<SandboxView> {
@@ -1339,6 +1345,9 @@ impl Host {
                     tracing::warn!(sandbox = %id, error = %format!("{e:#}"), "stopping a sandbox at shutdown failed");
                 }
             }
+        }
+        if let Err(e) = self.records.write_all() {
+            tracing::warn!(error = %format!("{e:#}"), "writing the sandbox records at shutdown failed");
         }
     }
 }

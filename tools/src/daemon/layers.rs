@@ -8,16 +8,16 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 
-use super::sandbox::PendingRecords;
+use super::sandbox::Records;
 use cairn_engine::overlay::Overlay;
 use cairn_engine::ManifestId;
 
 pub struct Layers {
     dir: PathBuf,
     open: HashMap<String, Arc<Overlay>>,
-    /// Records saved unsynced: a new layer syncs them before its first
-    /// FLUSH with writes answers.
-    pending: PendingRecords,
+    /// The sandbox records: a fresh layer writes the deferred ones that
+    /// list it before its first FLUSH with writes answers.
+    records: Records,
 }
 
 /// A fresh layer id: 16 random bytes, hex.
@@ -26,13 +26,13 @@ pub fn new_id() -> String {
 }
 
 impl Layers {
-    pub fn new(state_dir: &Path) -> Result<Layers> {
+    pub fn new(state_dir: &Path, records: Records) -> Result<Layers> {
         let dir = state_dir.join("layers");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Layers {
             dir,
             open: HashMap::new(),
-            pending: PendingRecords::default(),
+            records,
         })
     }
 
@@ -40,37 +40,34 @@ impl Layers {
         self.dir.join(id)
     }
 
-    /// The records saved unsynced, which new layers sync.
-    pub fn pending(&self) -> &PendingRecords {
-        &self.pending
+    /// Fresh layer `id` (see [`Overlay::create_fresh`]): made on disk at
+    /// its first write; its first FLUSH with writes makes it durable and
+    /// writes the deferred records that list it before it answers.
+    fn fresh(&self, id: &str, base: &ManifestId, size: u64) -> Arc<Overlay> {
+        let layer = Overlay::create_fresh(&self.path(id), base, size);
+        let (records, id) = (self.records.clone(), id.to_owned());
+        layer.before_first_sync(Arc::new(move || {
+            records
+                .write_naming(&id)
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))
+        }));
+        layer
     }
 
-    /// A fresh, unsynced layer at `path` that syncs the pending records
-    /// with itself.
-    fn fresh(&self, path: &Path, base: &ManifestId, size: u64) -> Result<Arc<Overlay>> {
-        let layer = Overlay::create_fresh(path, base, size)
-            .with_context(|| format!("creating layer {}", path.display()))?;
-        let pending = self.pending.clone();
-        layer.before_first_sync(Arc::new(move || pending.sync()));
-        Ok(layer)
-    }
-
-    /// A new, empty layer over image `base` of `size` bytes. Nothing is
-    /// synced: the layer becomes durable at its first FLUSH with writes
-    /// (see [`Overlay::create_fresh`]), so a clone or fork costs no sync
-    /// per layer.
-    pub fn create(&mut self, base: &ManifestId, size: u64) -> Result<(String, Arc<Overlay>)> {
+    /// A new, empty layer over image `base` of `size` bytes. Nothing
+    /// touches the disk until it is written, and nothing is synced until
+    /// its first FLUSH with writes: a clone or fork costs no file.
+    pub fn create(&mut self, base: &ManifestId, size: u64) -> (String, Arc<Overlay>) {
         let id = new_id();
-        let path = self.path(&id);
-        let layer = self.fresh(&path, base, size)?;
+        let layer = self.fresh(&id, base, size);
         self.open.insert(id.clone(), layer.clone());
-        Ok((id, layer))
+        (id, layer)
     }
 
     /// Layer `id`, opened (and its journal and flush log replayed) if no
-    /// disk holds it yet. A layer a crash cut before its first FLUSH (never
-    /// durable, so it held no acknowledged write) is made again, empty,
-    /// over `base` of `size` bytes.
+    /// disk holds it yet. A layer never written, or one a crash cut before
+    /// its first FLUSH (never durable, so it held no acknowledged write),
+    /// is made again, empty, over `base` of `size` bytes.
     pub fn open(&mut self, id: &str, base: &ManifestId, size: u64) -> Result<Arc<Overlay>> {
         if let Some(l) = self.open.get(id) {
             return Ok(l.clone());
@@ -79,14 +76,16 @@ impl Layers {
         let layer = if Overlay::is_whole(&path) {
             Overlay::open(&path).with_context(|| format!("opening layer {}", path.display()))?
         } else {
-            tracing::warn!(layer = %path.display(), "a layer created just before a crash, never flushed: made again, empty");
             match std::fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    tracing::warn!(layer = %path.display(), "a layer created just before a crash, never flushed: made again, empty")
+                }
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(e).with_context(|| format!("removing {}", path.display()))
                 }
-                _ => {}
+                Err(_) => {}
             }
-            self.fresh(&path, base, size)?
+            self.fresh(id, base, size)
         };
         self.open.insert(id.to_owned(), layer.clone());
         Ok(layer)

@@ -1,8 +1,9 @@
 //! One sandbox on this host: its record in the state directory and, while
 //! it runs, its disk and the vhost-user-blk server that serves it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
@@ -64,25 +65,15 @@ pub fn new_id() -> String {
 /// Writes `bytes` to `path` durably: a temporary file, synced, renamed
 /// over it, the directory synced.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_whole(path, bytes, true)
-}
-
-/// Replaces `path` with `bytes` whole (a temporary file renamed over it);
-/// with `sync`, the file is synced before the rename and the directory
-/// after it.
-fn write_whole(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     let dir = path.parent().expect("a file in a directory");
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().expect("a file name").to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp"));
-    let sync_file = |p: &Path| match sync {
-        true => std::fs::File::open(p)?.sync_all(),
-        false => Ok(()),
-    };
+    let sync = |p: &Path| std::fs::File::open(p)?.sync_all();
     std::fs::write(&tmp, bytes)
-        .and_then(|()| sync_file(&tmp))
+        .and_then(|()| sync(&tmp))
         .and_then(|()| std::fs::rename(&tmp, path))
-        .and_then(|()| sync_file(dir))
+        .and_then(|()| sync(dir))
         .with_context(|| format!("saving {}", path.display()))
 }
 
@@ -124,45 +115,98 @@ pub fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
     dst.sync_all()
 }
 
-/// Records written without a sync, made durable together by [`Self::sync`]
-/// (which every new layer runs before its first FLUSH with writes answers).
-#[derive(Clone, Default)]
-pub struct PendingRecords(Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>);
+/// The sandbox records of the state directory (`sandboxes/ID.json`).
+///
+/// A record whose loss in a crash loses no acknowledged write may be
+/// deferred: kept in memory, and written (durably) by the first FLUSH with
+/// writes of a fresh layer it lists, before that FLUSH answers (see
+/// [`Records::write_naming`]), or by a later save of the same sandbox. A
+/// clone, fork or unnamed create then costs no file at all.
+#[derive(Clone)]
+pub struct Records {
+    dir: PathBuf,
+    deferred: Arc<Mutex<HashMap<String, SandboxRecord>>>,
+}
 
-impl PendingRecords {
-    fn add(&self, path: PathBuf) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(path);
+impl Records {
+    pub fn new(state_dir: &Path) -> Records {
+        Records {
+            dir: state_dir.join("sandboxes"),
+            deferred: Arc::default(),
+        }
     }
 
-    /// Syncs every pending record (one since deleted is skipped) and their
-    /// directories.
-    pub fn sync(&self) -> std::io::Result<()> {
-        let paths = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
-        let outcome = (|| {
-            let mut dirs = std::collections::BTreeSet::new();
-            for p in &paths {
-                match std::fs::File::open(p) {
-                    Ok(f) => f.sync_all()?,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-                dirs.extend(p.parent().map(Path::to_owned));
-            }
-            for d in dirs {
-                std::fs::File::open(&d)?.sync_all()?;
-            }
-            Ok(())
-        })();
-        if outcome.is_err() {
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(paths);
+    fn deferred(&self) -> MutexGuard<'_, HashMap<String, SandboxRecord>> {
+        self.deferred.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    fn write(&self, record: &SandboxRecord) -> Result<()> {
+        let text = serde_json::to_vec_pretty(record).expect("plain struct");
+        write_durably(&self.path(&record.id), &text)
+    }
+
+    /// Writes `record` durably (temporary file, sync, rename, directory
+    /// sync); a deferred version of it is dropped.
+    pub fn save(&self, record: &SandboxRecord) -> Result<()> {
+        let mut deferred = self.deferred();
+        deferred.remove(&record.id);
+        self.write(record)
+    }
+
+    /// Keeps `record` to be written by the first FLUSH of a fresh layer it
+    /// lists: for a record whose loss in a crash loses no acknowledged
+    /// write (an unnamed sandbox's, or one whose new layer holds nothing
+    /// flushed and whose old record still reads the same).
+    pub fn defer(&self, record: &SandboxRecord) {
+        self.deferred().insert(record.id.clone(), record.clone());
+    }
+
+    /// Writes, durably, every deferred record that lists `layer`.
+    pub fn write_naming(&self, layer: &str) -> Result<()> {
+        let mut deferred = self.deferred();
+        let naming: Vec<String> = deferred
+            .values()
+            .filter(|r| r.layers.iter().any(|l| l == layer))
+            .map(|r| r.id.clone())
+            .collect();
+        for id in naming {
+            self.write(&deferred[&id])?;
+            deferred.remove(&id);
         }
-        outcome
+        Ok(())
+    }
+
+    /// Writes every deferred record (at shutdown).
+    pub fn write_all(&self) -> Result<()> {
+        let mut deferred = self.deferred();
+        for record in deferred.values() {
+            self.write(record)?;
+        }
+        deferred.clear();
+        Ok(())
+    }
+
+    pub fn delete(&self, id: &str) -> Result<()> {
+        let mut deferred = self.deferred();
+        deferred.remove(id);
+        let path = self.path(id);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("deleting {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Every record written, oldest first.
+    pub fn load_all(&self) -> Result<Vec<SandboxRecord>> {
+        let mut out: Vec<SandboxRecord> = read_json_dir(&self.dir, "a sandbox record")?;
+        out.sort_by_key(|r| (r.created, r.id.clone()));
+        Ok(out)
     }
 }
 
@@ -189,46 +233,6 @@ impl SandboxRecord {
     /// The manifest its layers stand on.
     pub fn base_id(&self) -> Result<cairn_engine::ManifestId> {
         self.base.parse().context("the record's base manifest id")
-    }
-
-    fn path(state_dir: &Path, id: &str) -> PathBuf {
-        state_dir.join("sandboxes").join(format!("{id}.json"))
-    }
-
-    /// Writes the record durably (temporary file, sync, rename, directory sync).
-    pub fn save(&self, state_dir: &Path) -> Result<()> {
-        let text = serde_json::to_vec_pretty(self).expect("plain struct");
-        write_durably(&Self::path(state_dir, &self.id), &text)
-    }
-
-    /// Writes the record whole (temporary file, rename) without a sync, and
-    /// leaves it to `pending`: for a record whose loss in a crash loses no
-    /// acknowledged write, because its new layers sync it before their
-    /// first FLUSH answers.
-    pub fn save_unsynced(&self, state_dir: &Path, pending: &PendingRecords) -> Result<()> {
-        let path = Self::path(state_dir, &self.id);
-        let text = serde_json::to_vec_pretty(self).expect("plain struct");
-        write_whole(&path, &text, false)?;
-        pending.add(path);
-        Ok(())
-    }
-
-    pub fn delete(state_dir: &Path, id: &str) -> Result<()> {
-        let path = Self::path(state_dir, id);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("deleting {}", path.display()))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Every record in the state directory.
-    pub fn load_all(state_dir: &Path) -> Result<Vec<SandboxRecord>> {
-        let mut out: Vec<SandboxRecord> =
-            read_json_dir(&state_dir.join("sandboxes"), "a sandbox record")?;
-        out.sort_by_key(|r| (r.created, r.id.clone()));
-        Ok(out)
     }
 }
 
