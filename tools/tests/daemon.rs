@@ -560,47 +560,77 @@ fn memory_and_vm_state_are_snapshotted_forked_diffed_and_cloned() {
     assert_ne!(forks[0]["memory_socket"], forks[1]["memory_socket"]);
 
     // A Firecracker-style diff over the fork's memory: written pages are
-    // data, holes unchanged.
+    // data, holes unchanged. `pages` into the diff file and the model.
     let diff = env.path("diff.mem");
-    let mut file = std::fs::File::create(&diff).unwrap();
-    file.set_len(size as u64).unwrap();
+    let write_diff = |pages: &[usize], fill: u8, model: &mut Vec<u8>| {
+        let mut file = std::fs::File::create(&diff).unwrap();
+        file.set_len(size as u64).unwrap();
+        for &p in pages {
+            let page = vec![p as u8 ^ fill; 4096];
+            file.seek(SeekFrom::Start((p * 4096) as u64)).unwrap();
+            file.write_all(&page).unwrap();
+            model[p * 4096..][..4096].copy_from_slice(&page);
+        }
+    };
+    let diff_snapshot = |sandbox: &str| -> String {
+        let snap = env.sandbox(&[
+            "snapshot",
+            sandbox,
+            "--memory",
+            diff.to_str().unwrap(),
+            "--memory-diff",
+        ]);
+        snap["id"].as_str().unwrap().to_owned()
+    };
     let mut child = memory.clone();
-    for p in [0usize, 5, 700, 2047] {
-        let page = vec![p as u8 ^ 0x3c; 4096];
-        file.seek(SeekFrom::Start((p * 4096) as u64)).unwrap();
-        file.write_all(&page).unwrap();
-        child[p * 4096..][..4096].copy_from_slice(&page);
-    }
-    drop(file);
+    write_diff(&[0, 5, 700, 2047], 0x3c, &mut child);
     let fork0 = forks[0]["id"].as_str().unwrap();
-    let snap2 = env.sandbox(&[
-        "snapshot",
-        fork0,
-        "--memory",
-        diff.to_str().unwrap(),
-        "--memory-diff",
-    ]);
-    let id2 = snap2["id"].as_str().unwrap().to_owned();
+    let id2 = diff_snapshot(fork0);
+    // The next diff is over that snapshot's memory (the VMM tracks dirty
+    // pages from each snapshot on), taken before its upload ends.
+    let mut grandchild = child.clone();
+    write_diff(&[5, 6], 0x5d, &mut grandchild);
+    let id3 = diff_snapshot(fork0);
     let done2 = env.settled(&id2);
     assert_eq!(done2["state"], "completed", "{done2}");
     assert_eq!(done2["parent"], id.as_str(), "{done2}");
     let from_diff = env.sandbox(&["create", "--snapshot", &id2]);
     assert_memory_served(&from_diff, &child);
     assert!(from_diff["vm_state"].is_null(), "{from_diff}");
+    let done3 = env.settled(&id3);
+    assert_eq!(done3["state"], "completed", "{done3}");
+    assert_eq!(done3["parent"], id2.as_str(), "{done3}");
+    let from_diff3 = env.sandbox(&["create", "--snapshot", &id3]);
+    assert_memory_served(&from_diff3, &grandchild);
 
     // A clone with memory serves it at once (no upload waited for).
-    let mut cloned = child.clone();
+    let mut cloned = grandchild.clone();
     cloned[size - 4096..].fill(0x77);
     std::fs::write(&mem, &cloned).unwrap();
     let c = env.sandbox(&["clone", fork0, "twin", "--memory", mem.to_str().unwrap()]);
     assert_memory_served(&c, &cloned);
+    // The source's next diff is over the memory it gave the clone.
+    let mut after_clone = cloned.clone();
+    write_diff(&[9], 0x6e, &mut after_clone);
+    let id4 = diff_snapshot(fork0);
+    assert_eq!(env.settled(&id4)["state"], "completed");
+    let from_diff4 = env.sandbox(&["create", "--snapshot", &id4]);
+    assert_memory_served(&from_diff4, &after_clone);
     // A clone without memory arguments keeps its source's.
     let plain = env.sandbox(&["clone", &id_of(&forks[1])]);
     assert_memory_served(&plain, &memory);
 
     // Removing a sandbox stops its page server, which ends the resume
     // under way (the harness VMM, which never exits) and reports it.
-    for v in [&forks[0], &forks[1], &from_diff, &c, &plain] {
+    for v in [
+        &forks[0],
+        &forks[1],
+        &from_diff,
+        &from_diff3,
+        &from_diff4,
+        &c,
+        &plain,
+    ] {
         env.sandbox(&["rm", &id_of(v)]);
         let socket = v["memory_socket"].as_str().unwrap();
         assert!(!Path::new(socket).exists(), "{socket} left behind");
@@ -613,7 +643,7 @@ fn memory_and_vm_state_are_snapshotted_forked_diffed_and_cloned() {
         .trim()
         .parse()
         .unwrap();
-    assert_eq!(resumes, 5, "{metrics}");
+    assert_eq!(resumes, 7, "{metrics}");
     drop(ca);
     daemon.signal("-TERM");
 }

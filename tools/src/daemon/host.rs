@@ -19,7 +19,9 @@ use serde::Serialize;
 
 use super::layers::Layers;
 use super::pages::{PageConfig, PageServer};
-use super::sandbox::{copy_sparse, new_id, now, write_durably, Records, Running, SandboxRecord};
+use super::sandbox::{
+    copy_sparse, new_id, now, write_durably, MemoryParent, Records, Running, SandboxRecord,
+};
 use super::uploads::{self, MachineState, PendingUpload};
 use cairn_engine::catalog::snapshot::{NewSnapshot, SnapshotRecord, SnapshotState};
 
@@ -364,9 +366,13 @@ impl Host {
             }
             return Ok(None);
         }
-        let memory_parent = match (input.memory_diff, &record.memory) {
+        let parent = record
+            .memory_parent
+            .clone()
+            .or_else(|| record.memory.clone().map(MemoryParent::Image));
+        let memory_parent = match (input.memory_diff, parent) {
             (false, _) => None,
-            (true, Some(m)) => Some(m.clone()),
+            (true, Some(p)) => Some(p),
             (true, None) => bail!(Refusal::BadRequest(format!(
                 "sandbox {} was not started from memory: a diff has nothing to be over; give a full memory file",
                 record.id
@@ -648,16 +654,26 @@ impl Host {
         let src = Self::find(&inner, key).ok_or_else(|| Refusal::NoSuchSandbox(key.to_owned()))?;
         let size = src.disk.size();
         let src_record = src.record.clone();
+        let with_memory = machine.as_ref().is_some_and(|m| m.memory.is_some());
         // The catalog's record first: if this fails, nothing has changed.
         let (snap, job) = self.record_upload(&src_record, src_record.snapshot.clone(), machine)?;
         let (next_id, next) = inner.layers.create(&src_record.base_id()?, size);
         let mut record = src_record;
         record.layers.push(next_id);
         record.snapshot = Some(snap.id.clone());
-        // Deferred: `next` writes it before its first FLUSH answers; until
-        // then a crash leaves the old record, whose top the upload record
-        // shows frozen (see `recover`).
-        self.records.defer(&record);
+        if with_memory {
+            // The VMM's next diff is over this snapshot's memory: that must
+            // not be lost in a crash.
+            record.memory_parent = Some(MemoryParent::Snapshot {
+                snapshot: snap.id.clone(),
+            });
+            self.records.save(&record)?;
+        } else {
+            // Deferred: `next` writes it before its first FLUSH answers;
+            // until then a crash leaves the old record, whose top the
+            // upload record shows frozen (see `recover`).
+            self.records.defer(&record);
+        }
         let running = inner.sandboxes.get_mut(&record.id).expect("found above");
         running.record = record;
         running.disk.freeze(next)?;
@@ -1101,6 +1117,7 @@ impl Host {
             created: now(),
             memory: source.memory.map(|m| m.to_hex()),
             vm_state: source.vm_state,
+            memory_parent: None,
         };
         self.save_new(&record)?;
         let disk = Disk::open(manifest, self.store.clone(), vec![layer])?;
@@ -1165,7 +1182,7 @@ impl Host {
         let src_id = src.record.id.clone();
         let image: ManifestId = src.record.image.parse().context("record's image id")?;
         let project = src.record.project.clone();
-        self.named(
+        let view = self.named(
             &project,
             req.name.as_deref(),
             catalog::sandbox::SandboxSource::Image(image),
@@ -1180,7 +1197,16 @@ impl Host {
                     machine,
                 )
             },
-        )
+        )?;
+        if req.machine.memory.is_some() {
+            // The source's VMM wrote that memory file: its next diff is
+            // over the clone's memory.
+            if let (Some(src), Some(m)) = (inner.sandboxes.get_mut(&src_id), &view.memory) {
+                src.record.memory_parent = Some(MemoryParent::Image(m.clone()));
+                self.records.save(&src.record)?;
+            }
+        }
+        Ok(view)
     }
 
     /// A clone's memory and VM state, stored now: its page server serves
@@ -1198,8 +1224,10 @@ impl Host {
             .with_context(|| format!("creating {}", staging.display()))?;
         let stored = uploads::store_machine(
             &self.store,
+            &src.project,
             &taken,
             &cairn_engine::import::ImportOptions::new(staging),
+            self.upload_timeout,
         );
         taken.remove_files(&src.id);
         let (memory, vm_state) = stored?;
@@ -1263,6 +1291,7 @@ impl Host {
             created: now(),
             memory,
             vm_state,
+            memory_parent: None,
         };
         self.save_new(&record)?;
         let disk = Disk::open(

@@ -49,6 +49,21 @@ pub struct SandboxRecord {
     /// The store key of its VM-state blob, if any.
     #[serde(default)]
     pub vm_state: Option<String>,
+    /// What its VMM's next diff memory file is over: the memory of its
+    /// latest snapshot or clone taken with memory (the VMM starts tracking
+    /// dirty pages again there), else (when absent) `memory`.
+    #[serde(default)]
+    pub memory_parent: Option<MemoryParent>,
+}
+
+/// The memory a diff memory file is over.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum MemoryParent {
+    /// A stored memory image, by id.
+    Image(String),
+    /// The memory of a snapshot whose upload may still run.
+    Snapshot { snapshot: String },
 }
 
 pub fn now() -> u64 {

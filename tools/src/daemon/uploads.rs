@@ -21,6 +21,8 @@ use cairn_engine::overlay::Overlay;
 use cairn_engine::ManifestId;
 use serde::{Deserialize, Serialize};
 
+use super::sandbox::MemoryParent;
+
 /// What an upload needs to run again after a restart.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PendingUpload {
@@ -43,8 +45,8 @@ pub struct PendingUpload {
 pub struct MachineState {
     /// The copied memory file.
     pub memory: Option<PathBuf>,
-    /// The memory image a diff file is over (None: a full file).
-    pub memory_parent: Option<String>,
+    /// The memory a diff file is over (None: a full file).
+    pub memory_parent: Option<MemoryParent>,
     /// The copied VM-state blob.
     pub vm_state: Option<PathBuf>,
 }
@@ -185,7 +187,7 @@ pub fn run(
                 cairn_engine::snapshot::fold_layers(store, base.clone(), layers, &opts, &|_| {})
                     .context("folding the frozen layers")?;
             let (memory, vm_state) = match &job.machine {
-                Some(m) => store_machine(store, m, &opts)?,
+                Some(m) => store_machine(store, &job.project, m, &opts, give_up_after)?,
                 None => (None, None),
             };
             rt.block_on(snapshot::complete(
@@ -229,20 +231,24 @@ pub fn run(
     folded
 }
 
-/// Imports a memory file (full, or a diff over its parent) and stores a
-/// VM-state blob: their manifest id and key.
+/// Imports a memory file (full, or a diff over its parent, waited for
+/// up to `wait` if it is a snapshot of `project` still uploading) and
+/// stores a VM-state blob: their manifest id and key.
 pub fn store_machine(
     store: &ChunkStore,
+    project: &str,
     m: &MachineState,
     opts: &ImportOptions,
+    wait: Duration,
 ) -> Result<(Option<ManifestId>, Option<String>)> {
     let memory = match &m.memory {
-        Some(path) => Some(import_memory_file(
-            store,
-            path,
-            m.memory_parent.as_deref(),
-            opts,
-        )?),
+        Some(path) => {
+            let parent = match &m.memory_parent {
+                Some(p) => Some(memory_image(store, project, p, wait)?),
+                None => None,
+            };
+            Some(import_memory_file(store, path, parent.as_ref(), opts)?)
+        }
         None => None,
     };
     let vm_state = match &m.vm_state {
@@ -252,12 +258,53 @@ pub fn store_machine(
     Ok((memory, vm_state))
 }
 
+/// The memory image `parent` names: its id, or the memory of its
+/// snapshot once that is uploaded (waited for up to `wait`).
+fn memory_image(
+    store: &ChunkStore,
+    project: &str,
+    parent: &MemoryParent,
+    wait: Duration,
+) -> Result<ManifestId> {
+    let id = match parent {
+        MemoryParent::Image(id) => id,
+        MemoryParent::Snapshot { snapshot: id } => {
+            let remote = store.remote().clone();
+            let started = Instant::now();
+            loop {
+                let rec = store
+                    .runtime()
+                    .block_on(snapshot::get(remote.as_ref(), project, id))?
+                    .with_context(|| format!("the memory parent, snapshot {id}, is not in the catalog"))?
+                    .record;
+                match rec.state {
+                    snapshot::SnapshotState::Completed => {
+                        return rec.memory.with_context(|| {
+                            format!("the memory parent, snapshot {id}, has no memory")
+                        })
+                    }
+                    snapshot::SnapshotState::Failed => anyhow::bail!(
+                        "the memory parent, snapshot {id}, failed: {}",
+                        rec.reason.unwrap_or_default()
+                    ),
+                    _ if started.elapsed() > wait => anyhow::bail!(
+                        "the memory parent, snapshot {id}, is still not uploaded after {} s",
+                        wait.as_secs()
+                    ),
+                    _ => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        }
+    };
+    id.parse().context("the memory parent's id")
+}
+
 /// Imports the memory file at `path` with 4 KiB pages, as a diff over
-/// `parent` (a memory image's id) when one is given.
+/// memory image `parent` when one is given.
 pub fn import_memory_file(
     store: &ChunkStore,
     path: &Path,
-    parent: Option<&str>,
+    parent: Option<&ManifestId>,
     opts: &ImportOptions,
 ) -> Result<ManifestId> {
     let len = std::fs::metadata(path)
@@ -265,8 +312,7 @@ pub fn import_memory_file(
         .len();
     let mut layout = MemLayout::single(len, 4096);
     let parent = match parent {
-        Some(p) => {
-            let id: ManifestId = p.parse().context("the memory parent's id")?;
+        Some(&id) => {
             layout.parent = Some(id);
             let remote = store.remote().clone();
             Some(Arc::new(store.runtime().block_on(
