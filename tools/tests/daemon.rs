@@ -844,6 +844,37 @@ fn records_are_written_by_the_first_flush_of_a_layer_they_list() {
     daemon.signal("-TERM");
 }
 
+/// A daemon that dies between taking a name in the catalog and recording
+/// the sandbox (fault injector: `CAIRN_FAULT_CRASH_AFTER_CLAIM` aborts it
+/// right there) gives the name back at its next start: a create's name
+/// can be taken again; a resumed sandbox is suspended again and then
+/// resumes with its files.
+#[test]
+fn a_name_taken_just_before_a_crash_is_given_back_at_the_next_start() {
+    let env = Env::new();
+    let (daemon, _) = env.daemon();
+    let (_a, ca, model) = env.written_a(MIB, 8192, 0x41);
+    drop(ca);
+    env.sandbox(&["suspend", "a"]);
+    daemon.signal("-TERM");
+
+    let crash = [("CAIRN_FAULT_CRASH_AFTER_CLAIM", "1")];
+    let (daemon, _) = env.daemon_with(&crash);
+    env.sandbox_fails(&["create", "fresh", "--image", "base"]);
+    assert!(!daemon.ended().success());
+    let (daemon, _) = env.daemon_with(&crash);
+    env.sandbox_fails(&["resume", "a"]);
+    assert!(!daemon.ended().success());
+
+    let (daemon, _) = env.daemon();
+    env.sandbox(&["create", "fresh", "--image", "base"]);
+    let back = env.sandbox(&["resume", "a"]);
+    assert!(whole(&mut connect(&back), env.image.len()) == model);
+    let claims = std::fs::read_dir(env.path("state").join("claims")).unwrap();
+    assert_eq!(claims.count(), 0, "settled claims are deleted");
+    daemon.signal("-TERM");
+}
+
 /// Records of unnamed sandboxes and of a source's new layer are deferred
 /// (their new layers write them at their first FLUSH). A crash that keeps
 /// the clone's record but not the source's new one (here: the source's

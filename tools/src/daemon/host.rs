@@ -17,6 +17,7 @@ use cairn_engine::overlay::{Overlay, BLOCK};
 use cairn_engine::ManifestId;
 use serde::Serialize;
 
+use super::claims::{self, Claims};
 use super::layers::Layers;
 use super::pages::{PageConfig, PageServer};
 use super::sandbox::{
@@ -182,6 +183,7 @@ type Uploading = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
 pub struct Host {
     state_dir: PathBuf,
     records: Records,
+    claims: Claims,
     socket_dir: PathBuf,
     store: ChunkStore,
     /// Who this host is in the catalog's records.
@@ -276,6 +278,7 @@ impl Host {
         Ok(Host {
             state_dir: state_dir.to_owned(),
             records: records.clone(),
+            claims: Claims::new(state_dir),
             socket_dir: socket_dir.to_owned(),
             inner: Arc::new(Mutex::new(Inner {
                 layers: Layers::new(state_dir, records)?,
@@ -465,7 +468,9 @@ impl Host {
             .with_context(|| format!("opening {}", self.state_dir.display()))?;
         rustix::fs::syncfs(&dir)
             .with_context(|| format!("syncing the file system of {}", self.state_dir.display()))?;
-        let mut records = self.reconcile(self.records.load_all()?)?;
+        let loaded = self.records.load_all()?;
+        self.give_back_claims(&loaded)?;
+        let mut records = self.reconcile(loaded)?;
         let jobs = PendingUpload::load_all(&self.state_dir)?;
         let mut inner = self.lock();
         // A sandbox whose top layer another stands on (a clone's record, or
@@ -516,6 +521,77 @@ impl Host {
                 .with_context(|| format!("resuming the upload of snapshot {id}"))?;
         }
         Ok((n, uploads))
+    }
+
+    /// Gives back every name a crash left claimed (see [`claims`]) that no
+    /// record names: a create's name is removed from the catalog, a
+    /// resumed sandbox is suspended again. A claim the catalog cannot
+    /// settle now is kept for the next start.
+    fn give_back_claims(&self, records: &[SandboxRecord]) -> Result<()> {
+        use catalog::sandbox::SandboxState;
+        let remote = self.store.remote().clone();
+        let rt = self.store.runtime();
+        for c in self.claims.load_all()? {
+            let recorded = records
+                .iter()
+                .any(|r| r.project == c.project && r.name.as_deref() == Some(&c.name));
+            if recorded {
+                self.claims.settle(&c);
+                continue;
+            }
+            let given_back = (|| -> Result<&str, catalog::CatalogError> {
+                let Some(cur) = rt
+                    .block_on(catalog::sandbox::get(remote.as_ref(), &c.project, &c.name))?
+                    .map(|s| s.record)
+                else {
+                    return Ok("not in the catalog");
+                };
+                if cur.host != self.host_id || cur.state == SandboxState::Suspended {
+                    return Ok("not held by this host");
+                }
+                if cur.snapshot.is_some() {
+                    self.suspend_again(&c.project, &c.name, &cur.owner())?;
+                    return Ok("a resume cut by a crash: suspended again");
+                }
+                rt.block_on(catalog::sandbox::remove(
+                    remote.as_ref(),
+                    &c.project,
+                    &c.name,
+                    Some(&cur.owner()),
+                    &self.host_id,
+                ))?;
+                Ok("a create cut by a crash: name given back")
+            })();
+            match given_back {
+                Ok(what) => {
+                    tracing::info!(sandbox = %c.name, project = %c.project, what, "settled a name claimed before a crash");
+                    self.claims.settle(&c);
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %c.name, error = %e, "cannot settle a name claimed before a crash; trying again at the next start");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a sandbox taken over for a resume that was never served back
+    /// to suspended (at the snapshot it was resumed from).
+    fn suspend_again(
+        &self,
+        project: &str,
+        name: &str,
+        owner: &catalog::sandbox::Owner,
+    ) -> Result<(), catalog::CatalogError> {
+        use catalog::sandbox::SandboxState;
+        let remote = self.store.remote().clone();
+        self.store.runtime().block_on(async {
+            for state in [SandboxState::Suspending, SandboxState::Suspended] {
+                catalog::sandbox::set_state(remote.as_ref(), project, name, owner, state, None)
+                    .await?;
+            }
+            Ok(())
+        })
     }
 
     /// The named sandboxes of `records` as the catalog has them: one this
@@ -862,24 +938,29 @@ impl Host {
         let Some(name) = name else {
             return make(0);
         };
+        let claim = self.claims.claim(project, name)?;
         let remote = self.store.remote().clone();
-        let generation = self
-            .store
-            .runtime()
-            .block_on(catalog::sandbox::create(
-                remote.as_ref(),
-                catalog::sandbox::NewSandbox {
-                    project: project.to_owned(),
-                    name: Some(name.to_owned()),
-                    source,
-                    host: self.host_id.clone(),
-                },
-            ))?
-            .generation;
-        let made = make(generation);
-        if made.is_err() {
-            self.release_name(project, name, generation);
-        }
+        let taken = self.store.runtime().block_on(catalog::sandbox::create(
+            remote.as_ref(),
+            catalog::sandbox::NewSandbox {
+                project: project.to_owned(),
+                name: Some(name.to_owned()),
+                source,
+                host: self.host_id.clone(),
+            },
+        ));
+        let made = match taken {
+            Ok(rec) => {
+                claims::crash_after_claim_for_tests();
+                let made = make(rec.generation);
+                if made.is_err() {
+                    self.release_name(project, name, rec.generation);
+                }
+                made
+            }
+            Err(e) => Err(e.into()),
+        };
+        self.claims.settle(&claim);
         made
     }
 
@@ -1043,13 +1124,32 @@ impl Host {
         let rt = self.store.runtime();
         let mut inner = self.lock();
         Self::check_name(&inner, &Some(name.to_owned()))?;
+        let claim = self.claims.claim(project, name)?;
         let taken = rt.block_on(catalog::sandbox::take(
             remote.as_ref(),
             project,
             name,
             &self.host_id,
             false,
-        ))?;
+        ));
+        let served = taken.map_err(anyhow::Error::from).and_then(|taken| {
+            claims::crash_after_claim_for_tests();
+            self.serve_taken(&mut inner, name, project, queues, taken)
+        });
+        self.claims.settle(&claim);
+        served
+    }
+
+    /// The local half of [`Host::resume`]: serves the sandbox taken over
+    /// as `taken`, or puts it back to suspended.
+    fn serve_taken(
+        &self,
+        inner: &mut Inner,
+        name: &str,
+        project: &str,
+        queues: u16,
+        taken: catalog::sandbox::SandboxRecord,
+    ) -> Result<SandboxView> {
         let snapshot = taken
             .snapshot
             .clone()
@@ -1063,30 +1163,10 @@ impl Host {
         };
         let served = self
             .source(&req)
-            .and_then(|source| self.serve_new(&mut inner, req, source, taken.generation));
+            .and_then(|source| self.serve_new(inner, req, source, taken.generation));
         if served.is_err() {
             // Back to suspended, for this host or another to try again.
-            let owner = self.owner(taken.generation);
-            let _ = rt.block_on(async {
-                catalog::sandbox::set_state(
-                    remote.as_ref(),
-                    project,
-                    name,
-                    &owner,
-                    catalog::sandbox::SandboxState::Suspending,
-                    None,
-                )
-                .await?;
-                catalog::sandbox::set_state(
-                    remote.as_ref(),
-                    project,
-                    name,
-                    &owner,
-                    catalog::sandbox::SandboxState::Suspended,
-                    None,
-                )
-                .await
-            });
+            let _ = self.suspend_again(project, name, &self.owner(taken.generation));
         }
         served
     }

@@ -7,6 +7,7 @@
 //! them again, losing no flushed write.
 
 mod api;
+mod claims;
 pub mod client;
 mod host;
 mod layers;

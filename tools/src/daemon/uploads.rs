@@ -275,7 +275,9 @@ fn memory_image(
                 let rec = store
                     .runtime()
                     .block_on(snapshot::get(remote.as_ref(), project, id))?
-                    .with_context(|| format!("the memory parent, snapshot {id}, is not in the catalog"))?
+                    .with_context(|| {
+                        format!("the memory parent, snapshot {id}, is not in the catalog")
+                    })?
                     .record;
                 match rec.state {
                     snapshot::SnapshotState::Completed => {

@@ -28,6 +28,11 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
+    /// Waits for a daemon that ends by itself (a fault injector aborts it).
+    pub fn ended(mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
     /// Sends `signal` and waits for the process to end.
     pub fn signal(mut self, signal: &str) {
         let pid = self.child.id().to_string();
