@@ -323,6 +323,11 @@ pub struct DaemonArgs {
     /// under the user's data directory).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Where the sandboxes' disk and memory sockets go (default: beside
+    /// the API socket, in `SOCKET.d`; a runtime directory such as /run is
+    /// a memory file system, where making a socket costs no disk work).
+    #[arg(long)]
+    pub socket_dir: Option<PathBuf>,
     /// Also serve /metrics over TCP here, e.g. 127.0.0.1:9464.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,

@@ -103,6 +103,20 @@ fn parse_size(s: &str) -> Result<u64> {
         * mult)
 }
 
+/// A fresh directory on a memory file system for the daemon's sockets:
+/// under $XDG_RUNTIME_DIR, else /dev/shm, else the system's temporary
+/// directory.
+fn runtime_dir() -> Result<tempfile::TempDir> {
+    let parent = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_dir())
+        .or_else(|| Some(PathBuf::from("/dev/shm")).filter(|d| d.is_dir()))
+        .unwrap_or_else(std::env::temp_dir);
+    Ok(tempfile::Builder::new()
+        .prefix("cairn-bench-")
+        .tempdir_in(parent)?)
+}
+
 fn label(bytes: u64) -> String {
     if bytes >= GIB && bytes.is_multiple_of(GIB) {
         format!("{} GiB", bytes / GIB)
@@ -258,6 +272,9 @@ fn disk_socket(v: &Value) -> PathBuf {
 
 struct Env {
     dir: PathBuf,
+    /// Where the daemon's sockets go: a memory file system, as a host's
+    /// runtime directory (/run) is.
+    runtime: tempfile::TempDir,
     store: String,
     cairn: PathBuf,
 }
@@ -310,7 +327,7 @@ impl Env {
     }
 
     fn daemon(&self) -> Result<Daemon> {
-        let socket = self.path("daemon.sock");
+        let socket = self.runtime.path().join("daemon.sock");
         let log = std::fs::File::create(self.path("daemon.log"))?;
         let mut child = self
             .cairn()
@@ -441,39 +458,14 @@ fn part_clone_fork(
     written: u64,
     images: &[(u64, String, PathBuf)],
 ) -> Result<(Vec<Row>, Value)> {
-    let mut rows = Vec::new();
     let mut notes = Vec::new();
-    for (size, image, raw) in images {
-        let size = *size;
-        let written = written.min(size);
-        eprintln!("part 1: {} image", label(size));
-        // cairn clone: a fresh sandbox each sample, `written` bytes in its
-        // live layer, flushed; the clone timed through the API.
-        let mut clone = Vec::new();
-        for s in 0..args.samples {
-            let sb = api.create(image, None)?;
-            let mut c = Client::connect(&disk_socket(&sb))?;
-            fill(&mut c, written, s as u64)?;
-            c.flush()?;
-            let t = Instant::now();
-            let cl = api.clone_of(&id(&sb))?;
-            clone.push(t.elapsed().as_secs_f64());
-            drop(c);
-            api.remove(&id(&cl))?;
-            api.remove(&id(&sb))?;
-        }
-        rows.push(Row {
-            size,
-            what: "cairn clone (API)",
-            samples: clone,
-            per: 1.0,
-        });
-
-        // cairn fork: from a completed snapshot of a sandbox with the same
-        // bytes written; each fork (count 1) timed, then one batch.
+    // A completed snapshot per size to fork from, with `written` bytes in it.
+    let mut snaps = Vec::new();
+    for (s, (size, image, _)) in images.iter().enumerate() {
+        eprintln!("part 1: {} image, the snapshot to fork from", label(*size));
         let sb = api.create(image, None)?;
         let mut c = Client::connect(&disk_socket(&sb))?;
-        fill(&mut c, written, 7)?;
+        fill(&mut c, written.min(*size), 7 + s as u64)?;
         c.flush()?;
         let t = Instant::now();
         let snap = api.ok(
@@ -483,30 +475,78 @@ fn part_clone_fork(
         )?;
         let snap = id(&snap);
         env.settled(&snap)?;
-        let upload_s = t.elapsed().as_secs_f64();
-        let mut fork = Vec::new();
-        for _ in 0..args.samples {
+        notes.push(json!({ "size": size, "snapshot_upload_s": t.elapsed().as_secs_f64() }));
+        drop(c);
+        api.remove(&id(&sb))?;
+        snaps.push(snap);
+    }
+
+    // Rounds: one sample of every size each, in an order that rotates, so
+    // that whatever drifts on the machine during the run (page cache, the
+    // file system's free-inode search) falls on every size alike.
+    let n = images.len();
+    let mut clone = vec![Vec::new(); n];
+    let mut fork = vec![Vec::new(); n];
+    let mut qclone = vec![Vec::new(); n];
+    let mut qfork = vec![Vec::new(); n];
+    for round in 0..args.samples {
+        eprintln!("part 1: round {}/{}", round + 1, args.samples);
+        for k in 0..n {
+            let i = (round + k) % n;
+            let (size, image, raw) = &images[i];
+            let written = written.min(*size);
+            // cairn clone: a fresh sandbox with `written` bytes in its live
+            // layer, flushed; the clone timed through the API.
+            let sb = api.create(image, None)?;
+            let mut c = Client::connect(&disk_socket(&sb))?;
+            fill(&mut c, written, round as u64)?;
+            c.flush()?;
+            let t = Instant::now();
+            let cl = api.clone_of(&id(&sb))?;
+            clone[i].push(t.elapsed().as_secs_f64());
+            drop(c);
+            api.remove(&id(&cl))?;
+            api.remove(&id(&sb))?;
+            // cairn fork (count 1) of the completed snapshot.
             let t = Instant::now();
             let made = api.ok(
                 "POST",
-                &format!("/v1/snapshots/{snap}/fork"),
+                &format!("/v1/snapshots/{}/fork", snaps[i]),
                 Some(&json!({})),
             )?;
-            fork.push(t.elapsed().as_secs_f64());
+            fork[i].push(t.elapsed().as_secs_f64());
             for v in made["sandboxes"].as_array().into_iter().flatten() {
                 api.remove(&id(v))?;
             }
+            if !args.no_qcow2 {
+                let (c, f) = qcow2_sample(env, raw, *size, written)?;
+                qclone[i].push(c);
+                qfork[i].push(f);
+            }
         }
+    }
+
+    let mut rows = Vec::new();
+    for (i, (size, _, raw)) in images.iter().enumerate() {
+        let size = *size;
+        let written = written.min(size);
+        eprintln!("part 1: {} image, batch fork and full copy", label(size));
+        rows.push(Row {
+            size,
+            what: "cairn clone (API)",
+            samples: std::mem::take(&mut clone[i]),
+            per: 1.0,
+        });
         rows.push(Row {
             size,
             what: "cairn fork (API, count 1)",
-            samples: fork,
+            samples: std::mem::take(&mut fork[i]),
             per: 1.0,
         });
         let t = Instant::now();
         let made = api.ok(
             "POST",
-            &format!("/v1/snapshots/{snap}/fork"),
+            &format!("/v1/snapshots/{}/fork", snaps[i]),
             Some(&json!({ "count": args.fork_batch })),
         )?;
         let batch = t.elapsed().as_secs_f64();
@@ -519,107 +559,116 @@ fn part_clone_fork(
             samples: vec![batch / f64::from(args.fork_batch)],
             per: f64::from(args.fork_batch),
         });
-        drop(c);
-        api.remove(&id(&sb))?;
-        notes.push(json!({ "size": size, "snapshot_upload_s": upload_s }));
-
-        // qcow2: the running disk is an overlay over the raw image holding
-        // the written bytes; a clone renames it to a backing file and makes
-        // two new overlays over it (the source's and the clone's), both
-        // synced with their directory. A fork is one overlay over a frozen
-        // one, synced.
         if !args.no_qcow2 {
-            let dir = env.path(&format!("qcow2-{size}"));
-            std::fs::create_dir_all(&dir)?;
-            let (mut qclone, mut qfork) = (Vec::new(), Vec::new());
-            for _ in 0..args.samples {
-                let run = dir.join("run.qcow2");
-                let frozen = dir.join("frozen.qcow2");
-                let other = dir.join("clone.qcow2");
-                let forked = dir.join("fork.qcow2");
-                qemu_img_overlay(raw, "raw", &run)?;
-                sh(Command::new("qemu-io")
-                    .args(["-f", "qcow2", "-c"])
-                    .arg(format!("write -P 0xa5 0 {written}"))
-                    .arg(&run))?;
-                fsync(&run)?;
-                let t = Instant::now();
-                std::fs::rename(&run, &frozen)?;
-                qemu_img_overlay(&frozen, "qcow2", &run)?;
-                qemu_img_overlay(&frozen, "qcow2", &other)?;
-                fsync(&run)?;
-                fsync(&other)?;
-                fsync(&dir)?;
-                qclone.push(t.elapsed().as_secs_f64());
-                let t = Instant::now();
-                qemu_img_overlay(&frozen, "qcow2", &forked)?;
-                fsync(&forked)?;
-                fsync(&dir)?;
-                qfork.push(t.elapsed().as_secs_f64());
-                for f in [&run, &frozen, &other, &forked] {
-                    std::fs::remove_file(f)?;
-                }
-            }
-            std::fs::remove_dir_all(&dir)?;
             rows.push(Row {
                 size,
                 what: "qcow2 clone: overlay -> backing, 2 new overlays",
-                samples: qclone,
+                samples: std::mem::take(&mut qclone[i]),
                 per: 1.0,
             });
             rows.push(Row {
                 size,
                 what: "qcow2 fork: 1 overlay over a frozen one",
-                samples: qfork,
+                samples: std::mem::take(&mut qfork[i]),
                 per: 1.0,
             });
         }
-
-        // Full copy: the raw image with the written bytes in it, copied
-        // with `cp --sparse=always` and synced (if the disk has room).
-        let full = env.path(&format!("full-{size}.raw"));
-        sh(Command::new("cp")
-            .arg("--sparse=always")
-            .arg(raw)
-            .arg(&full))?;
-        {
-            let f = std::fs::OpenOptions::new().write(true).open(&full)?;
-            let buf = pattern(99);
-            let mut at = 0;
-            while at < written {
-                let n = MIB.min(written - at) as usize;
-                f.write_all_at(&buf[..n], at)?;
-                at += n as u64;
-            }
-            f.sync_all()?;
-        }
-        let need = allocated(&full)? + GIB;
-        if free_bytes(&env.dir)? > need {
-            let copy = env.path("copy.raw");
-            let mut cp = Vec::new();
-            for _ in 0..args.copy_samples {
-                let t = Instant::now();
-                sh(Command::new("cp")
-                    .arg("--sparse=always")
-                    .arg(&full)
-                    .arg(&copy))?;
-                fsync(&copy)?;
-                cp.push(t.elapsed().as_secs_f64());
-                std::fs::remove_file(&copy)?;
-            }
+        let (cp, allocated) = full_copy_samples(env, raw, size, written, args.copy_samples)?;
+        if let Some(cp) = cp {
             rows.push(Row {
                 size,
                 what: "full copy: cp --sparse=always + fsync",
                 samples: cp,
                 per: 1.0,
             });
-        } else {
-            eprintln!("  no room for a full copy of {}", label(size));
         }
-        notes.push(json!({ "size": size, "full_copy_allocated_bytes": allocated(&full)? }));
-        std::fs::remove_file(&full)?;
+        notes.push(json!({ "size": size, "full_copy_allocated_bytes": allocated }));
     }
     Ok((rows, Value::Array(notes)))
+}
+
+/// One qcow2 clone and fork: the running disk is an overlay over the raw
+/// image holding the written bytes; a clone renames it to a backing file
+/// and makes two new overlays over it (the source's and the clone's),
+/// both synced with their directory. A fork is one overlay over a frozen
+/// one, synced. Returns (clone, fork) seconds.
+fn qcow2_sample(env: &Env, raw: &Path, size: u64, written: u64) -> Result<(f64, f64)> {
+    let dir = env.path(&format!("qcow2-{size}"));
+    std::fs::create_dir_all(&dir)?;
+    let run = dir.join("run.qcow2");
+    let frozen = dir.join("frozen.qcow2");
+    let other = dir.join("clone.qcow2");
+    let forked = dir.join("fork.qcow2");
+    qemu_img_overlay(raw, "raw", &run)?;
+    sh(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -P 0xa5 0 {written}"))
+        .arg(&run))?;
+    fsync(&run)?;
+    let t = Instant::now();
+    std::fs::rename(&run, &frozen)?;
+    qemu_img_overlay(&frozen, "qcow2", &run)?;
+    qemu_img_overlay(&frozen, "qcow2", &other)?;
+    fsync(&run)?;
+    fsync(&other)?;
+    fsync(&dir)?;
+    let clone = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    qemu_img_overlay(&frozen, "qcow2", &forked)?;
+    fsync(&forked)?;
+    fsync(&dir)?;
+    let fork = t.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(&dir)?;
+    Ok((clone, fork))
+}
+
+/// Full copies of the raw image with the written bytes in it, by
+/// `cp --sparse=always` and synced (none if the disk has no room).
+/// Returns the samples and the copy's allocated bytes.
+fn full_copy_samples(
+    env: &Env,
+    raw: &Path,
+    size: u64,
+    written: u64,
+    samples: usize,
+) -> Result<(Option<Vec<f64>>, u64)> {
+    let full = env.path(&format!("full-{size}.raw"));
+    sh(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(raw)
+        .arg(&full))?;
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&full)?;
+        let buf = pattern(99);
+        let mut at = 0;
+        while at < written {
+            let n = MIB.min(written - at) as usize;
+            f.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        f.sync_all()?;
+    }
+    let allocated = allocated(&full)?;
+    let mut cp = None;
+    if free_bytes(&env.dir)? > allocated + GIB {
+        let copy = env.path("copy.raw");
+        let mut times = Vec::new();
+        for _ in 0..samples {
+            let t = Instant::now();
+            sh(Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&full)
+                .arg(&copy))?;
+            fsync(&copy)?;
+            times.push(t.elapsed().as_secs_f64());
+            std::fs::remove_file(&copy)?;
+        }
+        cp = Some(times);
+    } else {
+        eprintln!("  no room for a full copy of {}", label(size));
+    }
+    std::fs::remove_file(&full)?;
+    Ok((cp, allocated))
 }
 
 // ------------------------------------------------ part 2: clones a second
@@ -928,6 +977,7 @@ fn main() -> Result<()> {
             .clone()
             .unwrap_or_else(|| format!("file://{}", dir.join("store").display())),
         dir,
+        runtime: runtime_dir()?,
         cairn: cairn_bin()?,
     };
     let before = machine_state();
@@ -1064,7 +1114,7 @@ fn main() -> Result<()> {
     ]);
     t2.print();
     println!(
-        "  sequential: first tenth p50 {} ms, last tenth p50 {} ms (the source's stack grows a frozen layer per clone); removes {:.0}/s",
+        "  sequential: first tenth p50 {} ms, last tenth p50 {} ms; removes {:.0}/s",
         ms(s["first_tenth_p50_s"].as_f64().unwrap_or(0.0)),
         ms(s["last_tenth_p50_s"].as_f64().unwrap_or(0.0)),
         s["remove_per_second"].as_f64().unwrap_or(0.0)

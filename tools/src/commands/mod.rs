@@ -162,10 +162,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 Some(d) => d,
                 None => daemon::default_state_dir()?,
             };
+            let socket_dir = args
+                .socket_dir
+                .unwrap_or_else(|| daemon::default_socket_dir(&socket));
             daemon::run(
                 &ctx,
                 daemon::DaemonConfig {
                     socket,
+                    socket_dir,
                     state_dir,
                     metrics_addr: args.metrics_addr,
                     kill_vmm: !args.no_kill_vmm,

@@ -33,6 +33,8 @@ use host::Host;
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub socket: PathBuf,
+    /// Where the sandboxes' disk and memory sockets go.
+    pub socket_dir: PathBuf,
     pub state_dir: PathBuf,
     pub metrics_addr: Option<SocketAddr>,
     /// Kill a VMM whose memory stops being served mid-resume.
@@ -54,6 +56,14 @@ pub fn default_socket() -> Result<PathBuf> {
     }
 }
 
+/// The sandboxes' sockets when no directory is given: beside the API's,
+/// in `SOCKET.d`.
+pub fn default_socket_dir(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".d");
+    PathBuf::from(name)
+}
+
 pub fn default_state_dir() -> Result<PathBuf> {
     match dirs::data_dir() {
         Some(d) => Ok(d.join("cairn").join("daemon")),
@@ -65,6 +75,7 @@ pub fn default_state_dir() -> Result<PathBuf> {
 struct Ready<'a> {
     ready: bool,
     socket: &'a Path,
+    socket_dir: &'a Path,
     state_dir: &'a Path,
     store: &'a str,
     recovered: usize,
@@ -125,7 +136,7 @@ pub fn run(ctx: &Context, cfg: DaemonConfig) -> Result<ExitCode> {
     };
     let host = Arc::new(Host::new(
         &cfg.state_dir,
-        &cfg.state_dir.join("run"),
+        &cfg.socket_dir,
         store,
         pages,
         cfg.upload_timeout,
@@ -152,6 +163,7 @@ pub fn run(ctx: &Context, cfg: DaemonConfig) -> Result<ExitCode> {
         let ready = Ready {
             ready: true,
             socket: &cfg.socket,
+            socket_dir: &cfg.socket_dir,
             state_dir: &cfg.state_dir,
             store: host.store().remote().uri(),
             recovered,
