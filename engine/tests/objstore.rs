@@ -245,3 +245,148 @@ fn a_multipart_upload_keeps_an_object_that_appeared_while_its_parts_went_up() {
         1
     );
 }
+
+/// Real 5xx answers through the whole client path (the server cannot be
+/// made to fail on demand, so the fault proxy answers them): a 500 or 503
+/// is retried and the read then succeeds; one that never stops is given
+/// up after the policy's attempts, each of them a request the server saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_up_to_the_policy_s_attempts() {
+    let failed = std::sync::Mutex::new(std::collections::HashMap::<String, u32>::new());
+    let proxy = FaultProxy::start(&common::s3_env().endpoint, move |r| {
+        if r.method != "GET" || !r.target.contains("/t/") {
+            return Answer::Forward;
+        }
+        let key = r.target.split('?').next().unwrap().to_owned();
+        let mut failed = failed.lock().unwrap();
+        let n = failed.entry(key.clone()).or_default();
+        *n += 1;
+        if key.ends_with("/t/twice") && *n <= 2 {
+            return Answer::Error {
+                status: 500,
+                code: "InternalError",
+                message: "We encountered an internal error. Please try again.",
+            };
+        }
+        if key.ends_with("/t/always") {
+            return Answer::Error {
+                status: 503,
+                code: "ServiceUnavailable",
+                message: "Please reduce your request rate.",
+            };
+        }
+        Answer::Forward
+    });
+    let (store, _) = common::fresh_s3_store_at(&proxy.endpoint, "five").await;
+    for key in ["t/twice", "t/always"] {
+        store
+            .put(key, Bytes::from_static(b"body"), PutMode::IfAbsent)
+            .await
+            .unwrap();
+    }
+    assert_eq!(&store.get("t/twice", None).await.unwrap()[..], b"body");
+    assert_eq!(
+        proxy.count(|r| r.starts_with("GET") && r.contains("/t/twice")),
+        3
+    );
+
+    let err = store.get("t/always", None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+    let attempts = common::fast_retries().max_attempts as usize;
+    assert_eq!(
+        proxy.count(|r| r.starts_with("GET") && r.contains("/t/always")),
+        attempts
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("server error")
+            && msg.contains("HTTP 503")
+            && msg.contains("t/always")
+            && msg.contains(&format!("gave up after {attempts} attempts")),
+        "{msg}"
+    );
+}
+
+/// A burst of 503 SlowDown answers (the fault proxy throttles the first
+/// requests of a burst of reads, as S3 does a hot prefix) cuts the
+/// store's concurrency once, not once per refusal; every read succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowdown_burst_cuts_concurrency_once_and_every_read_succeeds() {
+    let throttled = std::sync::atomic::AtomicUsize::new(0);
+    let proxy = FaultProxy::start(&common::s3_env().endpoint, move |r| {
+        if r.method == "GET"
+            && r.target.contains("/hot/")
+            && throttled.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 6
+        {
+            return Answer::Error {
+                status: 503,
+                code: "SlowDown",
+                message: "Please reduce your request rate.",
+            };
+        }
+        Answer::Forward
+    });
+    let env = common::s3_env();
+    let bucket = common::unique("t-slow");
+    let opts = common::s3_options(&proxy.endpoint, &bucket, &env.access_key, &env.secret_key);
+    let s3 = S3Store::connect(&opts).await;
+    s3.ensure_bucket().await.unwrap();
+    let store = Arc::new(Resilient::new(Arc::new(s3), common::fast_retries(), 16));
+    let before = store.limiter().limit();
+    for i in 0..16 {
+        store
+            .put(
+                &format!("hot/{i}"),
+                Bytes::from(vec![i as u8; 1000]),
+                PutMode::IfAbsent,
+            )
+            .await
+            .unwrap();
+    }
+    let reads: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.get(&format!("hot/{i}"), None).await })
+        })
+        .collect();
+    for (i, r) in reads.into_iter().enumerate() {
+        assert_eq!(r.await.unwrap().unwrap(), vec![i as u8; 1000]);
+    }
+    assert_eq!(store.limiter().throttle_events(), 1, "one cut per burst");
+    assert!(
+        store.limiter().limit() < before,
+        "{} after, {before} before",
+        store.limiter().limit()
+    );
+    assert_eq!(
+        proxy.count(|r| r.starts_with("GET") && r.contains("/hot/")),
+        16 + 6,
+        "each refused read tried again once it was refused"
+    );
+}
+
+/// A bucket that does not exist: "not found", naming the bucket's URI and
+/// saying what to check; not retried. Against moto, which answers
+/// `NoSuchBucket` as S3 does (s3s-fs answers a read in a missing bucket
+/// with `NoSuchKey`, which reads as a missing key: also not found).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_bucket_is_not_found_naming_it_and_is_not_retried() {
+    let proxy = FaultProxy::start(&common::moto_endpoint(), |_| Answer::Forward);
+    let bucket = common::unique("t-never-made");
+    let opts = common::s3_options(&proxy.endpoint, &bucket, "moto", "moto");
+    let store = Resilient::new(
+        Arc::new(S3Store::connect(&opts).await),
+        common::fast_retries(),
+        4,
+    );
+    let err = store.get("some/key", None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&bucket)
+            && msg.contains("HTTP 404, NoSuchBucket")
+            && msg.contains("the bucket does not exist"),
+        "{msg}"
+    );
+    assert_eq!(proxy.count(|r| r.starts_with("GET")), 1, "not retried");
+}
