@@ -114,10 +114,12 @@ impl Drop for Server {
     }
 }
 
-/// A vhost-user-blk client with one bounce buffer in shared memory.
+/// A vhost-user-blk client with one bounce buffer in shared memory; its
+/// requests go to queue `on` (0 unless changed).
 struct Client {
     _blkio: Blkio,
-    q: Blkioq,
+    qs: Vec<Blkioq>,
+    on: usize,
     region: MemoryRegion,
     capacity: u64,
     queues: i32,
@@ -139,14 +141,19 @@ impl Client {
         let queues = b.get_i32("num-queues").unwrap();
         let region = b.alloc_mem_region(4 * MIB).unwrap();
         b.map_mem_region(&region).unwrap();
-        let q = started.queues.remove(0);
         Client {
             _blkio: b,
-            q,
+            qs: std::mem::take(&mut started.queues),
+            on: 0,
             region,
             capacity,
             queues,
         }
+    }
+
+    /// The queue the next requests go to.
+    fn q(&mut self) -> &mut Blkioq {
+        &mut self.qs[self.on]
     }
 
     fn buf(&mut self, len: usize) -> &mut [u8] {
@@ -161,7 +168,7 @@ impl Client {
     /// Waits for the one request in flight; its return code.
     fn wait(&mut self) -> i32 {
         let mut done = [MaybeUninit::<Completion>::uninit()];
-        let n = self.q.do_io(&mut done, 1, None, None).unwrap();
+        let n = self.q().do_io(&mut done, 1, None, None).unwrap();
         assert_eq!(n, 1);
         // SAFETY: do_io initialised the first `n` (= 1) completions.
         unsafe { done[0].assume_init_read() }.ret
@@ -169,7 +176,7 @@ impl Client {
 
     fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
         let addr = self.buf(len).as_mut_ptr();
-        self.q.read(offset, addr, len, 0, ReqFlags::empty());
+        self.q().read(offset, addr, len, 0, ReqFlags::empty());
         match self.wait() {
             0 => Ok(self.buf(len).to_vec()),
             e => Err(e),
@@ -179,7 +186,8 @@ impl Client {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), i32> {
         self.buf(data.len()).copy_from_slice(data);
         let addr = self.buf(data.len()).as_ptr();
-        self.q.write(offset, addr, data.len(), 0, ReqFlags::empty());
+        self.q()
+            .write(offset, addr, data.len(), 0, ReqFlags::empty());
         ok(self.wait())
     }
 
@@ -195,23 +203,23 @@ impl Client {
                 iov_len: each,
             })
             .collect();
-        self.q
+        self.q()
             .writev(offset, iovecs.as_ptr(), pieces as u32, 0, ReqFlags::empty());
         ok(self.wait())
     }
 
     fn flush(&mut self) -> Result<(), i32> {
-        self.q.flush(0, ReqFlags::empty());
+        self.q().flush(0, ReqFlags::empty());
         ok(self.wait())
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), i32> {
-        self.q.write_zeroes(offset, len, 0, ReqFlags::empty());
+        self.q().write_zeroes(offset, len, 0, ReqFlags::empty());
         ok(self.wait())
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), i32> {
-        self.q.discard(offset, len, 0, ReqFlags::empty());
+        self.q().discard(offset, len, 0, ReqFlags::empty());
         ok(self.wait())
     }
 }
@@ -298,6 +306,65 @@ fn reads_match_the_image_and_flushed_writes_survive_sigterm_and_kill_9() {
     assert!(
         read_all(&mut c, env.image.len()) == model,
         "flushed writes survive kill -9"
+    );
+}
+
+/// Every queue of a 4-queue disk serves reads, writes and FLUSH; a FLUSH
+/// on one queue makes the writes completed on the others durable. The
+/// server is killed (kill -9) with the client still connected, so no
+/// disconnect flush runs: what survives was made durable by the FLUSH. A
+/// write after it, never flushed, reads after the restart as written or as
+/// the image, never as zeros.
+#[test]
+fn every_queue_serves_io_and_a_flush_on_one_covers_writes_on_the_others() {
+    let env = Env::new();
+    let mut server = env.serve(&["--queues", "4"]);
+    let mut c = Client::connect(&server.socket, 4);
+    assert_eq!(c.queues, 4);
+    assert_eq!(c.qs.len(), 4);
+    let mut model = env.image.clone();
+    for q in 0..4 {
+        c.on = q;
+        let off = (2 + 5 * q) * MIB + 4096;
+        let data = vec![0x40 + q as u8; 8192];
+        c.write(off as u64, &data).unwrap();
+        model[off..off + data.len()].copy_from_slice(&data);
+        // Read back on this queue and on the next one.
+        assert_eq!(c.read(off as u64, 8192).unwrap(), data);
+        c.on = (q + 1) % 4;
+        assert_eq!(c.read(off as u64, 8192).unwrap(), data);
+        c.on = q;
+        c.flush().unwrap();
+    }
+    // Written on queues 0..3, flushed on queue 3 alone.
+    for q in 0..3 {
+        c.on = q;
+        let off = (3 + 5 * q) * MIB;
+        let data = vec![0x50 + q as u8; 4096];
+        c.write(off as u64, &data).unwrap();
+        model[off..off + 4096].copy_from_slice(&data);
+    }
+    c.on = 3;
+    c.flush().unwrap();
+    // Completed, never flushed.
+    let unflushed = 20 * MIB;
+    c.on = 1;
+    c.write(unflushed as u64, &[0x66; 4096]).unwrap();
+    server.signal("-KILL");
+    drop(c);
+
+    let server = env.serve(&[]);
+    let mut c = Client::connect(&server.socket, 1);
+    let got = read_all(&mut c, env.image.len());
+    let after = &got[unflushed..unflushed + 4096];
+    assert!(
+        after == &env.image[unflushed..unflushed + 4096] || after == &[0x66; 4096][..],
+        "an unflushed write reads as written or as the image, never anything else"
+    );
+    model[unflushed..unflushed + 4096].copy_from_slice(after);
+    assert!(
+        got == model,
+        "a FLUSH on one queue covers writes on the others"
     );
 }
 
