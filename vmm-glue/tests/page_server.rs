@@ -162,7 +162,9 @@ fn layout() -> Vec<RegionSpec> {
             page_size: 2 * MIB,
         });
     } else {
-        eprintln!("note: no 2 MiB huge pages here (vm.nr_hugepages); huge-page region skipped");
+        VmmHarness::missing_prerequisite(
+            "no 2 MiB huge pages here (vm.nr_hugepages): the huge-page region",
+        );
         specs.push(RegionSpec {
             size: 8 * MIB,
             page_size: 4096,
@@ -822,7 +824,7 @@ fn a_working_set_whose_packs_are_lost_or_corrupt_is_served_from_the_snapshot() {
 #[test]
 fn huge_page_prefetch_installs_whole_pages_from_their_own_bytes() {
     if !VmmHarness::huge_pages_available(4) {
-        eprintln!("note: no 2 MiB huge pages here (vm.nr_hugepages); skipped");
+        VmmHarness::missing_prerequisite("no 2 MiB huge pages here (vm.nr_hugepages)");
         return;
     }
     let env = Env::file();

@@ -257,7 +257,9 @@ mod tests {
         vmm_child.wait().unwrap();
         assert!(vmm.has_exited());
         let Some(mut reused) = sleeper_with_pid(pid) else {
-            eprintln!("note: cannot make a process take pid {pid} here (not root?); skipped");
+            crate::uffd::harness::VmmHarness::missing_prerequisite(&format!(
+                "cannot make a process take pid {pid} here (not root?)"
+            ));
             return;
         };
         // The guard of a session whose VMM died and whose pid now names
