@@ -370,8 +370,25 @@ fn every_queue_serves_io_and_a_flush_on_one_covers_writes_on_the_others() {
 
 #[test]
 fn a_read_only_disk_refuses_writes() {
+    use common::raw_blk::{
+        RawBlk, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
     let env = Env::new();
     let server = env.serve(&["--read-only"]);
+    // A frontend that sends the write anyway (libblkio refuses it on the
+    // client side): the server itself refuses it, and writes nothing. A
+    // read on the same queue shows the frontend works.
+    {
+        let mut raw = RawBlk::connect(&server.socket);
+        let (status, data) = raw.request(VIRTIO_BLK_T_IN, 8, &[0; 4096]);
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        assert!(data == env.image[4096..8192]);
+        let (status, _) = raw.request(VIRTIO_BLK_T_OUT, 8, &[0xee; 4096]);
+        assert_eq!(status, VIRTIO_BLK_S_IOERR, "the server refused the write");
+        let (status, data) = raw.request(VIRTIO_BLK_T_IN, 8, &[0; 4096]);
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        assert!(data == env.image[4096..8192], "nothing was written");
+    }
     // The device says it is read-only: a read-write client is turned away.
     let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
     b.set_str("path", server.socket.to_str().unwrap()).unwrap();

@@ -11,6 +11,8 @@ pub mod daemon;
 pub mod private_s3;
 #[allow(dead_code)]
 pub mod qemu;
+#[allow(dead_code)]
+pub mod raw_blk;
 
 /// Runs `cmd` and returns its output; fails the test, with the command and
 /// what it printed, unless it succeeded.
