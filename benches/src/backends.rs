@@ -55,6 +55,25 @@ impl CairnStore<'_> {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// The bytes the store holds of image `name` (its distinct chunks'
+    /// frames, compressed; zero chunks are not stored).
+    pub fn stored_bytes(&self, name: &str) -> Result<u64> {
+        let out = self
+            .command()
+            .args(["--json", "image", "describe", name])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "describing {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        v["stored_bytes"]
+            .as_u64()
+            .with_context(|| format!("no stored_bytes in {v}"))
+    }
+
     /// Starts `cairn disk serve IMAGE` and waits until it is ready.
     pub fn serve(&self, image: &str, overlay: &Path, socket: &Path) -> Result<Backend> {
         let _ = std::fs::remove_file(socket);
