@@ -1,0 +1,208 @@
+//! Every benchmark binary run once at a tiny scale, so that none rots
+//! between the runs that record figures: each must finish and write what
+//! it writes. Nothing here looks at timings. They need what the test
+//! script provides: the S3 and moto servers, the guest fixtures, QEMU and
+//! qemu-storage-daemon.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// One bench at a time: they time things and start servers and guests.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs bench `exe` with `args`; it must succeed.
+fn run(exe: &str, args: &[&str]) -> String {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let out = Command::new(exe)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {exe}: {e}"));
+    assert!(
+        out.status.success(),
+        "{exe} {args:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(path: &Path) -> Value {
+    let text = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn arg(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn store_bench_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    // A small disk: random, repeated and zero stretches.
+    let mut rng = fastrand::Rng::with_seed(3);
+    let mut image = Vec::new();
+    for i in 0..12 {
+        match i % 3 {
+            0 => image.extend((0..1 << 20).map(|_| rng.u8(..))),
+            1 => image.extend((0..1 << 20).map(|j| b"cairn smoke "[j % 12])),
+            _ => image.extend(std::iter::repeat_n(0u8, 1 << 20)),
+        }
+    }
+    let raw = dir.path().join("image.raw");
+    std::fs::write(&raw, &image).unwrap();
+    let out = dir.path().join("store.json");
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    run(
+        env!("CARGO_BIN_EXE_store-bench"),
+        &[
+            "--image",
+            arg(&raw),
+            "--runs",
+            "1",
+            "--reads",
+            "20",
+            "--work",
+            arg(&work),
+            "--json-out",
+            arg(&out),
+        ],
+    );
+    assert!(json(&out).is_object());
+}
+
+#[test]
+fn catalog_bench_runs() {
+    let printed = run(
+        env!("CARGO_BIN_EXE_catalog-bench"),
+        &[
+            "--sizes",
+            "150",
+            "--page",
+            "20",
+            "--samples",
+            "5",
+            "--stores",
+            "file,s3",
+        ],
+    );
+    assert!(!printed.is_empty());
+}
+
+#[test]
+fn resume_bench_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("resume.json");
+    run(
+        env!("CARGO_BIN_EXE_resume-bench"),
+        &[
+            "--size-mib",
+            "16",
+            "--rounds",
+            "1",
+            "--sweep-kib",
+            "4",
+            "--sweep-workers",
+            "1",
+            "--s3",
+            "--work",
+            arg(&dir.path().join("work")),
+            "--json-out",
+            arg(&out),
+            "--plot",
+            arg(&dir.path().join("resume.svg")),
+        ],
+    );
+    assert!(json(&out).is_object());
+}
+
+#[test]
+fn disk_bench_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("disk.json");
+    run(
+        env!("CARGO_BIN_EXE_disk-bench"),
+        &[
+            "--image-mib",
+            "16",
+            "--sparse-gib",
+            "1",
+            "--seconds",
+            "0.2",
+            "--rounds",
+            "1",
+            "--work",
+            arg(dir.path()),
+            "--json-out",
+            arg(&out),
+        ],
+    );
+    assert!(json(&out).is_object());
+}
+
+#[test]
+fn sqlite_bench_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sqlite.json");
+    run(
+        env!("CARGO_BIN_EXE_sqlite-bench"),
+        &[
+            "--modes",
+            "default",
+            "--ways",
+            "cairn-cold,qsd",
+            "--repeat",
+            "1",
+            "--scale",
+            "0.01",
+            "--work",
+            arg(&dir.path().join("work")),
+            "--json-out",
+            arg(&out),
+            "--plot-dir",
+            arg(dir.path()),
+        ],
+    );
+    assert!(json(&out).is_object());
+}
+
+#[test]
+fn sandbox_bench_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sandbox.json");
+    run(
+        env!("CARGO_BIN_EXE_sandbox-bench"),
+        &[
+            "--sizes",
+            "64M",
+            "--written",
+            "1M",
+            "--samples",
+            "2",
+            "--copy-samples",
+            "1",
+            "--fork-batch",
+            "2",
+            "--clones",
+            "20",
+            "--clients",
+            "2",
+            "--rate-size",
+            "64M",
+            "--rounds",
+            "1",
+            "--suspend-written",
+            "0",
+            "--suspend-rounds",
+            "1",
+            "--work",
+            arg(&dir.path().join("work")),
+            "--json-out",
+            arg(&out),
+        ],
+    );
+    assert!(json(&out)["rate"].is_object());
+}
