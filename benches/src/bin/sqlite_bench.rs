@@ -204,7 +204,9 @@ impl Bench {
         })
     }
 
-    /// A fresh copy of the root filesystem image.
+    /// A fresh copy of the root filesystem image, synced: otherwise the
+    /// copy's dirty pages would be written back under the guest's first
+    /// FLUSH, a cost no baseline disk has.
     fn fresh_raw(&self) -> Result<PathBuf> {
         let raw = self.work.join("disk.raw");
         let _ = std::fs::remove_file(&raw);
@@ -212,6 +214,9 @@ impl Bench {
             .arg("--sparse=always")
             .arg(&self.rootfs)
             .arg(&raw))?;
+        std::fs::File::open(&raw)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", raw.display()))?;
         Ok(raw)
     }
 
@@ -533,7 +538,10 @@ fn main() -> Result<()> {
     let mut samples: Vec<Sample> = Vec::new();
     for rep in 0..a.repeat {
         for mode in &a.modes {
-            for &way in &a.ways {
+            // The ways' order rotates with every repetition, so that no way
+            // always runs first (cold machine) or after a given other one.
+            let n = a.ways.len();
+            for way in (0..n).map(|k| a.ways[(k + rep) % n]) {
                 let t = Instant::now();
                 let Outcome {
                     report,
