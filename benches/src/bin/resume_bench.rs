@@ -107,7 +107,13 @@ struct Run {
     seconds: f64,
     touch_p50_us: f64,
     touch_p99_us: f64,
+    /// The process's page faults (getrusage) for the mmap baselines, the
+    /// faults the 4 KiB handler answered, or the page server's faults
+    /// its loop answered.
     faults: u64,
+    /// A page server's faults on working-set pages parked until its
+    /// prefetcher had installed them (the guest waited on them too).
+    faults_waited: Option<u64>,
     server_p50_us: Option<f64>,
     server_p99_us: Option<f64>,
     first_fault_us: Option<f64>,
@@ -385,6 +391,7 @@ fn run_cairn(
         eprintln!("warning: {name}: prefetch stopped early: {why}");
     }
     run.faults = r["faults"].as_u64().unwrap_or(0);
+    run.faults_waited = r["faults_waited_for_prefetch"].as_u64();
     run.server_p50_us = r["fault_p50_us"].as_f64();
     run.server_p99_us = r["fault_p99_us"].as_f64();
     run.first_fault_us = r["first_fault_us"].as_f64();
@@ -598,7 +605,7 @@ fn main() -> Result<()> {
         "backend",
         "handshake to WS touched s, median",
         "min-max s",
-        "faults",
+        "guest faults",
         "touch p50 us",
         "touch p99 us",
         "fault p50 us",
@@ -618,7 +625,10 @@ fn main() -> Result<()> {
             r.name.clone(),
             format!("{:.3}", s.median),
             format!("{:.3}-{:.3}", s.min, s.max),
-            r.faults.to_string(),
+            match r.faults_waited {
+                Some(w) => format!("{} ({} + {w} waited)", r.faults + w, r.faults),
+                None => r.faults.to_string(),
+            },
             format!("{:.1}", r.touch_p50_us),
             format!("{:.1}", r.touch_p99_us),
             opt(r.server_p50_us),
@@ -634,6 +644,11 @@ fn main() -> Result<()> {
         ]);
     }
     t.print();
+    println!(
+        "  guest faults: for the mmap rows, the process's page faults (getrusage); for the \
+         4 KiB handler, the faults it answered; for a page server, every userfaultfd fault: \
+         those its loop answered plus those parked until the prefetcher installed the page"
+    );
     let by = |name: &str| {
         summaries
             .iter()
@@ -689,7 +704,7 @@ fn main() -> Result<()> {
     plot(&median_runs, w.pages, &args.plot)?;
     println!("  plot (median runs): {}", args.plot.display());
     let run_json = |r: &Run| {
-        json!({"seconds": r.seconds, "faults": r.faults,
+        json!({"seconds": r.seconds, "faults": r.faults, "faults_waited_for_prefetch": r.faults_waited,
             "touch_p50_us": r.touch_p50_us, "touch_p99_us": r.touch_p99_us, "fault_p50_us": r.server_p50_us,
             "fault_p99_us": r.server_p99_us, "first_fault_us": r.first_fault_us, "handshake_us": r.handshake_us,
             "server_rss_anon_kib": r.server_rss_anon_kib, "server_hwm_kib": r.server_hwm_kib, "server_cpu_ms": r.server_cpu_ms,
