@@ -21,6 +21,25 @@ pub struct Backend {
 }
 
 /// How `cairn` reaches its store and cache.
+/// How a qemu-storage-daemon baseline is set up: as it comes, or tuned as
+/// a user would (an iothread, and io_uring, or Linux AIO with O_DIRECT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QsdTuning {
+    Default,
+    IoUring,
+    NativeDirect,
+}
+
+impl QsdTuning {
+    pub fn label(self) -> &'static str {
+        match self {
+            QsdTuning::Default => "qsd default",
+            QsdTuning::IoUring => "qsd io_uring+iothread",
+            QsdTuning::NativeDirect => "qsd native+O_DIRECT+iothread",
+        }
+    }
+}
+
 pub struct CairnStore<'a> {
     pub bin: &'a Path,
     pub store: &'a str,
@@ -105,17 +124,36 @@ impl Backend {
     /// Starts `qemu-storage-daemon` exporting the raw file `raw` (writable,
     /// through the page cache, one queue) and waits for its socket.
     pub fn qemu_storage_daemon(raw: &Path, socket: &Path) -> Result<Backend> {
+        Backend::qemu_storage_daemon_tuned(raw, socket, QsdTuning::Default)
+    }
+
+    /// qemu-storage-daemon exporting `raw` as tuned by `tuning`.
+    pub fn qemu_storage_daemon_tuned(
+        raw: &Path,
+        socket: &Path,
+        tuning: QsdTuning,
+    ) -> Result<Backend> {
         let _ = std::fs::remove_file(socket);
-        let child = Command::new("qemu-storage-daemon")
+        let (file_opts, iothread) = match tuning {
+            QsdTuning::Default => ("", false),
+            QsdTuning::IoUring => (",aio=io_uring", true),
+            QsdTuning::NativeDirect => (",aio=native,cache.direct=on", true),
+        };
+        let mut cmd = Command::new("qemu-storage-daemon");
+        if iothread {
+            cmd.args(["--object", "iothread,id=io0"]);
+        }
+        let child = cmd
             .arg("--blockdev")
             .arg(format!(
-                "driver=file,node-name=f0,filename={}",
+                "driver=file,node-name=f0,filename={}{file_opts}",
                 raw.display()
             ))
             .args(["--blockdev", "driver=raw,node-name=d0,file=f0", "--export"])
             .arg(format!(
-                "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
-                socket.display()
+                "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1{}",
+                socket.display(),
+                if iothread { ",iothread=io0" } else { "" }
             ))
             .stdout(Stdio::null())
             .spawn()

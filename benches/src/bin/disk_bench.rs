@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use cairn_benches::backends::{Backend, CairnStore, Rss, RssSampler};
+use cairn_benches::backends::{Backend, CairnStore, QsdTuning, Rss, RssSampler};
 use cairn_benches::blk_client::{Client, Job, JobStats};
 use cairn_benches::guest::{boot, Boot};
 use cairn_benches::{cairn_bin, median, quantile, warm_page_cache, Table};
@@ -159,12 +159,30 @@ fn bench_io(args: &Args, bin: &Path, work: &Path, run_jobs: bool) -> Result<Valu
     let fill_s = t.elapsed().as_secs_f64();
     check_bytes(&mut c, &raw, "cairn")?;
 
-    let qsd_raw = work.join("qsd.raw");
-    std::fs::copy(&raw, &qsd_raw)?;
-    warm_page_cache(&qsd_raw)?;
-    let qsd = Backend::qemu_storage_daemon(&qsd_raw, &work.join("qsd.sock"))?;
-    let mut q = Client::connect(&qsd.socket)?;
-    check_bytes(&mut q, &raw, "qemu-storage-daemon")?;
+    // The baseline as it comes and tuned as a user would; each on its own
+    // copy of the image (qemu-storage-daemon locks its file).
+    let mut baselines = Vec::new();
+    for (i, tuning) in [
+        QsdTuning::Default,
+        QsdTuning::IoUring,
+        QsdTuning::NativeDirect,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let qsd_raw = work.join(format!("qsd-{i}.raw"));
+        std::fs::copy(&raw, &qsd_raw)?;
+        std::fs::File::open(&qsd_raw)?.sync_all()?;
+        warm_page_cache(&qsd_raw)?;
+        let qsd = Backend::qemu_storage_daemon_tuned(
+            &qsd_raw,
+            &work.join(format!("qsd-{i}.sock")),
+            tuning,
+        )?;
+        let mut q = Client::connect(&qsd.socket)?;
+        check_bytes(&mut q, &raw, tuning.label())?;
+        baselines.push((tuning, qsd, q));
+    }
     println!(
         "  warmed cairn's cache: {} MiB from the file:// store in {fill_s:.2} s",
         args.image_mib
@@ -194,67 +212,90 @@ fn bench_io(args: &Args, bin: &Path, work: &Path, run_jobs: bool) -> Result<Valu
         let mut table = Table::new(&[
             "job",
             "cairn IOPS",
-            "qsd IOPS",
-            "IOPS ratio",
+            "qsd default IOPS",
+            "best qsd IOPS",
+            "best qsd",
+            "vs default",
+            "vs best",
             "cairn p50 µs",
-            "qsd p50 µs",
-            "p50 ratio",
+            "best qsd p50 µs",
             "cairn p99 µs",
-            "qsd p99 µs",
+            "best qsd p99 µs",
         ]);
         let chosen = jobs.into_iter().filter(|(name, _)| {
             args.jobs.is_empty() || args.jobs.iter().any(|w| name.contains(w.as_str()))
         });
         for (name, job) in chosen {
-            let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+            // Runs by backend: cairn first, then each baseline.
+            let n = 1 + baselines.len();
+            let mut runs: Vec<Vec<JobStats>> = (0..n).map(|_| Vec::new()).collect();
             for round in 0..args.rounds {
-                // Alternate who goes first, so drift hits both alike.
-                if round % 2 == 0 {
-                    mine.push(c.run(job, args.seconds)?);
-                    theirs.push(q.run(job, args.seconds)?);
-                } else {
-                    theirs.push(q.run(job, args.seconds)?);
-                    mine.push(c.run(job, args.seconds)?);
+                // The order rotates every round, so drift hits all alike.
+                for k in 0..n {
+                    let b = (k + round) % n;
+                    let client = match b {
+                        0 => &mut c,
+                        _ => &mut baselines[b - 1].2,
+                    };
+                    runs[b].push(client.run(job, args.seconds)?);
                 }
             }
+            let sums: Vec<Summary> = runs.iter().map(|r| summarize(r)).collect();
             if args.verbose {
-                for (round, (m, t)) in mine.iter().zip(&theirs).enumerate() {
-                    println!(
-                        "  {name} round {round}: cairn {:.0} IOPS (p50 {:.0} µs, p99 {:.0} µs), qsd {:.0} IOPS (p50 {:.0} µs, p99 {:.0} µs)",
-                        m.iops(),
-                        quantile(m.lat_us.clone(), 0.5),
-                        quantile(m.lat_us.clone(), 0.99),
-                        t.iops(),
-                        quantile(t.lat_us.clone(), 0.5),
-                        quantile(t.lat_us.clone(), 0.99)
-                    );
+                for (b, r) in runs.iter().enumerate() {
+                    let who = if b == 0 {
+                        "cairn"
+                    } else {
+                        baselines[b - 1].0.label()
+                    };
+                    for (round, m) in r.iter().enumerate() {
+                        println!(
+                            "  {name} round {round}: {who} {:.0} IOPS (p50 {:.0} µs, p99 {:.0} µs)",
+                            m.iops(),
+                            quantile(m.lat_us.clone(), 0.5),
+                            quantile(m.lat_us.clone(), 0.99)
+                        );
+                    }
                 }
             }
-            let (a, b) = (summarize(&mine), summarize(&theirs));
+            let best = (1..n)
+                .max_by(|&x, &y| sums[x].iops.total_cmp(&sums[y].iops))
+                .expect("baselines");
+            let (a, d, b) = (&sums[0], &sums[1], &sums[best]);
             table.row(vec![
                 name.into(),
                 format!("{:.0}", a.iops),
+                format!("{:.0}", d.iops),
                 format!("{:.0}", b.iops),
+                baselines[best - 1].0.label().into(),
+                format!("{:.2}x", a.iops / d.iops),
                 format!("{:.2}x", a.iops / b.iops),
                 format!("{:.0}", a.p50_us),
                 format!("{:.0}", b.p50_us),
-                format!("{:.2}x", a.p50_us / b.p50_us),
                 format!("{:.0}", a.p99_us),
                 format!("{:.0}", b.p99_us),
             ]);
+            let baseline_json: serde_json::Map<String, Value> = (1..n)
+                .map(|i| (baselines[i - 1].0.label().to_owned(), json!(sums[i])))
+                .collect();
             out.push(json!({
                 "job": name,
                 "cairn": a,
-                "qemu_storage_daemon": b,
-                "iops_ratio": a.iops / b.iops,
-                "p50_ratio": a.p50_us / b.p50_us,
+                "qemu_storage_daemon": d,
+                "baselines": baseline_json,
+                "best_baseline": baselines[best - 1].0.label(),
+                "iops_ratio": a.iops / d.iops,
+                "iops_ratio_vs_best": a.iops / b.iops,
+                "p50_ratio": a.p50_us / d.p50_us,
+                "p50_ratio_vs_best": a.p50_us / b.p50_us,
             }));
         }
-        println!("\nvhost-user-blk, libblkio client (IOPS and p50 are medians over rounds):");
+        println!(
+            "\nvhost-user-blk, libblkio client (IOPS and p50 are medians over rounds; ratios are cairn's IOPS over the baseline's; best qsd is the qemu-storage-daemon setup with the most IOPS on that job):"
+        );
         table.print();
     }
-    drop(q);
-    drop(qsd);
+    drop(baselines);
     drop(c);
     let mem = rss.finish();
     let stopped = server.stop()?.unwrap_or_default();
