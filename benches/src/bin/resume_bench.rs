@@ -108,7 +108,7 @@ fn changed_workload(w: &Workload, size: u64, seed: u64) -> Workload {
     let total = size / PAGE;
     let mut pages: Vec<(u64, bool)> = w.per_thread.iter().flatten().copied().collect();
     let mut taken: std::collections::HashSet<u64> = pages.iter().map(|p| p.0 / PAGE).collect();
-    for i in 0..pages.len() {
+    for page in pages.iter_mut() {
         if rng.u8(..5) == 0 {
             let fresh = loop {
                 let p = rng.u64(0..total);
@@ -116,7 +116,7 @@ fn changed_workload(w: &Workload, size: u64, seed: u64) -> Workload {
                     break p;
                 }
             };
-            pages[i].0 = fresh * PAGE;
+            page.0 = fresh * PAGE;
         }
     }
     let mut extents: Vec<Vec<(u64, bool)>> = pages.chunks(16).map(<[_]>::to_vec).collect();
