@@ -372,10 +372,19 @@ mod tests {
         bytes[n - 4..].copy_from_slice(&crc.to_le_bytes());
         let err = Manifest::decode(&bytes).unwrap_err();
         assert!(matches!(err, ManifestError::Inconsistent(_)), "{err}");
+        // It names the fields that disagree, with their values.
+        let msg = err.to_string();
+        assert!(
+            msg.contains("chunks cannot make a disk of 104857600 bytes")
+                && msg.contains("bytes a chunk"),
+            "{msg}"
+        );
 
         let mut bytes = sample().encode();
         bytes[30] ^= 1;
-        assert!(matches!(Manifest::decode(&bytes), Err(ManifestError::Crc)));
+        let err = Manifest::decode(&bytes).unwrap_err();
+        assert!(matches!(err, ManifestError::Crc), "{err}");
+        assert!(err.to_string().contains("CRC"), "{err}");
         assert!(Manifest::decode_verified(&sample().encode(), ManifestId::of(b"x")).is_err());
     }
 
