@@ -128,6 +128,8 @@ fn disk_bench_runs() {
         &[
             "--image-mib",
             "16",
+            "--beyond-mapped-mib",
+            "24",
             "--sparse-gib",
             "1",
             "--seconds",
