@@ -14,7 +14,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use cairn_benches::backends::{Backend, CairnStore, QsdTuning, Rss, RssSampler};
@@ -50,6 +50,12 @@ struct Args {
     /// The guest fixture (fixtures/build-guest.sh prints its directory).
     #[arg(long, env = "CAIRN_GUEST_DIR", default_value = "fixtures/out/guest")]
     guest: PathBuf,
+    /// A distribution's root file system for the laziness measurement:
+    /// booted cold from the S3 server to a login shell, the share of its
+    /// stored bytes read (fixtures/build-rootfs-image.sh builds it;
+    /// skipped, with a note, if it is not there).
+    #[arg(long, default_value = "fixtures/out/debian-rootfs.ext4")]
+    debian_image: PathBuf,
     /// The S3 endpoint for the cold boot (tools/dev/s3-server.sh sets it).
     #[arg(long, env = "CAIRN_TEST_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
@@ -378,6 +384,70 @@ fn summarize(runs: &[JobStats]) -> Summary {
     }
 }
 
+/// Laziness where it matters: a Debian 12 root file system (not a test
+/// guest that reads most of itself) imported into a fresh bucket, served
+/// cold (an empty cache: every byte from the S3 server) and booted to a
+/// login shell; the share of its stored bytes the boot fetched.
+fn debian_boot(
+    args: &Args,
+    bin: &Path,
+    work: &Path,
+    endpoint: &str,
+    socket: &Path,
+) -> Result<Value> {
+    let store = format!(
+        "s3://bench-debian-{:08x}/d?endpoint={endpoint}",
+        fastrand::u32(..)
+    );
+    let import_cache = work.join("debian-import-cache");
+    let importer = CairnStore {
+        bin,
+        store: &store,
+        cache_dir: &import_cache,
+        cache_size: "2G",
+    };
+    importer.import(&args.debian_image, "debian")?;
+    let stored = importer.stored_bytes("debian")?;
+    let logical = std::fs::metadata(&args.debian_image)?.len();
+    let cold_cache = work.join("debian-cold-cache");
+    let cairn = CairnStore {
+        bin,
+        store: &store,
+        cache_dir: &cold_cache,
+        cache_size: "2G",
+    };
+    let server = cairn.serve("debian", &work.join("debian-overlay"), socket)?;
+    let launch = cairn_benches::guest::Launch {
+        guest_dir: &args.guest,
+        disk: cairn_benches::guest::Disk::VhostUser(socket),
+        memory_mib: 512,
+        append: "cairn.shell".into(),
+        timeout: Duration::from_secs(300),
+    };
+    let console = cairn_benches::guest::run(&launch)?;
+    let stopped = server.stop()?.unwrap_or_default();
+    let fetched = stopped["remote_bytes"].as_u64().unwrap_or(0);
+    let share = fetched as f64 / stored as f64;
+    println!(
+        "\nDebian 12 root file system ({}: {} MiB logical, {:.1} MiB stored), cold from the S3 server to a login shell: {:.2} s to the shell, fetched {:.1} MiB = {:.1}% of its stored bytes (target at most 10%: {})",
+        args.debian_image.display(),
+        logical / MIB,
+        stored as f64 / MIB as f64,
+        console.boot.to_init_s,
+        fetched as f64 / MIB as f64,
+        share * 100.0,
+        if share <= 0.10 { "met" } else { "missed" }
+    );
+    Ok(json!({
+        "image": args.debian_image,
+        "logical_bytes": logical,
+        "stored_bytes": stored,
+        "fetched_bytes": fetched,
+        "fetched_fraction_of_stored": share,
+        "to_shell_s": console.boot.to_init_s,
+    }))
+}
+
 /// Memory serving a sparse image: random reads over all of it, every data
 /// stretch read, writes scattered over all of it.
 fn bench_sparse(args: &Args, bin: &Path, work: &Path) -> Result<Value> {
@@ -556,6 +626,17 @@ fn bench_boot(args: &Args, bin: &Path, work: &Path) -> Result<Value> {
         image / MIB
     );
     table.print();
+    if args.debian_image.exists() {
+        out.insert(
+            "debian".into(),
+            debian_boot(args, bin, work, endpoint, &socket)?,
+        );
+    } else {
+        println!(
+            "  (the Debian boot is skipped: no {}; fixtures/build-rootfs-image.sh builds it)",
+            args.debian_image.display()
+        );
+    }
     out.insert("fetched_bytes".into(), json!(bytes));
     out.insert("stored_bytes".into(), json!(stored));
     out.insert("logical_bytes".into(), json!(image));
