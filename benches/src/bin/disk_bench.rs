@@ -411,10 +411,8 @@ fn debian_boot(
     let logical = std::fs::metadata(&args.debian_image)?.len();
     let cold_cache = work.join("debian-cold-cache");
     let cairn = CairnStore {
-        bin,
-        store: &store,
         cache_dir: &cold_cache,
-        cache_size: "2G",
+        ..importer
     };
     let server = cairn.serve("debian", &work.join("debian-overlay"), socket)?;
     let launch = cairn_benches::guest::Launch {

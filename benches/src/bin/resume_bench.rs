@@ -574,14 +574,9 @@ fn main() -> Result<()> {
         Backend::Handler4k,
         Backend::cairn(DEMAND, &["--no-prefetch"]),
         Backend::cairn(PREFETCH, &[]),
-        Backend::cairn_cold_pages(DEMAND_COLD, &["--no-prefetch"]),
-        Backend::cairn_cold_pages(PREFETCH_COLD, &[]),
-        Backend::Cairn {
-            name: PREFETCH_CHANGED.into(),
-            extra: Vec::new(),
-            cold_pages: false,
-            changed: true,
-        },
+        Backend::cairn_with(DEMAND_COLD, &["--no-prefetch"], true, false),
+        Backend::cairn_with(PREFETCH_COLD, &[], true, false),
+        Backend::cairn_with(PREFETCH_CHANGED, &[], false, true),
     ];
     for kib in &args.sweep_kib {
         let name = format!("(c) cairn on demand, {kib} KiB runs, warm cache");
@@ -849,20 +844,15 @@ enum Backend {
 
 impl Backend {
     fn cairn(name: &str, extra: &[&str]) -> Backend {
-        Backend::Cairn {
-            name: name.to_owned(),
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-            cold_pages: false,
-            changed: false,
-        }
+        Backend::cairn_with(name, extra, false, false)
     }
 
-    fn cairn_cold_pages(name: &str, extra: &[&str]) -> Backend {
+    fn cairn_with(name: &str, extra: &[&str], cold_pages: bool, changed: bool) -> Backend {
         Backend::Cairn {
             name: name.to_owned(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-            cold_pages: true,
-            changed: false,
+            cold_pages,
+            changed,
         }
     }
 }
