@@ -101,30 +101,36 @@ fn workload(size: u64, percent: u64, threads: usize, seed: u64) -> Workload {
 }
 
 /// The honest case for record-and-prefetch: the guest's working set on
-/// this resume is not the recorded one. Another order (extents of 16
-/// pages shuffled), and a fifth of the pages replaced by others.
+/// this resume is not the recorded one. Its pages in runs of 16, the runs
+/// in another order, and a fifth of them replaced by runs elsewhere (a
+/// guest that touches other data, with the locality data has).
 fn changed_workload(w: &Workload, size: u64, seed: u64) -> Workload {
     let mut rng = fastrand::Rng::with_seed(seed);
     let total = size / PAGE;
-    let mut pages: Vec<(u64, bool)> = w.per_thread.iter().flatten().copied().collect();
+    let pages: Vec<(u64, bool)> = w.per_thread.iter().flatten().copied().collect();
     let mut taken: std::collections::HashSet<u64> = pages.iter().map(|p| p.0 / PAGE).collect();
-    for page in pages.iter_mut() {
-        if rng.u8(..5) == 0 {
-            let fresh = loop {
-                let p = rng.u64(0..total);
-                if taken.insert(p) {
-                    break p;
-                }
-            };
-            page.0 = fresh * PAGE;
+    let mut runs: Vec<Vec<(u64, bool)>> = pages.chunks(16).map(<[_]>::to_vec).collect();
+    for run in runs.iter_mut() {
+        if rng.u8(..5) != 0 {
+            continue;
+        }
+        let len = run.len() as u64;
+        let start = loop {
+            let start = rng.u64(0..total - len);
+            if (start..start + len).all(|p| !taken.contains(&p)) {
+                break start;
+            }
+        };
+        taken.extend(start..start + len);
+        for (i, page) in run.iter_mut().enumerate() {
+            page.0 = (start + i as u64) * PAGE;
         }
     }
-    let mut extents: Vec<Vec<(u64, bool)>> = pages.chunks(16).map(<[_]>::to_vec).collect();
-    rng.shuffle(&mut extents);
+    rng.shuffle(&mut runs);
     let threads = w.per_thread.len();
     let mut per_thread = vec![Vec::new(); threads];
-    for (i, e) in extents.into_iter().enumerate() {
-        per_thread[i % threads].extend(e);
+    for (i, run) in runs.into_iter().enumerate() {
+        per_thread[i % threads].extend(run);
     }
     Workload {
         per_thread,
