@@ -301,12 +301,56 @@ fn run_mmap(file: &Path, size: u64, w: &Workload, cold: bool) -> Result<Run> {
 }
 
 /// (b): a handler thread copying one 4 KiB page per fault from the file's
-/// mapping (page cache warm), the shape of Firecracker's example handler.
+/// mapping (in the page cache).
 fn run_4k_handler(file: &Path, size: u64, w: &Workload) -> Result<Run> {
-    use userfaultfd::{Event, UffdBuilder};
     warm_page_cache(file)?;
     let f = File::open(file)?;
     let src = map_private(Some(&f), size, libc::PROT_READ)?;
+    let run = run_handler(size, w, HANDLER, PAGE, |at, buf| {
+        // SAFETY: `src` maps `size` bytes of the file, read-only, for as
+        // long as this runs; `at + buf.len()` stays within it.
+        let from =
+            unsafe { std::slice::from_raw_parts((src + at as usize) as *const u8, buf.len()) };
+        buf.copy_from_slice(from);
+        Ok(())
+    });
+    // SAFETY: unmapping what we mapped above.
+    unsafe { libc::munmap(src as *mut _, size as usize) };
+    run
+}
+
+/// (e): the baseline for a resume from the remote tier alone: the raw
+/// memory file as one object, each fault answered with a ranged GET of its
+/// aligned `run` bytes (cairn's fault size) and one UFFDIO_COPY.
+fn run_ranged_get_handler(
+    rt: &tokio::runtime::Runtime,
+    store: &dyn cairn_engine::objstore::ObjectStore,
+    key: &str,
+    size: u64,
+    w: &Workload,
+    run: u64,
+) -> Result<Run> {
+    run_handler(size, w, RANGED_GET, run, |at, buf| {
+        let bytes = rt
+            .block_on(store.get(key, Some(at..at + buf.len() as u64)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(bytes.len() == buf.len(), "short ranged GET at {at}");
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    })
+}
+
+/// A userfaultfd handler thread serving guest memory of `size` bytes in
+/// aligned runs of `run` bytes, each filled by `fetch(offset, buf)` when
+/// its first page faults, while the workload touches it.
+fn run_handler(
+    size: u64,
+    w: &Workload,
+    name: &str,
+    run: u64,
+    fetch: impl Fn(u64, &mut [u8]) -> Result<()> + Sync,
+) -> Result<Run> {
+    use userfaultfd::{Event, UffdBuilder};
     let guest = map_private(None, size, libc::PROT_READ | libc::PROT_WRITE)?;
     let uffd = UffdBuilder::new()
         .close_on_exec(true)
@@ -319,51 +363,68 @@ fn run_4k_handler(file: &Path, size: u64, w: &Workload) -> Result<Run> {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let mut server = Histogram::default();
     let mut faults = 0u64;
-    let run = std::thread::scope(|s| {
+    let mut failed = None;
+    let touched = std::thread::scope(|s| {
         let handler = s.spawn(|| {
             use rustix::event::{poll, PollFd, PollFlags};
+            let mut installed = vec![false; size.div_ceil(run) as usize];
+            let mut buf = vec![0u8; run as usize];
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let mut fds = [PollFd::new(&uffd, PollFlags::IN)];
-                let zero_ms = rustix::event::Timespec {
+                let ten_ms = rustix::event::Timespec {
                     tv_sec: 0,
                     tv_nsec: 10_000_000,
                 };
-                if poll(&mut fds, Some(&zero_ms)).unwrap_or(0) == 0 {
+                if poll(&mut fds, Some(&ten_ms)).unwrap_or(0) == 0 {
                     continue;
                 }
-                if let Ok(Some(Event::Pagefault { addr, .. })) = uffd.read_event() {
-                    let t = Instant::now();
-                    let page = (addr as usize) & !(PAGE as usize - 1);
-                    // SAFETY: copies one page of the file's mapping into
-                    // the registered guest page that faulted.
-                    let _ = unsafe {
-                        uffd.copy(
-                            (src + page - guest) as *const _,
-                            page as *mut _,
-                            PAGE as usize,
-                            true,
-                        )
-                    };
-                    server.record(t.elapsed());
-                    faults += 1;
+                let Ok(Some(Event::Pagefault { addr, .. })) = uffd.read_event() else {
+                    continue;
+                };
+                let t = Instant::now();
+                let at = (addr as u64 - guest as u64) / run * run;
+                let len = run.min(size - at) as usize;
+                let slot = (at / run) as usize;
+                if installed[slot] {
+                    // Another thread's fault on the run already answered.
+                    let _ = uffd.wake((guest + at as usize) as *mut _, len);
+                    continue;
                 }
+                if let Err(e) = fetch(at, &mut buf[..len]) {
+                    // Answered with zeros so the workload ends; the run fails.
+                    failed.get_or_insert(e);
+                    buf[..len].fill(0);
+                }
+                // SAFETY: copies `len` bytes of `buf` into the registered
+                // guest run at `at`, none of whose pages is present yet.
+                let _ = unsafe {
+                    uffd.copy(
+                        buf.as_ptr() as *const _,
+                        (guest + at as usize) as *mut _,
+                        len,
+                        true,
+                    )
+                };
+                installed[slot] = true;
+                server.record(t.elapsed());
+                faults += 1;
             }
         });
-        let run = touch(guest, w, "(b) 4 KiB-per-fault handler");
+        let touched = touch(guest, w, name);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         handler.join().unwrap();
-        run
+        touched
     });
     // SAFETY: unmapping what we mapped above.
-    unsafe {
-        libc::munmap(guest as *mut _, size as usize);
-        libc::munmap(src as *mut _, size as usize);
+    unsafe { libc::munmap(guest as *mut _, size as usize) };
+    if let Some(e) = failed {
+        return Err(e.context(format!("{name}: a fault could not be answered")));
     }
     Ok(Run {
         faults,
         server_p50_us: Some(server.quantile_us(0.5)),
         server_p99_us: Some(server.quantile_us(0.99)),
-        ..run
+        ..touched
     })
 }
 
@@ -663,6 +724,24 @@ fn main() -> Result<()> {
             "(d) cairn recorded prefetch, S3 only (1 sample)",
             &[],
         )?);
+        // The same guest pages as ranged GETs of the raw memory file, one
+        // object in the same bucket: what the remote tier alone gives
+        // without cairn's chunks, frames, cache and prefetch.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let uri: cairn_engine::objstore::StoreUri = s3.parse()?;
+        let store = rt.block_on(cairn_engine::objstore::open_store(&uri))?;
+        rt.block_on(store.put_file("raw/memory", &file))?;
+        s3_runs.push(run_ranged_get_handler(
+            &rt,
+            store.as_ref(),
+            "raw/memory",
+            size,
+            &w,
+            64 << 10,
+        )?);
     }
 
     println!(
@@ -718,7 +797,7 @@ fn main() -> Result<()> {
     t.print();
     println!(
         "  guest faults: for the mmap rows, the process's page faults (getrusage); for the \
-         4 KiB handler, the faults it answered; for a page server, every userfaultfd fault: \
+         handlers (b) and (e), the faults they answered; for a page server, every userfaultfd fault: \
          those its loop answered plus those parked until the prefetcher installed the page"
     );
     let by = |name: &str| {
@@ -749,6 +828,19 @@ fn main() -> Result<()> {
         by(DEMAND) / d_changed,
         d_changed / d
     );
+    let s3 = |prefix: &str| {
+        s3_runs
+            .iter()
+            .find(|r| r.name.starts_with(prefix))
+            .map(|r| r.seconds)
+    };
+    if let (Some(c), Some(d), Some(e)) = (s3("(c)"), s3("(d)"), s3("(e)")) {
+        println!(
+            "    from the S3 server alone, (e) ranged GETs of the raw memory / (c) cairn on demand = {:.2}x, / (d) cairn prefetch = {:.2}x",
+            e / c,
+            e / d
+        );
+    }
     let first_fault = summaries
         .iter()
         .filter(|s| s.runs[0].name.contains("warm cache"))
@@ -812,6 +904,8 @@ fn main() -> Result<()> {
 const MMAP_COLD: &str = "(a) mmap, cold page cache";
 const MMAP_WARM: &str = "(a) mmap, warm page cache";
 const HANDLER: &str = "(b) 4 KiB-per-fault handler";
+const RANGED_GET: &str =
+    "(e) ranged GET of the raw memory object, 64 KiB a fault, S3 only (1 sample)";
 const DEMAND: &str = "(c) cairn on demand, warm cache";
 const PREFETCH: &str = "(d) cairn recorded prefetch, warm cache";
 const DEMAND_COLD: &str = "(c) cairn on demand, cache files not in page cache";
