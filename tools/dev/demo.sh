@@ -12,11 +12,15 @@ guest=$(fixtures/build-guest.sh)
 cargo build --release --quiet -p cairn
 cairn=$PWD/target/release/cairn
 run=$(mktemp -d --tmpdir cairn-demo.XXXXXX)
-trap 'kill "$serve_pid" 2>/dev/null || true; rm -rf "$run"' EXIT
+serve_pid=
+trap '[ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null; rm -rf "$run"' EXIT
 
 echo "== import $guest/rootfs.ext4 into ${CAIRN_STORE:-the embedded default store}"
+# The name is the demo's own: a rebuilt fixture (another image) takes it over.
+$cairn image rm cairn-guest >/dev/null 2>&1 || true
 $cairn image import-raw "$guest/rootfs.ext4" --name cairn-guest
 size=$(stat -c %s "$guest/rootfs.ext4")
+stored=$($cairn --json image describe cairn-guest | sed -n 's/.*"stored_bytes":\([0-9]*\).*/\1/p')
 
 echo "== serve it (empty cache, new overlay) and boot"
 mkfifo "$run/out"
@@ -48,4 +52,4 @@ wait "$serve_pid" || true
 fetched=$(echo "$stopped" | sed -n 's/.*"remote_bytes":\([0-9]*\).*/\1/p')
 echo "== result"
 echo "QEMU start to power-off: $(echo "$end - $start" | bc | cut -c1-5) s"
-echo "read from the store: $fetched of $size bytes ($(echo "scale=1; $fetched * 100 / $size" | bc)% of the image)"
+echo "read from the store: $fetched bytes: $(echo "scale=1; $fetched * 100 / $stored" | bc)% of the $stored bytes the store holds of the image ($(echo "scale=1; $fetched * 100 / $size" | bc)% of its $size bytes logical size)"
