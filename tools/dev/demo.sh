@@ -13,7 +13,7 @@ cargo build --release --quiet -p cairn
 cairn=$PWD/target/release/cairn
 run=$(mktemp -d --tmpdir cairn-demo.XXXXXX)
 serve_pid=
-trap '[ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null; rm -rf "$run"' EXIT
+trap 'if [ -n "$serve_pid" ]; then kill "$serve_pid" 2>/dev/null || true; fi; rm -rf "$run"' EXIT
 
 echo "== import $guest/rootfs.ext4 into ${CAIRN_STORE:-the embedded default store}"
 # The name is the demo's own: a rebuilt fixture (another image) takes it over.
