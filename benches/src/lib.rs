@@ -138,3 +138,21 @@ impl Table {
         }
     }
 }
+
+/// The load average and the busiest processes: timings on a shared
+/// machine mean little without them.
+pub fn machine_state() -> serde_json::Value {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let top = std::process::Command::new("ps")
+        .args(["-eo", "pcpu,etime,comm", "--sort=-pcpu"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .take(8)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    serde_json::json!({ "loadavg": load.trim(), "top": top })
+}

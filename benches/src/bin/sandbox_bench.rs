@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cairn_benches::blk_client::Client;
-use cairn_benches::{cairn_bin, mean, median, quantile, Table};
+use cairn_benches::{cairn_bin, machine_state, mean, median, quantile, Table};
 use clap::Parser;
 use serde_json::{json, Value};
 
@@ -929,22 +929,6 @@ fn part_suspend(api: &mut Api, image: &str, sizes: &[u64], args: &Args) -> Resul
 }
 
 // ----------------------------------------------------------------- main
-
-fn machine_state() -> Value {
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let top = Command::new("ps")
-        .args(["-eo", "pcpu,etime,comm", "--sort=-pcpu"])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .take(8)
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    json!({ "loadavg": load.trim(), "top": top })
-}
 
 fn main() -> Result<()> {
     let args = Args::parse();

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use cairn_benches::{
-    cairn_bin, mean, median, mib_s, quantile, run_measured, warm_page_cache, Table,
+    cairn_bin, machine_state, mean, median, mib_s, quantile, run_measured, warm_page_cache, Table,
 };
 use cairn_engine::chunkstore::{ChunkStore, ChunkStoreConfig};
 use cairn_engine::import::{import_raw, ImportOptions};
@@ -156,24 +156,6 @@ fn zstd_version() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
-}
-
-/// The load average and the busiest processes: timings on a shared
-/// machine mean little without them.
-fn machine_state() -> Value {
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let top = Command::new("ps")
-        .args(["-eo", "pcpu,etime,comm", "--sort=-pcpu"])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .take(8)
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    json!({ "loadavg": load.trim(), "top": top })
 }
 
 /// Median and spread of repeated measurements, with the samples.
