@@ -3,9 +3,10 @@
 # machine: installs what is needed (QEMU, qemu-storage-daemon, the S3
 # server), builds the guest fixture (fixtures/build-sqlite-guest.sh) and
 # cairn, then `cairn bench sqlite` with cairn's remote tier on the S3 server.
-# With no arguments it runs what the README records: default and fsync
-# modes 3 times each (256 MiB guest), large twice and storage once (192 MiB
-# guest, a 192 MiB database). Arguments replace that with one run of
+# With no arguments it runs what the README records, in one run: every mode
+# (default and fsync 5 times, large, storage and image 3 times) on a 192 MiB
+# guest, into target/bench/sqlite.{json,md} and target/bench/sqlite-MODE.svg
+# (about 70 minutes). Arguments replace that with one run of
 # `cairn bench sqlite ARGS` (e.g. --modes fsync --repeat 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,9 +24,5 @@ bench() {
 if [ $# -gt 0 ]; then
     bench "$@"
 else
-    bench --modes default,fsync --repeat 3 --json-out target/bench/sqlite-a.json
-    bench --modes large --repeat 2 --guest-mem-mib 192 --db-mib 192 \
-        --json-out target/bench/sqlite-b.json
-    bench --modes storage --repeat 1 --guest-mem-mib 192 --db-mib 192 \
-        --json-out target/bench/sqlite-c.json
+    bench --json-out target/bench/sqlite.json --plot-dir target/bench
 fi

@@ -116,6 +116,18 @@ impl Table {
         self.rows.push(cells);
     }
 
+    /// The table as Markdown (header, separator, rows).
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        for (i, r) in self.rows.iter().enumerate() {
+            out.push_str(&format!("| {} |\n", r.join(" | ")));
+            if i == 0 {
+                out.push_str(&format!("|{}\n", "---|".repeat(r.len())));
+            }
+        }
+        out
+    }
+
     pub fn print(&self) {
         let cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
         let widths: Vec<usize> = (0..cols)

@@ -6,7 +6,9 @@
 //! in `data.rs`) and the same transactions: where CPython's legacy
 //! transaction control would run `BEGIN` and `COMMIT` is spelled out at each
 //! operation in `ops.rs`. `storage` is our own mode (`storage.rs`) that
-//! stresses the disk rather than the CPU.
+//! stresses the disk rather than the CPU. `image` (`image.rs`) reads a
+//! database that is part of the disk image, as an application shipped with
+//! its data does.
 //!
 //! What this crate must not know: anything of cairn itself. It runs inside a
 //! guest on whatever disk it is given, so that the same binary measures cairn
@@ -22,6 +24,7 @@
 //! the GIL between SQLite calls.
 
 mod data;
+mod image;
 mod modes;
 mod ops;
 mod report;
@@ -56,6 +59,8 @@ pub struct Config {
     pub cold: bool,
     /// Multiplies every row count and size.
     pub scale: f64,
+    /// Image mode only: build the database instead of reading it.
+    pub prepare: bool,
 }
 
 impl Config {
@@ -69,6 +74,9 @@ impl Config {
         }
         if self.db_mib == 0 {
             bail!("--db-mib must be at least 1");
+        }
+        if self.prepare && self.mode != Mode::Image {
+            bail!("--prepare builds the image mode's database: it needs --mode image");
         }
         Ok(())
     }
@@ -86,6 +94,12 @@ pub fn run(config: &Config) -> Result<Report> {
 /// [`run`], calling `on_open` on every connection it opens.
 pub fn run_observed(config: &Config, on_open: &OnOpen) -> Result<Report> {
     config.validate()?;
+    let reads_image = config.mode == Mode::Image && !config.prepare;
+    // Reading the image's database is always measured from cold caches.
+    let config = &Config {
+        cold: config.cold || reads_image,
+        ..config.clone()
+    };
     if config.cold {
         // Fail before touching anything if the caches cannot be dropped.
         drop_caches()?;
@@ -93,7 +107,17 @@ pub fn run_observed(config: &Config, on_open: &OnOpen) -> Result<Report> {
     fs::create_dir_all(&config.dir)
         .with_context(|| format!("creating {}", config.dir.display()))?;
     let path = config.db_path();
-    remove_db_files(&path)?;
+    if reads_image {
+        if !path.is_file() {
+            bail!(
+                "{} is missing: the image mode reads a database built by \
+                 `sqlite-suite --mode image --prepare`",
+                path.display()
+            );
+        }
+    } else {
+        remove_db_files(&path)?;
+    }
     let db = Db {
         path,
         pragmas: config.mode.pragmas(),
@@ -101,12 +125,17 @@ pub fn run_observed(config: &Config, on_open: &OnOpen) -> Result<Report> {
         on_open,
     };
     let mut operations = Vec::new();
-    match modes::PortSizes::new(config.mode, config.scale) {
-        Some(sizes) => ops::run(&db, config.mode, &sizes, &mut operations)?,
-        None => {
-            let sizes = modes::StorageSizes::new(config.db_mib, config.scale);
-            storage::run(&db, &sizes, &mut operations)?;
+    let storage_sizes = || modes::StorageSizes::new(config.db_mib, config.scale);
+    match (
+        config.mode,
+        modes::PortSizes::new(config.mode, config.scale),
+    ) {
+        (_, Some(sizes)) => ops::run(&db, config.mode, &sizes, &mut operations)?,
+        (Mode::Image, None) if config.prepare => {
+            image::prepare(&db, &storage_sizes(), &mut operations)?
         }
+        (Mode::Image, None) => image::run(&db, config.scale, &mut operations)?,
+        (_, None) => storage::run(&db, &storage_sizes(), &mut operations)?,
     }
     Ok(Report::new(
         config,
@@ -239,6 +268,7 @@ mod tests {
             db_mib: 4,
             cold,
             scale: 0.01,
+            prepare: false,
         };
         let commits = Arc::new(AtomicU64::new(0));
         let hook_commits = commits.clone();
@@ -323,6 +353,7 @@ mod tests {
             db_mib: 1,
             cold: false,
             scale: 0.0,
+            prepare: false,
         };
         let err = run(&config).unwrap_err();
         assert!(err.to_string().contains("--scale"), "{err}");

@@ -7,7 +7,8 @@ use cairn_sqlite_suite::{run, Config, Mode};
 use clap::Parser;
 
 /// SQLite workloads for sandbox disks: a port of sandbox-sqlite-bench
-/// (modes default, fsync, large) and a storage-bound mode.
+/// (modes default, fsync, large), a storage-bound mode and the reads of a
+/// database shipped in the disk image.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -17,7 +18,7 @@ struct Args {
     /// database there is removed).
     #[arg(long)]
     dir: PathBuf,
-    /// Storage mode: size of the bulk-inserted table, in MiB.
+    /// Storage and image modes: size of the bulk-inserted table, in MiB.
     #[arg(long, default_value_t = 192)]
     db_mib: u64,
     /// Before each operation: sync, drop the kernel's caches (needs root)
@@ -27,6 +28,10 @@ struct Args {
     /// Multiplies every row count and size.
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
+    /// Image mode: build the database in --dir (for a disk image) instead
+    /// of reading it.
+    #[arg(long)]
+    prepare: bool,
     /// Print one line, `CAIRN-SQLITE {json}`, instead of a table.
     #[arg(long)]
     json: bool,
@@ -40,6 +45,7 @@ fn main() -> Result<()> {
         db_mib: args.db_mib,
         cold: args.cold,
         scale: args.scale,
+        prepare: args.prepare,
     };
     let report = run(&config)?;
     if args.json {

@@ -1,7 +1,7 @@
-//! The four modes: their PRAGMAs and their sizes at a given `--scale`.
+//! The modes: their PRAGMAs and their sizes at a given `--scale`.
 //!
 //! `default`, `fsync` and `large` are the Python benchmark's `MODES` table;
-//! `storage` is ours (see `storage.rs`).
+//! `storage` and `image` are ours (see `storage.rs` and `image.rs`).
 
 use serde::Serialize;
 
@@ -18,6 +18,9 @@ pub enum Mode {
     /// Ours: per-statement commits and a speedtest1-style mix on a database
     /// of `--db-mib` MiB behind a 2 MiB SQLite cache.
     Storage,
+    /// Ours: reads of a database that is part of the disk image (built by
+    /// `--prepare`), behind a 2 MiB SQLite cache; always cold.
+    Image,
 }
 
 impl Mode {
@@ -27,6 +30,7 @@ impl Mode {
             Mode::Fsync => "fsync",
             Mode::Large => "large",
             Mode::Storage => "storage",
+            Mode::Image => "image",
         }
     }
 
@@ -48,7 +52,7 @@ impl Mode {
                 cache_kib: 8_000,
             },
             // A small cache, so that SQLite's cache does not hide the disk.
-            Mode::Storage => Pragmas {
+            Mode::Storage | Mode::Image => Pragmas {
                 journal_mode: "DELETE",
                 synchronous: "FULL",
                 cache_kib: 2_048,
@@ -99,7 +103,7 @@ impl PortSizes {
             Mode::Default => [10_000, 50_000, 1_000, 500, 5_000, 2_000, 5_000],
             Mode::Fsync => [5_000, 20_000, 500, 200, 2_000, 1_000, 5_000],
             Mode::Large => [50_000, 200_000, 2_000, 1_000, 10_000, 5_000, 10_000],
-            Mode::Storage => return None,
+            Mode::Storage | Mode::Image => return None,
         };
         Some(Self {
             seq_inserts: scaled(seq, scale),
@@ -143,7 +147,11 @@ pub(crate) struct StorageSizes {
 impl StorageSizes {
     pub(crate) fn new(db_mib: u64, scale: f64) -> Self {
         let bytes = db_mib as f64 * 1_048_576.0 * scale;
-        let bulk_rows = ((bytes / STORAGE_ROW_BYTES).round() as u64).max(1);
+        Self::of_rows(((bytes / STORAGE_ROW_BYTES).round() as u64).max(1), scale)
+    }
+
+    /// The sizes for a table of `bulk_rows` rows.
+    pub(crate) fn of_rows(bulk_rows: u64, scale: f64) -> Self {
         let tenth = (bulk_rows / 10).max(1);
         Self {
             commit_rows: scaled(3_000, scale),

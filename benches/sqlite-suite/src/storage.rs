@@ -40,7 +40,7 @@ use crate::report::Operation;
 use crate::Db;
 
 /// Payload sizes: uniform in `MIN_PAYLOAD..=MAX_PAYLOAD` bytes.
-const MIN_PAYLOAD: u64 = 100;
+pub(crate) const MIN_PAYLOAD: u64 = 100;
 const MAX_PAYLOAD: u64 = 1024;
 
 /// The indexed key of row `id`.
@@ -49,13 +49,13 @@ fn key_of(id: i64) -> i64 {
 }
 
 /// A count as an SQLite integer (counts here are far below 2^63).
-fn sql_int(n: u64) -> i64 {
+pub(crate) fn sql_int(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Runs the storage operations in order, appending to `out`.
 pub(crate) fn run(db: &Db, sizes: &StorageSizes, out: &mut Vec<Operation>) -> Result<()> {
-    let mut conn = db.open()?;
+    let conn = db.open()?;
     // Untimed, each in autocommit (two write transactions).
     conn.execute_batch(
         "CREATE TABLE kv (id INTEGER PRIMARY KEY, name TEXT NOT NULL, value REAL, data TEXT)",
@@ -82,7 +82,22 @@ pub(crate) fn run(db: &Db, sizes: &StorageSizes, out: &mut Vec<Operation>) -> Re
             integrity_check(c, remaining)
         }),
     ];
-    for (name, fsync_heavy, step) in steps {
+    time_steps(db, conn, sizes, &steps, out)
+}
+
+/// One timed test: runs on the connection and returns its row count.
+pub(crate) type Step<'a> = &'a dyn Fn(&Connection, &StorageSizes) -> Result<u64>;
+
+/// Runs `(name, fsync_heavy, step)` in order, each timed from cold caches
+/// with `--cold` (a fresh connection), appending to `out`.
+pub(crate) fn time_steps(
+    db: &Db,
+    mut conn: Connection,
+    sizes: &StorageSizes,
+    steps: &[(&'static str, bool, Step)],
+    out: &mut Vec<Operation>,
+) -> Result<()> {
+    for &(name, fsync_heavy, step) in steps {
         conn = db.chill(conn)?;
         let start = Instant::now();
         let rows = step(&conn, sizes).with_context(|| context(name, db))?;
@@ -95,9 +110,6 @@ pub(crate) fn run(db: &Db, sizes: &StorageSizes, out: &mut Vec<Operation>) -> Re
     }
     Ok(())
 }
-
-/// One timed test: runs on the connection and returns its row count.
-type Step<'a> = &'a dyn Fn(&Connection, &StorageSizes) -> Result<u64>;
 
 fn context(name: &str, db: &Db) -> String {
     format!("operation {name} on {}", db.path.display())
@@ -137,7 +149,7 @@ fn payload_len(rng: &mut SplitMix64) -> usize {
 }
 
 /// One transaction: `rows` rows in id order, payloads generated as they go.
-fn bulk_insert(conn: &Connection, rows: u64) -> Result<u64> {
+pub(crate) fn bulk_insert(conn: &Connection, rows: u64) -> Result<u64> {
     let mut rng = SplitMix64::new(2);
     let mut buf = Vec::with_capacity(MAX_PAYLOAD as usize);
     conn.execute_batch("BEGIN")?;
@@ -153,14 +165,14 @@ fn bulk_insert(conn: &Connection, rows: u64) -> Result<u64> {
 }
 
 /// One autocommit statement: read the table, sort, write the index.
-fn create_index(conn: &Connection, rows: u64) -> Result<u64> {
+pub(crate) fn create_index(conn: &Connection, rows: u64) -> Result<u64> {
     conn.execute_batch("CREATE INDEX t1_k ON t1(k)")?;
     Ok(rows)
 }
 
 /// One read transaction of lookups by `k` at random ids; each must return
 /// its row.
-fn point_lookups(conn: &Connection, sizes: &StorageSizes) -> Result<u64> {
+pub(crate) fn point_lookups(conn: &Connection, sizes: &StorageSizes) -> Result<u64> {
     let mut rng = SplitMix64::new(3);
     conn.execute_batch("BEGIN")?;
     let mut stmt = conn.prepare("SELECT id, length(payload) FROM t1 WHERE k = ?")?;
@@ -181,7 +193,7 @@ fn point_lookups(conn: &Connection, sizes: &StorageSizes) -> Result<u64> {
 
 /// Every row of the table (the payload's length forces reading the table,
 /// not the smaller index).
-fn full_scan(conn: &Connection, rows: u64) -> Result<u64> {
+pub(crate) fn full_scan(conn: &Connection, rows: u64) -> Result<u64> {
     let (count, bytes): (i64, i64) =
         conn.query_row("SELECT count(*), sum(length(payload)) FROM t1", [], |row| {
             Ok((row.get(0)?, row.get(1)?))

@@ -318,3 +318,47 @@ fn bad_arguments_fail_cleanly() {
     let output = suite(dir.path(), &["--mode", "bogus"]);
     assert!(!output.status.success());
 }
+
+/// The image mode: `--prepare` builds a database the same every time; a run
+/// reads it (from cold caches, so as root) and leaves it unchanged.
+#[test]
+fn image_mode_reads_the_prepared_database_and_leaves_it_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = suite(dir.path(), &["--mode", "image"]);
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("--prepare"), "{stderr}");
+    assert!(
+        !dir.path().join("bench.db").exists(),
+        "a failed run made a file"
+    );
+
+    let prepare = ["--mode", "image", "--prepare", "--db-mib", "2"];
+    let built = run_json(dir.path(), &prepare);
+    assert_eq!(names(&built), ["bulk_insert", "create_index"]);
+    // 2 MiB / 656 bytes a row = 3196.9 → 3197 rows.
+    assert_eq!(rows(&built, "bulk_insert"), 3197);
+    let db = dir.path().join("bench.db");
+    let first = std::fs::read(&db).unwrap();
+    run_json(dir.path(), &prepare);
+    assert!(std::fs::read(&db).unwrap() == first, "a rebuild differs");
+
+    if !rustix::process::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "reading the image's database drops the page cache, which needs root"
+        );
+        eprintln!("skipped the read: it needs root");
+        return;
+    }
+    let report = run_json(dir.path(), &["--mode", "image"]);
+    assert_eq!(report["cold"], true);
+    assert_eq!(names(&report), ["point_lookups", "range_scan", "full_scan"]);
+    assert_eq!(rows(&report, "point_lookups"), 10_000);
+    assert_eq!(rows(&report, "range_scan"), 319);
+    assert_eq!(rows(&report, "full_scan"), 3197);
+    assert!(
+        std::fs::read(&db).unwrap() == first,
+        "a read changed the file"
+    );
+}

@@ -4,9 +4,13 @@
 //! (warm), qemu-storage-daemon over vhost-user-blk on a raw file and QEMU's
 //! own virtio-blk on a raw file; and on the host, on ext4 over a loop
 //! device, as the no-VM reference. Every sample starts from the same root
-//! filesystem image; the runs of one repetition are interleaved so that
-//! drift on a noisy machine hits every backend alike. Prints medians with
-//! ratios to qemu-storage-daemon, writes JSON and one SVG plot per mode.
+//! filesystem image; the runs of one repetition are interleaved, in an
+//! order that rotates with every repetition, so that drift on a noisy
+//! machine hits every backend alike. Prints per mode the median seconds of
+//! each way and, for each of cairn's ways against each baseline, the median
+//! of the per-repetition ratios with their spread (min-max); writes the
+//! same tables as Markdown, the samples and summaries as JSON, and one SVG
+//! plot per mode, all from the same runs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use cairn_benches::backends::{Backend, CairnStore};
 use cairn_benches::guest::{self, Disk, Launch};
-use cairn_benches::{cairn_bin, median, Table};
+use cairn_benches::{cairn_bin, machine_state, median, Table};
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 use serde_json::Value;
@@ -51,12 +55,14 @@ impl Way {
 #[derive(Parser, Debug)]
 #[command(about = "The SQLite suite in a guest on each way of serving its disk")]
 struct Args {
-    /// Modes of the suite: default, fsync, large (the public benchmark's)
-    /// and storage (ours; always run cold: caches dropped before each test).
+    /// Modes of the suite: default, fsync, large (the public benchmark's),
+    /// storage (ours; always run cold: caches dropped before each test) and
+    /// image (ours: cold reads of the database built into the guest's root
+    /// filesystem).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "default,fsync,large,storage"
+        default_value = "default,fsync,large,storage,image"
     )]
     modes: Vec<String>,
     #[arg(
@@ -66,17 +72,18 @@ struct Args {
         default_value = "cairn-cold,cairn-warm,qsd,virtio-blk,host"
     )]
     ways: Vec<Way>,
-    /// Samples per mode and way; the tables show medians.
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
+    /// Samples per mode and way (default: 5 for default and fsync, 3 for
+    /// the longer modes); the tables show medians.
+    #[arg(long)]
+    repeat: Option<usize>,
     /// Multiplies the suite's row counts (1 = the published sizes).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
     /// Storage mode's database size, MiB (more than the guest's page cache).
     #[arg(long, default_value_t = 192)]
     db_mib: u64,
-    /// Guest memory, MiB.
-    #[arg(long, default_value_t = 256)]
+    /// Guest memory, MiB (the same for every mode).
+    #[arg(long, default_value_t = 192)]
     guest_mem_mib: u64,
     /// The guest fixture (fixtures/build-sqlite-guest.sh builds it when
     /// this is not given).
@@ -87,6 +94,7 @@ struct Args {
     store: Option<String>,
     #[arg(long, default_value = "target/bench/sqlite-work")]
     work: PathBuf,
+    /// The samples and summaries; the Markdown tables go beside it (.md).
     #[arg(long, default_value = "target/bench/sqlite.json")]
     json_out: PathBuf,
     /// Where the plots (sqlite-MODE.svg) go.
@@ -165,6 +173,17 @@ impl Bench {
             cache_dir: cache,
             cache_size: "4G",
         }
+    }
+
+    /// Samples of `mode` per way.
+    fn repeats(&self, mode: &str) -> usize {
+        self.args
+            .repeat
+            .unwrap_or(if ["default", "fsync"].contains(&mode) {
+                5
+            } else {
+                3
+            })
     }
 
     fn spec(&self, mode: &str) -> String {
@@ -266,12 +285,17 @@ impl Bench {
             run(Command::new("mount").args(["-t", "ext4", &dev]).arg(&mnt))?;
             let started = Instant::now();
             let mut cmd = Command::new(self.guest_dir.join("sqlite-suite"));
+            let dir = if mode == "image" {
+                "data/image"
+            } else {
+                "data/sq"
+            };
             cmd.args(["--mode", mode, "--json", "--scale"])
                 .arg(self.args.scale.to_string())
                 .arg("--db-mib")
                 .arg(self.args.db_mib.to_string())
                 .arg("--dir")
-                .arg(mnt.join("data/sq"))
+                .arg(mnt.join(dir))
                 .env("TMPDIR", mnt.join("data"));
             if mode == "storage" {
                 cmd.arg("--cold");
@@ -311,88 +335,191 @@ fn run(cmd: &mut Command) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// Per mode and way: median seconds of every op, of the fsync-heavy ops
-/// and of the total.
-#[derive(Debug, Default, Serialize)]
-struct Medians {
-    ops: BTreeMap<String, f64>,
-    fsync_heavy: f64,
-    total: f64,
-    samples: usize,
+/// One row of a mode's table: an operation, the fsync-heavy ones, or all.
+#[derive(Clone, Debug)]
+enum Row {
+    Op { name: String, fsync_heavy: bool },
+    FsyncHeavy,
+    Total,
 }
 
-fn medians(samples: &[&Sample]) -> Medians {
-    let mut ops: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for s in samples {
-        for (name, secs, _) in s.ops() {
-            ops.entry(name.to_owned()).or_default().push(secs);
+impl Row {
+    fn label(&self) -> String {
+        match self {
+            Row::Op { name, fsync_heavy } => {
+                format!("{name}{}", if *fsync_heavy { " (fsync)" } else { "" })
+            }
+            Row::FsyncHeavy => "fsync-heavy ops".into(),
+            Row::Total => "TOTAL".into(),
         }
     }
-    Medians {
-        ops: ops.into_iter().map(|(k, v)| (k, median(v))).collect(),
-        fsync_heavy: median(samples.iter().map(|s| s.fsync_heavy()).collect()),
-        total: median(samples.iter().map(|s| s.total()).collect()),
-        samples: samples.len(),
+
+    fn of(&self, s: &Sample) -> f64 {
+        match self {
+            Row::Op { name, .. } => s.ops().find(|o| o.0 == name).map_or(f64::NAN, |o| o.1),
+            Row::FsyncHeavy => s.fsync_heavy(),
+            Row::Total => s.total(),
+        }
     }
 }
 
-fn ratio(x: f64, base: Option<f64>) -> String {
-    match base {
-        Some(b) if b > 0.0 && x.is_finite() => format!("{:.2}x", x / b),
-        _ => "-".into(),
+/// The median of some values and their range.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+impl Spread {
+    fn of(xs: Vec<f64>) -> Option<Spread> {
+        let xs: Vec<f64> = xs.into_iter().filter(|x| x.is_finite()).collect();
+        if xs.is_empty() {
+            return None;
+        }
+        Some(Spread {
+            min: xs.iter().copied().fold(f64::INFINITY, f64::min),
+            max: xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            n: xs.len(),
+            median: median(xs),
+        })
+    }
+
+    /// `1.02x (0.97-1.10)` for a ratio.
+    fn ratio_cell(&self) -> String {
+        format!("{:.2}x ({:.2}-{:.2})", self.median, self.min, self.max)
     }
 }
 
 /// The baselines cairn's ratios are given against.
 const BASELINES: [Way; 2] = [Way::Qsd, Way::VirtioBlk];
 
-fn print_mode(mode: &str, ways: &[Way], by_way: &BTreeMap<Way, Medians>, first: &Sample) {
-    println!(
-        "\n== {mode}: median seconds ({} samples each)",
-        first_count(by_way)
-    );
+/// A mode's results: per row, each way's seconds and each pair's ratio.
+#[derive(Debug, Serialize)]
+struct ModeSummary {
+    /// Row label → way → seconds over the samples.
+    seconds: BTreeMap<String, BTreeMap<Way, Spread>>,
+    /// "cairn warm / qsd" → row label → the ratios of the repetitions
+    /// (each repetition's cairn sample over its baseline sample).
+    ratios: BTreeMap<String, BTreeMap<String, Spread>>,
+    /// The rows in table order.
+    #[serde(skip)]
+    rows: Vec<Row>,
+    #[serde(skip)]
+    pairs: Vec<(Way, Way)>,
+}
+
+fn short(w: Way) -> &'static str {
+    match w {
+        Way::Qsd => "qsd",
+        Way::VirtioBlk => "virtio-blk",
+        other => other.name(),
+    }
+}
+
+fn pair_name(c: Way, b: Way) -> String {
+    format!("{} / {}", c.name(), short(b))
+}
+
+fn summarize(samples: &[&Sample], ways: &[Way]) -> ModeSummary {
+    let mut rows: Vec<Row> = samples
+        .first()
+        .map(|s| {
+            s.ops()
+                .map(|(name, _, fsync_heavy)| Row::Op {
+                    name: name.to_owned(),
+                    fsync_heavy,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if rows.iter().any(|r| {
+        matches!(
+            r,
+            Row::Op {
+                fsync_heavy: true,
+                ..
+            }
+        )
+    }) {
+        rows.push(Row::FsyncHeavy);
+    }
+    rows.push(Row::Total);
     let pairs: Vec<(Way, Way)> = [Way::CairnWarm, Way::CairnCold]
         .into_iter()
         .flat_map(|c| BASELINES.map(|b| (c, b)))
         .filter(|(c, b)| ways.contains(c) && ways.contains(b))
         .collect();
-    let short = |w: Way| match w {
-        Way::Qsd => "qsd",
-        Way::VirtioBlk => "virtio-blk",
-        other => other.name(),
-    };
-    let mut header = vec!["operation".to_string()];
-    header.extend(ways.iter().map(|w| w.name().to_string()));
-    header.extend(
-        pairs
+    let of_way = |w: Way| samples.iter().filter(move |s| s.way == w);
+    let mut seconds = BTreeMap::new();
+    let mut ratios: BTreeMap<String, BTreeMap<String, Spread>> = BTreeMap::new();
+    for row in &rows {
+        let per_way = ways
             .iter()
-            .map(|&(c, b)| format!("{} / {}", c.name(), short(b))),
-    );
-    let header: Vec<&str> = header.iter().map(String::as_str).collect();
-    let mut t = Table::new(&header);
-    let mut row = |label: String, get: &dyn Fn(&Medians) -> f64| {
-        let mut cells = vec![label];
-        cells.extend(ways.iter().map(|w| format!("{:.3}", get(&by_way[w]))));
+            .filter_map(|&w| Some((w, Spread::of(of_way(w).map(|s| row.of(s)).collect())?)))
+            .collect();
+        seconds.insert(row.label(), per_way);
         for &(c, b) in &pairs {
-            cells.push(ratio(get(&by_way[&c]), Some(get(&by_way[&b]))));
+            // Samples of one repetition ran back to back: pair them.
+            let per_rep = of_way(c)
+                .filter_map(|cs| {
+                    let bs = of_way(b).find(|bs| bs.rep == cs.rep)?;
+                    Some(row.of(cs) / row.of(bs))
+                })
+                .collect();
+            if let Some(spread) = Spread::of(per_rep) {
+                ratios
+                    .entry(pair_name(c, b))
+                    .or_default()
+                    .insert(row.label(), spread);
+            }
         }
-        t.row(cells);
-    };
-    for (name, _, heavy) in first.ops() {
-        let label = format!("{name}{}", if heavy { " (fsync)" } else { "" });
-        row(label, &|m: &Medians| {
-            m.ops.get(name).copied().unwrap_or(f64::NAN)
-        });
     }
-    row("fsync-heavy ops".into(), &|m: &Medians| m.fsync_heavy);
-    row("TOTAL".into(), &|m: &Medians| m.total);
-    t.print();
+    ModeSummary {
+        seconds,
+        ratios,
+        rows,
+        pairs,
+    }
+}
+
+impl ModeSummary {
+    fn median(&self, row: &Row, way: Way) -> f64 {
+        self.seconds
+            .get(&row.label())
+            .and_then(|m| m.get(&way))
+            .map_or(f64::NAN, |s| s.median)
+    }
+
+    fn table(&self, ways: &[Way]) -> Table {
+        let mut header = vec!["operation".to_string()];
+        header.extend(ways.iter().map(|w| w.name().to_string()));
+        header.extend(self.pairs.iter().map(|&(c, b)| pair_name(c, b)));
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        let mut t = Table::new(&header);
+        for row in &self.rows {
+            let label = row.label();
+            let mut cells = vec![label.clone()];
+            cells.extend(ways.iter().map(|&w| format!("{:.3}", self.median(row, w))));
+            for &(c, b) in &self.pairs {
+                cells.push(
+                    self.ratios
+                        .get(&pair_name(c, b))
+                        .and_then(|r| r.get(&label))
+                        .map_or("-".into(), Spread::ratio_cell),
+                );
+            }
+            t.row(cells);
+        }
+        t
+    }
 }
 
 /// Says which guests saw a write-through disk: they send no FLUSH, so
 /// their fsyncs are not durable and their fsync-bound times are not a
 /// like-for-like baseline.
-fn print_write_caches(samples: &[Sample], ways: &[Way]) {
+fn print_write_caches(samples: &[&Sample], ways: &[Way]) {
     for &w in ways {
         let seen: std::collections::BTreeSet<&str> = samples
             .iter()
@@ -408,21 +535,20 @@ fn print_write_caches(samples: &[Sample], ways: &[Way]) {
     }
 }
 
-fn first_count(by_way: &BTreeMap<Way, Medians>) -> usize {
-    by_way.values().map(|m| m.samples).min().unwrap_or(0)
-}
-
-/// Bars of the median total and fsync-heavy seconds per way.
-fn plot(mode: &str, ways: &[Way], by_way: &BTreeMap<Way, Medians>, path: &Path) -> Result<()> {
+/// Bars of the median total and fsync-heavy seconds per way, with the
+/// range of the totals as a whisker.
+fn plot(mode: &str, ways: &[Way], summary: &ModeSummary, path: &Path) -> Result<()> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
     root.fill(&WHITE)?;
-    let ymax = by_way.values().map(|m| m.total).fold(0.0, f64::max) * 1.15;
+    let totals = &summary.seconds[&Row::Total.label()];
+    let fsync = summary.seconds.get(&Row::FsyncHeavy.label());
+    let ymax = totals.values().map(|s| s.max).fold(0.0, f64::max) * 1.15;
     let n = ways.len() as f64;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("SQLite suite, {mode} mode: median seconds (lower is better)"),
-            ("sans-serif", 22),
+            format!("SQLite suite, {mode} mode: median seconds, range of totals (lower is better)"),
+            ("sans-serif", 20),
         )
         .margin(16)
         .x_label_area_size(40)
@@ -438,29 +564,45 @@ fn plot(mode: &str, ways: &[Way], by_way: &BTreeMap<Way, Medians>, path: &Path) 
         })
         .y_desc("seconds")
         .draw()?;
-    let total = RGBColor(70, 110, 170);
-    let fsync = RGBColor(220, 120, 50);
+    let total_color = RGBColor(70, 110, 170);
+    let fsync_color = RGBColor(220, 120, 50);
     for (i, w) in ways.iter().enumerate() {
-        let m = &by_way[w];
+        let Some(t) = totals.get(w) else { continue };
         let x = i as f64;
         chart.draw_series([
-            Rectangle::new([(x + 0.15, 0.0), (x + 0.5, m.total)], total.filled()),
-            Rectangle::new([(x + 0.5, 0.0), (x + 0.85, m.fsync_heavy)], fsync.filled()),
+            Rectangle::new([(x + 0.15, 0.0), (x + 0.5, t.median)], total_color.filled()),
+            Rectangle::new([(x + 0.31, t.min), (x + 0.34, t.max)], BLACK.filled()),
         ])?;
+        if let Some(f) = fsync.and_then(|f| f.get(w)) {
+            chart.draw_series([Rectangle::new(
+                [(x + 0.5, 0.0), (x + 0.85, f.median)],
+                fsync_color.filled(),
+            )])?;
+        }
         chart.draw_series([Text::new(
-            format!("{:.2}", m.total),
-            (x + 0.18, m.total + ymax * 0.02),
+            format!("{:.2}", t.median),
+            (x + 0.18, t.max + ymax * 0.02),
             ("sans-serif", 14),
         )])?;
     }
     chart
-        .draw_series([Rectangle::new([(0.0, 0.0), (0.0, 0.0)], total.filled())])?
+        .draw_series([Rectangle::new(
+            [(0.0, 0.0), (0.0, 0.0)],
+            total_color.filled(),
+        )])?
         .label("total")
-        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], total.filled()));
-    chart
-        .draw_series([Rectangle::new([(0.0, 0.0), (0.0, 0.0)], fsync.filled())])?
-        .label("fsync-heavy operations")
-        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], fsync.filled()));
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], total_color.filled()));
+    if fsync.is_some() {
+        chart
+            .draw_series([Rectangle::new(
+                [(0.0, 0.0), (0.0, 0.0)],
+                fsync_color.filled(),
+            )])?
+            .label("fsync-heavy operations")
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 12, y + 5)], fsync_color.filled())
+            });
+    }
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
@@ -470,6 +612,8 @@ fn plot(mode: &str, ways: &[Way], by_way: &BTreeMap<Way, Medians>, path: &Path) 
     root.present()?;
     Ok(())
 }
+
+const MODES: [&str; 5] = ["default", "fsync", "large", "storage", "image"];
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -481,11 +625,11 @@ fn repo_root() -> PathBuf {
 fn main() -> Result<()> {
     let args = Args::parse();
     for m in &args.modes {
-        if !["default", "fsync", "large", "storage"].contains(&m.as_str()) {
-            bail!("unknown mode {m:?}: the modes are default, fsync, large and storage");
+        if !MODES.contains(&m.as_str()) {
+            bail!("unknown mode {m:?}: the modes are {}", MODES.join(", "));
         }
     }
-    if args.repeat == 0 {
+    if args.repeat == Some(0) {
         bail!("--repeat must be at least 1");
     }
     let guest_dir = match &args.guest_dir {
@@ -535,9 +679,10 @@ fn main() -> Result<()> {
     std::fs::remove_file(&export)?;
 
     let a = &bench.args;
+    let most = a.modes.iter().map(|m| bench.repeats(m)).max().unwrap_or(1);
     let mut samples: Vec<Sample> = Vec::new();
-    for rep in 0..a.repeat {
-        for mode in &a.modes {
+    for rep in 0..most {
+        for mode in a.modes.iter().filter(|m| rep < bench.repeats(m)) {
             // The ways' order rotates with every repetition, so that no way
             // always runs first (cold machine) or after a given other one.
             let n = a.ways.len();
@@ -553,7 +698,7 @@ fn main() -> Result<()> {
                 eprintln!(
                     "  [{}/{}] {mode:<8} {:<20} total {:.3} s (run {:.1} s, disk cache {})",
                     rep + 1,
-                    a.repeat,
+                    bench.repeats(mode),
                     way.name(),
                     report["total_seconds"].as_f64().unwrap_or(f64::NAN),
                     t.elapsed().as_secs_f64(),
@@ -572,43 +717,49 @@ fn main() -> Result<()> {
     }
 
     let mut summary = BTreeMap::new();
+    let mut markdown = format!(
+        "SQLite suite, guest of {} MiB, scale {}, storage database {} MiB, store {}\n",
+        a.guest_mem_mib, a.scale, a.db_mib, bench.store
+    );
     std::fs::create_dir_all(&a.plot_dir)?;
     for mode in &a.modes {
-        let by_way: BTreeMap<Way, Medians> = a
-            .ways
-            .iter()
-            .map(|&w| {
-                let of: Vec<&Sample> = samples
-                    .iter()
-                    .filter(|s| &s.mode == mode && s.way == w)
-                    .collect();
-                (w, medians(&of))
-            })
-            .collect();
-        let first = samples
-            .iter()
-            .find(|s| &s.mode == mode)
-            .expect("one sample");
-        print_mode(mode, &a.ways, &by_way, first);
-        print_write_caches(&samples, &a.ways);
+        let of_mode: Vec<&Sample> = samples.iter().filter(|s| &s.mode == mode).collect();
+        let sum = summarize(&of_mode, &a.ways);
+        let title = format!(
+            "{mode}: median seconds ({} samples each); ratios: median of the per-repetition ratios (min-max)",
+            bench.repeats(mode)
+        );
+        println!("\n== {title}");
+        let table = sum.table(&a.ways);
+        table.print();
+        markdown.push_str(&format!("\n### {title}\n\n{}", table.markdown()));
+        print_write_caches(&of_mode, &a.ways);
         let svg = a.plot_dir.join(format!("sqlite-{mode}.svg"));
-        plot(mode, &a.ways, &by_way, &svg)?;
+        plot(mode, &a.ways, &sum, &svg)?;
         println!("  plot: {}", svg.display());
-        summary.insert(mode.clone(), by_way);
+        summary.insert(mode.clone(), sum);
     }
     if let Some(dir) = a.json_out.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let json = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
         "scale": a.scale,
         "db_mib": a.db_mib,
         "guest_mem_mib": a.guest_mem_mib,
-        "repeat": a.repeat,
+        "repeats": a.modes.iter().map(|m| (m.clone(), bench.repeats(m))).collect::<BTreeMap<_, _>>(),
         "store": bench.store,
-        "medians": summary,
+        "machine": machine_state(),
+        "summary": summary,
         "samples": samples,
     });
     std::fs::write(&a.json_out, serde_json::to_vec_pretty(&json)?)?;
-    println!("  JSON: {}", a.json_out.display());
+    let md = a.json_out.with_extension("md");
+    std::fs::write(&md, markdown)?;
+    println!(
+        "  JSON: {}\n  tables: {}",
+        a.json_out.display(),
+        md.display()
+    );
     Ok(())
 }
