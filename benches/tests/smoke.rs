@@ -76,7 +76,9 @@ fn store_bench_runs() {
 
 #[test]
 fn catalog_bench_runs() {
-    let printed = run(
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("catalog.json");
+    run(
         env!("CARGO_BIN_EXE_catalog-bench"),
         &[
             "--sizes",
@@ -87,9 +89,17 @@ fn catalog_bench_runs() {
             "5",
             "--stores",
             "file,s3",
+            "--json-out",
+            arg(&out),
         ],
     );
-    assert!(!printed.is_empty());
+    let figures = json(&out);
+    for store in ["file", "s3"] {
+        let rows = figures["stores"][store].as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{store}");
+        assert_eq!(rows[0]["records"], 150);
+        assert!(rows[0]["page"]["p50_us"].as_u64().unwrap() > 0);
+    }
 }
 
 #[test]
@@ -153,7 +163,7 @@ fn sqlite_bench_runs() {
         env!("CARGO_BIN_EXE_sqlite-bench"),
         &[
             "--modes",
-            "default",
+            "default,image",
             "--ways",
             "cairn-cold,qsd",
             "--repeat",
@@ -168,7 +178,13 @@ fn sqlite_bench_runs() {
             arg(dir.path()),
         ],
     );
-    assert!(json(&out).is_object());
+    let figures = json(&out);
+    let image = &figures["summary"]["image"];
+    let ratio = &image["ratios"]["cairn cold / qsd"]["TOTAL"];
+    assert_eq!(ratio["n"], 1, "{image}");
+    assert!(ratio["median"].as_f64().unwrap() > 0.0);
+    let tables = std::fs::read_to_string(out.with_extension("md")).unwrap();
+    assert!(tables.contains("| full_scan |"), "{tables}");
 }
 
 #[test]

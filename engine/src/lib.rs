@@ -23,6 +23,7 @@ pub mod memory;
 pub mod objstore;
 pub mod overlay;
 pub mod pack;
+pub mod size;
 
 pub use error::ErrorKind;
 pub use id::{ChunkId, ManifestId, PackId};

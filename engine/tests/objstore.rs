@@ -27,6 +27,46 @@ async fn file_store_passes_the_conformance_suite() {
     );
 }
 
+/// A failed write leaves no temporary file; a writer that died leaves one
+/// that the next open deletes once it is old, and a young one (a live
+/// writer's) is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_store_temporaries_never_accumulate() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join(".tmp");
+    let store = FileStore::open(dir.path()).unwrap();
+    let missing = dir.path().join("no-such-source");
+    let err = store.put_file("packs/x.pack", &missing).await.unwrap_err();
+    assert!(err.to_string().contains("packs/x.pack"), "{err}");
+    // A target that cannot be made: a file where the directory should be.
+    std::fs::write(dir.path().join("manifests"), b"in the way").unwrap();
+    store
+        .put("manifests/m", Bytes::from_static(b"m"), PutMode::IfAbsent)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "a failed write left a file"
+    );
+
+    let old = tmp.join("left-by-a-dead-writer");
+    let young = tmp.join("being-written");
+    for f in [&old, &young] {
+        std::fs::write(f, b"partial").unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    FileStore::open(dir.path()).unwrap();
+    assert!(!old.exists(), "a stale temporary file was kept");
+    assert!(young.exists(), "a live writer's temporary file was deleted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_passes_the_conformance_suite() {
     let (store, _) = common::fresh_s3_store("conf").await;

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::size;
+
 /// `cairn_engine::import::DEFAULT_CHUNK_SIZE` as the CLI spells it.
 pub const DEFAULT_CHUNK_SIZE_ARG: &str = "64K";
 
@@ -31,18 +33,28 @@ pub struct Global {
     #[arg(long, global = true, env = "CAIRN_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Bound on the local cache's size on disk, e.g. 512M, 10G.
-    #[arg(long, global = true, env = "CAIRN_CACHE_SIZE", default_value = "10G")]
-    pub cache_size: String,
+    #[arg(long, global = true, env = "CAIRN_CACHE_SIZE", default_value = "10G",
+          value_parser = size::bytes)]
+    pub cache_size: u64,
     /// Bytes that read-ahead of sequential disk reads may have in flight
     /// from the store (0 turns it off).
-    #[arg(long, global = true, env = "CAIRN_READAHEAD", default_value = "4M")]
-    pub readahead: String,
+    #[arg(long, global = true, env = "CAIRN_READAHEAD", default_value = "4M",
+          value_parser = size::bytes)]
+    pub readahead: u64,
     /// The project whose images, snapshots and sandboxes a command sees.
     #[arg(long, global = true, env = "CAIRN_PROJECT", default_value = cairn_engine::catalog::DEFAULT_PROJECT)]
     pub project: String,
-    /// Print one JSON object on stdout instead of text; no progress bars.
+    /// Print one JSON object on stdout instead of text (errors too: an
+    /// object with `error`, `kind` and `detail`); no progress bars.
     #[arg(long, global = true)]
     pub json: bool,
+    /// More log lines on stderr: -v cairn's info, -vv its debug, -vvv
+    /// everything's (CAIRN_LOG, a tracing filter, overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr, no warnings.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
     /// The daemon's socket, for the sandbox commands (default: under the
     /// user's runtime directory).
     #[arg(long, global = true, env = "CAIRN_DAEMON")]
@@ -83,77 +95,26 @@ pub enum Command {
         #[arg(long)]
         deep: bool,
     },
+    /// Print a completion script for SHELL on stdout, e.g.
+    /// `cairn completions bash > /etc/bash_completion.d/cairn`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff) on stdout, e.g. `cairn man | man -l -`.
+    Man,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
     /// Import a raw disk image file.
-    ImportRaw {
-        file: PathBuf,
-        /// Name to give the image.
-        #[arg(long)]
-        name: String,
-        /// Chunk size, a power of two from 4K to 16M.
-        #[arg(long, default_value = DEFAULT_CHUNK_SIZE_ARG)]
-        chunk_size: String,
-        /// zstd level for new chunks (1 fastest).
-        #[arg(long, default_value_t = cairn_engine::import::DEFAULT_ZSTD_LEVEL)]
-        zstd_level: i32,
-    },
+    ImportRaw(ImportRawArgs),
     /// Import an OCI image as a bootable image: an ext4 root disk with the
     /// image's config beside it. REF is docker://HOST[:PORT]/REPO[:TAG|@DIGEST],
     /// oci:DIR[:TAG] or docker-archive:FILE[:REPO:TAG].
-    Import {
-        reference: String,
-        /// Name to give the image (default: the repository's last element).
-        #[arg(long)]
-        name: Option<String>,
-        /// The platform to pick from a multi-platform image (default: this machine's).
-        #[arg(long)]
-        platform: Option<String>,
-        /// The root disk's size, e.g. 4G (default: the content plus headroom).
-        #[arg(long)]
-        disk_size: Option<String>,
-        /// Talk plain HTTP to the registry.
-        #[arg(long)]
-        insecure: bool,
-        /// Move the name if it names another image (a re-import of a moved tag).
-        #[arg(long)]
-        replace: bool,
-        /// Chunk size, a power of two from 4K to 16M.
-        #[arg(long, default_value = DEFAULT_CHUNK_SIZE_ARG)]
-        chunk_size: String,
-    },
+    Import(ImportArgs),
     /// Build an image from a Dockerfile (RUN steps in a bubblewrap sandbox,
     /// every step cached). The context is the Dockerfile's folder.
-    Build {
-        /// The build context (default: the Dockerfile's folder, else `.`).
-        dir: Option<PathBuf>,
-        /// The Dockerfile (default: DIR/Dockerfile).
-        #[arg(short = 'f', long = "file")]
-        file: Option<PathBuf>,
-        /// Name to give the image (default: the context folder's name).
-        #[arg(long)]
-        name: Option<String>,
-        /// A build argument, K=V (repeatable).
-        #[arg(long = "build-arg")]
-        build_args: Vec<String>,
-        /// The platform of the base images.
-        #[arg(long)]
-        platform: Option<String>,
-        /// Talk plain HTTP to registries FROM names.
-        #[arg(long)]
-        insecure: bool,
-        /// Move the name if it names another image (a rebuild).
-        #[arg(long)]
-        replace: bool,
-    },
+    Build(BuildArgs),
     /// Write an image back to a raw file, byte for byte.
-    Export {
-        /// Image name or manifest id.
-        image: String,
-        file: PathBuf,
-    },
+    Export(ExportArgs),
     /// List the project's images and the public ones.
     Ls,
     /// Show an image: its record (project, size, unique bytes, parent,
@@ -165,31 +126,96 @@ pub enum ImageCommand {
     /// Remove an image name (its data goes at the next garbage collection).
     Rm { name: String },
     /// Name a completed snapshot's disk as an image.
-    Register {
-        /// The snapshot's URI, as `cairn snapshot describe` prints it.
-        snapshot_uri: String,
-        #[arg(long)]
-        name: String,
-        /// Resolve the name from every project (public names are unique in the store).
-        #[arg(long)]
-        public: bool,
-        /// The Dockerfile the image was built with, kept with its record.
-        #[arg(long)]
-        dockerfile: Option<PathBuf>,
-    },
+    Register(RegisterArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ImportRawArgs {
+    pub file: PathBuf,
+    /// Name to give the image.
+    #[arg(long)]
+    pub name: String,
+    /// Chunk size, a power of two from 4K to 16M.
+    #[arg(long, default_value = DEFAULT_CHUNK_SIZE_ARG, value_parser = size::chunk_size)]
+    pub chunk_size: u32,
+    /// zstd level for new chunks (1 fastest).
+    #[arg(long, default_value_t = cairn_engine::import::DEFAULT_ZSTD_LEVEL,
+          value_parser = clap::value_parser!(i32).range(-7..=22))]
+    pub zstd_level: i32,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    pub reference: String,
+    /// Name to give the image (default: the repository's last element).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The platform to pick from a multi-platform image (default: this machine's).
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// The root disk's size, e.g. 4G (default: the content plus headroom).
+    #[arg(long, value_parser = size::bytes)]
+    pub disk_size: Option<u64>,
+    /// Talk plain HTTP to the registry.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Move the name if it names another image (a re-import of a moved tag).
+    #[arg(long)]
+    pub replace: bool,
+    /// Chunk size, a power of two from 4K to 16M.
+    #[arg(long, default_value = DEFAULT_CHUNK_SIZE_ARG, value_parser = size::chunk_size)]
+    pub chunk_size: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// The build context (default: the Dockerfile's folder, else `.`).
+    pub dir: Option<PathBuf>,
+    /// The Dockerfile (default: DIR/Dockerfile).
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    /// Name to give the image (default: the context folder's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A build argument, K=V (repeatable).
+    #[arg(long = "build-arg")]
+    pub build_args: Vec<String>,
+    /// The platform of the base images.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Talk plain HTTP to registries FROM names.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Move the name if it names another image (a rebuild).
+    #[arg(long)]
+    pub replace: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Name or manifest id.
+    pub image: String,
+    pub file: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RegisterArgs {
+    /// The snapshot's URI, as `cairn snapshot describe` prints it.
+    pub snapshot_uri: String,
+    #[arg(long)]
+    pub name: String,
+    /// Resolve the name from every project (public names are unique in the store).
+    #[arg(long)]
+    pub public: bool,
+    /// The Dockerfile the image was built with, kept with its record.
+    #[arg(long)]
+    pub dockerfile: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCommand {
     /// List the project's snapshots and their states.
-    Ls {
-        /// Most snapshots to list.
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
-        /// List those after this id (the last of a previous page).
-        #[arg(long)]
-        after: Option<String>,
-    },
+    Ls(SnapshotLsArgs),
     /// Show a snapshot's record.
     Describe { id: String },
     /// Remove a completed or failed snapshot (its data goes at the next
@@ -202,31 +228,21 @@ pub enum SnapshotCommand {
     },
 }
 
+#[derive(Args, Debug)]
+pub struct SnapshotLsArgs {
+    /// Most snapshots to list.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: u32,
+    /// List those after this id (the last of a previous page).
+    #[arg(long)]
+    pub after: Option<String>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum DiskCommand {
     /// Serve IMAGE over vhost-user-blk with a private, writable overlay.
     /// Prints a line when ready; SIGINT/SIGTERM flush and exit.
-    Serve {
-        /// Image name or manifest id.
-        image: String,
-        /// The vhost-user socket to listen on.
-        #[arg(long)]
-        socket: PathBuf,
-        /// The overlay directory (created if new; reused if it is this image's).
-        #[arg(long)]
-        overlay: PathBuf,
-        /// Refuse writes and offer the disk read-only.
-        #[arg(long)]
-        read_only: bool,
-        /// Virtqueues, one worker thread each.
-        #[arg(long, default_value_t = 1)]
-        queues: u16,
-        /// The longest, in microseconds, a queue's worker keeps watching its
-        /// ring after it drains (adaptive: only while requests come back
-        /// that soon); 0 turns polling off.
-        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1000))]
-        poll_us: u64,
-    },
+    Serve(DiskServeArgs),
     /// Fold a stopped overlay into a new image that shares every unchanged
     /// chunk with its parent.
     Snapshot {
@@ -239,76 +255,102 @@ pub enum DiskCommand {
     },
 }
 
+#[derive(Args, Debug)]
+pub struct DiskServeArgs {
+    /// Image name or manifest id.
+    pub image: String,
+    /// The vhost-user socket to listen on.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// The overlay directory (created if new; reused if it is this image's).
+    #[arg(long)]
+    pub overlay: PathBuf,
+    /// Refuse writes and offer the disk read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Virtqueues, one worker thread each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queues: u16,
+    /// The longest, in microseconds, a queue's worker keeps watching its
+    /// ring after it drains (adaptive: only while requests come back
+    /// that soon); 0 turns polling off.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub poll_us: u64,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum MemCommand {
     /// Import a VMM memory file: a full one, or (with --parent) a sparse
     /// diff over an earlier snapshot, as Firecracker writes them.
-    Import {
-        file: PathBuf,
-        /// Name to give the snapshot.
-        #[arg(long)]
-        name: String,
-        /// The snapshot a diff file was taken over (name or id).
-        #[arg(long)]
-        parent: Option<String>,
-        /// Guest page size the file was written with (4K, or 2M for huge pages).
-        #[arg(long, default_value = "4K")]
-        page_size: String,
-        /// Chunk size, a power of two from 4K to 16M (a diff takes its parent's).
-        #[arg(long, default_value = DEFAULT_CHUNK_SIZE_ARG)]
-        chunk_size: String,
-    },
+    Import(MemImportArgs),
     /// Write a memory snapshot back to a file, byte for byte.
-    Export {
-        /// Snapshot name or manifest id.
-        snapshot: String,
-        file: PathBuf,
-    },
+    Export(ExportArgs),
     /// Serve SNAPSHOT to VMMs resuming from it, over Firecracker's
     /// page-fault handler protocol. Prints a ready line, then one report
     /// per resume (a resume ends when the VMM process exits); SIGINT or
     /// SIGTERM ends the resume under way, prints its report and exits.
-    Serve {
-        /// Snapshot name or manifest id.
-        snapshot: String,
-        /// The Unix socket the VMM connects to.
-        #[arg(long)]
-        socket: PathBuf,
-        /// Do not install the recorded working set ahead of the guest.
-        #[arg(long)]
-        no_prefetch: bool,
-        /// Record the pages this resume touches, in order, and store them
-        /// as the snapshot's working set (faults then resolve one page each
-        /// unless --fault-size is given).
-        #[arg(long)]
-        record: bool,
-        /// Bytes one fault resolves: the aligned run around the page.
-        #[arg(long)]
-        fault_size: Option<String>,
-        /// Cap prefetch at this many bytes a second (e.g. 500M; not 0:
-        /// use --no-prefetch).
-        #[arg(long, value_parser = parse_rate)]
-        prefetch_rate: Option<NonZeroU64>,
-        /// Threads installing the working set side by side.
-        #[arg(long, default_value_t = cairn_vmm_glue::uffd::DEFAULT_PREFETCH_WORKERS as u16,
-              value_parser = clap::value_parser!(u16).range(1..=16))]
-        prefetch_workers: u16,
-        /// Do not kill the VMM when a resume ends while it runs (the
-        /// server failed or was stopped).
-        #[arg(long)]
-        no_kill_vmm: bool,
-        /// Seconds a connected VMM has to send its handshake.
-        #[arg(long, default_value_t = 10)]
-        handshake_timeout: u64,
-        /// Exit after the first resume ends.
-        #[arg(long)]
-        once: bool,
-    },
+    Serve(MemServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MemImportArgs {
+    pub file: PathBuf,
+    /// Name to give the snapshot.
+    #[arg(long)]
+    pub name: String,
+    /// The snapshot a diff file was taken over (name or id).
+    #[arg(long)]
+    pub parent: Option<String>,
+    /// Guest page size the file was written with (4K, or 2M for huge pages).
+    #[arg(long, default_value = "4K", value_parser = size::page_size)]
+    pub page_size: u64,
+    /// Chunk size, a power of two from 4K to 16M (a diff takes its parent's).
+    #[arg(long, default_value = DEFAULT_CHUNK_SIZE_ARG, value_parser = size::chunk_size)]
+    pub chunk_size: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct MemServeArgs {
+    /// Snapshot name or manifest id.
+    pub snapshot: String,
+    /// The Unix socket the VMM connects to.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Do not install the recorded working set ahead of the guest.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Record the pages this resume touches, in order, and store them
+    /// as the snapshot's working set (faults then resolve one page each
+    /// unless --fault-size is given).
+    #[arg(long)]
+    pub record: bool,
+    /// Bytes one fault resolves: the aligned run around the page (a power
+    /// of two from 4K to 16M; default 64K).
+    #[arg(long, value_parser = size::fault_size)]
+    pub fault_size: Option<u64>,
+    /// Cap prefetch at this many bytes a second (e.g. 500M; not 0:
+    /// use --no-prefetch).
+    #[arg(long, value_parser = parse_rate)]
+    pub prefetch_rate: Option<NonZeroU64>,
+    /// Threads installing the working set side by side.
+    #[arg(long, default_value_t = cairn_vmm_glue::uffd::DEFAULT_PREFETCH_WORKERS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub prefetch_workers: u16,
+    /// Do not kill the VMM when a resume ends while it runs (the
+    /// server failed or was stopped).
+    #[arg(long)]
+    pub no_kill_vmm: bool,
+    /// Seconds a connected VMM has to send its handshake.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub handshake_timeout: u64,
+    /// Exit after the first resume ends.
+    #[arg(long)]
+    pub once: bool,
 }
 
 /// A `--prefetch-rate`: a size a second, not zero.
 fn parse_rate(text: &str) -> Result<NonZeroU64, String> {
-    let rate = crate::size::parse_size(text)?;
+    let rate = size::bytes(text)?;
     NonZeroU64::new(rate)
         .ok_or_else(|| "a rate of 0 would never prefetch; use --no-prefetch instead".to_owned())
 }

@@ -10,7 +10,6 @@ use cairn_engine::objstore::{open_store, ObjectStore, StoreUri};
 use tokio::runtime::Runtime;
 
 use crate::cli::Global;
-use crate::size::parse_size;
 
 pub struct Context {
     pub rt: Runtime,
@@ -76,12 +75,7 @@ impl Context {
             Some(d) => d.clone(),
             None => default_cache_dir(&uri)?,
         };
-        let cache_size = parse_size(&g.cache_size)
-            .map_err(anyhow::Error::msg)
-            .context("--cache-size")?;
-        let readahead = parse_size(&g.readahead)
-            .map_err(anyhow::Error::msg)
-            .context("--readahead")?;
+        let (cache_size, readahead) = (g.cache_size, g.readahead);
         let threads = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .max(2);

@@ -1,39 +1,40 @@
-//! Byte sizes on the command line: `4096`, `64K`, `256KiB`, `10G`.
+//! Sizes on the command line, parsed by clap (`value_parser`), so that a bad
+//! one exits 2 with clap's message: `4096`, `64K`, `256KiB`, `10G`.
 
-/// Parses a size with an optional binary suffix (K, M, G, T; "iB"/"B" optional).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size (examples: 4096, 256K, 10G)"))?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return Err(format!("`{text}` has an unknown unit (use K, M, G or T)")),
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("`{text}` is too large"))
+use cairn_engine::size::parse_size;
+
+/// Any byte count.
+pub fn bytes(text: &str) -> Result<u64, String> {
+    parse_size(text)
 }
 
-/// `1.50 GiB`, for humans.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
+/// A power of two from `min` to `max` bytes.
+fn power_of_two(text: &str, min: u64, max: u64, what: &str) -> Result<u64, String> {
+    let n = parse_size(text)?;
+    if !n.is_power_of_two() || !(min..=max).contains(&n) {
+        return Err(format!(
+            "{what} is a power of two from {} to {}, not {n}",
+            indicatif::HumanBytes(min),
+            indicatif::HumanBytes(max)
+        ));
     }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
+    Ok(n)
+}
+
+/// A chunk size: a power of two from 4K to 16M.
+pub fn chunk_size(text: &str) -> Result<u32, String> {
+    // At most 16 MiB: fits.
+    power_of_two(text, 4 << 10, 16 << 20, "a chunk size").map(|n| n as u32)
+}
+
+/// A guest page size: a power of two from 4K to 1G.
+pub fn page_size(text: &str) -> Result<u64, String> {
+    power_of_two(text, 4 << 10, 1 << 30, "a page size")
+}
+
+/// What one page fault resolves: a power of two from 4K to 16M.
+pub fn fault_size(text: &str) -> Result<u64, String> {
+    power_of_two(text, 4 << 10, 16 << 20, "a fault size")
 }
 
 #[cfg(test)]
@@ -42,16 +43,15 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("256K").unwrap(), 256 << 10);
         assert_eq!(
-            parse_size(crate::cli::DEFAULT_CHUNK_SIZE_ARG).unwrap(),
-            u64::from(cairn_engine::import::DEFAULT_CHUNK_SIZE)
+            chunk_size(crate::cli::DEFAULT_CHUNK_SIZE_ARG).unwrap(),
+            cairn_engine::import::DEFAULT_CHUNK_SIZE
         );
-        assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("5Q").is_err());
-        assert!(parse_size("99999999999T").is_err());
-        assert_eq!(human(1536), "1.50 KiB");
+        assert_eq!(bytes("10G").unwrap(), 10 << 30);
+        assert!(bytes("5Q").is_err());
+        assert!(chunk_size("3K").unwrap_err().contains("power of two"));
+        assert!(chunk_size("32M").is_err());
+        assert_eq!(page_size("2M").unwrap(), 2 << 20);
+        assert!(fault_size("0").is_err());
     }
 }

@@ -445,3 +445,146 @@ fn mem_import_export_diff_and_serve_through_the_cli() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("size"), "{}", stderr(&out));
 }
+
+/// Bad sizes and counts are clap's to refuse: exit 2, the argument named,
+/// before any store is opened.
+#[test]
+fn bad_arguments_exit_2_with_the_argument_named() {
+    let env = Env::file_store();
+    let img = env.path("disk.raw");
+    write_image(&img, 5);
+    let img = img.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--cache-size", "5Q", "image", "ls"], "--cache-size"),
+        (&["--readahead", "lots", "image", "ls"], "--readahead"),
+        (
+            &[
+                "image",
+                "import-raw",
+                img,
+                "--name",
+                "x",
+                "--chunk-size",
+                "3000",
+            ],
+            "power of two",
+        ),
+        (
+            &["image", "import", "oci:/x", "--disk-size", "big"],
+            "--disk-size",
+        ),
+        (
+            &[
+                "disk",
+                "serve",
+                "x",
+                "--socket",
+                "/tmp/s",
+                "--overlay",
+                "/tmp/o",
+                "--queues",
+                "0",
+            ],
+            "--queues",
+        ),
+        (
+            &[
+                "mem",
+                "serve",
+                "x",
+                "--socket",
+                "/tmp/s",
+                "--fault-size",
+                "3K",
+            ],
+            "--fault-size",
+        ),
+    ];
+    for (args, named) in cases {
+        let out = env.cairn(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(named), "{args:?}: {}", stderr(&out));
+    }
+    assert!(
+        !env.path("store").exists(),
+        "a refused command opened the store"
+    );
+}
+
+/// `--json` covers errors: one object on stdout (`error`, `kind`,
+/// `detail`), the exit code unchanged, nothing but that on stdout.
+#[test]
+fn json_mode_reports_errors_as_one_object() {
+    let env = Env::file_store();
+    let out = env.cairn(&["--json", "image", "describe", "nope"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "not_found", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("nope"), "{v}");
+    assert!(v["detail"].as_str().is_some(), "{v}");
+
+    let out = env.cairn(&["--json", "--cache-size", "5Q", "image", "ls"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "usage", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("--cache-size"), "{v}");
+}
+
+/// No S3 credentials anywhere: one line on stderr, naming the variables
+/// and the profile looked at, and none of the SDK's own log records.
+#[test]
+fn missing_s3_credentials_give_one_line() {
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd
+        .env("HOME", home.path())
+        .env("AWS_PROFILE", "cairn-test")
+        // Off the instance metadata service: on a cloud VM it would answer.
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args([
+            "--store",
+            "s3://no-creds/p?endpoint=http://127.0.0.1:9",
+            "image",
+            "ls",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    for named in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "`cairn-test`",
+        "AWS_PROFILE",
+    ] {
+        assert!(text.contains(named), "{named} not in {text}");
+    }
+    assert!(!text.contains('\x1b'), "ANSI colour on a pipe: {text}");
+}
+
+/// Completions and the manual page come from the clap definitions.
+#[test]
+fn completions_and_man_page_are_generated() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(
+        bash.contains("import-raw") && bash.contains("--cache-size"),
+        "{bash}"
+    );
+    assert!(run(&["completions", "zsh"]).contains("#compdef cairn"));
+    let man = run(&["man"]);
+    assert!(man.contains(".TH cairn") && man.contains("image"), "{man}");
+}

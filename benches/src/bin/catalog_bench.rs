@@ -5,13 +5,14 @@
 //! down as it grows.
 //!
 //! `benches/run-catalog-bench.sh` starts moto and runs this; see the
-//! README's "Catalog" section.
+//! README's "Catalog" section. The figures also go to `--json-out`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use cairn_benches::{median, quantile, Table};
+use cairn_benches::{machine_state, median, quantile, Table};
 use cairn_engine::catalog::{sandbox, NewSandbox, SandboxSource};
 use cairn_engine::objstore::{FileStore, ObjectStore, Resilient, RetryPolicy, S3Options, S3Store};
 use cairn_engine::ManifestId;
@@ -37,6 +38,9 @@ struct Args {
     /// An S3 server (moto's, as benches/run-catalog-bench.sh starts it).
     #[arg(long, env = "CAIRN_TEST_MOTO_ENDPOINT")]
     s3_endpoint: Option<String>,
+    /// Where the figures go as JSON.
+    #[arg(long, default_value = "target/bench/catalog.json")]
+    json_out: PathBuf,
 }
 
 const PROJECT: &str = "bench";
@@ -79,14 +83,20 @@ async fn fill(
     Ok(ids)
 }
 
-fn micros(samples: Vec<f64>) -> (String, String) {
-    (
-        format!("{:.0}", median(samples.clone()) * 1e6),
-        format!("{:.0}", quantile(samples, 0.99) * 1e6),
-    )
+/// p50 and p99 of latencies in seconds, as whole µs.
+fn micros(samples: Vec<f64>) -> [u64; 2] {
+    [
+        (median(samples.clone()) * 1e6).round() as u64,
+        (quantile(samples, 0.99) * 1e6).round() as u64,
+    ]
 }
 
-async fn run(name: &str, store: Arc<dyn ObjectStore>, args: &Args) -> Result<()> {
+/// Measures at each size; returns one JSON object per size.
+async fn run(
+    name: &str,
+    store: Arc<dyn ObjectStore>,
+    args: &Args,
+) -> Result<Vec<serde_json::Value>> {
     let img = ManifestId::of(b"catalog bench image");
     let mut table = Table::new(&[
         "records",
@@ -102,6 +112,7 @@ async fn run(name: &str, store: Arc<dyn ObjectStore>, args: &Args) -> Result<()>
     ]);
     let mut have = 0;
     let mut ids: Vec<String> = Vec::new();
+    let mut rows = Vec::new();
     for &size in &args.sizes {
         let t = Instant::now();
         ids.extend(fill(&store, have, size, img, args.fill_concurrency).await?);
@@ -136,44 +147,45 @@ async fn run(name: &str, store: Arc<dyn ObjectStore>, args: &Args) -> Result<()>
             anyhow::ensure!(keys.len() == args.page, "a short page: {}", keys.len());
         }
         have += args.samples;
-        let (c50, c99) = micros(create);
-        let (n50, n99) = micros(by_name);
-        let (i50, i99) = micros(by_id);
-        let (p50, p99) = micros(page);
-        table.row(vec![
-            size.to_string(),
-            c50,
-            c99,
-            n50,
-            n99,
-            i50,
-            i99,
-            p50,
-            p99,
-            format!("{fill_s:.1}"),
-        ]);
+        let ops = [
+            ("create", micros(create)),
+            ("by_name", micros(by_name)),
+            ("by_id", micros(by_id)),
+            ("page", micros(page)),
+        ];
+        let mut cells = vec![size.to_string()];
+        cells.extend(ops.iter().flat_map(|(_, q)| q.map(|us| us.to_string())));
+        cells.push(format!("{fill_s:.1}"));
+        table.row(cells);
+        let mut row = serde_json::json!({ "records": size, "fill_s": fill_s });
+        for (op, [p50, p99]) in ops {
+            row[op] = serde_json::json!({ "p50_us": p50, "p99_us": p99 });
+        }
+        rows.push(row);
     }
     println!(
         "\n{name}: {} samples per operation per size, pages of {}",
         args.samples, args.page
     );
     table.print();
-    Ok(())
+    Ok(rows)
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Runtime::new()?;
+    let mut stores = serde_json::Map::new();
     for which in &args.stores {
         match which.as_str() {
             "file" => {
                 let dir = tempfile::tempdir()?;
                 let store: Arc<dyn ObjectStore> = Arc::new(FileStore::open(dir.path())?);
-                rt.block_on(run(
+                let rows = rt.block_on(run(
                     &format!("file://{}", dir.path().display()),
                     store,
                     &args,
                 ))?;
+                stores.insert("file".into(), rows.into());
             }
             "s3" => {
                 let endpoint = args
@@ -190,16 +202,30 @@ fn main() -> Result<()> {
                     part_size: None,
                     static_credentials: Some(("bench".to_owned(), "bench".to_owned())),
                 };
-                rt.block_on(async {
+                let rows = rt.block_on(async {
                     let s3 = S3Store::connect(&opts).await;
                     s3.ensure_bucket().await?;
                     let store: Arc<dyn ObjectStore> =
                         Arc::new(Resilient::new(Arc::new(s3), RetryPolicy::default(), 64));
                     run(&format!("s3://{bucket}/store at {endpoint}"), store, &args).await
                 })?;
+                stores.insert("s3".into(), rows.into());
             }
             other => anyhow::bail!("unknown store `{other}`: file or s3"),
         }
     }
+    let json = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "samples": args.samples,
+        "page": args.page,
+        "fill_concurrency": args.fill_concurrency,
+        "machine": machine_state(),
+        "stores": stores,
+    });
+    if let Some(dir) = args.json_out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json_out, serde_json::to_vec_pretty(&json)?)?;
+    println!("  JSON: {}", args.json_out.display());
     Ok(())
 }

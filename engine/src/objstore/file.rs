@@ -1,9 +1,11 @@
 //! `file://DIR`: objects as files under a directory.
 //!
-//! Writes go to a temporary file that is synced and then linked into place
-//! (a hard link fails if the target exists, which makes "put if absent"
-//! atomic), so a reader never sees a partial object and a crash leaves at
-//! worst a stray file in `.tmp/`.
+//! Writes go to a temporary file in `.tmp/` (`tempfile`'s, removed if the
+//! write fails) that is synced and then moved into place: put if absent
+//! with `persist_noclobber` (a link that fails if the target exists, which
+//! makes it atomic), overwrite with a rename. A reader never sees a partial
+//! object; a crash leaves at worst a stray file in `.tmp/`, which opening
+//! the store deletes once it is an hour old (a live writer's is younger).
 //!
 //! Conditional writes ([`ObjectStore::put_if`]), overwrites and deletes
 //! hold an exclusive `flock` on one of 256 lock files in `.locks/` (the
@@ -27,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tempfile::NamedTempFile;
 
 use super::{
     check_key, Conditional, ListPage, ObjectStore, Precondition, PutMode, PutOutcome, StoreError,
@@ -35,6 +38,29 @@ use super::{
 use crate::error::ErrorKind;
 
 const TMP_DIR: &str = ".tmp";
+/// A temporary file older than this was left by a writer that died.
+const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Deletes what writers that died left in `.tmp/` (best effort: a store
+/// that cannot be swept still works).
+fn sweep_stale_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TMP);
+        if old {
+            if let Err(e) = fs::remove_file(entry.path()) {
+                tracing::debug!(path = %entry.path().display(), error = %e, "cannot remove a stale temporary file");
+            }
+        }
+    }
+}
 const LOCK_DIR: &str = ".locks";
 /// Key prefixes whose last segment is fanned out into a trie.
 pub const FAN_OUT_PREFIXES: &[&str] = &["catalog/"];
@@ -53,6 +79,7 @@ impl FileStore {
         fs::create_dir_all(root.join(TMP_DIR))?;
         fs::create_dir_all(root.join(LOCK_DIR))?;
         let root = root.canonicalize()?;
+        sweep_stale_temporaries(&root.join(TMP_DIR));
         Ok(FileStore {
             uri: format!("file://{}", root.display()),
             root,
@@ -103,35 +130,32 @@ impl FileStore {
         }
     }
 
-    fn tmp_path(&self) -> PathBuf {
-        self.root
-            .join(TMP_DIR)
-            .join(format!("{:016x}", fastrand::u64(..)))
-    }
-
-    /// Links a synced temporary file into place and syncs the directory.
-    fn install(&self, tmp: &Path, dest: &Path, mode: PutMode) -> io::Result<PutOutcome> {
+    /// Moves a synced temporary file into place and syncs the directory.
+    fn install(&self, tmp: NamedTempFile, dest: &Path, mode: PutMode) -> io::Result<PutOutcome> {
         let parent = dest.parent().expect("keys have a parent under root");
         fs::create_dir_all(parent)?;
         let outcome = match mode {
             PutMode::Overwrite => {
-                fs::rename(tmp, dest)?;
+                tmp.persist(dest)?;
                 PutOutcome::Created
             }
-            PutMode::IfAbsent => {
-                let linked = fs::hard_link(tmp, dest);
-                fs::remove_file(tmp)?;
-                match linked {
-                    Ok(()) => PutOutcome::Created,
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        PutOutcome::AlreadyExisted
-                    }
-                    Err(e) => return Err(e),
+            PutMode::IfAbsent => match tmp.persist_noclobber(dest) {
+                Ok(_) => PutOutcome::Created,
+                // Dropping the temporary file deletes it.
+                Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
+                    PutOutcome::AlreadyExisted
                 }
-            }
+                Err(e) => return Err(e.error),
+            },
         };
         File::open(parent)?.sync_all()?;
         Ok(outcome)
+    }
+
+    /// A new temporary file in `.tmp/`, deleted when dropped unless it is
+    /// installed.
+    fn tmp_file(&self) -> io::Result<NamedTempFile> {
+        NamedTempFile::new_in(self.root.join(TMP_DIR))
     }
 
     fn put_sync(
@@ -152,14 +176,13 @@ impl FileStore {
             PutMode::IfAbsent => None,
         };
         let tmp = self.write_tmp(data)?;
-        self.install(&tmp, dest, mode)
+        self.install(tmp, dest, mode)
     }
 
-    fn write_tmp(&self, data: &[u8]) -> io::Result<PathBuf> {
-        let tmp = self.tmp_path();
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
+    fn write_tmp(&self, data: &[u8]) -> io::Result<NamedTempFile> {
+        let mut tmp = self.tmp_file()?;
+        tmp.write_all(data)?;
+        tmp.as_file().sync_all()?;
         Ok(tmp)
     }
 
@@ -187,7 +210,7 @@ impl FileStore {
             Precondition::Absent => PutMode::IfAbsent,
             Precondition::Matches(_) => PutMode::Overwrite,
         };
-        Ok(match self.install(&tmp, dest, mode)? {
+        Ok(match self.install(tmp, dest, mode)? {
             PutOutcome::Created => Conditional::Written(version_of(data)),
             PutOutcome::AlreadyExisted => Conditional::PreconditionFailed,
         })
@@ -197,10 +220,10 @@ impl FileStore {
         if dest.exists() {
             return Ok(PutOutcome::AlreadyExisted);
         }
-        let tmp = self.tmp_path();
-        fs::copy(src, &tmp)?;
-        File::open(&tmp)?.sync_all()?;
-        self.install(&tmp, dest, PutMode::IfAbsent)
+        let mut tmp = self.tmp_file()?;
+        io::copy(&mut File::open(src)?, tmp.as_file_mut())?;
+        tmp.as_file().sync_all()?;
+        self.install(tmp, dest, PutMode::IfAbsent)
     }
 
     fn list_sync(&self, prefix: &str) -> io::Result<Vec<String>> {

@@ -11,10 +11,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
-use aws_sdk_s3::config::Region;
+use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
@@ -53,6 +54,11 @@ impl S3Store {
         let path_style = opts.path_style.unwrap_or(endpoint.is_some());
         let mut conf = aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(path_style)
+            // cairn checks every frame by CRC32 and BLAKE3 itself; the SDK's
+            // default checksum on every upload is refused by several
+            // S3-compatible servers.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .retry_config(RetryConfig::disabled())
             .timeout_config(
                 TimeoutConfig::builder()
@@ -137,6 +143,15 @@ impl S3Store {
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
+        if credentials_missing(&err) {
+            return StoreError::new(
+                op,
+                &self.uri,
+                key,
+                ErrorKind::PermissionDenied,
+                no_credentials_hint(),
+            );
+        }
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().unwrap_or("").to_owned();
         let mut throttled = false;
@@ -324,6 +339,39 @@ impl S3Store {
             Err(e) => Err(self.classify("put", key, e)),
         }
     }
+}
+
+/// Whether a request failed because the credentials chain found nothing.
+fn credentials_missing<E>(err: &SdkError<E, HttpResponse>) -> bool
+where
+    E: std::error::Error + 'static,
+{
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if e.downcast_ref::<CredentialsError>().is_some() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// One line naming where credentials were looked for.
+fn no_credentials_hint() -> String {
+    let var = |name: &str, default: &str| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| default.to_owned())
+    };
+    format!(
+        "no S3 credentials: looked at AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, profile `{}` \
+         (AWS_PROFILE) in {} and {}, web identity, container and instance metadata; set the \
+         variables or configure the profile",
+        var("AWS_PROFILE", "default"),
+        var("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+        var("AWS_CONFIG_FILE", "~/.aws/config"),
+    )
 }
 
 #[async_trait]

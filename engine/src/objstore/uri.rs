@@ -1,8 +1,9 @@
 //! Store URIs: `file:///abs/dir` and `s3://bucket/prefix?options`.
 //!
 //! S3 options in the query: `endpoint=URL`, `region=NAME`,
-//! `path_style=true|false`, `part_size=BYTES`. Anything not given comes
-//! from the standard AWS environment and profile chain.
+//! `path_style=true|false`, `part_size=SIZE` (bytes, or e.g. `16M`).
+//! Anything not given comes from the standard AWS environment and profile
+//! chain.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -47,70 +48,92 @@ pub enum StoreUri {
 impl FromStr for StoreUri {
     type Err = UriError;
 
+    /// Parsed by the `url` crate: query values are percent-decoded (an
+    /// endpoint may carry `%3A` for `:`; an IPv6 endpoint is written
+    /// `http://[::1]:9000`), and a file path may be percent-encoded.
     fn from_str(uri: &str) -> Result<Self, Self::Err> {
         let err = |reason: &str| UriError {
             uri: uri.to_owned(),
             reason: reason.to_owned(),
         };
-        if let Some(path) = uri.strip_prefix("file://") {
-            if !path.starts_with('/') {
-                return Err(err(
-                    "a file:// URI needs an absolute path, as in file:///var/lib/cairn",
-                ));
+        // The URL standard resolves `.` and `..` away; a store location
+        // that spells them is refused instead of silently moved.
+        let location = uri.split(['?', '#']).next().unwrap_or("");
+        if location
+            .split('/')
+            .skip(3)
+            .any(|segment| segment == "." || segment == "..")
+        {
+            return Err(err("the path may not hold `.` or `..` segments"));
+        }
+        let url = url::Url::parse(uri)
+            .map_err(|e| err(&format!("{e} (expected file:///DIR or s3://BUCKET/PREFIX)")))?;
+        match url.scheme() {
+            "file" => {
+                if url.host_str().is_some_and(|h| !h.is_empty()) {
+                    return Err(err(
+                        "a file:// URI needs an absolute path, as in file:///var/lib/cairn",
+                    ));
+                }
+                if url.query().is_some() {
+                    return Err(err("a file:// URI takes no options"));
+                }
+                let path = url.to_file_path().map_err(|()| err("not a local path"))?;
+                Ok(StoreUri::File(path))
             }
-            return Ok(StoreUri::File(PathBuf::from(path)));
+            "s3" => s3_options(&url).map(StoreUri::S3).map_err(|r| err(&r)),
+            _ => Err(err("expected file:///DIR or s3://BUCKET/PREFIX")),
         }
-        let Some(rest) = uri.strip_prefix("s3://") else {
-            return Err(err("expected file:///DIR or s3://BUCKET/PREFIX"));
-        };
-        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
-        let bucket_ok = (3..=63).contains(&bucket.len())
-            && bucket
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-        if !bucket_ok {
-            return Err(err(
-                "the bucket name must be 3 to 63 characters of a-z, 0-9, '.' and '-'",
-            ));
-        }
-        let prefix = prefix.trim_matches('/');
-        if !prefix.is_empty() && super::check_key(prefix).is_err() {
-            return Err(err(
-                "the prefix must be segments of A-Z, a-z, 0-9, '.', '_' and '-'",
-            ));
-        }
-        let mut opts = S3Options {
-            bucket: bucket.to_owned(),
-            prefix: prefix.to_owned(),
-            ..S3Options::default()
-        };
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or_else(|| err("query options are key=value"))?;
-            match k {
-                "endpoint" => opts.endpoint = Some(v.to_owned()),
-                "region" => opts.region = Some(v.to_owned()),
-                "path_style" => {
-                    opts.path_style =
-                        Some(v.parse().map_err(|_| err("path_style is true or false"))?)
-                }
-                "part_size" => {
-                    opts.part_size = Some(
-                        v.parse()
-                            .map_err(|_| err("part_size is a number of bytes"))?,
-                    )
-                }
-                _ => {
-                    return Err(err(&format!(
-                        "unknown option `{k}` (known: endpoint, region, path_style, part_size)"
-                    )))
-                }
-            }
-        }
-        Ok(StoreUri::S3(opts))
     }
+}
+
+/// The bucket, prefix and query options of an `s3://` URL.
+fn s3_options(url: &url::Url) -> Result<S3Options, String> {
+    let bucket = url.host_str().unwrap_or("");
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !bucket_ok {
+        return Err("the bucket name must be 3 to 63 characters of a-z, 0-9, '.' and '-'".into());
+    }
+    let prefix = url.path().trim_matches('/');
+    if !prefix.is_empty() && super::check_key(prefix).is_err() {
+        return Err("the prefix must be segments of A-Z, a-z, 0-9, '.', '_' and '-'".into());
+    }
+    let mut opts = S3Options {
+        bucket: bucket.to_owned(),
+        prefix: prefix.to_owned(),
+        ..S3Options::default()
+    };
+    for (k, v) in url.query_pairs() {
+        match k.as_ref() {
+            "endpoint" => {
+                let endpoint =
+                    url::Url::parse(&v).map_err(|e| format!("endpoint `{v}` is not a URL: {e}"))?;
+                if !matches!(endpoint.scheme(), "http" | "https") {
+                    return Err(format!("endpoint `{v}` must be http:// or https://"));
+                }
+                opts.endpoint = Some(v.into_owned());
+            }
+            "region" => opts.region = Some(v.into_owned()),
+            "path_style" => {
+                opts.path_style = Some(v.parse().map_err(|_| "path_style is true or false")?)
+            }
+            "part_size" => {
+                let size = crate::size::parse_size(&v).map_err(|e| format!("part_size: {e}"))?;
+                opts.part_size = Some(
+                    usize::try_from(size).map_err(|_| format!("part_size `{v}` is too large"))?,
+                );
+            }
+            other => {
+                return Err(format!(
+                    "unknown option `{other}` (known: endpoint, region, path_style, part_size)"
+                ))
+            }
+        }
+    }
+    Ok(opts)
 }
 
 impl fmt::Display for StoreUri {
@@ -179,8 +202,34 @@ mod tests {
         }
         assert!(matches!(
             "file:///tmp/x".parse().unwrap(),
-            StoreUri::File(_)
+            StoreUri::File(p) if p == std::path::Path::new("/tmp/x")
         ));
+        match "file:///tmp/with%20space".parse().unwrap() {
+            StoreUri::File(p) => assert_eq!(p, std::path::Path::new("/tmp/with space")),
+            other => panic!("{other:?}"),
+        }
+        // Sizes as the README writes them; endpoints percent-decoded and
+        // with IPv6 hosts.
+        match "s3://bkt/p?part_size=16M&endpoint=http%3A%2F%2F%5B%3A%3A1%5D%3A9000"
+            .parse()
+            .unwrap()
+        {
+            StoreUri::S3(o) => {
+                assert_eq!(o.part_size, Some(16 << 20));
+                assert_eq!(o.endpoint.as_deref(), Some("http://[::1]:9000"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match "s3://bkt/p?endpoint=http://[::1]:9000&part_size=8388608"
+            .parse()
+            .unwrap()
+        {
+            StoreUri::S3(o) => {
+                assert_eq!(o.endpoint.as_deref(), Some("http://[::1]:9000"));
+                assert_eq!(o.part_size, Some(8 << 20));
+            }
+            other => panic!("{other:?}"),
+        }
         for bad in [
             "file://rel",
             "s3://",
@@ -188,6 +237,10 @@ mod tests {
             "s3://ok-bucket/x?bogus=1",
             "http://x",
             "s3://bkt/../x",
+            "s3://bkt/x?part_size=5Q",
+            "s3://bkt/x?endpoint=ftp://h",
+            "s3://bkt/x?endpoint=nota url",
+            "file:///x?endpoint=y",
         ] {
             let e = bad.parse::<StoreUri>().unwrap_err();
             assert!(e.to_string().contains(bad), "{e}");

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use cairn_engine::disk::Disk;
 use cairn_engine::import::ImportOptions;
 use cairn_engine::overlay::Overlay;
@@ -18,6 +18,7 @@ use serde::Serialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::image::{load, name_and_report};
+use crate::cli::DiskServeArgs;
 use crate::context::Context;
 use crate::output::{bytes_bar, emit};
 use cairn_engine::catalog::Made;
@@ -54,18 +55,14 @@ struct OverlaySyncs {
     journal: u64,
 }
 
-pub fn serve(
-    ctx: &Context,
-    image: &str,
-    socket: &Path,
-    overlay_dir: &Path,
-    read_only: bool,
-    queues: u16,
-    poll: std::time::Duration,
-) -> Result<ExitCode> {
-    if queues == 0 || queues > 64 {
-        bail!("--queues must be 1 to 64, not {queues}");
-    }
+pub fn serve(ctx: &Context, args: &DiskServeArgs) -> Result<ExitCode> {
+    let (image, socket, overlay_dir) = (
+        args.image.as_str(),
+        args.socket.as_path(),
+        args.overlay.as_path(),
+    );
+    let (read_only, queues) = (args.read_only, args.queues);
+    let poll = std::time::Duration::from_micros(args.poll_us);
     let (id, manifest) = load(ctx, image)?;
     let store = ctx.chunk_store()?;
     let overlay = Overlay::open_or_create(overlay_dir, &id, manifest.logical_size)

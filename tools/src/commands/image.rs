@@ -12,9 +12,10 @@ use cairn_engine::manifest::{Manifest, ManifestKind};
 use cairn_engine::ManifestId;
 use serde::Serialize;
 
+use crate::cli::{ImportRawArgs, RegisterArgs};
 use crate::context::Context;
 use crate::output::{bytes_bar, emit};
-use crate::size::{human, parse_size};
+use indicatif::HumanBytes;
 
 #[derive(Serialize)]
 struct Imported {
@@ -60,12 +61,12 @@ pub(crate) fn name_and_report(
         format!(
             "{verb} {name}\n  id             {}\n  logical size   {} ({} bytes)\n  stored bytes   {}\n  new bytes      {}\n  chunks         {} of {} ({} zero, {} distinct, {} new)\n  dedup ratio    {:.2}\n  took           {:.2} s ({:.0} MiB/s)\n",
             r.id,
-            human(r.logical_bytes),
+            HumanBytes(r.logical_bytes),
             r.logical_bytes,
-            human(r.stored_bytes),
-            human(r.new_bytes),
+            HumanBytes(r.stored_bytes),
+            HumanBytes(r.new_bytes),
             r.chunks,
-            human(u64::from(r.chunk_size)),
+            HumanBytes(u64::from(r.chunk_size)),
             r.zero_chunks,
             r.distinct_chunks,
             r.new_chunks,
@@ -76,17 +77,9 @@ pub(crate) fn name_and_report(
     })
 }
 
-pub fn import_raw(
-    ctx: &Context,
-    file: &Path,
-    name: &str,
-    chunk_size: &str,
-    zstd_level: i32,
-) -> Result<ExitCode> {
+pub fn import_raw(ctx: &Context, args: &ImportRawArgs) -> Result<ExitCode> {
+    let (file, name) = (args.file.as_path(), args.name.as_str());
     catalog::check_name(name)?;
-    let chunk_size = parse_size(chunk_size)
-        .map_err(anyhow::Error::msg)
-        .context("--chunk-size")?;
     let len = std::fs::metadata(file)
         .with_context(|| format!("cannot read {}", file.display()))?
         .len();
@@ -95,8 +88,8 @@ pub fn import_raw(
         .with_context(|| format!("preparing {} for writing", ctx.remote.uri()))?;
     let store = ctx.chunk_store()?;
     let mut opts = ImportOptions::new(ctx.staging_dir());
-    opts.chunk_size = u32::try_from(chunk_size).context("--chunk-size is too large")?;
-    opts.zstd_level = zstd_level;
+    opts.chunk_size = args.chunk_size;
+    opts.zstd_level = args.zstd_level;
     let bar = bytes_bar(len, ctx.json, "importing");
     let started = Instant::now();
     let (_, report) = engine_import(&store, file, &opts, &|done| bar.set_position(done))
@@ -141,7 +134,7 @@ pub fn export(ctx: &Context, image: &str, file: &Path) -> Result<ExitCode> {
     emit(ctx.json, &out, || {
         format!(
             "exported {image} ({}) to {} in {:.2} s\n",
-            human(out.logical_bytes),
+            HumanBytes(out.logical_bytes),
             out.file,
             out.seconds
         )
@@ -187,8 +180,8 @@ pub fn ls(ctx: &Context) -> Result<ExitCode> {
                     "{:<28} {:<14} {:>10} {:>10} {:<14} {:<14} {:<10}\n",
                     r.name,
                     i.id.short(),
-                    human(i.size),
-                    human(i.unique_bytes),
+                    HumanBytes(i.size),
+                    HumanBytes(i.unique_bytes),
                     i.parent.map_or("-".to_owned(), |p| p.short()),
                     i.made.how,
                     if i.public {
@@ -274,7 +267,7 @@ pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
                 r.name,
                 r.project,
                 if r.public { " (public)" } else { "" },
-                human(r.unique_bytes),
+                HumanBytes(r.unique_bytes),
                 r.unique_bytes,
                 r.parent.map_or("-".to_owned(), |p| p.to_hex()),
                 r.made.how,
@@ -288,13 +281,13 @@ pub fn describe(ctx: &Context, image: &str) -> Result<ExitCode> {
         s += &format!(
             "  kind            {}\n  logical size    {} ({} bytes)\n  chunk size      {}\n  chunks          {} ({} zero, {} distinct)\n  stored bytes    {}\n  missing chunks  {}\n",
             out.kind,
-            human(out.logical_bytes),
+            HumanBytes(out.logical_bytes),
             out.logical_bytes,
-            human(u64::from(out.chunk_size)),
+            HumanBytes(u64::from(out.chunk_size)),
             out.chunks,
             out.zero_chunks,
             out.distinct_chunks,
-            human(out.stored_bytes),
+            HumanBytes(out.stored_bytes),
             out.missing_chunks
         );
         s + &out
@@ -326,14 +319,9 @@ pub fn rm(ctx: &Context, name: &str) -> Result<ExitCode> {
 /// The most of a Dockerfile kept with an image's record.
 const MAX_DOCKERFILE: u64 = 16 << 10;
 
-pub fn register(
-    ctx: &Context,
-    uri: &str,
-    name: &str,
-    public: bool,
-    dockerfile: Option<&Path>,
-) -> Result<ExitCode> {
-    let dockerfile = match dockerfile {
+pub fn register(ctx: &Context, args: &RegisterArgs) -> Result<ExitCode> {
+    let (uri, name, public) = (args.snapshot_uri.as_str(), args.name.as_str(), args.public);
+    let dockerfile = match args.dockerfile.as_deref() {
         Some(p) => {
             let len = std::fs::metadata(p)
                 .with_context(|| format!("cannot read --dockerfile {}", p.display()))?
@@ -365,8 +353,8 @@ pub fn register(
             rec.project,
             if rec.public { ", public" } else { "" },
             rec.id.short(),
-            human(rec.size),
-            human(rec.unique_bytes)
+            HumanBytes(rec.size),
+            HumanBytes(rec.unique_bytes)
         )
     })?;
     Ok(ExitCode::SUCCESS)

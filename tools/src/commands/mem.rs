@@ -1,6 +1,5 @@
 //! `cairn mem …`: memory snapshots.
 
-use std::num::NonZeroU64;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,30 +15,15 @@ use serde::Serialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::image::{load, name_and_report};
+use crate::cli::{MemImportArgs, MemServeArgs};
 use crate::context::Context;
 use crate::output::{bytes_bar, emit};
-use crate::size::{human, parse_size};
 use cairn_engine::catalog::Made;
+use indicatif::HumanBytes;
 
-fn size_arg(text: &str, what: &str) -> Result<u64> {
-    parse_size(text)
-        .map_err(anyhow::Error::msg)
-        .context(what.to_owned())
-}
-
-pub fn import(
-    ctx: &Context,
-    file: &Path,
-    name: &str,
-    parent: Option<&str>,
-    page_size: &str,
-    chunk_size: &str,
-) -> Result<ExitCode> {
+pub fn import(ctx: &Context, args: &MemImportArgs) -> Result<ExitCode> {
+    let (file, name, page_size) = (args.file.as_path(), args.name.as_str(), args.page_size);
     cairn_engine::catalog::check_name(name)?;
-    let page_size = size_arg(page_size, "--page-size")?;
-    if !page_size.is_power_of_two() || !(4096..=1 << 30).contains(&page_size) {
-        bail!("--page-size must be a power of two from 4K to 1G, not {page_size}");
-    }
     let len = std::fs::metadata(file)
         .with_context(|| format!("cannot read {}", file.display()))?
         .len();
@@ -54,7 +38,7 @@ pub fn import(
         .with_context(|| format!("preparing {} for writing", ctx.remote.uri()))?;
     let store = ctx.chunk_store()?;
     let mut layout = MemLayout::single(len, page_size as u32);
-    let parent = match parent {
+    let parent = match args.parent.as_deref() {
         Some(p) => {
             let (id, m) = load(ctx, p)?;
             layout.parent = Some(id);
@@ -63,8 +47,7 @@ pub fn import(
         None => None,
     };
     let mut opts = ImportOptions::new(ctx.staging_dir());
-    opts.chunk_size = u32::try_from(size_arg(chunk_size, "--chunk-size")?)
-        .context("--chunk-size is too large")?;
+    opts.chunk_size = args.chunk_size;
     let bar = bytes_bar(len, ctx.json, "importing memory");
     let started = Instant::now();
     let (_, report) = import_memory(&store, file, &layout, parent, &opts, &|d| {
@@ -83,17 +66,6 @@ pub fn import(
         layout.parent,
     )?;
     Ok(ExitCode::SUCCESS)
-}
-
-pub struct ServeArgs {
-    pub prefetch: bool,
-    pub record: bool,
-    pub fault_size: Option<String>,
-    pub prefetch_rate: Option<NonZeroU64>,
-    pub prefetch_workers: usize,
-    pub kill_vmm: bool,
-    pub handshake_timeout: u64,
-    pub once: bool,
 }
 
 #[derive(Serialize)]
@@ -115,25 +87,26 @@ struct Resumed<'a> {
     resume: &'a ResumeReport,
 }
 
-pub fn serve(ctx: &Context, snapshot: &str, socket: &Path, args: ServeArgs) -> Result<ExitCode> {
+pub fn serve(ctx: &Context, args: &MemServeArgs) -> Result<ExitCode> {
+    let (snapshot, socket) = (args.snapshot.as_str(), args.socket.as_path());
     let (id, _) = load(ctx, snapshot)?;
     let store = ctx.chunk_store()?;
     let served = ServedSnapshot::open(&store, id)
         .map_err(|e| anyhow::anyhow!("{}", DisplayChain(&e)))
         .with_context(|| format!("opening memory snapshot {snapshot}"))?;
-    let fault_bytes = match (&args.fault_size, args.record) {
-        (Some(s), _) => size_arg(s, "--fault-size")?,
+    let fault_bytes = match (args.fault_size, args.record) {
+        (Some(bytes), _) => bytes,
         // Recording wants every first touch, in order: one page a fault.
         (None, true) => 4096,
         (None, false) => uffd::DEFAULT_FAULT_BYTES,
     };
     let cfg = ServeConfig {
         fault_bytes,
-        prefetch: args.prefetch && !args.record,
+        prefetch: !args.no_prefetch && !args.record,
         prefetch_rate: args.prefetch_rate,
-        prefetch_workers: args.prefetch_workers,
+        prefetch_workers: usize::from(args.prefetch_workers),
         record: args.record.then(|| ImportOptions::new(ctx.staging_dir())),
-        kill_vmm: args.kill_vmm,
+        kill_vmm: !args.no_kill_vmm,
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         ..ServeConfig::default()
     };
@@ -169,8 +142,8 @@ pub fn serve(ctx: &Context, snapshot: &str, socket: &Path, args: ServeArgs) -> R
             let _ = emit(json, &ready, || {
                 format!(
                     "ready: serving memory snapshot {snapshot} ({}, working set {}) on {}\n",
-                    human(ready.memory_bytes),
-                    human(ready.working_set_bytes),
+                    HumanBytes(ready.memory_bytes),
+                    HumanBytes(ready.working_set_bytes),
                     socket.display()
                 )
             });
@@ -215,13 +188,13 @@ fn resume_text(r: &ResumeReport) -> String {
         r.fault_p50_us,
         r.fault_p99_us,
         r.fault_max_us,
-        human(r.fault_bytes),
+        HumanBytes(r.fault_bytes),
     );
     if r.working_set_bytes > 0 {
         s += &format!(
             "  prefetch        {} of a {} working set{}\n",
-            human(r.prefetch_bytes),
-            human(r.working_set_bytes),
+            HumanBytes(r.prefetch_bytes),
+            HumanBytes(r.working_set_bytes),
             r.prefetch_ms.map_or(String::new(), |ms| format!(
                 ", done {ms:.0} ms after the handshake"
             ))
@@ -235,17 +208,17 @@ fn resume_text(r: &ResumeReport) -> String {
     }
     s += &format!(
         "  zero bytes      {}; races {}; faults left to the prefetch {}; busy retries {}; removed pages {}\n  from the store  {}\n",
-        human(r.zero_bytes),
+        HumanBytes(r.zero_bytes),
         r.already_present,
         r.faults_waited_for_prefetch,
         r.retried_busy,
         r.removed_pages,
-        human(r.remote_bytes)
+        HumanBytes(r.remote_bytes)
     );
     if let (Some(runs), Some(bytes)) = (r.recorded_runs, r.recorded_bytes) {
         s += &format!(
             "  recorded        {} in {runs} runs as the working set\n",
-            human(bytes)
+            HumanBytes(bytes)
         );
     }
     s

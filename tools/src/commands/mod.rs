@@ -27,131 +27,33 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Sandbox(cmd) = &cli.command {
         return sandbox::run(&cli.global, cmd);
     }
+    if let Command::Completions { shell } = &cli.command {
+        return completions(*shell);
+    }
+    if let Command::Man = &cli.command {
+        return man();
+    }
     let ctx = Context::new(&cli.global)?;
     match cli.command {
-        Command::Image(ImageCommand::ImportRaw {
-            file,
-            name,
-            chunk_size,
-            zstd_level,
-        }) => image::import_raw(&ctx, &file, &name, &chunk_size, zstd_level),
-        Command::Image(ImageCommand::Import {
-            reference,
-            name,
-            platform,
-            disk_size,
-            insecure,
-            replace,
-            chunk_size,
-        }) => oci::import(
-            &ctx,
-            &reference,
-            &oci::ImportArgs {
-                name,
-                platform,
-                disk_size,
-                insecure,
-                replace,
-                chunk_size,
-            },
-        ),
-        Command::Image(ImageCommand::Build {
-            dir,
-            file,
-            name,
-            build_args,
-            platform,
-            insecure,
-            replace,
-        }) => oci::build(
-            &ctx,
-            &oci::BuildArgs {
-                dir,
-                file,
-                name,
-                build_args,
-                platform,
-                insecure,
-                replace,
-            },
-        ),
-        Command::Image(ImageCommand::Export { image, file }) => image::export(&ctx, &image, &file),
+        Command::Image(ImageCommand::ImportRaw(args)) => image::import_raw(&ctx, &args),
+        Command::Image(ImageCommand::Import(args)) => oci::import(&ctx, &args),
+        Command::Image(ImageCommand::Build(args)) => oci::build(&ctx, &args),
+        Command::Image(ImageCommand::Export(args)) | Command::Mem(MemCommand::Export(args)) => {
+            image::export(&ctx, &args.image, &args.file)
+        }
         Command::Image(ImageCommand::Ls) => image::ls(&ctx),
         Command::Image(ImageCommand::Describe { image }) => image::describe(&ctx, &image),
         Command::Image(ImageCommand::Rm { name }) => image::rm(&ctx, &name),
-        Command::Image(ImageCommand::Register {
-            snapshot_uri,
-            name,
-            public,
-            dockerfile,
-        }) => image::register(&ctx, &snapshot_uri, &name, public, dockerfile.as_deref()),
-        Command::Snapshot(SnapshotCommand::Ls { limit, after }) => {
-            snapshot::ls(&ctx, limit, after.as_deref())
-        }
+        Command::Image(ImageCommand::Register(args)) => image::register(&ctx, &args),
+        Command::Snapshot(SnapshotCommand::Ls(args)) => snapshot::ls(&ctx, &args),
         Command::Snapshot(SnapshotCommand::Describe { id }) => snapshot::describe(&ctx, &id),
         Command::Snapshot(SnapshotCommand::Rm { id, force }) => snapshot::rm(&ctx, &id, force),
-        Command::Disk(DiskCommand::Serve {
-            image,
-            socket,
-            overlay,
-            read_only,
-            queues,
-            poll_us,
-        }) => disk::serve(
-            &ctx,
-            &image,
-            &socket,
-            &overlay,
-            read_only,
-            queues,
-            std::time::Duration::from_micros(poll_us),
-        ),
+        Command::Disk(DiskCommand::Serve(args)) => disk::serve(&ctx, &args),
         Command::Disk(DiskCommand::Snapshot { overlay, name }) => {
             disk::snapshot(&ctx, &overlay, &name)
         }
-        Command::Mem(MemCommand::Import {
-            file,
-            name,
-            parent,
-            page_size,
-            chunk_size,
-        }) => mem::import(
-            &ctx,
-            &file,
-            &name,
-            parent.as_deref(),
-            &page_size,
-            &chunk_size,
-        ),
-        Command::Mem(MemCommand::Export { snapshot, file }) => {
-            image::export(&ctx, &snapshot, &file)
-        }
-        Command::Mem(MemCommand::Serve {
-            snapshot,
-            socket,
-            no_prefetch,
-            record,
-            fault_size,
-            prefetch_rate,
-            prefetch_workers,
-            no_kill_vmm,
-            handshake_timeout,
-            once,
-        }) => mem::serve(
-            &ctx,
-            &snapshot,
-            &socket,
-            mem::ServeArgs {
-                prefetch: !no_prefetch,
-                record,
-                fault_size,
-                prefetch_rate,
-                prefetch_workers: usize::from(prefetch_workers),
-                kill_vmm: !no_kill_vmm,
-                handshake_timeout,
-                once,
-            },
-        ),
+        Command::Mem(MemCommand::Import(args)) => mem::import(&ctx, &args),
+        Command::Mem(MemCommand::Serve(args)) => mem::serve(&ctx, &args),
         Command::Verify { deep } => verify::verify(&ctx, deep),
         Command::Daemon(args) => {
             let socket = match (args.socket, cli.global.daemon) {
@@ -177,7 +79,26 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 },
             )
         }
-        Command::Sandbox(_) => unreachable!("handled before the store is opened"),
-        Command::Bench { .. } => unreachable!("handled before the store is opened"),
+        Command::Sandbox(_)
+        | Command::Bench { .. }
+        | Command::Completions { .. }
+        | Command::Man => {
+            unreachable!("handled before the store is opened")
+        }
     }
+}
+
+/// `cairn completions SHELL`: the script clap_complete writes.
+fn completions(shell: clap_complete::Shell) -> Result<ExitCode> {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "cairn", &mut std::io::stdout());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cairn man`: the manual page clap_mangen renders from the same
+/// definitions.
+fn man() -> Result<ExitCode> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+    Ok(ExitCode::SUCCESS)
 }

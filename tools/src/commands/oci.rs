@@ -15,9 +15,10 @@ use cairn_engine::ManifestId;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use crate::cli::{BuildArgs, ImportArgs};
 use crate::context::Context;
 use crate::output::emit;
-use crate::size::{human, parse_size};
+use indicatif::HumanBytes;
 
 /// Names image `id` in the context's project; with `replace`, a private
 /// name that names another image moves to this one.
@@ -40,15 +41,6 @@ fn name_image(ctx: &Context, name: &str, id: &str, made: Made, replace: bool) ->
         }
     })?;
     Ok(())
-}
-
-pub struct ImportArgs {
-    pub name: Option<String>,
-    pub platform: Option<String>,
-    pub disk_size: Option<String>,
-    pub insecure: bool,
-    pub replace: bool,
-    pub chunk_size: String,
 }
 
 /// What `--json` prints.
@@ -132,22 +124,12 @@ impl Bars {
     }
 }
 
-pub fn import(ctx: &Context, reference: &str, args: &ImportArgs) -> Result<ExitCode> {
+pub fn import(ctx: &Context, args: &ImportArgs) -> Result<ExitCode> {
+    let reference = args.reference.as_str();
     if let Some(n) = &args.name {
         catalog::check_name(n)?;
     }
-    let chunk_size = parse_size(&args.chunk_size)
-        .map_err(anyhow::Error::msg)
-        .context("--chunk-size")?;
-    let disk_size = args
-        .disk_size
-        .as_deref()
-        .map(|s| {
-            parse_size(s)
-                .map_err(anyhow::Error::msg)
-                .context("--disk-size")
-        })
-        .transpose()?;
+    let disk_size = args.disk_size;
     let platform = match &args.platform {
         Some(p) => Platform::parse(p)?,
         None => Platform::host(),
@@ -157,7 +139,7 @@ pub fn import(ctx: &Context, reference: &str, args: &ImportArgs) -> Result<ExitC
         .with_context(|| format!("preparing {} for writing", ctx.remote.uri()))?;
     let store = ctx.chunk_store()?;
     let mut import = ImportOptions::new(ctx.staging_dir());
-    import.chunk_size = u32::try_from(chunk_size).context("--chunk-size is too large")?;
+    import.chunk_size = args.chunk_size;
     let opts = OciOptions {
         platform,
         disk_size,
@@ -206,24 +188,14 @@ pub fn import(ctx: &Context, reference: &str, args: &ImportArgs) -> Result<ExitC
             out.id,
             out.digest,
             out.layers.len(),
-            human(out.logical_bytes),
-            human(out.disk_used_bytes),
-            human(out.stored_bytes),
-            human(out.new_bytes),
+            HumanBytes(out.logical_bytes),
+            HumanBytes(out.disk_used_bytes),
+            HumanBytes(out.stored_bytes),
+            HumanBytes(out.new_bytes),
             out.seconds
         )
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-pub struct BuildArgs {
-    pub dir: Option<std::path::PathBuf>,
-    pub file: Option<std::path::PathBuf>,
-    pub name: Option<String>,
-    pub build_args: Vec<String>,
-    pub platform: Option<String>,
-    pub insecure: bool,
-    pub replace: bool,
 }
 
 #[derive(Serialize)]
@@ -335,7 +307,7 @@ pub fn build(ctx: &Context, args: &BuildArgs) -> Result<ExitCode> {
             out.id,
             out.steps,
             out.steps_run,
-            human(out.new_bytes),
+            HumanBytes(out.new_bytes),
             out.seconds
         )
     })?;
@@ -358,7 +330,7 @@ pub fn describe_lines(meta: &ImageMeta) -> String {
     s += &format!("  config digest   {}\n", meta.source.config_digest);
     s += &format!("  platform        {}\n", meta.source.platform);
     for l in &meta.source.layers {
-        s += &format!("  layer           {} ({})\n", l.digest, human(l.size));
+        s += &format!("  layer           {} ({})\n", l.digest, HumanBytes(l.size));
     }
     s += &format!("  entrypoint      {}\n", list(&c.entrypoint));
     s += &format!("  cmd             {}\n", list(&c.cmd));

@@ -6,6 +6,7 @@ use anyhow::Result;
 use cairn_engine::catalog::{self, CatalogError, SnapshotRecord};
 use serde::Serialize;
 
+use crate::cli::SnapshotLsArgs;
 use crate::context::Context;
 use crate::output::emit;
 
@@ -16,7 +17,8 @@ struct Listed {
     next: Option<String>,
 }
 
-pub fn ls(ctx: &Context, limit: usize, after: Option<&str>) -> Result<ExitCode> {
+pub fn ls(ctx: &Context, args: &SnapshotLsArgs) -> Result<ExitCode> {
+    let (limit, after) = (args.limit as usize, args.after.as_deref());
     let remote = ctx.remote.as_ref();
     let mut snapshots = Vec::new();
     let mut next = after.map(str::to_owned);

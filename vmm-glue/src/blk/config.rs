@@ -1,10 +1,12 @@
 //! What the virtio-blk device advertises: feature bits, the config space
 //! and the limits requests are checked against.
 
+use std::mem::offset_of;
+
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
-    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+    virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -21,10 +23,11 @@ const SIZE_MAX: u32 = 1 << 20;
 const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR as u32;
 const MAX_DISCARD_SEG: u32 = 32;
 /// Bytes of `struct virtio_blk_config` up to and including the
-/// write-zeroes fields.
-pub const CONFIG_LEN: usize = 60;
+/// write-zeroes fields (the secure-erase and zoned fields after them are
+/// not offered).
+pub const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors);
 /// Offset of the `writeback` byte (CONFIG_WCE).
-pub const WRITEBACK_OFFSET: u32 = 32;
+pub const WRITEBACK_OFFSET: u32 = offset_of!(virtio_blk_config, wce) as u32;
 
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
@@ -83,29 +86,38 @@ impl DeviceConfig {
         }
     }
 
-    /// `struct virtio_blk_config`, little-endian, with `writeback` as given.
+    /// `struct virtio_blk_config`, little-endian, with `writeback` as
+    /// given; each field where the bindings put it.
     pub fn config_space(&self, writeback: bool) -> [u8; CONFIG_LEN] {
         let l = self.limits();
         let mut c = [0u8; CONFIG_LEN];
-        c[0..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
-        c[8..12].copy_from_slice(&l.size_max.to_le_bytes());
-        c[12..16].copy_from_slice(&l.seg_max.to_le_bytes());
-        // 16..20: geometry, not offered.
-        c[20..24].copy_from_slice(&BLOCK_SIZE.to_le_bytes());
+        let mut put = |offset: usize, bytes: &[u8]| {
+            c[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        macro_rules! field {
+            ($name:ident, $value:expr) => {
+                put(offset_of!(virtio_blk_config, $name), &$value.to_le_bytes())
+            };
+        }
+        field!(capacity, self.capacity_sectors());
+        field!(size_max, l.size_max);
+        field!(seg_max, l.seg_max);
+        // geometry: not offered.
+        field!(blk_size, BLOCK_SIZE);
         // Topology: physical block = logical block, no alignment offset,
         // minimum and optimal I/O one block.
-        c[24] = 0;
-        c[25] = 0;
-        c[26..28].copy_from_slice(&1u16.to_le_bytes());
-        c[28..32].copy_from_slice(&1u32.to_le_bytes());
-        c[32] = u8::from(writeback);
-        c[34..36].copy_from_slice(&self.queues.to_le_bytes());
-        c[36..40].copy_from_slice(&l.max_discard_sectors.to_le_bytes());
-        c[40..44].copy_from_slice(&l.max_discard_seg.to_le_bytes());
-        c[44..48].copy_from_slice(&(BLOCK_SIZE / SECTOR as u32).to_le_bytes());
-        c[48..52].copy_from_slice(&l.max_write_zeroes_sectors.to_le_bytes());
-        c[52..56].copy_from_slice(&l.max_write_zeroes_seg.to_le_bytes());
-        c[56] = 1; // write_zeroes_may_unmap
+        field!(physical_block_exp, 0u8);
+        field!(alignment_offset, 0u8);
+        field!(min_io_size, 1u16);
+        field!(opt_io_size, 1u32);
+        field!(wce, u8::from(writeback));
+        field!(num_queues, self.queues);
+        field!(max_discard_sectors, l.max_discard_sectors);
+        field!(max_discard_seg, l.max_discard_seg);
+        field!(discard_sector_alignment, BLOCK_SIZE / SECTOR as u32);
+        field!(max_write_zeroes_sectors, l.max_write_zeroes_sectors);
+        field!(max_write_zeroes_seg, l.max_write_zeroes_seg);
+        field!(write_zeroes_may_unmap, 1u8);
         c
     }
 }
@@ -124,10 +136,17 @@ mod tests {
             poll: DEFAULT_POLL,
         };
         let c = d.config_space(true);
+        // The offsets of the virtio specification, 5.2.4.
+        assert_eq!(CONFIG_LEN, 60);
+        assert_eq!(WRITEBACK_OFFSET, 32);
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2 << 20);
+        assert_eq!(u32::from_le_bytes(c[8..12].try_into().unwrap()), 1 << 20);
+        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 126);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);
         assert_eq!(c[32], 1);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 4);
+        assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 8);
+        assert_eq!(c[56], 1);
         assert_eq!(d.features() & (1 << VIRTIO_BLK_F_RO), 0);
         let ro = DeviceConfig {
             read_only: true,
