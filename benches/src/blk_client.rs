@@ -1,11 +1,12 @@
-//! A host-side vhost-user-blk client for benchmarks: libblkio (the library
-//! QEMU and fio use) driving a backend's socket at a chosen queue depth.
+//! A host-side vhost-user-blk client for benchmarks and tests: libblkio (the
+//! library QEMU and fio use) driving a backend's socket at a chosen queue
+//! depth, on one of its queues.
 
 use std::mem::MaybeUninit;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 /// The deepest queue a job may ask for; each slot has its own buffer.
@@ -49,9 +50,20 @@ impl JobStats {
     }
 }
 
+/// A request the device answered with an error status.
+#[derive(Debug, thiserror::Error)]
+#[error("request {slot} failed: {ret}")]
+pub struct RequestFailed {
+    pub slot: usize,
+    /// libblkio's code: a negative errno (-EIO for an IOERR status).
+    pub ret: i32,
+}
+
 pub struct Client {
-    // Dropped last: the region and queue belong to it.
-    q: Blkioq,
+    // Dropped last: the region and queues belong to it.
+    qs: Vec<Blkioq>,
+    /// The queue requests go to.
+    on: usize,
     region: MemoryRegion,
     capacity: u64,
     rng: fastrand::Rng,
@@ -61,19 +73,26 @@ pub struct Client {
 impl Client {
     /// Connects to the vhost-user-blk socket at `socket` with one queue.
     pub fn connect(socket: &Path) -> Result<Client> {
+        Client::connect_with(socket, 1, false)
+    }
+
+    /// Connects with `queues` queues (the device may offer fewer), asking
+    /// for a read-only disk if `read_only`.
+    pub fn connect_with(socket: &Path, queues: usize, read_only: bool) -> Result<Client> {
         let path = socket.to_str().context("socket path is not UTF-8")?;
         let mut b = Blkio::new("virtio-blk-vhost-user").context("libblkio driver")?;
         b.set_str("path", path)?;
+        b.set_bool("read-only", read_only)?;
         b.connect()
             .with_context(|| format!("connecting to {path}"))?;
-        b.set_i32("num-queues", 1)?;
+        b.set_i32("num-queues", i32::try_from(queues).context("queues")?)?;
         let mut started = b.start().context("starting the vhost-user-blk device")?;
         let capacity = b.get_u64("capacity")?;
         let region = b.alloc_mem_region(MAX_DEPTH * MAX_REQUEST)?;
         b.map_mem_region(&region)?;
-        let q = started.queues.remove(0);
         Ok(Client {
-            q,
+            qs: std::mem::take(&mut started.queues),
+            on: 0,
             region,
             capacity,
             rng: fastrand::Rng::with_seed(0x5eed),
@@ -83,6 +102,21 @@ impl Client {
 
     pub fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    /// The queues the device gave.
+    pub fn queues(&self) -> usize {
+        self.qs.len()
+    }
+
+    /// Sends the next requests on queue `q`.
+    pub fn use_queue(&mut self, q: usize) {
+        assert!(q < self.qs.len(), "queue {q} of {}", self.qs.len());
+        self.on = q;
+    }
+
+    fn q(&mut self) -> &mut Blkioq {
+        &mut self.qs[self.on]
     }
 
     fn slot(&self, slot: usize) -> *mut u8 {
@@ -102,12 +136,16 @@ impl Client {
     /// Waits for at least one completion; each one's slot, checked.
     fn reap(&mut self, out: &mut Vec<usize>) -> Result<()> {
         let mut done = [const { MaybeUninit::<Completion>::uninit() }; MAX_DEPTH];
-        let n = self.q.do_io(&mut done, 1, None, None)?;
+        let n = self.q().do_io(&mut done, 1, None, None)?;
         for c in &done[..n] {
             // SAFETY: do_io initialised the first `n` completions.
             let c = unsafe { c.assume_init_read() };
             if c.ret != 0 {
-                bail!("request in slot {} failed: {}", c.user_data, c.ret);
+                return Err(RequestFailed {
+                    slot: c.user_data,
+                    ret: c.ret,
+                }
+                .into());
             }
             out.push(c.user_data);
         }
@@ -121,7 +159,8 @@ impl Client {
 
     /// Reads `len` bytes at `offset`.
     pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        self.q.read(offset, self.slot(0), len, 0, ReqFlags::empty());
+        let buf = self.slot(0);
+        self.q().read(offset, buf, len, 0, ReqFlags::empty());
         self.wait_one()?;
         Ok(self.slot_bytes(0, len).to_vec())
     }
@@ -132,8 +171,41 @@ impl Client {
         // SAFETY: slot 0 is `MAX_REQUEST` bytes of the region libblkio
         // mapped for us, and idle (every request was waited for).
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.slot(0), data.len()) };
-        self.q
-            .write(offset, self.slot(0), data.len(), 0, ReqFlags::empty());
+        let buf = self.slot(0);
+        self.q()
+            .write(offset, buf, data.len(), 0, ReqFlags::empty());
+        self.wait_one()
+    }
+
+    /// Writes `data` as one request of `pieces` equal buffers (one
+    /// descriptor each), so it may be larger than one slot.
+    pub fn write_pieces(&mut self, offset: u64, data: &[u8], pieces: usize) -> Result<()> {
+        assert!(data.len() <= self.region.len && pieces > 0);
+        let base = self.slot(0);
+        // SAFETY: the region is `region.len` bytes libblkio mapped for us,
+        // starting at slot 0, and idle (every request was waited for).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), base, data.len()) };
+        let each = data.len() / pieces;
+        let iovecs: Vec<libc::iovec> = (0..pieces)
+            .map(|i| libc::iovec {
+                iov_base: base.wrapping_add(i * each).cast(),
+                iov_len: each,
+            })
+            .collect();
+        self.q()
+            .writev(offset, iovecs.as_ptr(), pieces as u32, 0, ReqFlags::empty());
+        self.wait_one()
+    }
+
+    /// WRITE_ZEROES of `len` bytes at `offset`.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.q().write_zeroes(offset, len, 0, ReqFlags::empty());
+        self.wait_one()
+    }
+
+    /// DISCARD of `len` bytes at `offset`.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.q().discard(offset, len, 0, ReqFlags::empty());
         self.wait_one()
     }
 
@@ -145,13 +217,8 @@ impl Client {
         loop {
             while in_flight < 8 && next < self.capacity {
                 let len = (MAX_REQUEST as u64).min(self.capacity - next) as usize;
-                self.q.read(
-                    next,
-                    self.slot(in_flight),
-                    len,
-                    in_flight,
-                    ReqFlags::empty(),
-                );
+                let buf = self.slot(in_flight);
+                self.q().read(next, buf, len, in_flight, ReqFlags::empty());
                 next += len as u64;
                 in_flight += 1;
             }
@@ -191,7 +258,7 @@ impl Client {
 
     /// One FLUSH, waited for.
     pub fn flush(&mut self) -> Result<()> {
-        self.q.flush(0, ReqFlags::empty());
+        self.q().flush(0, ReqFlags::empty());
         self.wait_one()
     }
 
@@ -219,11 +286,10 @@ impl Client {
                 seq - bs as u64
             };
             issued_at[slot] = Instant::now();
+            let buf = c.slot(slot);
             match pattern {
-                Pattern::RandomWrite => {
-                    c.q.write(offset, c.slot(slot), bs, slot, ReqFlags::empty())
-                }
-                _ => c.q.read(offset, c.slot(slot), bs, slot, ReqFlags::empty()),
+                Pattern::RandomWrite => c.q().write(offset, buf, bs, slot, ReqFlags::empty()),
+                _ => c.q().read(offset, buf, bs, slot, ReqFlags::empty()),
             }
         };
         for slot in 0..depth {
@@ -262,9 +328,10 @@ impl Client {
             unsafe { std::ptr::write_bytes(self.slot(0), stamp, bs) };
             let offset = self.random_offset(bs);
             let t = Instant::now();
-            self.q.write(offset, self.slot(0), bs, 0, ReqFlags::empty());
+            let buf = self.slot(0);
+            self.q().write(offset, buf, bs, 0, ReqFlags::empty());
             self.wait_one()?;
-            self.q.flush(0, ReqFlags::empty());
+            self.q().flush(0, ReqFlags::empty());
             self.wait_one()?;
             lat_us.push(t.elapsed().as_secs_f64() * 1e6);
         }

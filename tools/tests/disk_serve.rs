@@ -6,11 +6,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use blkio::Blkio;
+use cairn_benches::blk_client::Client;
 
 const MIB: usize = 1 << 20;
 
@@ -114,131 +114,19 @@ impl Drop for Server {
     }
 }
 
-/// A vhost-user-blk client with one bounce buffer in shared memory; its
-/// requests go to queue `on` (0 unless changed).
-struct Client {
-    _blkio: Blkio,
-    qs: Vec<Blkioq>,
-    on: usize,
-    region: MemoryRegion,
-    capacity: u64,
-    queues: i32,
-}
-
-impl Client {
-    fn connect(socket: &Path, queues: i32) -> Client {
-        Client::connect_with(socket, queues, false)
-    }
-
-    fn connect_with(socket: &Path, queues: i32, read_only: bool) -> Client {
-        let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
-        b.set_str("path", socket.to_str().unwrap()).unwrap();
-        b.set_bool("read-only", read_only).unwrap();
-        b.connect().unwrap();
-        b.set_i32("num-queues", queues).unwrap();
-        let mut started = b.start().unwrap();
-        let capacity = b.get_u64("capacity").unwrap();
-        let queues = b.get_i32("num-queues").unwrap();
-        let region = b.alloc_mem_region(4 * MIB).unwrap();
-        b.map_mem_region(&region).unwrap();
-        Client {
-            _blkio: b,
-            qs: std::mem::take(&mut started.queues),
-            on: 0,
-            region,
-            capacity,
-            queues,
-        }
-    }
-
-    /// The queue the next requests go to.
-    fn q(&mut self) -> &mut Blkioq {
-        &mut self.qs[self.on]
-    }
-
-    fn buf(&mut self, len: usize) -> &mut [u8] {
-        assert!(len <= self.region.len);
-        // SAFETY: the region is `region.len` bytes of memory libblkio
-        // mapped for us and keeps alive while `_blkio` lives; only this
-        // client touches it, and never while a request is in flight (every
-        // request is waited for before `buf` is called again).
-        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, len) }
-    }
-
-    /// Waits for the one request in flight; its return code.
-    fn wait(&mut self) -> i32 {
-        let mut done = [MaybeUninit::<Completion>::uninit()];
-        let n = self.q().do_io(&mut done, 1, None, None).unwrap();
-        assert_eq!(n, 1);
-        // SAFETY: do_io initialised the first `n` (= 1) completions.
-        unsafe { done[0].assume_init_read() }.ret
-    }
-
-    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
-        let addr = self.buf(len).as_mut_ptr();
-        self.q().read(offset, addr, len, 0, ReqFlags::empty());
-        match self.wait() {
-            0 => Ok(self.buf(len).to_vec()),
-            e => Err(e),
-        }
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), i32> {
-        self.buf(data.len()).copy_from_slice(data);
-        let addr = self.buf(data.len()).as_ptr();
-        self.q()
-            .write(offset, addr, data.len(), 0, ReqFlags::empty());
-        ok(self.wait())
-    }
-
-    /// Writes `data` as one request of `pieces` equal buffers (one
-    /// descriptor each).
-    fn write_pieces(&mut self, offset: u64, data: &[u8], pieces: usize) -> Result<(), i32> {
-        self.buf(data.len()).copy_from_slice(data);
-        let base = self.buf(data.len()).as_mut_ptr();
-        let each = data.len() / pieces;
-        let iovecs: Vec<libc::iovec> = (0..pieces)
-            .map(|i| libc::iovec {
-                iov_base: base.wrapping_add(i * each).cast(),
-                iov_len: each,
-            })
-            .collect();
-        self.q()
-            .writev(offset, iovecs.as_ptr(), pieces as u32, 0, ReqFlags::empty());
-        ok(self.wait())
-    }
-
-    fn flush(&mut self) -> Result<(), i32> {
-        self.q().flush(0, ReqFlags::empty());
-        ok(self.wait())
-    }
-
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), i32> {
-        self.q().write_zeroes(offset, len, 0, ReqFlags::empty());
-        ok(self.wait())
-    }
-
-    fn discard(&mut self, offset: u64, len: u64) -> Result<(), i32> {
-        self.q().discard(offset, len, 0, ReqFlags::empty());
-        ok(self.wait())
-    }
-}
-
-fn ok(ret: i32) -> Result<(), i32> {
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(ret)
-    }
+/// The shared libblkio client (`cairn_benches::blk_client`), connected
+/// with `queues` queues.
+fn connect(socket: &Path, queues: usize) -> Client {
+    Client::connect_with(socket, queues, false).unwrap()
 }
 
 #[test]
 fn reads_match_the_image_and_flushed_writes_survive_sigterm_and_kill_9() {
     let env = Env::new();
     let mut server = env.serve(&["--queues", "2"]);
-    let mut c = Client::connect(&server.socket, 2);
-    assert_eq!(c.capacity, env.image.len() as u64);
-    assert_eq!(c.queues, 2);
+    let mut c = connect(&server.socket, 2);
+    assert_eq!(c.capacity(), env.image.len() as u64);
+    assert_eq!(c.queues(), 2);
 
     // 4 KiB random reads and 128 KiB sequential reads, all served lazily.
     let mut rng = fastrand::Rng::with_seed(9);
@@ -288,7 +176,7 @@ fn reads_match_the_image_and_flushed_writes_survive_sigterm_and_kill_9() {
     // SIGTERM: flushed and exits cleanly; a new server serves the overlay.
     server.signal("-TERM");
     let mut server = env.serve(&[]);
-    let mut c = Client::connect(&server.socket, 1);
+    let mut c = connect(&server.socket, 1);
     let whole = read_all(&mut c, env.image.len());
     assert!(
         whole == model,
@@ -302,7 +190,7 @@ fn reads_match_the_image_and_flushed_writes_survive_sigterm_and_kill_9() {
     drop(c);
     server.signal("-KILL");
     let server = env.serve(&[]);
-    let mut c = Client::connect(&server.socket, 1);
+    let mut c = connect(&server.socket, 1);
     assert!(
         read_all(&mut c, env.image.len()) == model,
         "flushed writes survive kill -9"
@@ -319,42 +207,41 @@ fn reads_match_the_image_and_flushed_writes_survive_sigterm_and_kill_9() {
 fn every_queue_serves_io_and_a_flush_on_one_covers_writes_on_the_others() {
     let env = Env::new();
     let mut server = env.serve(&["--queues", "4"]);
-    let mut c = Client::connect(&server.socket, 4);
-    assert_eq!(c.queues, 4);
-    assert_eq!(c.qs.len(), 4);
+    let mut c = connect(&server.socket, 4);
+    assert_eq!(c.queues(), 4);
     let mut model = env.image.clone();
     for q in 0..4 {
-        c.on = q;
+        c.use_queue(q);
         let off = (2 + 5 * q) * MIB + 4096;
         let data = vec![0x40 + q as u8; 8192];
         c.write(off as u64, &data).unwrap();
         model[off..off + data.len()].copy_from_slice(&data);
         // Read back on this queue and on the next one.
         assert_eq!(c.read(off as u64, 8192).unwrap(), data);
-        c.on = (q + 1) % 4;
+        c.use_queue((q + 1) % 4);
         assert_eq!(c.read(off as u64, 8192).unwrap(), data);
-        c.on = q;
+        c.use_queue(q);
         c.flush().unwrap();
     }
     // Written on queues 0..3, flushed on queue 3 alone.
     for q in 0..3 {
-        c.on = q;
+        c.use_queue(q);
         let off = (3 + 5 * q) * MIB;
         let data = vec![0x50 + q as u8; 4096];
         c.write(off as u64, &data).unwrap();
         model[off..off + 4096].copy_from_slice(&data);
     }
-    c.on = 3;
+    c.use_queue(3);
     c.flush().unwrap();
     // Completed, never flushed.
     let unflushed = 20 * MIB;
-    c.on = 1;
+    c.use_queue(1);
     c.write(unflushed as u64, &[0x66; 4096]).unwrap();
     server.signal("-KILL");
     drop(c);
 
     let server = env.serve(&[]);
-    let mut c = Client::connect(&server.socket, 1);
+    let mut c = connect(&server.socket, 1);
     let got = read_all(&mut c, env.image.len());
     let after = &got[unflushed..unflushed + 4096];
     assert!(
@@ -395,7 +282,7 @@ fn a_read_only_disk_refuses_writes() {
     b.connect().unwrap();
     assert!(b.start().is_err(), "RO must be advertised");
     drop(b);
-    let mut c = Client::connect_with(&server.socket, 1, true);
+    let mut c = Client::connect_with(&server.socket, 1, true).unwrap();
     assert!(c.read(0, 4096).unwrap() == env.image[..4096]);
     assert!(c.write(0, &[1; 4096]).is_err());
 }
