@@ -17,6 +17,7 @@ mod copy;
 mod fault_loop;
 pub mod handoff;
 pub mod handshake;
+#[cfg(any(test, feature = "harness"))]
 pub mod harness;
 mod inject;
 mod pages;
