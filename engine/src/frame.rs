@@ -8,6 +8,7 @@
 
 use crate::error::ErrorKind;
 use crate::id::ChunkId;
+use crate::le::Reader;
 
 pub const FRAME_MAGIC: [u8; 4] = *b"CRNF";
 pub const FRAME_VERSION: u8 = 1;
@@ -97,23 +98,31 @@ impl FrameHeader {
                 need: FRAME_HEADER_LEN,
             });
         }
-        let magic: [u8; 4] = bytes[0..4].try_into().expect("4 bytes");
+        // The length is checked above: no field below can run short.
+        let truncated = |_| FrameError::Truncated {
+            have: bytes.len(),
+            need: FRAME_HEADER_LEN,
+        };
+        let mut r = Reader::new(bytes);
+        let magic: [u8; 4] = r.array().map_err(truncated)?;
         if magic != FRAME_MAGIC {
             return Err(FrameError::BadMagic { found: magic });
         }
-        if bytes[4] != FRAME_VERSION {
-            return Err(FrameError::UnsupportedVersion(bytes[4]));
+        let version = r.u8().map_err(truncated)?;
+        if version != FRAME_VERSION {
+            return Err(FrameError::UnsupportedVersion(version));
         }
-        if bytes[6..8] != [0, 0] {
+        let codec = r.u8().map_err(truncated)?;
+        if r.u16().map_err(truncated)? != 0 {
             return Err(FrameError::Reserved);
         }
-        let codec = match bytes[5] {
+        let codec = match codec {
             0 => Codec::Raw,
             1 => Codec::Zstd,
             other => return Err(FrameError::UnknownCodec(other)),
         };
-        let raw_len = le_u32(&bytes[8..12]);
-        let payload_len = le_u32(&bytes[12..16]);
+        let raw_len = r.u32().map_err(truncated)?;
+        let payload_len = r.u32().map_err(truncated)?;
         let lengths_ok = raw_len > 0
             && raw_len <= MAX_CHUNK_LEN
             && payload_len <= MAX_PAYLOAD_LEN
@@ -124,19 +133,15 @@ impl FrameHeader {
                 payload_len,
             });
         }
-        let id = ChunkId::from_bytes(bytes[16..48].try_into().expect("32 bytes"));
+        let id = ChunkId::from_bytes(r.array().map_err(truncated)?);
         Ok(FrameHeader {
             id,
             codec,
             raw_len,
             payload_len,
-            crc: le_u32(&bytes[48..52]),
+            crc: r.u32().map_err(truncated)?,
         })
     }
-}
-
-fn le_u32(b: &[u8]) -> u32 {
-    u32::from_le_bytes(b.try_into().expect("4 bytes"))
 }
 
 fn crc_of(header_prefix: &[u8], payload: &[u8]) -> u32 {

@@ -18,6 +18,7 @@ pub mod cache;
 pub mod error;
 pub mod frame;
 pub mod id;
+pub mod le;
 pub mod manifest;
 pub mod memory;
 pub mod objstore;

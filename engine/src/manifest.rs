@@ -8,6 +8,7 @@
 
 use crate::error::ErrorKind;
 use crate::id::{ChunkId, ManifestId};
+use crate::le::{Reader, Truncated};
 
 pub const MANIFEST_MAGIC: [u8; 8] = *b"CRNMANI\0";
 pub const MANIFEST_VERSION: u16 = 1;
@@ -203,11 +204,12 @@ impl Manifest {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge(bytes.len()));
         }
-        let mut r = Reader { bytes, pos: 0 };
-        if r.take(8)? != MANIFEST_MAGIC {
+        let truncated = |e: Truncated| ManifestError::Truncated(e.at);
+        let mut r = Reader::new(bytes);
+        if r.take(8).map_err(truncated)? != MANIFEST_MAGIC {
             return Err(ManifestError::BadMagic);
         }
-        let version = u16::from_le_bytes(r.array()?);
+        let version = r.u16().map_err(truncated)?;
         if version != MANIFEST_VERSION {
             return Err(ManifestError::UnsupportedVersion(version));
         }
@@ -215,26 +217,24 @@ impl Manifest {
             return Err(ManifestError::Truncated(bytes.len()));
         }
         let (body, crc) = bytes.split_at(bytes.len() - 4);
-        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+        if crc32fast::hash(body) != Reader::new(crc).u32().map_err(truncated)? {
             return Err(ManifestError::Crc);
         }
-        let mut r = Reader {
-            bytes: body,
-            pos: 10,
-        };
+        let mut r = Reader::new(body);
+        r.skip(10).map_err(truncated)?;
         let inconsistent = |m: String| ManifestError::Inconsistent(m);
-        let kind = match r.array::<1>()?[0] {
+        let kind = match r.u8().map_err(truncated)? {
             1 => ManifestKind::Disk,
             2 => ManifestKind::Memory,
             k => return Err(inconsistent(format!("unknown kind {k}"))),
         };
-        let shift = r.array::<1>()?[0];
+        let shift = r.u8().map_err(truncated)?;
         if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&shift) {
             return Err(inconsistent(format!("chunk size 2^{shift} out of range")));
         }
         let chunk_size = 1u32 << shift;
-        let logical_size = u64::from_le_bytes(r.array()?);
-        let count = u64::from_le_bytes(r.array()?);
+        let logical_size = r.u64().map_err(truncated)?;
+        let count = r.u64().map_err(truncated)?;
         if logical_size > MAX_LOGICAL_SIZE
             || count != Manifest::chunk_count_for(logical_size, chunk_size)
         {
@@ -242,11 +242,11 @@ impl Manifest {
                 "{count} chunks cannot make a disk of {logical_size} bytes at {chunk_size} bytes a chunk"
             )));
         }
-        let meta_len = u32::from_le_bytes(r.array()?);
+        let meta_len = r.u32().map_err(truncated)?;
         if meta_len > MAX_META_LEN {
             return Err(inconsistent(format!("{meta_len} bytes of metadata")));
         }
-        let meta = r.take(meta_len as usize)?.to_vec();
+        let meta = r.take(meta_len as usize).map_err(truncated)?.to_vec();
         if count > MAX_CHUNKS {
             return Err(inconsistent(format!(
                 "{count} chunks are more than the {MAX_CHUNKS} a manifest may hold"
@@ -254,13 +254,13 @@ impl Manifest {
         }
         let mut chunks = Vec::with_capacity(count as usize);
         let mut last_tag = None;
-        while r.pos < body.len() {
-            let tag = r.array::<1>()?[0];
-            let run = u32::from_le_bytes(r.array()?) as u64;
+        while r.remaining() > 0 {
+            let tag = r.u8().map_err(truncated)?;
+            let run = u64::from(r.u32().map_err(truncated)?);
             if run == 0 || last_tag == Some(tag) {
                 return Err(inconsistent(format!(
                     "non-canonical run at byte {}",
-                    r.pos - 5
+                    r.pos() - 5
                 )));
             }
             if chunks.len() as u64 + run > count {
@@ -271,9 +271,13 @@ impl Manifest {
             match tag {
                 RUN_ZERO => chunks.extend(std::iter::repeat_n(None, run as usize)),
                 RUN_CHUNKS => {
-                    let ids = r.take(run as usize * 32)?;
-                    for id in ids.chunks_exact(32) {
-                        let id: [u8; 32] = id.try_into().expect("32 bytes");
+                    let ids = run
+                        .checked_mul(32)
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or(ManifestError::Truncated(r.pos()))?;
+                    let mut ids = Reader::new(r.take(ids).map_err(truncated)?);
+                    while ids.remaining() > 0 {
+                        let id: [u8; 32] = ids.array().map_err(truncated)?;
                         if id == [0u8; 32] {
                             return Err(inconsistent("all-zero chunk id in a stored run".into()));
                         }
@@ -297,28 +301,6 @@ impl Manifest {
             chunks,
             meta,
         })
-    }
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ManifestError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.bytes.len())
-            .ok_or(ManifestError::Truncated(self.pos))?;
-        let s = &self.bytes[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], ManifestError> {
-        Ok(self.take(N)?.try_into().expect("N bytes"))
     }
 }
 

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::error::ErrorKind;
 use crate::frame::{self, FrameHeader, FRAME_HEADER_LEN};
 use crate::id::{ChunkId, PackId};
+use crate::le::{Reader, Truncated};
 
 pub const PACK_MAGIC: [u8; 8] = *b"CRNPACK\0";
 pub const PACK_VERSION: u32 = 1;
@@ -131,12 +132,14 @@ impl PackIndex {
         }
         let mut entries = Vec::with_capacity(footer.count as usize);
         let mut expect_offset = PACK_HEADER_LEN;
-        for e in raw.chunks_exact(INDEX_ENTRY_LEN) {
+        let mut r = Reader::new(raw);
+        while r.remaining() > 0 {
+            let truncated = |e: Truncated| PackError::BadIndex(e.to_string());
             let entry = IndexEntry {
-                id: ChunkId::from_bytes(e[0..32].try_into().expect("32 bytes")),
-                offset: u64::from_le_bytes(e[32..40].try_into().expect("8 bytes")),
-                frame_len: u32::from_le_bytes(e[40..44].try_into().expect("4 bytes")),
-                raw_len: u32::from_le_bytes(e[44..48].try_into().expect("4 bytes")),
+                id: ChunkId::from_bytes(r.array().map_err(truncated)?),
+                offset: r.u64().map_err(truncated)?,
+                frame_len: r.u32().map_err(truncated)?,
+                raw_len: r.u32().map_err(truncated)?,
             };
             if entry.offset != expect_offset || (entry.frame_len as usize) <= FRAME_HEADER_LEN {
                 return Err(PackError::BadIndex(format!(
@@ -200,29 +203,33 @@ fn parse_footer(tail: &[u8]) -> Result<Footer, PackError> {
             tail.len()
         )));
     }
-    let f = &tail[tail.len() - FOOTER_LEN..];
-    if f[24..32] != INDEX_MAGIC {
+    let mut r = Reader::new(&tail[tail.len() - FOOTER_LEN..]);
+    let truncated = |e: Truncated| PackError::BadIndex(e.to_string());
+    let index_offset = r.u64().map_err(truncated)?;
+    let count = r.u32().map_err(truncated)?;
+    let crc = r.u32().map_err(truncated)?;
+    let version = r.u32().map_err(truncated)?;
+    let reserved = r.u32().map_err(truncated)?;
+    if r.array::<8>().map_err(truncated)? != INDEX_MAGIC {
         return Err(PackError::BadIndex("bad footer magic".into()));
     }
-    let version = u32::from_le_bytes(f[16..20].try_into().expect("4 bytes"));
     if version != PACK_VERSION {
         return Err(PackError::UnsupportedVersion(version));
     }
-    if f[20..24] != [0; 4] {
+    if reserved != 0 {
         return Err(PackError::BadIndex(
             "reserved footer bytes are not zero".into(),
         ));
     }
-    let count = u32::from_le_bytes(f[8..12].try_into().expect("4 bytes"));
     if count > MAX_INDEX_ENTRIES {
         return Err(PackError::BadIndex(format!(
             "{count} entries exceeds the limit of {MAX_INDEX_ENTRIES}"
         )));
     }
     Ok(Footer {
-        index_offset: u64::from_le_bytes(f[0..8].try_into().expect("8 bytes")),
+        index_offset,
         count,
-        crc: u32::from_le_bytes(f[12..16].try_into().expect("4 bytes")),
+        crc,
     })
 }
 
@@ -344,10 +351,12 @@ pub fn recover(path: &Path) -> Result<Recovered, PackError> {
     let len = file.metadata().map_err(io_err(path))?.len();
     let mut header = [0u8; PACK_HEADER_LEN as usize];
     file.read_exact(&mut header).map_err(io_err(path))?;
-    if header[0..8] != PACK_MAGIC {
+    let mut r = Reader::new(&header);
+    let truncated = |e: Truncated| PackError::BadIndex(e.to_string());
+    if r.array::<8>().map_err(truncated)? != PACK_MAGIC {
         return Err(PackError::BadMagic);
     }
-    let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    let version = r.u32().map_err(truncated)?;
     if version != PACK_VERSION {
         // Recovery rewrites the pack: never in a layout this build does not know.
         return Err(PackError::UnsupportedVersion(version));

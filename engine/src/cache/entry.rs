@@ -15,6 +15,7 @@ use memmap2::{Mmap, MmapOptions};
 
 use crate::frame::MAX_CHUNK_LEN;
 use crate::id::ChunkId;
+use crate::le::Reader;
 
 const MAGIC: [u8; 4] = *b"CRNC";
 const VERSION: u8 = 1;
@@ -113,18 +114,22 @@ fn check_header(head: &[u8], len: u64, id: ChunkId, path: &Path) -> Result<u32, 
     if head.len() < HEADER_LEN {
         return Err(invalid("too short"));
     }
-    if head[0..4] != MAGIC
-        || head[4] != VERSION
-        || u32::from(head[5]) != BLOCK_SHIFT
-        || head[6..8] != [0, 0]
+    let mut r = Reader::new(head);
+    let short = |_| invalid("too short");
+    let magic: [u8; 4] = r.array().map_err(short)?;
+    let (version, shift) = (r.u8().map_err(short)?, r.u8().map_err(short)?);
+    if magic != MAGIC
+        || version != VERSION
+        || u32::from(shift) != BLOCK_SHIFT
+        || r.u16().map_err(short)? != 0
     {
         return Err(invalid("bad magic, version, block size or reserved bytes"));
     }
-    let raw_len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    let raw_len = r.u32().map_err(short)?;
     if raw_len == 0 || raw_len > MAX_CHUNK_LEN {
         return Err(invalid("length out of range"));
     }
-    if head[12..44] != id.as_bytes()[..] {
+    if r.array::<32>().map_err(short)? != *id.as_bytes() {
         return Err(invalid("holds another chunk"));
     }
     if len != file_len(raw_len) {
@@ -143,15 +148,19 @@ fn check_meta(
 ) -> Result<(u32, Vec<u32>), EntryError> {
     let raw_len = check_header(meta, len, id, path)?;
     let nblocks = raw_len.div_ceil(BLOCK as u32) as usize;
-    let full = &meta[..HEADER_LEN + nblocks * 4];
-    let stored = u32::from_le_bytes(meta[44..48].try_into().expect("4 bytes"));
+    let short = |_| invalid(path, "too short for its CRC table");
+    let full = meta
+        .get(..HEADER_LEN + nblocks * 4)
+        .ok_or_else(|| short(()))?;
+    let mut r = Reader::new(full);
+    r.skip(44).map_err(|_| short(()))?;
+    let stored = r.u32().map_err(|_| short(()))?;
     if header_crc(full) != stored {
         return Err(invalid(path, "header CRC mismatch"));
     }
-    let crcs = full[HEADER_LEN..]
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect();
+    let crcs = (0..nblocks)
+        .map(|_| r.u32().map_err(|_| short(())))
+        .collect::<Result<_, _>>()?;
     Ok((raw_len, crcs))
 }
 

@@ -20,6 +20,7 @@ pub use import::{import_memory, MemImportError};
 use crate::cache::HotChunks;
 use crate::chunkstore::{ChunkStore, ChunkStoreError};
 use crate::id::{ChunkId, ManifestId};
+use crate::le::{Reader, Truncated};
 use crate::manifest::{Manifest, ManifestKind};
 
 const LAYOUT_MAGIC: [u8; 4] = *b"CRML";
@@ -91,12 +92,15 @@ impl MemLayout {
         if bytes.len() < 48 || bytes[..4] != LAYOUT_MAGIC {
             return Err(bad("bad magic or too short"));
         }
-        if bytes[4] != LAYOUT_VERSION || bytes[5] > 1 || bytes[6..8] != [0, 0] {
+        let truncated = |e: Truncated| bad(&e.to_string());
+        let mut r = Reader::new(bytes);
+        r.skip(LAYOUT_MAGIC.len()).map_err(truncated)?;
+        let (version, flags) = (r.u8().map_err(truncated)?, r.u8().map_err(truncated)?);
+        if version != LAYOUT_VERSION || flags > 1 || r.u16().map_err(truncated)? != 0 {
             return Err(bad("unknown version, flags or reserved bytes"));
         }
-        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4"));
-        let page_size = u32_at(8);
-        let count = u32_at(12) as usize;
+        let page_size = r.u32().map_err(truncated)?;
+        let count = r.u32().map_err(truncated)? as usize;
         if !page_size.is_power_of_two() || page_size < 4096 {
             return Err(bad("page size is not a power of two of at least 4 KiB"));
         }
@@ -105,23 +109,20 @@ impl MemLayout {
                 "no regions, or a region count that does not match the length",
             ));
         }
-        if bytes[5] == 0 && bytes[16..48].iter().any(|&b| b != 0) {
+        let parent_id: [u8; 32] = r.array().map_err(truncated)?;
+        if flags == 0 && parent_id != [0; 32] {
             // One encoding per layout: the manifest's id covers these bytes.
             return Err(bad("a parent id without the parent flag"));
         }
-        let parent =
-            (bytes[5] == 1).then(|| ManifestId::from_bytes(bytes[16..48].try_into().expect("32")));
-        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8"));
-        let regions: Vec<MemRegion> = (0..count)
-            .map(|i| {
-                let at = 48 + i * 24;
-                MemRegion {
-                    offset: u64_at(at),
-                    size: u64_at(at + 8),
-                    page_size: u64_at(at + 16),
-                }
-            })
-            .collect();
+        let parent = (flags == 1).then(|| ManifestId::from_bytes(parent_id));
+        let mut regions = Vec::with_capacity(count);
+        for _ in 0..count {
+            regions.push(MemRegion {
+                offset: r.u64().map_err(truncated)?,
+                size: r.u64().map_err(truncated)?,
+                page_size: r.u64().map_err(truncated)?,
+            });
+        }
         let mut end = 0u64;
         for r in &regions {
             let fits = r.offset == end

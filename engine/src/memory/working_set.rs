@@ -18,6 +18,7 @@ use crate::error::ErrorKind;
 use crate::id::ManifestId;
 use crate::import::{import_pieces, ImportError, ImportOptions, ImportReport, Piece};
 use crate::layout;
+use crate::le::{Reader, Truncated};
 use crate::manifest::ManifestKind;
 use crate::objstore::{ObjectStore, PutMode, StoreError};
 
@@ -125,28 +126,30 @@ impl WorkingSet {
             return Err(bad("bad magic or too short"));
         }
         let (body, crc) = bytes.split_at(bytes.len() - 4);
-        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4")) {
+        let truncated = |e: Truncated| bad(&e.to_string());
+        if crc32fast::hash(body) != Reader::new(crc).u32().map_err(truncated)? {
             return Err(bad("CRC mismatch"));
         }
-        if body[8..10] != VERSION.to_le_bytes() || body[10..12] != [0, 0] {
+        let mut r = Reader::new(body);
+        r.skip(MAGIC.len()).map_err(truncated)?;
+        if r.u16().map_err(truncated)? != VERSION || r.u16().map_err(truncated)? != 0 {
             return Err(bad("unknown version or reserved bytes set"));
         }
-        if body[12..16] != (UNIT as u32).to_le_bytes() {
+        if u64::from(r.u32().map_err(truncated)?) != UNIT {
             return Err(bad("unknown unit"));
         }
-        let pages = ManifestId::from_bytes(body[16..48].try_into().expect("32"));
-        let count = u64::from_le_bytes(body[48..56].try_into().expect("8"));
-        let rest = &body[HEADER_LEN..];
-        if count.checked_mul(12) != Some(rest.len() as u64) {
+        let pages = ManifestId::from_bytes(r.array().map_err(truncated)?);
+        let count = r.u64().map_err(truncated)?;
+        if count.checked_mul(12) != Some(r.remaining() as u64) {
             return Err(bad("run count does not match the length"));
         }
-        let runs: Vec<PageRun> = rest
-            .chunks_exact(12)
-            .map(|r| PageRun {
-                first: u64::from_le_bytes(r[..8].try_into().expect("8")),
-                count: u32::from_le_bytes(r[8..].try_into().expect("4")),
-            })
-            .collect();
+        let mut runs = Vec::with_capacity(count as usize);
+        while r.remaining() > 0 {
+            runs.push(PageRun {
+                first: r.u64().map_err(truncated)?,
+                count: r.u32().map_err(truncated)?,
+            });
+        }
         let inside = |r: &PageRun| {
             r.count > 0
                 && r.first

@@ -12,6 +12,7 @@
 //! a [`Rejection`] that says whether the guest can be told (a status byte
 //! exists) and with which status.
 
+use cairn_engine::le::{Reader, Truncated};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -196,8 +197,12 @@ pub fn parse<M: GuestMemory>(
         at += len as usize;
     }
     let (input, _status) = split_area(&writable, area_len(&writable) - 1);
-    let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-    let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    // `struct virtio_blk_outhdr`: type, ioprio (ignored), sector.
+    let mut fields = Reader::new(&header);
+    let field = |e: Truncated| ioerr(format!("request header: {e}"));
+    let kind = fields.u32().map_err(field)?;
+    fields.skip(4).map_err(field)?;
+    let sector = fields.u64().map_err(field)?;
     // Device-writable bytes before the status of a request that returns
     // no data are left alone.
     let writes_guest = matches!(kind, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
@@ -327,20 +332,24 @@ fn read_segments<M: GuestMemory>(
             .map_err(|e| format!("segment list outside guest memory: {e}"))?;
         bytes.extend_from_slice(&part);
     }
-    bytes
-        .chunks_exact(SEGMENT_LEN as usize)
-        .map(|s| {
-            let flags = u32::from_le_bytes(s[12..16].try_into().expect("4 bytes"));
-            if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
-                return Err(format!("unknown segment flags {flags:#x}"));
-            }
-            Ok(Segment {
-                sector: u64::from_le_bytes(s[0..8].try_into().expect("8 bytes")),
-                sectors: u32::from_le_bytes(s[8..12].try_into().expect("4 bytes")),
-                unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
-            })
-        })
-        .collect()
+    // `struct virtio_blk_discard_write_zeroes`: sector, num_sectors, flags.
+    let mut r = Reader::new(&bytes);
+    let mut segments = Vec::with_capacity(bytes.len() / SEGMENT_LEN as usize);
+    while r.remaining() > 0 {
+        let field = |e: Truncated| format!("segment list: {e}");
+        let sector = r.u64().map_err(field)?;
+        let sectors = r.u32().map_err(field)?;
+        let flags = r.u32().map_err(field)?;
+        if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
+            return Err(format!("unknown segment flags {flags:#x}"));
+        }
+        segments.push(Segment {
+            sector,
+            sectors,
+            unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+        });
+    }
+    Ok(segments)
 }
 
 #[cfg(test)]
