@@ -9,6 +9,7 @@ tools/dev/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 eval "$(tools/dev/s3-server.sh start)"
 trap 'tools/dev/s3-server.sh stop' EXIT
+benches/loopback-quickack.sh
 cargo build --release -p cairn -p cairn-benches
 mkdir -p target/bench
 target/release/resume-bench --s3 "$@"
