@@ -15,6 +15,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 guest=$(fixtures/build-sqlite-guest.sh)
 eval "$(tools/dev/s3-server.sh start)"
 trap 'tools/dev/s3-server.sh stop' EXIT
+benches/loopback-quickack.sh
 cargo build --release -p cairn -p cairn-benches
 mkdir -p target/bench
 bench() {
