@@ -76,11 +76,21 @@ fn store_bench_runs() {
 
 #[test]
 fn catalog_bench_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("catalog.json");
-    run(
-        env!("CARGO_BIN_EXE_catalog-bench"),
+    // Through `cairn --json bench`: the tables on stderr, the record on
+    // stdout as one JSON object.
+    let bench = Path::new(env!("CARGO_BIN_EXE_catalog-bench"));
+    let cairn = bench.with_file_name("cairn");
+    assert!(
+        cairn.exists(),
+        "{} is missing: `cargo test --workspace` builds it beside the benchmarks",
+        cairn.display()
+    );
+    let printed = run(
+        arg(&cairn),
         &[
+            "--json",
+            "bench",
+            "catalog",
             "--sizes",
             "150",
             "--page",
@@ -89,11 +99,10 @@ fn catalog_bench_runs() {
             "5",
             "--stores",
             "file,s3",
-            "--json-out",
-            arg(&out),
         ],
     );
-    let figures = json(&out);
+    let figures: Value = serde_json::from_str(printed.trim())
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {printed}"));
     for store in ["file", "s3"] {
         let rows = figures["stores"][store].as_array().unwrap();
         assert_eq!(rows.len(), 1, "{store}");

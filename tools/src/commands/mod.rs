@@ -22,7 +22,7 @@ pub const EXIT_PROBLEMS: u8 = 3;
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Bench { name, args } = &cli.command {
-        return bench::run(name, args, cli.global.store.as_deref());
+        return bench::run(name, args, cli.global.store.as_deref(), cli.global.json);
     }
     if let Command::Sandbox(cmd) = &cli.command {
         return sandbox::run(&cli.global, cmd);
