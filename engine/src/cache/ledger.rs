@@ -16,6 +16,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
+use crate::le::Reader;
+
 const MAGIC: [u8; 4] = *b"CRNL";
 const VERSION: u32 = 1;
 const LEN: usize = 24;
@@ -88,14 +90,16 @@ impl Locked<'_> {
     fn read(&self) -> io::Result<Option<Counts>> {
         let mut buf = [0u8; LEN];
         let n = self.file.read_at(&mut buf, 0)?;
-        if n < LEN || buf[0..4] != MAGIC || buf[4..8] != VERSION.to_le_bytes() {
+        // magic, version, bytes used, bytes ever inserted.
+        let mut r = Reader::new(&buf[..n]);
+        let fields = (r.array::<4>(), r.u32(), r.u64(), r.u64());
+        let (Ok(magic), Ok(version), Ok(used), Ok(inserted)) = fields else {
+            return Ok(None);
+        };
+        if magic != MAGIC || version != VERSION {
             return Ok(None);
         }
-        let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
-        Ok(Some(Counts {
-            used: u64_at(8),
-            inserted: u64_at(16),
-        }))
+        Ok(Some(Counts { used, inserted }))
     }
 
     fn write(&self, c: Counts) -> io::Result<()> {

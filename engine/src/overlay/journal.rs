@@ -14,6 +14,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+use crate::le::Reader;
+
 pub const HEADER_LEN: usize = 32;
 pub const EXTENT_LEN: usize = 16;
 const MAGIC: [u8; 4] = *b"CRNB";
@@ -76,37 +78,43 @@ fn batch_crc(batch: &[u8]) -> u32 {
     h.finalize()
 }
 
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+/// An extent record: start, count, 4 bytes of padding.
+fn read_extent(r: &mut Reader) -> Option<Extent> {
+    let e = Extent {
+        start: r.u64().ok()?,
+        count: r.u32().ok()?,
+    };
+    r.skip(4).ok()?;
+    Some(e)
 }
 
 /// The batch at the start of `bytes` if it is whole and valid:
 /// (seq, checkpointed, extents, length).
 fn decode(bytes: &[u8]) -> Option<(u64, u64, Vec<Extent>, usize)> {
-    if bytes.len() < HEADER_LEN || bytes[0..4] != MAGIC || bytes[24..28] != [0; 4] {
+    // Header: magic, count, seq, checkpointed, reserved (zero), CRC.
+    let mut r = Reader::new(bytes);
+    if r.array::<4>().ok()? != MAGIC {
         return None;
     }
-    let count = le_u32(bytes, 4) as usize;
+    let count = r.u32().ok()? as usize;
+    let (seq, checkpointed) = (r.u64().ok()?, r.u64().ok()?);
+    if r.u32().ok()? != 0 {
+        return None;
+    }
+    let crc = r.u32().ok()?;
     let len = count
         .checked_mul(EXTENT_LEN)?
         .checked_add(HEADER_LEN)
         .filter(|&l| l <= bytes.len())?;
     let batch = &bytes[..len];
-    if batch_crc(batch) != le_u32(batch, 28) {
+    if batch_crc(batch) != crc {
         return None;
     }
-    let extents = batch[HEADER_LEN..]
-        .chunks_exact(EXTENT_LEN)
-        .map(|r| Extent {
-            start: le_u64(r, 0),
-            count: le_u32(r, 8),
-        })
-        .collect();
-    Some((le_u64(batch, 8), le_u64(batch, 16), extents, len))
+    let mut extents = Vec::with_capacity(count);
+    for _ in 0..count {
+        extents.push(read_extent(&mut r)?);
+    }
+    Some((seq, checkpointed, extents, len))
 }
 
 /// Replays a journal: every valid batch in order; a damaged last batch is
@@ -173,7 +181,7 @@ pub fn coalesce(mut blocks: Vec<u64>) -> Vec<Extent> {
 /// The journal of overlays made before the flush log (overlay version 1):
 /// fixed 24-byte records, one per extent, each appended and synced alone.
 pub mod v1 {
-    use super::{le_u32, le_u64, Extent, JournalError};
+    use super::{Extent, JournalError, Reader};
 
     pub const RECORD_LEN: usize = 24;
     const MAGIC: [u8; 4] = *b"CRNJ";
@@ -190,16 +198,14 @@ pub mod v1 {
         r
     }
 
-    fn decode(r: &[u8]) -> Option<Extent> {
-        let ok = r.len() >= RECORD_LEN
-            && r[0..4] == MAGIC
-            && r[4] == OP_DIRTY
-            && r[5..8] == [0; 3]
-            && crc32fast::hash(&r[..20]) == le_u32(r, 20);
-        ok.then(|| Extent {
-            start: le_u64(r, 8),
-            count: le_u32(r, 16),
-        })
+    fn decode(record: &[u8]) -> Option<Extent> {
+        // magic, op, 3 zero bytes, start, count, CRC of what precedes it.
+        let mut r = Reader::new(record);
+        let ok = r.array::<4>().ok()? == MAGIC
+            && r.u8().ok()? == OP_DIRTY
+            && r.array::<3>().ok()? == [0; 3];
+        let (start, count, crc) = (r.u64().ok()?, r.u32().ok()?, r.u32().ok()?);
+        (ok && crc32fast::hash(&record[..20]) == crc).then_some(Extent { start, count })
     }
 
     /// Every valid record up to the first bad one, and the length of that

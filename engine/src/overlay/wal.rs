@@ -23,6 +23,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use super::BLOCK;
+use crate::le::{Reader, Truncated};
 
 const MAGIC: [u8; 4] = *b"CRNW";
 const HEADER_FIELDS: usize = 64;
@@ -64,14 +65,6 @@ fn header_area(count: usize) -> u64 {
 
 fn batch_len(count: usize, data_blocks: usize) -> u64 {
     header_area(count) + data_blocks as u64 * BLOCK
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 fn header_crc(header: &[u8], count: usize) -> u32 {
@@ -127,10 +120,14 @@ fn read_header(file: &File, at: u64, limit: u64) -> io::Result<Option<Header>> {
     }
     let mut first = vec![0u8; ALIGN as usize];
     file.read_exact_at(&mut first, at)?;
-    if first[0..4] != MAGIC {
+    let mut r = Reader::new(&first);
+    let (Ok(magic), Ok(count)) = (r.array::<4>(), r.u32()) else {
+        return Ok(None);
+    };
+    if magic != MAGIC {
         return Ok(None);
     }
-    let count = le_u32(&first, 4) as usize;
+    let count = count as usize;
     let area = header_area(count);
     if at + area > limit {
         return Ok(None);
@@ -140,21 +137,28 @@ fn read_header(file: &File, at: u64, limit: u64) -> io::Result<Option<Header>> {
         head.resize(area as usize, 0);
         file.read_exact_at(&mut head[ALIGN as usize..], at + ALIGN)?;
     }
-    if header_crc(&head, count) != le_u32(&head, 28) {
+    // After magic and count (read above): generation, sequence, the data's
+    // CRC, the header's CRC; the entries start at HEADER_FIELDS.
+    let fields = |r: &mut Reader| -> Result<_, Truncated> {
+        r.skip(8)?;
+        let (gen, seq, data_crc, crc) = (r.u64()?, r.u64()?, r.u32()?, r.u32()?);
+        r.skip(HEADER_FIELDS - r.pos())?;
+        let entries: Vec<(u64, bool)> = (0..count)
+            .map(|_| r.u64().map(|w| (w & !ZERO, w & ZERO == 0)))
+            .collect::<Result<_, _>>()?;
+        Ok((gen, seq, data_crc, crc, entries))
+    };
+    let Ok((gen, seq, data_crc, crc, entries)) = fields(&mut Reader::new(&head)) else {
+        return Ok(None);
+    };
+    if header_crc(&head, count) != crc {
         return Ok(None);
     }
-    let entries: Vec<(u64, bool)> = head[HEADER_FIELDS..HEADER_FIELDS + count * 8]
-        .chunks_exact(8)
-        .map(|w| {
-            let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-            (w & !ZERO, w & ZERO == 0)
-        })
-        .collect();
     let data_blocks = entries.iter().filter(|(_, has_data)| *has_data).count();
     Ok(Some(Header {
-        gen: le_u64(&head, 8),
-        seq: le_u64(&head, 16),
-        data_crc: le_u32(&head, 24),
+        gen,
+        seq,
+        data_crc,
         len: batch_len(count, data_blocks),
         entries,
     }))
