@@ -83,13 +83,17 @@ fn every_way_runs_the_suite_and_the_results_line_up() {
                 assert_eq!(s["write_cache"], "write back", "{mode} on {}", s["way"]);
             }
         }
-        let medians = &report["medians"][mode];
+        let summary = &report["summary"][mode];
         for w in WAYS {
             assert!(
-                medians[w]["total"].as_f64().unwrap() > 0.0,
-                "{mode} {w}: {medians}"
+                summary["seconds"]["TOTAL"][w]["median"].as_f64().unwrap() > 0.0,
+                "{mode} {w}: {summary}"
             );
         }
+        // One repetition: each ratio is that repetition's, its range a point.
+        let ratio = &summary["ratios"]["cairn warm / qsd"]["TOTAL"];
+        assert_eq!(ratio["n"], 1, "{summary}");
+        assert_eq!(ratio["min"], ratio["max"], "{summary}");
         let svg = std::fs::read_to_string(dir.path().join(format!("sqlite-{mode}.svg"))).unwrap();
         assert!(
             svg.contains("<svg") && svg.contains("qemu-storage-daemon"),
