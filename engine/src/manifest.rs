@@ -47,6 +47,12 @@ pub enum ManifestError {
     },
 }
 
+impl From<Truncated> for ManifestError {
+    fn from(e: Truncated) -> Self {
+        ManifestError::Truncated(e.at)
+    }
+}
+
 impl ManifestError {
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -204,12 +210,11 @@ impl Manifest {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge(bytes.len()));
         }
-        let truncated = |e: Truncated| ManifestError::Truncated(e.at);
         let mut r = Reader::new(bytes);
-        if r.take(8).map_err(truncated)? != MANIFEST_MAGIC {
+        if r.take(8)? != MANIFEST_MAGIC {
             return Err(ManifestError::BadMagic);
         }
-        let version = r.u16().map_err(truncated)?;
+        let version = r.u16()?;
         if version != MANIFEST_VERSION {
             return Err(ManifestError::UnsupportedVersion(version));
         }
@@ -217,24 +222,24 @@ impl Manifest {
             return Err(ManifestError::Truncated(bytes.len()));
         }
         let (body, crc) = bytes.split_at(bytes.len() - 4);
-        if crc32fast::hash(body) != Reader::new(crc).u32().map_err(truncated)? {
+        if crc32fast::hash(body) != Reader::new(crc).u32()? {
             return Err(ManifestError::Crc);
         }
         let mut r = Reader::new(body);
-        r.skip(10).map_err(truncated)?;
+        r.skip(10)?;
         let inconsistent = |m: String| ManifestError::Inconsistent(m);
-        let kind = match r.u8().map_err(truncated)? {
+        let kind = match r.u8()? {
             1 => ManifestKind::Disk,
             2 => ManifestKind::Memory,
             k => return Err(inconsistent(format!("unknown kind {k}"))),
         };
-        let shift = r.u8().map_err(truncated)?;
+        let shift = r.u8()?;
         if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&shift) {
             return Err(inconsistent(format!("chunk size 2^{shift} out of range")));
         }
         let chunk_size = 1u32 << shift;
-        let logical_size = r.u64().map_err(truncated)?;
-        let count = r.u64().map_err(truncated)?;
+        let logical_size = r.u64()?;
+        let count = r.u64()?;
         if logical_size > MAX_LOGICAL_SIZE
             || count != Manifest::chunk_count_for(logical_size, chunk_size)
         {
@@ -242,11 +247,11 @@ impl Manifest {
                 "{count} chunks cannot make a disk of {logical_size} bytes at {chunk_size} bytes a chunk"
             )));
         }
-        let meta_len = r.u32().map_err(truncated)?;
+        let meta_len = r.u32()?;
         if meta_len > MAX_META_LEN {
             return Err(inconsistent(format!("{meta_len} bytes of metadata")));
         }
-        let meta = r.take(meta_len as usize).map_err(truncated)?.to_vec();
+        let meta = r.take(meta_len as usize)?.to_vec();
         if count > MAX_CHUNKS {
             return Err(inconsistent(format!(
                 "{count} chunks are more than the {MAX_CHUNKS} a manifest may hold"
@@ -255,8 +260,8 @@ impl Manifest {
         let mut chunks = Vec::with_capacity(count as usize);
         let mut last_tag = None;
         while r.remaining() > 0 {
-            let tag = r.u8().map_err(truncated)?;
-            let run = u64::from(r.u32().map_err(truncated)?);
+            let tag = r.u8()?;
+            let run = u64::from(r.u32()?);
             if run == 0 || last_tag == Some(tag) {
                 return Err(inconsistent(format!(
                     "non-canonical run at byte {}",
@@ -275,9 +280,9 @@ impl Manifest {
                         .checked_mul(32)
                         .and_then(|n| usize::try_from(n).ok())
                         .ok_or(ManifestError::Truncated(r.pos()))?;
-                    let mut ids = Reader::new(r.take(ids).map_err(truncated)?);
+                    let mut ids = Reader::new(r.take(ids)?);
                     while ids.remaining() > 0 {
-                        let id: [u8; 32] = ids.array().map_err(truncated)?;
+                        let id: [u8; 32] = ids.array()?;
                         if id == [0u8; 32] {
                             return Err(inconsistent("all-zero chunk id in a stored run".into()));
                         }

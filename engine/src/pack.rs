@@ -46,6 +46,13 @@ pub enum PackError {
     },
 }
 
+/// A field of an index, footer or header that runs past its bytes.
+impl From<Truncated> for PackError {
+    fn from(e: Truncated) -> Self {
+        PackError::BadIndex(e.to_string())
+    }
+}
+
 impl PackError {
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -134,12 +141,11 @@ impl PackIndex {
         let mut expect_offset = PACK_HEADER_LEN;
         let mut r = Reader::new(raw);
         while r.remaining() > 0 {
-            let truncated = |e: Truncated| PackError::BadIndex(e.to_string());
             let entry = IndexEntry {
-                id: ChunkId::from_bytes(r.array().map_err(truncated)?),
-                offset: r.u64().map_err(truncated)?,
-                frame_len: r.u32().map_err(truncated)?,
-                raw_len: r.u32().map_err(truncated)?,
+                id: ChunkId::from_bytes(r.array()?),
+                offset: r.u64()?,
+                frame_len: r.u32()?,
+                raw_len: r.u32()?,
             };
             if entry.offset != expect_offset || (entry.frame_len as usize) <= FRAME_HEADER_LEN {
                 return Err(PackError::BadIndex(format!(
@@ -204,13 +210,12 @@ fn parse_footer(tail: &[u8]) -> Result<Footer, PackError> {
         )));
     }
     let mut r = Reader::new(&tail[tail.len() - FOOTER_LEN..]);
-    let truncated = |e: Truncated| PackError::BadIndex(e.to_string());
-    let index_offset = r.u64().map_err(truncated)?;
-    let count = r.u32().map_err(truncated)?;
-    let crc = r.u32().map_err(truncated)?;
-    let version = r.u32().map_err(truncated)?;
-    let reserved = r.u32().map_err(truncated)?;
-    if r.array::<8>().map_err(truncated)? != INDEX_MAGIC {
+    let index_offset = r.u64()?;
+    let count = r.u32()?;
+    let crc = r.u32()?;
+    let version = r.u32()?;
+    let reserved = r.u32()?;
+    if r.array::<8>()? != INDEX_MAGIC {
         return Err(PackError::BadIndex("bad footer magic".into()));
     }
     if version != PACK_VERSION {
@@ -352,11 +357,10 @@ pub fn recover(path: &Path) -> Result<Recovered, PackError> {
     let mut header = [0u8; PACK_HEADER_LEN as usize];
     file.read_exact(&mut header).map_err(io_err(path))?;
     let mut r = Reader::new(&header);
-    let truncated = |e: Truncated| PackError::BadIndex(e.to_string());
-    if r.array::<8>().map_err(truncated)? != PACK_MAGIC {
+    if r.array::<8>()? != PACK_MAGIC {
         return Err(PackError::BadMagic);
     }
-    let version = r.u32().map_err(truncated)?;
+    let version = r.u32()?;
     if version != PACK_VERSION {
         // Recovery rewrites the pack: never in a layout this build does not know.
         return Err(PackError::UnsupportedVersion(version));

@@ -1,16 +1,12 @@
 //! Sizes on the command line, parsed by clap (`value_parser`), so that a bad
 //! one exits 2 with clap's message: `4096`, `64K`, `256KiB`, `10G`.
 
-use cairn_engine::size::parse_size;
-
 /// Any byte count.
-pub fn bytes(text: &str) -> Result<u64, String> {
-    parse_size(text)
-}
+pub use cairn_engine::size::parse_size as bytes;
 
 /// A power of two from `min` to `max` bytes.
 fn power_of_two(text: &str, min: u64, max: u64, what: &str) -> Result<u64, String> {
-    let n = parse_size(text)?;
+    let n = bytes(text)?;
     if !n.is_power_of_two() || !(min..=max).contains(&n) {
         return Err(format!(
             "{what} is a power of two from {} to {}, not {n}",

@@ -15,7 +15,7 @@ use memmap2::{Mmap, MmapOptions};
 
 use crate::frame::MAX_CHUNK_LEN;
 use crate::id::ChunkId;
-use crate::le::Reader;
+use crate::le::{Reader, Truncated};
 
 const MAGIC: [u8; 4] = *b"CRNC";
 const VERSION: u8 = 1;
@@ -148,18 +148,18 @@ fn check_meta(
 ) -> Result<(u32, Vec<u32>), EntryError> {
     let raw_len = check_header(meta, len, id, path)?;
     let nblocks = raw_len.div_ceil(BLOCK as u32) as usize;
-    let short = |_| invalid(path, "too short for its CRC table");
-    let full = meta
-        .get(..HEADER_LEN + nblocks * 4)
-        .ok_or_else(|| short(()))?;
+    let short = |_: Truncated| invalid(path, "too short for its CRC table");
+    let full = Reader::new(meta)
+        .take(HEADER_LEN + nblocks * 4)
+        .map_err(short)?;
     let mut r = Reader::new(full);
-    r.skip(44).map_err(|_| short(()))?;
-    let stored = r.u32().map_err(|_| short(()))?;
+    r.skip(44).map_err(short)?;
+    let stored = r.u32().map_err(short)?;
     if header_crc(full) != stored {
         return Err(invalid(path, "header CRC mismatch"));
     }
     let crcs = (0..nblocks)
-        .map(|_| r.u32().map_err(|_| short(())))
+        .map(|_| r.u32().map_err(short))
         .collect::<Result<_, _>>()?;
     Ok((raw_len, crcs))
 }
