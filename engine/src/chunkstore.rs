@@ -365,6 +365,12 @@ impl ChunkStore {
         self.inner.map().contains(id)
     }
 
+    /// Whether a pack that is neither lost nor avoided by a writer's view
+    /// of the collector holds the chunk: whether a writer may rely on it.
+    pub fn holds_for(&self, id: &ChunkId, view: &crate::gc::WriterView) -> bool {
+        self.with_pack_map(|m| m.holds_outside(id, |p| view.avoids(p)))
+    }
+
     pub fn locate(&self, id: &ChunkId) -> Option<Location> {
         self.inner.map().locate(id)
     }
@@ -739,7 +745,7 @@ async fn fetch_run(
         Err(e) if e.kind() == ErrorKind::NotFound => {
             if inner.map_mut().set_lost(&pack, true) {
                 inner.stats.lost_packs.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(pack = %key, store = inner.remote.uri(), "a pack object is missing though its index is there: it is lost; its chunks are read from other packs where they exist (`cairn verify` lists what is lost)");
+                tracing::warn!(pack = %key, store = inner.remote.uri(), "a pack object is missing (deleted by a garbage collection that rewrote it, or lost): its chunks are read from other packs where they exist (`cairn verify` lists what is lost)");
             }
             return Some(claim);
         }

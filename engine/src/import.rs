@@ -26,6 +26,7 @@ use rayon::prelude::*;
 use crate::chunkstore::ChunkStore;
 use crate::error::ErrorKind;
 use crate::frame::FrameEncoder;
+use crate::gc::WriterView;
 use crate::id::ChunkId;
 use crate::layout;
 use crate::manifest::{Manifest, ManifestError, ManifestKind};
@@ -65,6 +66,10 @@ pub enum ImportError {
     Options(String),
     #[error("an upload task failed: {0}")]
     Task(String),
+    #[error("{0}")]
+    Chunk(#[from] crate::chunkstore::ChunkStoreError),
+    #[error("this write ran longer than the store's garbage-collection grace period ({grace_secs} s) and {missing} chunks it relied on were collected meanwhile; run it again (or collect with a longer --grace)")]
+    Collected { missing: u64, grace_secs: u64 },
 }
 
 impl ImportError {
@@ -77,6 +82,8 @@ impl ImportError {
             ImportError::Store(e) => e.kind(),
             ImportError::Manifest(e) => e.kind(),
             ImportError::Options(_) => ErrorKind::InvalidInput,
+            ImportError::Chunk(e) => e.kind(),
+            ImportError::Collected { .. } => ErrorKind::Transient,
         }
     }
 }
@@ -240,6 +247,52 @@ impl Importer<'_> {
         }
         first_err.map_or(Ok(()), Err)
     }
+}
+
+impl Importer<'_> {
+    /// Stores again the chunks named by id (`known`) that only packs
+    /// condemned by the collector hold: this import must not rely on
+    /// them. Their bytes are still there (condemned packs are deleted only
+    /// after the grace period).
+    fn rescue(&mut self, known: &HashSet<ChunkId>, view: &WriterView) -> Result<(), ImportError> {
+        let store = self.store;
+        let mut rescued = 0;
+        for id in known {
+            if self.new_frames.contains_key(id) || store.holds_for(id, view) {
+                continue;
+            }
+            let Some(loc) = store.locate(id) else {
+                continue; // In no pack at all: `cairn verify` reports it.
+            };
+            let raw = store.read_chunk(id, loc.entry.raw_len)?;
+            self.append(&encode_frame(self.opts.zstd_level, *id, &raw))?;
+            rescued += 1;
+        }
+        if rescued > 0 {
+            tracing::info!(rescued, "stored again chunks that only condemned packs held");
+        }
+        Ok(())
+    }
+}
+
+/// After a session longer than the collector's grace period: every chunk
+/// of `manifest` must still be in a pack that is there.
+fn check_still_stored(store: &ChunkStore, manifest: &Manifest) -> Result<(), ImportError> {
+    store.runtime().block_on(store.refresh())?;
+    let missing = manifest
+        .distinct_chunks()
+        .iter()
+        .filter(|c| !store.contains(c))
+        .count() as u64;
+    if missing > 0 {
+        let grace_secs = store
+            .runtime()
+            .block_on(crate::gc::state::load(store.remote().as_ref()))?
+            .0
+            .grace_secs;
+        return Err(ImportError::Collected { missing, grace_secs });
+    }
+    Ok(())
 }
 
 /// Uploads a finished pack, then its index object, then drops the local file.
@@ -429,6 +482,12 @@ pub fn import_pieces(
     let lock = File::create(opts.staging_dir.join(".lock")).map_err(staging)?;
     lock.lock().map_err(staging)?;
     let recovered_packs = recover_staging(store, &opts.staging_dir)?;
+    // The collector's protocol (`crate::gc`): see what is deleted and
+    // condemned now, and rely on neither.
+    let view = store.runtime().block_on(async {
+        store.refresh().await?;
+        Ok::<_, ImportError>(WriterView::load(store.remote().as_ref()).await?)
+    })?;
 
     let cs = opts.chunk_size as usize;
     let mut imp = Importer {
@@ -440,6 +499,8 @@ pub fn import_pieces(
         new_bytes: 0,
     };
     let mut chunks: Vec<Option<ChunkId>> = Vec::with_capacity(count as usize);
+    // Chunks named by id (from a base image), not stored by this import.
+    let mut known: HashSet<ChunkId> = HashSet::new();
     let mut done = 0u64;
     let result = (|| {
         for piece in pieces {
@@ -451,6 +512,7 @@ pub fn import_pieces(
                             (logical.saturating_sub(chunks.len() as u64 * cs as u64)).min(cs as u64)
                                 as u32,
                         );
+                        known.extend(id);
                         chunks.push(id);
                     }
                     progress(done);
@@ -469,7 +531,7 @@ pub fn import_pieces(
                 .filter_map(|(i, id)| {
                     let id = (*id)?;
                     let new = !imp.new_frames.contains_key(&id)
-                        && !store.contains(&id)
+                        && !store.holds_for(&id, &view)
                         && batch_new.insert(id);
                     new.then_some(i)
                 })
@@ -489,6 +551,7 @@ pub fn import_pieces(
             done += buf.len() as u64;
             progress(done);
         }
+        imp.rescue(&known, &view)?;
         imp.finish()
     })();
     if let Err(e) = result {
@@ -514,11 +577,17 @@ pub fn import_pieces(
     };
     let encoded = manifest.encode();
     let id = crate::id::ManifestId::of(&encoded);
-    store.runtime().block_on(store.remote().put(
-        &layout::manifest_key(&id),
-        Bytes::from(encoded),
-        PutMode::IfAbsent,
-    ))?;
+    let key = layout::manifest_key(&id);
+    store.runtime().block_on(async {
+        crate::gc::keep(store.remote().as_ref(), &key).await?;
+        store
+            .remote()
+            .put(&key, Bytes::from(encoded), PutMode::IfAbsent)
+            .await
+    })?;
+    if view.outlived_grace() {
+        check_still_stored(store, &manifest)?;
+    }
 
     let distinct = manifest.distinct_chunks();
     let stored_bytes = distinct

@@ -17,6 +17,7 @@
 pub mod cache;
 pub mod error;
 pub mod frame;
+pub mod gc;
 pub mod id;
 pub mod le;
 pub mod manifest;

@@ -99,6 +99,12 @@ impl PackMap {
         self.homes(id).any(|(p, _)| !self.lost.contains(&p))
     }
 
+    /// Whether a pack that is neither lost nor `avoided` holds the chunk.
+    pub fn holds_outside(&self, id: &ChunkId, avoided: impl Fn(&PackId) -> bool) -> bool {
+        self.homes(id)
+            .any(|(p, _)| !self.lost.contains(&p) && !avoided(&self.packs[p as usize]))
+    }
+
     pub fn pack_count(&self) -> usize {
         self.packs.len()
     }
@@ -174,18 +180,25 @@ pub async fn refresh(
     for i in 0..m.packs.len() {
         let pack = m.packs[i];
         let lost = !present.contains(layout::pack_key(&pack).as_str());
-        if m.set_lost(&pack, lost) && lost {
+        let retired = lost && !present.contains(layout::pack_index_key(&pack).as_str());
+        if retired {
+            // Deleted, index and all (a garbage collection): not news.
+            if m.set_lost(&pack, true) {
+                let _ = std::fs::remove_file(local_copy(local, &pack));
+                tracing::debug!(pack = %layout::pack_key(&pack), "a pack was deleted from the store");
+            }
+        } else if m.set_lost(&pack, lost) && lost {
             tracing::error!(pack = %layout::pack_key(&pack), store = store.uri(), "a pack object is missing though its index is there: it is lost (`cairn verify` lists what it held)");
         }
     }
     Ok(loaded.len())
 }
 
-fn local_copy(local: &Path, pack: &PackId) -> PathBuf {
+pub(crate) fn local_copy(local: &Path, pack: &PackId) -> PathBuf {
     local.join(format!("{pack}.idx"))
 }
 
-async fn load_index(
+pub(crate) async fn load_index(
     store: &dyn ObjectStore,
     local: &Path,
     key: &str,

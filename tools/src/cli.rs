@@ -89,6 +89,10 @@ pub enum Command {
     /// Sandboxes, through the daemon: create, clone, list, describe, remove.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// Garbage collection: condemn what nothing references, delete what
+    /// was condemned at least --grace ago and still is, rewrite packs that
+    /// are mostly dead. Safe while other hosts write (docs/gc.md).
+    Gc(GcArgs),
     /// Check that every chunk of every manifest is in the store.
     Verify {
         /// Also re-read every pack and re-hash every chunk.
@@ -100,6 +104,23 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the manual page (roff) on stdout, e.g. `cairn man | man -l -`.
     Man,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// Report what would be condemned, deleted and rewritten; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How long an unreferenced object stays condemned before a run may
+    /// delete it (e.g. 30m, 1h, 2d). Every import and upload must finish
+    /// within it; one that does not checks its chunks and fails if some
+    /// were collected.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub grace: std::time::Duration,
+    /// Rewrite packs whose live bytes are less than this share of them
+    /// (0 to 1; 0 rewrites none).
+    #[arg(long, default_value_t = 0.5, value_parser = crate::size::share)]
+    pub rewrite_below: f64,
 }
 
 #[derive(Subcommand, Debug)]

@@ -4,6 +4,7 @@
 
 use cairn_engine::catalog::CatalogError;
 use cairn_engine::chunkstore::ChunkStoreError;
+use cairn_engine::gc::GcError;
 use cairn_engine::objstore::StoreError;
 use cairn_engine::oci::OciError;
 use cairn_engine::overlay::OverlayError;
@@ -19,6 +20,8 @@ pub fn kind_of(e: &anyhow::Error) -> &'static str {
             } else if let Some(x) = cause.downcast_ref::<CatalogError>() {
                 x.kind()
             } else if let Some(x) = cause.downcast_ref::<ChunkStoreError>() {
+                x.kind()
+            } else if let Some(x) = cause.downcast_ref::<GcError>() {
                 x.kind()
             } else if let Some(x) = cause.downcast_ref::<OciError>() {
                 x.kind()

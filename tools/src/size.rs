@@ -33,6 +33,14 @@ pub fn fault_size(text: &str) -> Result<u64, String> {
     power_of_two(text, 4 << 10, 16 << 20, "a fault size")
 }
 
+/// A share from 0 to 1.
+pub fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a share from 0 to 1")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -217,11 +217,13 @@ impl WorkingSet {
             runs,
         };
         let key = layout::working_set_key(&snapshot.manifest().id());
-        store.runtime().block_on(store.remote().put(
-            &key,
-            Bytes::from(ws.encode()),
-            PutMode::Overwrite,
-        ))?;
+        store.runtime().block_on(async {
+            crate::gc::keep(store.remote().as_ref(), &key).await?;
+            store
+                .remote()
+                .put(&key, Bytes::from(ws.encode()), PutMode::Overwrite)
+                .await
+        })?;
         Ok((ws, report))
     }
 }

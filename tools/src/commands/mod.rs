@@ -7,6 +7,7 @@ mod mem;
 mod oci;
 mod sandbox;
 mod snapshot;
+mod gc;
 mod verify;
 
 use std::process::ExitCode;
@@ -55,6 +56,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Mem(MemCommand::Import(args)) => mem::import(&ctx, &args),
         Command::Mem(MemCommand::Serve(args)) => mem::serve(&ctx, &args),
         Command::Verify { deep } => verify::verify(&ctx, deep),
+        Command::Gc(args) => gc::gc(&ctx, &args),
         Command::Daemon(args) => {
             let socket = match (args.socket, cli.global.daemon) {
                 (Some(s), _) | (None, Some(s)) => s,

@@ -338,7 +338,10 @@ pub fn store_vm_state(store: &ChunkStore, path: &Path) -> Result<String> {
     let remote = store.remote().clone();
     store
         .runtime()
-        .block_on(remote.put_file(&key, path))
+        .block_on(async {
+            cairn_engine::gc::keep(remote.as_ref(), &key).await?;
+            remote.put_file(&key, path).await
+        })
         .with_context(|| format!("storing VM state {} as {key}", path.display()))?;
     Ok(key)
 }

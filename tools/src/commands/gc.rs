@@ -1,0 +1,81 @@
+//! `cairn gc [--dry-run] [--grace D] [--rewrite-below S]`
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use cairn_engine::gc::{self, GcOptions};
+use indicatif::HumanBytes;
+
+use crate::cli::GcArgs;
+use crate::context::Context;
+use crate::output::{emit, spinner};
+
+pub fn gc(ctx: &Context, args: &GcArgs) -> Result<ExitCode> {
+    let mut opts = GcOptions::new(
+        ctx.host.clone(),
+        ctx.cache_dir.join("staging-gc"),
+        ctx.cache_dir.join("indexes"),
+    );
+    opts.grace = args.grace;
+    opts.rewrite_below = args.rewrite_below;
+    opts.dry_run = args.dry_run;
+    let bar = spinner(ctx.json, "collecting garbage");
+    let report = ctx.rt.block_on(gc::run(ctx.remote.as_ref(), &opts, &|phase| {
+        bar.set_message(phase.to_owned())
+    }))?;
+    bar.finish_and_clear();
+    emit(ctx.json, &report, || {
+        let r = &report;
+        let (would, did) = if r.dry_run {
+            ("would be ", "would be ")
+        } else {
+            ("", "")
+        };
+        let mut s = format!(
+            "marked {} roots: {} manifests, {} chunks live; {} packs hold {} ({} of it live)\n",
+            r.roots,
+            r.live_manifests,
+            r.live_chunks,
+            r.packs,
+            HumanBytes(r.pack_bytes),
+            HumanBytes(r.live_bytes),
+        );
+        s += &format!(
+            "{did}deleted: {} objects ({} packs), {} reclaimed\n",
+            r.deleted,
+            r.deleted_packs,
+            HumanBytes(r.reclaimed_bytes)
+        );
+        s += &format!(
+            "{would}condemned: {} objects, {} (deleted by a run at least {} from now)\n",
+            r.condemned,
+            HumanBytes(r.condemned_bytes),
+            humantime::format_duration(std::time::Duration::from_secs(r.grace_secs))
+        );
+        if r.packs_rewritten > 0 {
+            s += &format!(
+                "{would}rewritten: {} sparse packs, {} of live frames copied\n",
+                r.packs_rewritten,
+                HumanBytes(r.bytes_copied)
+            );
+        }
+        if r.waiting > 0 {
+            s += &format!(
+                "waiting out the grace period: {} objects, {}\n",
+                r.waiting,
+                HumanBytes(r.waiting_bytes)
+            );
+        }
+        if r.uncondemned > 0 {
+            s += &format!("referenced again, no longer condemned: {}\n", r.uncondemned);
+        }
+        if r.missing_manifests + r.missing_chunks > 0 {
+            s += &format!(
+                "warning: {} manifests and {} chunks that roots need are not in the store: run `cairn verify`\n",
+                r.missing_manifests, r.missing_chunks
+            );
+        }
+        s
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
