@@ -269,7 +269,10 @@ impl Importer<'_> {
             rescued += 1;
         }
         if rescued > 0 {
-            tracing::info!(rescued, "stored again chunks that only condemned packs held");
+            tracing::info!(
+                rescued,
+                "stored again chunks that only condemned packs held"
+            );
         }
         Ok(())
     }
@@ -290,7 +293,10 @@ fn check_still_stored(store: &ChunkStore, manifest: &Manifest) -> Result<(), Imp
             .block_on(crate::gc::state::load(store.remote().as_ref()))?
             .0
             .grace_secs;
-        return Err(ImportError::Collected { missing, grace_secs });
+        return Err(ImportError::Collected {
+            missing,
+            grace_secs,
+        });
     }
     Ok(())
 }
@@ -301,15 +307,7 @@ async fn upload_pack(
     path: PathBuf,
     index: PackIndex,
 ) -> Result<PackIndex, ImportError> {
-    let remote = store.remote();
-    remote.put_file(&layout::pack_key(&index.id), &path).await?;
-    remote
-        .put(
-            &layout::pack_index_key(&index.id),
-            Bytes::from(index.encode_tail()),
-            PutMode::IfAbsent,
-        )
-        .await?;
+    crate::gc::guard::put_pack(store.remote().as_ref(), &index, &path).await?;
     tokio::fs::remove_file(&path)
         .await
         .map_err(|source| ImportError::Staging {

@@ -95,7 +95,7 @@ pub struct PackIndex {
 
 impl PackIndex {
     /// Builds the index of frames laid out in order (as a writer appends them).
-    fn from_entries(entries: Vec<IndexEntry>) -> PackIndex {
+    pub(crate) fn from_entries(entries: Vec<IndexEntry>) -> PackIndex {
         let id = PackId::of(&encode_entries(&entries));
         PackIndex { id, entries }
     }

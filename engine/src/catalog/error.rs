@@ -15,6 +15,8 @@ pub enum CatalogError {
     },
     #[error("no manifest {id} in {store}")]
     NoSuchManifest { id: ManifestId, store: String },
+    #[error("manifest {id} is referenced by no image, snapshot or sandbox and garbage collection has condemned it: it cannot be named again; import the image again")]
+    Condemned { id: ManifestId },
     #[error("`{name}` is not a valid {what}: {rule}")]
     BadName {
         what: &'static str,
@@ -106,6 +108,7 @@ impl CatalogError {
         match self {
             NoSuchImage { .. }
             | NoSuchManifest { .. }
+            | Condemned { .. }
             | NoSuchSnapshot { .. }
             | NoSuchSandbox { .. } => ErrorKind::NotFound,
             BadName { .. } | BadSnapshotUri { .. } | ForeignSnapshot { .. } => {

@@ -296,7 +296,13 @@ pub async fn resolve(
     name_or_id: &str,
 ) -> Result<Resolved, CatalogError> {
     if let Ok(id) = name_or_id.parse::<ManifestId>() {
-        return match store.head(&layout::manifest_key(&id)).await? {
+        let key = layout::manifest_key(&id);
+        // Nothing references a condemned manifest, and its chunks may be
+        // deleted by a run whose mark already passed: it cannot be named.
+        if crate::gc::guard::is_condemned(store, &key).await? {
+            return Err(CatalogError::Condemned { id });
+        }
+        return match store.head(&key).await? {
             Some(_) => Ok(Resolved { id, record: None }),
             None => Err(CatalogError::NoSuchManifest {
                 id,

@@ -16,7 +16,7 @@ use super::state::{self, now_ms};
 use crate::error::ErrorKind;
 use crate::id::PackId;
 use crate::layout;
-use crate::objstore::{ObjectStore, StoreError};
+use crate::objstore::{ObjectStore, PutMode, PutOutcome, StoreError};
 
 /// How long a writer waits for a collector to finish deleting an object
 /// it needs before giving up.
@@ -74,6 +74,36 @@ pub fn pack_of_key(key: &str) -> Option<PackId> {
         .strip_suffix(".pack")?
         .parse()
         .ok()
+}
+
+/// Whether a collector has condemned `key` or is deleting it (one GET).
+pub async fn is_condemned(store: &dyn ObjectStore, key: &str) -> Result<bool, StoreError> {
+    let (s, _) = state::load(store).await?;
+    Ok(s.condemned.contains_key(key) || s.deleting.contains_key(key))
+}
+
+/// Uploads a finished pack (data, then index) so that the collector will
+/// not delete it: a pack with the same frames in the same order has the
+/// same id, so an "already there" may be a condemned pack, which is kept
+/// (and written again if a collector was deleting it).
+pub async fn put_pack(
+    store: &dyn ObjectStore,
+    index: &crate::pack::PackIndex,
+    path: &std::path::Path,
+) -> Result<(), StoreError> {
+    let key = layout::pack_key(&index.id);
+    if store.put_file(&key, path).await? == PutOutcome::AlreadyExisted {
+        keep(store, &key).await?;
+        store.put_file(&key, path).await?;
+    }
+    store
+        .put(
+            &layout::pack_index_key(&index.id),
+            bytes::Bytes::from(index.encode_tail()),
+            PutMode::IfAbsent,
+        )
+        .await?;
+    Ok(())
 }
 
 /// Makes sure the collector will not delete `key`, which the caller is

@@ -15,6 +15,7 @@
 //! One run at a time holds a lease in the state; writers never wait for it.
 
 pub mod guard;
+pub mod hosts;
 mod plan;
 mod roots;
 mod run;

@@ -86,7 +86,13 @@ pub fn plan(marked: &Marked, state: &GcState, rules: &Rules) -> Plan {
         .collect();
     // Each live chunk's home: (pack number, entry).
     let mut homes: HashMap<ChunkId, (usize, IndexEntry)> = HashMap::new();
-    let rank = |i: usize| (!condemned(&marked.packs[i].id), live_bytes[i], std::cmp::Reverse(marked.packs[i].id));
+    let rank = |i: usize| {
+        (
+            !condemned(&marked.packs[i].id),
+            live_bytes[i],
+            std::cmp::Reverse(marked.packs[i].id),
+        )
+    };
     for (i, p) in marked.packs.iter().enumerate() {
         for e in p.entries.iter().filter(|e| marked.live.contains(&e.id)) {
             homes
@@ -115,7 +121,9 @@ pub fn plan(marked: &Marked, state: &GcState, rules: &Rules) -> Plan {
         let keep = std::mem::take(&mut homed[i]);
         let kept: u64 = keep.iter().map(|e| u64::from(e.frame_len)).sum();
         plan.live_bytes += kept;
-        let frames = p.index_offset().saturating_sub(crate::pack::PACK_HEADER_LEN);
+        let frames = p
+            .index_offset()
+            .saturating_sub(crate::pack::PACK_HEADER_LEN);
         if keep.is_empty() {
             decide_dead(&mut plan, state, rules, key, bytes);
             continue;
@@ -132,12 +140,20 @@ pub fn plan(marked: &Marked, state: &GcState, rules: &Rules) -> Plan {
             });
         }
     }
-    let dead: HashSet<&str> = marked.dead_objects.iter().map(|(k, _)| k.as_str()).collect();
+    let dead: HashSet<&str> = marked
+        .dead_objects
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect();
     for (key, bytes) in &marked.dead_objects {
         decide_dead(&mut plan, state, rules, key.clone(), *bytes);
     }
     // Condemned objects that are not packs and are live again.
-    let packs: HashSet<String> = marked.packs.iter().map(|p| layout::pack_key(&p.id)).collect();
+    let packs: HashSet<String> = marked
+        .packs
+        .iter()
+        .map(|p| layout::pack_key(&p.id))
+        .collect();
     for key in state.condemned.keys().chain(state.deleting.keys()) {
         if !packs.contains(key) && !dead.contains(key.as_str()) {
             plan.uncondemn.push(key.clone());
@@ -159,5 +175,209 @@ fn decide_dead(plan: &mut Plan, state: &GcState, rules: &Rules, key: String, byt
         }
     } else {
         plan.condemn.push((key, bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pack::PACK_HEADER_LEN;
+
+    const FRAME: u32 = 1000;
+
+    fn chunk(n: u8) -> ChunkId {
+        ChunkId::of(&[n])
+    }
+
+    /// A pack of `chunks`, each a 1000-byte frame.
+    fn pack(chunks: &[u8]) -> PackIndex {
+        let entries = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| IndexEntry {
+                id: chunk(n),
+                offset: PACK_HEADER_LEN + i as u64 * u64::from(FRAME),
+                frame_len: FRAME,
+                raw_len: 4096,
+            })
+            .collect();
+        PackIndex::from_entries(entries)
+    }
+
+    fn live(chunks: &[u8]) -> HashSet<ChunkId> {
+        chunks.iter().map(|&n| chunk(n)).collect()
+    }
+
+    const RULES: Rules = Rules {
+        mark_ms: 100_000,
+        grace_ms: 10_000,
+        rewrite_below: 0.5,
+    };
+
+    fn condemned_at(state: &mut GcState, key: &str, at_ms: u64) {
+        state
+            .condemned
+            .insert(key.to_owned(), Condemned { at_ms, bytes: 7 });
+    }
+
+    #[test]
+    fn a_dead_pack_is_condemned_then_deleted_only_after_the_grace_period() {
+        let packs = [pack(&[1, 2]), pack(&[3, 4])];
+        let live = live(&[1, 2]);
+        let marked = || Marked {
+            packs: &packs,
+            live: &live,
+            dead_objects: Vec::new(),
+        };
+        let dead = layout::pack_key(&packs[1].id);
+
+        let first = plan(&marked(), &GcState::default(), &RULES);
+        assert_eq!(first.condemn, vec![(dead.clone(), pack_bytes(&packs[1]))]);
+        assert!(first.delete.is_empty() && first.rewrite.is_empty());
+
+        let mut state = GcState::default();
+        condemned_at(&mut state, &dead, RULES.mark_ms - RULES.grace_ms + 1);
+        let early = plan(&marked(), &state, &RULES);
+        assert!(early.delete.is_empty() && early.condemn.is_empty());
+        assert_eq!((early.waiting, early.waiting_bytes), (1, 7));
+
+        condemned_at(&mut state, &dead, RULES.mark_ms - RULES.grace_ms);
+        let due = plan(&marked(), &state, &RULES);
+        assert_eq!(due.delete.len(), 1);
+        assert_eq!(due.delete[0].0, dead);
+    }
+
+    #[test]
+    fn a_condemned_pack_referenced_again_is_taken_off_the_list() {
+        let packs = [pack(&[1, 2])];
+        let live = live(&[2]);
+        let mut state = GcState::default();
+        let key = layout::pack_key(&packs[0].id);
+        condemned_at(&mut state, &key, 0);
+        let p = plan(
+            &Marked {
+                packs: &packs,
+                live: &live,
+                dead_objects: Vec::new(),
+            },
+            &state,
+            &RULES,
+        );
+        assert_eq!(p.uncondemn, vec![key]);
+        assert!(p.delete.is_empty());
+    }
+
+    #[test]
+    fn a_sparse_pack_is_rewritten_with_only_its_live_frames() {
+        let packs = [pack(&[1, 2, 3, 4, 5])];
+        let p = plan(
+            &Marked {
+                packs: &packs,
+                live: &live(&[2, 9]),
+                dead_objects: Vec::new(),
+            },
+            &GcState::default(),
+            &RULES,
+        );
+        assert_eq!(p.rewrite.len(), 1);
+        let keep: Vec<ChunkId> = p.rewrite[0].keep.iter().map(|e| e.id).collect();
+        assert_eq!(keep, vec![chunk(2)]);
+        assert_eq!(p.missing_chunks, 1, "chunk 9 is in no pack");
+        // At half live or more it stays; with rewriting off, always.
+        let p = plan(
+            &Marked {
+                packs: &packs,
+                live: &live(&[1, 2, 3]),
+                dead_objects: Vec::new(),
+            },
+            &GcState::default(),
+            &RULES,
+        );
+        assert!(p.rewrite.is_empty());
+        let off = Rules {
+            rewrite_below: 0.0,
+            ..RULES
+        };
+        let p = plan(
+            &Marked {
+                packs: &packs,
+                live: &live(&[2]),
+                dead_objects: Vec::new(),
+            },
+            &GcState::default(),
+            &off,
+        );
+        assert!(p.rewrite.is_empty());
+    }
+
+    #[test]
+    fn a_chunk_in_two_packs_keeps_one_home_and_never_a_condemned_one() {
+        // The old pack (condemned after a rewrite) and its copy both hold
+        // chunk 2: the copy is the home, the old pack dead.
+        let old = pack(&[1, 2]);
+        let copy = pack(&[2]);
+        let packs = [old.clone(), copy.clone()];
+        let live = live(&[2]);
+        let mut state = GcState::default();
+        condemned_at(&mut state, &layout::pack_key(&old.id), 0);
+        let p = plan(
+            &Marked {
+                packs: &packs,
+                live: &live,
+                dead_objects: Vec::new(),
+            },
+            &state,
+            &RULES,
+        );
+        assert_eq!(p.delete.len(), 1);
+        assert_eq!(p.delete[0].0, layout::pack_key(&old.id));
+        assert!(p.uncondemn.is_empty() && p.condemn.is_empty());
+        // Neither condemned: exactly one of the two is dead, not both.
+        let p = plan(
+            &Marked {
+                packs: &packs,
+                live: &live,
+                dead_objects: Vec::new(),
+            },
+            &GcState::default(),
+            &RULES,
+        );
+        assert_eq!(p.condemn.len(), 1);
+    }
+
+    #[test]
+    fn objects_other_than_packs_follow_the_same_rule() {
+        let mut state = GcState::default();
+        condemned_at(&mut state, "manifests/old", 0);
+        condemned_at(&mut state, "vmstate/back", 0);
+        state
+            .deleting
+            .insert("wsets/half".into(), Condemned { at_ms: 0, bytes: 1 });
+        let dead = vec![
+            ("manifests/old".to_owned(), 5),
+            ("manifests/new".to_owned(), 6),
+            ("wsets/half".to_owned(), 1),
+        ];
+        let p = plan(
+            &Marked {
+                packs: &[],
+                live: &HashSet::new(),
+                dead_objects: dead,
+            },
+            &state,
+            &RULES,
+        );
+        let deleted: Vec<&str> = p.delete.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            deleted,
+            ["manifests/old", "wsets/half"],
+            "a deletion cut short is finished"
+        );
+        assert_eq!(p.condemn, vec![("manifests/new".to_owned(), 6)]);
+        assert_eq!(
+            p.uncondemn,
+            vec!["vmstate/back".to_owned()],
+            "referenced again"
+        );
     }
 }

@@ -27,7 +27,12 @@ pub struct Roots {
 }
 
 impl Roots {
-    fn snapshot(&mut self, disk: Option<ManifestId>, memory: Option<ManifestId>, vm_state: Option<String>) {
+    fn snapshot(
+        &mut self,
+        disk: Option<ManifestId>,
+        memory: Option<ManifestId>,
+        vm_state: Option<String>,
+    ) {
         self.manifests.extend(disk);
         self.manifests.extend(memory);
         self.keys.extend(vm_state);
@@ -48,7 +53,10 @@ pub async fn collect(
     }
     progress("snapshots");
     let mut snapshots = HashSet::new();
-    for key in store.list(&format!("{}snapshots/", layout::CATALOG)).await? {
+    for key in store
+        .list(&format!("{}snapshots/", layout::CATALOG))
+        .await?
+    {
         if let Some(s) = record::read_live::<SnapshotRecord>(store, &key).await? {
             let r = s.record;
             snapshots.insert(r.id);
@@ -63,7 +71,10 @@ pub async fn collect(
         }
     }
     progress("sandboxes");
-    for key in store.list(&format!("{}sandboxes/", layout::CATALOG)).await? {
+    for key in store
+        .list(&format!("{}sandboxes/", layout::CATALOG))
+        .await?
+    {
         let Some(s) = record::read_live::<SandboxRecord>(store, &key).await? else {
             continue;
         };
@@ -83,6 +94,23 @@ pub async fn collect(
                 });
             }
         }
+        roots.records += 1;
+    }
+    progress("daemons");
+    for key in store.list(super::hosts::HOSTS).await? {
+        let Some(host) = super::hosts::read(store, &key).await? else {
+            continue;
+        };
+        for m in &host.manifests {
+            let id = m
+                .parse::<ManifestId>()
+                .map_err(|_| CatalogError::BadRecord {
+                    key: key.clone(),
+                    detail: format!("`{m}` is not a manifest id"),
+                })?;
+            roots.manifests.insert(id);
+        }
+        roots.keys.extend(host.keys);
         roots.records += 1;
     }
     Ok(roots)

@@ -4,8 +4,6 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use super::plan::{self, Marked, Rewrite, Rules};
 use super::roots;
 use super::state::{self, now_ms, Condemned, Lease};
@@ -15,7 +13,7 @@ use crate::frame::{self, Verify};
 use crate::id::{ChunkId, ManifestId};
 use crate::layout;
 use crate::locate;
-use crate::objstore::{ObjectStore, PutMode};
+use crate::objstore::ObjectStore;
 use crate::pack::{self, PackIndex, PackWriter};
 
 /// New packs written by a rewrite are closed at this size.
@@ -126,7 +124,11 @@ pub async fn run(
 async fn take_lease(store: &dyn ObjectStore, opts: &GcOptions) -> Result<(), GcError> {
     state::update(store, |s| {
         let now = now_ms();
-        if let Some(l) = s.lease.as_ref().filter(|l| l.until_ms > now && l.by != opts.by) {
+        if let Some(l) = s
+            .lease
+            .as_ref()
+            .filter(|l| l.until_ms > now && l.by != opts.by)
+        {
             return Err(GcError::Busy {
                 by: l.by.clone(),
                 secs_left: (l.until_ms - now).div_ceil(1000),
@@ -197,8 +199,13 @@ async fn leased(
     report.packs = packs.len() as u64;
     progress("other objects");
     let live_keys = |key: &str| -> bool {
-        if let Some(id) = key.strip_prefix(layout::MANIFESTS).or_else(|| key.strip_prefix(layout::WORKING_SETS)) {
-            return id.parse::<ManifestId>().is_ok_and(|id| live_manifests.contains(&id));
+        if let Some(id) = key
+            .strip_prefix(layout::MANIFESTS)
+            .or_else(|| key.strip_prefix(layout::WORKING_SETS))
+        {
+            return id
+                .parse::<ManifestId>()
+                .is_ok_and(|id| live_manifests.contains(&id));
         }
         roots.keys.contains(key)
     };
@@ -239,10 +246,19 @@ async fn leased(
         report.condemned_bytes = plan.condemn.iter().map(|c| c.1).sum::<u64>()
             + plan.rewrite.iter().map(|r| r.bytes).sum::<u64>();
         report.deleted = plan.delete.len() as u64;
-        report.deleted_packs = plan.delete.iter().filter(|(k, _)| super::guard::pack_of_key(k).is_some()).count() as u64;
+        report.deleted_packs = plan
+            .delete
+            .iter()
+            .filter(|(k, _)| super::guard::pack_of_key(k).is_some())
+            .count() as u64;
         report.reclaimed_bytes = plan.delete.iter().map(|(_, c)| c.bytes).sum();
         report.packs_rewritten = plan.rewrite.len() as u64;
-        report.bytes_copied = plan.rewrite.iter().flat_map(|r| &r.keep).map(|e| u64::from(e.frame_len)).sum();
+        report.bytes_copied = plan
+            .rewrite
+            .iter()
+            .flat_map(|r| &r.keep)
+            .map(|e| u64::from(e.frame_len))
+            .sum();
         return Ok(report);
     }
 
@@ -251,7 +267,8 @@ async fn leased(
         let rewrite = std::mem::take(&mut plan.rewrite);
         report.bytes_copied = rewrite_packs(store, &opts.staging_dir, &rewrite).await?;
         report.packs_rewritten = rewrite.len() as u64;
-        plan.condemn.extend(rewrite.iter().map(|r| (layout::pack_key(&r.pack), r.bytes)));
+        plan.condemn
+            .extend(rewrite.iter().map(|r| (layout::pack_key(&r.pack), r.bytes)));
     }
     report.condemned = plan.condemn.len() as u64;
     report.condemned_bytes = plan.condemn.iter().map(|c| c.1).sum();
@@ -269,11 +286,18 @@ async fn leased(
         }
         for (key, bytes) in &plan.condemn {
             if !s.deleting.contains_key(key) {
-                s.condemned.entry(key.clone()).or_insert(Condemned { at_ms: now, bytes: *bytes });
+                s.condemned.entry(key.clone()).or_insert(Condemned {
+                    at_ms: now,
+                    bytes: *bytes,
+                });
             }
         }
         for (key, _) in &plan.delete {
-            if let Some(c) = s.condemned.remove(key).or_else(|| s.deleting.get(key).copied()) {
+            if let Some(c) = s
+                .condemned
+                .remove(key)
+                .or_else(|| s.deleting.get(key).copied())
+            {
                 s.deleting.insert(key.clone(), c);
                 deleting.push((key.clone(), c));
             }
@@ -320,7 +344,11 @@ fn check_lease(lease: Option<&Lease>, opts: &GcOptions) -> Result<(), GcError> {
 
 /// Deletes an object; a pack goes index first, so no reader learns of it
 /// again, then its data, then this host's copy of its index.
-async fn delete_object(store: &dyn ObjectStore, index_dir: &Path, key: &str) -> Result<(), GcError> {
+async fn delete_object(
+    store: &dyn ObjectStore,
+    index_dir: &Path,
+    key: &str,
+) -> Result<(), GcError> {
     if let Some(pack) = super::guard::pack_of_key(key) {
         store.delete(&layout::pack_index_key(&pack)).await?;
         store.delete(key).await?;
@@ -334,11 +362,21 @@ async fn delete_object(store: &dyn ObjectStore, index_dir: &Path, key: &str) -> 
 /// Copies the live frames of sparse packs into new packs (each frame
 /// checked against its chunk id on the way) and uploads them. Returns the
 /// frame bytes copied.
-async fn rewrite_packs(store: &dyn ObjectStore, staging: &Path, rewrite: &[Rewrite]) -> Result<u64, GcError> {
+async fn rewrite_packs(
+    store: &dyn ObjectStore,
+    staging: &Path,
+    rewrite: &[Rewrite],
+) -> Result<u64, GcError> {
     tokio::fs::create_dir_all(staging)
         .await
-        .map_err(|source| GcError::Staging { path: staging.to_owned(), source })?;
-    let mut out = PackSink { staging, writer: None };
+        .map_err(|source| GcError::Staging {
+            path: staging.to_owned(),
+            source,
+        })?;
+    let mut out = PackSink {
+        staging,
+        writer: None,
+    };
     let mut copied = 0;
     for r in rewrite {
         for run in PackIndex::runs(r.keep.clone(), MERGE_GAP) {
@@ -346,9 +384,14 @@ async fn rewrite_packs(store: &dyn ObjectStore, staging: &Path, rewrite: &[Rewri
             let key = layout::pack_key(&r.pack);
             let bytes = store.get(&key, Some(first.offset..last.end())).await?;
             for (e, f) in pack::frames_of_run(&run, &bytes) {
-                let f = f.ok_or_else(|| GcError::BadFrame { pack: r.pack, detail: "the pack is shorter than its index says".to_owned() })?;
-                frame::decode_chunk(f, e.id, Verify::Digest)
-                    .map_err(|e| GcError::BadFrame { pack: r.pack, detail: e.to_string() })?;
+                let f = f.ok_or_else(|| GcError::BadFrame {
+                    pack: r.pack,
+                    detail: "the pack is shorter than its index says".to_owned(),
+                })?;
+                frame::decode_chunk(f, e.id, Verify::Digest).map_err(|e| GcError::BadFrame {
+                    pack: r.pack,
+                    detail: e.to_string(),
+                })?;
                 out.append(store, f).await?;
                 copied += u64::from(e.frame_len);
             }
@@ -367,7 +410,9 @@ struct PackSink<'a> {
 impl PackSink<'_> {
     async fn append(&mut self, store: &dyn ObjectStore, frame: &[u8]) -> Result<(), GcError> {
         if self.writer.is_none() {
-            let path = self.staging.join(format!("gc-{:016x}.partial", fastrand::u64(..)));
+            let path = self
+                .staging
+                .join(format!("gc-{:016x}.partial", fastrand::u64(..)));
             self.writer = Some(PackWriter::create(&path)?);
         }
         let w = self.writer.as_mut().expect("created above");
@@ -385,10 +430,7 @@ impl PackSink<'_> {
         };
         let path = w.path().to_owned();
         let index = w.finish()?;
-        store.put_file(&layout::pack_key(&index.id), &path).await?;
-        store
-            .put(&layout::pack_index_key(&index.id), Bytes::from(index.encode_tail()), PutMode::IfAbsent)
-            .await?;
+        super::guard::put_pack(store, &index, &path).await?;
         let _ = tokio::fs::remove_file(&path).await;
         Ok(())
     }

@@ -20,9 +20,11 @@ pub fn gc(ctx: &Context, args: &GcArgs) -> Result<ExitCode> {
     opts.rewrite_below = args.rewrite_below;
     opts.dry_run = args.dry_run;
     let bar = spinner(ctx.json, "collecting garbage");
-    let report = ctx.rt.block_on(gc::run(ctx.remote.as_ref(), &opts, &|phase| {
-        bar.set_message(phase.to_owned())
-    }))?;
+    let report = ctx
+        .rt
+        .block_on(gc::run(ctx.remote.as_ref(), &opts, &|phase| {
+            bar.set_message(phase.to_owned())
+        }))?;
     bar.finish_and_clear();
     emit(ctx.json, &report, || {
         let r = &report;

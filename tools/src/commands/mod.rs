@@ -2,12 +2,12 @@
 
 mod bench;
 mod disk;
+mod gc;
 mod image;
 mod mem;
 mod oci;
 mod sandbox;
 mod snapshot;
-mod gc;
 mod verify;
 
 use std::process::ExitCode;

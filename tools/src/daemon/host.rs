@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _, Result};
 use cairn_engine::catalog;
 use cairn_engine::chunkstore::ChunkStore;
 use cairn_engine::disk::Disk;
+use cairn_engine::gc::hosts::HostRoots;
 use cairn_engine::manifest::Manifest;
 use cairn_engine::overlay::{Overlay, BLOCK};
 use cairn_engine::ManifestId;
@@ -295,6 +296,23 @@ impl Host {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         lock(&self.inner)
+    }
+
+    /// What this host's sandboxes read from the store: the collector's
+    /// roots for them (`cairn_engine::gc::hosts`).
+    pub fn gc_roots(&self) -> HostRoots {
+        let inner = self.lock();
+        let mut roots = HostRoots::new(&self.host_id);
+        for r in inner.sandboxes.values().map(|r| &r.record) {
+            roots.manifests.insert(r.image.clone());
+            roots.manifests.insert(r.base.clone());
+            roots.manifests.extend(r.memory.clone());
+            if let Some(MemoryParent::Image(m)) = &r.memory_parent {
+                roots.manifests.insert(m.clone());
+            }
+            roots.keys.extend(r.vm_state.clone());
+        }
+        roots
     }
 
     pub fn store(&self) -> &ChunkStore {

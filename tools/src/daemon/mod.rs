@@ -9,6 +9,7 @@
 mod api;
 mod claims;
 pub mod client;
+mod gc_roots;
 mod host;
 mod layers;
 mod metrics;
@@ -147,6 +148,8 @@ pub fn run(ctx: &Context, cfg: DaemonConfig) -> Result<ExitCode> {
         metrics,
     };
     let served = ctx.rt.block_on(async {
+        let published = gc_roots::publish_now(&host).await;
+        tokio::spawn(gc_roots::publish_changes(host.clone(), published));
         let listener = tokio::net::UnixListener::bind(&cfg.socket)
             .with_context(|| format!("listening on {}", cfg.socket.display()))?;
         if let Some(addr) = cfg.metrics_addr {
