@@ -250,19 +250,36 @@ impl Importer<'_> {
 }
 
 impl Importer<'_> {
-    /// Stores again the chunks named by id (`known`) that only packs
-    /// condemned by the collector hold: this import must not rely on
-    /// them. Their bytes are still there (condemned packs are deleted only
-    /// after the grace period).
-    fn rescue(&mut self, known: &HashSet<ChunkId>, view: &WriterView) -> Result<(), ImportError> {
+    /// Stores again those of `ids` that only packs `view` avoids hold
+    /// (condemned by the collector): this import must not rely on them.
+    /// Their bytes are still there: condemned packs are deleted only after
+    /// the grace period. Chunks this import stored are skipped unless
+    /// `own_too` (a session longer than the grace period: its own first
+    /// packs may be condemned by now). A chunk in no pack is left to
+    /// `cairn verify`, unless `own_too`: then it was collected.
+    fn rescue(
+        &mut self,
+        ids: &HashSet<ChunkId>,
+        view: &WriterView,
+        own_too: bool,
+    ) -> Result<(), ImportError> {
         let store = self.store;
         let mut rescued = 0;
-        for id in known {
-            if self.new_frames.contains_key(id) || store.holds_for(id, view) {
+        for id in ids {
+            if (!own_too && self.new_frames.contains_key(id)) || store.holds_for(id, view) {
                 continue;
             }
-            let Some(loc) = store.locate(id) else {
-                continue; // In no pack at all: `cairn verify` reports it.
+            let Some(loc) = store
+                .locate(id)
+                .filter(|l| !own_too || store.contains(&l.entry.id))
+            else {
+                if own_too {
+                    return Err(ImportError::Collected {
+                        missing: 1,
+                        grace_secs: view.grace().map_or(0, |g| g.as_secs()),
+                    });
+                }
+                continue;
             };
             let raw = store.read_chunk(id, loc.entry.raw_len)?;
             self.append(&encode_frame(self.opts.zstd_level, *id, &raw))?;
@@ -549,8 +566,20 @@ pub fn import_pieces(
             done += buf.len() as u64;
             progress(done);
         }
-        imp.rescue(&known, &view)?;
-        imp.finish()
+        imp.rescue(&known, &view, false)?;
+        imp.finish()?;
+        if view.outlived_grace() {
+            // A session longer than the grace period: what was condemned
+            // since it began is stored again while its bytes are there.
+            let fresh = store.runtime().block_on(async {
+                store.refresh().await?;
+                Ok::<_, ImportError>(WriterView::load(store.remote().as_ref()).await?)
+            })?;
+            let all: HashSet<ChunkId> = chunks.iter().flatten().copied().collect();
+            imp.rescue(&all, &fresh, true)?;
+            imp.finish()?;
+        }
+        Ok(())
     })();
     if let Err(e) = result {
         // Let uploads already under way complete: the rerun will reuse them.

@@ -61,6 +61,11 @@ impl WriterView {
         self.avoided.contains(pack)
     }
 
+    /// The collector's grace period, if the store was ever collected.
+    pub fn grace(&self) -> Option<Duration> {
+        self.grace
+    }
+
     /// Whether this session has lasted longer than the collector's grace
     /// period: what it relied on at the start must be checked again.
     pub fn outlived_grace(&self) -> bool {
