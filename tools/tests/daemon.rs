@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::Path;
 
 use cairn_benches::blk_client::Client;
-use common::daemon::sandbox_via;
+use common::daemon::{http_get, sandbox_via};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
@@ -93,20 +92,6 @@ fn whole(c: &mut Client, len: usize) -> Vec<u8> {
         out.extend(c.read(off as u64, MIB.min(len - off)).unwrap());
     }
     out
-}
-
-/// A GET over the daemon's socket, raw HTTP/1.1: the body.
-fn http_get(socket: &Path, path: &str) -> String {
-    let mut s = UnixStream::connect(socket).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: cairn\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    answer
 }
 
 #[test]

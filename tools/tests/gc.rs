@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cairn_benches::blk_client::Client;
-use common::daemon::{sandbox_via, Env};
+use common::daemon::{http_get, sandbox_via, Env};
 use common::run_ok;
 use serde_json::Value;
 
@@ -142,6 +142,15 @@ fn gc_after_removing_images_snapshots_and_sandboxes_returns_the_store_to_its_siz
     assert_eq!(second["deleted"], first["condemned"], "{second}");
     assert_eq!(stored_bytes(&env), before, "{first}\n{second}");
     assert_eq!(second["reclaimed_bytes"], first["condemned_bytes"]);
+    let metrics = http_get(&env.socket(), "/metrics");
+    assert!(metrics.contains("cairn_gc_runs_total 3\n"), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "cairn_gc_reclaimed_bytes_total {}\n",
+            second["reclaimed_bytes"]
+        )),
+        "{metrics}"
+    );
     verify_deep(&env);
     assert!(export(&env, "base") == base);
     daemon.signal("-TERM");

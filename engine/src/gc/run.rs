@@ -322,13 +322,14 @@ async fn leased(
         }
         deleted.push(key.clone());
     }
-    let reclaimed = report.reclaimed_bytes;
+    let (reclaimed, rewritten) = (report.reclaimed_bytes, report.packs_rewritten);
     state::update::<GcError>(store, |s| {
         for key in &deleted {
             s.deleting.remove(key);
         }
         s.runs += 1;
         s.reclaimed_bytes += reclaimed;
+        s.packs_rewritten += rewritten;
         Ok(true)
     })
     .await?;

@@ -50,9 +50,12 @@ pub struct GcState {
     /// wait until it is gone, then write it again.
     pub deleting: BTreeMap<String, Condemned>,
     pub lease: Option<Lease>,
-    /// Runs that finished, and the bytes they deleted in all.
+    /// Runs that finished, the bytes they deleted and the packs they
+    /// rewrote, in all.
     pub runs: u64,
     pub reclaimed_bytes: u64,
+    #[serde(default)]
+    pub packs_rewritten: u64,
 }
 
 impl Default for GcState {
@@ -65,6 +68,7 @@ impl Default for GcState {
             lease: None,
             runs: 0,
             reclaimed_bytes: 0,
+            packs_rewritten: 0,
         }
     }
 }

@@ -200,6 +200,11 @@ async fn resume(
 }
 
 async fn metrics(State(api): State<Api>) -> Response {
+    // The store's garbage-collection totals: one GET of `gc/state`.
+    match cairn_engine::gc::state::load(api.host.store().remote().as_ref()).await {
+        Ok((s, _)) => api.metrics.observe_gc(&s),
+        Err(e) => tracing::debug!(error = %e, "cannot read the collector's state"),
+    }
     let text = api.metrics.render(&api.host);
     (
         [(

@@ -36,6 +36,10 @@ pub struct Metrics {
     faults: Counter,
     first_fault: Histogram,
     fault_p99: Histogram,
+    gc_runs: Counter,
+    gc_reclaimed: Counter,
+    gc_rewritten: Counter,
+    gc_condemned: Gauge,
 }
 
 impl Default for Metrics {
@@ -58,6 +62,10 @@ impl Default for Metrics {
             // 10 µs to about 80 ms.
             first_fault: Histogram::new(exponential_buckets(1e-5, 2.0, 14)),
             fault_p99: Histogram::new(exponential_buckets(1e-5, 2.0, 14)),
+            gc_runs: Counter::default(),
+            gc_reclaimed: Counter::default(),
+            gc_rewritten: Counter::default(),
+            gc_condemned: Gauge::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -112,6 +120,26 @@ impl Default for Metrics {
                 "Each resume's 99th percentile fault latency",
                 m.fault_p99.clone(),
             );
+            r.register(
+                "gc_runs",
+                "Garbage-collection runs finished on the store (any host)",
+                m.gc_runs.clone(),
+            );
+            r.register(
+                "gc_reclaimed_bytes",
+                "Bytes garbage collection deleted from the store",
+                m.gc_reclaimed.clone(),
+            );
+            r.register(
+                "gc_packs_rewritten",
+                "Sparse packs garbage collection rewrote",
+                m.gc_rewritten.clone(),
+            );
+            r.register(
+                "gc_condemned_objects",
+                "Objects condemned, waiting out the grace period",
+                m.gc_condemned.clone(),
+            );
         }
         m
     }
@@ -143,6 +171,15 @@ impl Metrics {
         if r.faults > 0 {
             self.fault_p99.observe(r.fault_p99_us / 1e6);
         }
+    }
+
+    /// The store's garbage-collection totals, as read from `gc/state`.
+    pub fn observe_gc(&self, s: &cairn_engine::gc::state::GcState) {
+        catch_up(&self.gc_runs, s.runs);
+        catch_up(&self.gc_reclaimed, s.reclaimed_bytes);
+        catch_up(&self.gc_rewritten, s.packs_rewritten);
+        self.gc_condemned
+            .set((s.condemned.len() + s.deleting.len()) as i64);
     }
 
     /// The metrics as OpenMetrics text.

@@ -2,7 +2,9 @@
 //! store (or a bucket on moto), one daemon or two (two hosts: each its own
 //! socket, state directory and cache), and the CLI pointed at them.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -218,4 +220,18 @@ impl Env {
 pub fn sandbox_via(mut cmd: Command, args: &[&str]) -> Value {
     let out = super::run_ok(cmd.args(["--json", "sandbox"]).args(args));
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A GET over the daemon's socket, raw HTTP/1.1: the body.
+pub fn http_get(socket: &Path, path: &str) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: cairn\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
 }
