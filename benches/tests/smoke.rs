@@ -112,6 +112,29 @@ fn catalog_bench_runs() {
 }
 
 #[test]
+fn gc_bench_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gc.json");
+    let printed = run(
+        env!("CARGO_BIN_EXE_gc-bench"),
+        &[
+            "--chunks",
+            "2000,20000",
+            "--dir",
+            arg(dir.path()),
+            "--json-out",
+            arg(&out),
+        ],
+    );
+    assert!(printed.contains("store 10x larger"), "{printed}");
+    let rows = json(&out)["rows"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["snapshots"], 200);
+    assert_eq!(rows[1]["gc"]["report"]["live_chunks"], 20000);
+    assert!(rows[1]["verify"]["peak_rss_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
 fn resume_bench_runs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("resume.json");

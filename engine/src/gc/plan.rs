@@ -214,6 +214,23 @@ mod tests {
         rewrite_below: 0.5,
     };
 
+    fn plan_of(
+        packs: &[PackIndex],
+        live: &HashSet<ChunkId>,
+        state: &GcState,
+        rules: &Rules,
+    ) -> Plan {
+        plan(
+            &Marked {
+                packs,
+                live,
+                dead_objects: Vec::new(),
+            },
+            state,
+            rules,
+        )
+    }
+
     fn condemned_at(state: &mut GcState, key: &str, at_ms: u64) {
         state
             .condemned
@@ -254,15 +271,7 @@ mod tests {
         let mut state = GcState::default();
         let key = layout::pack_key(&packs[0].id);
         condemned_at(&mut state, &key, 0);
-        let p = plan(
-            &Marked {
-                packs: &packs,
-                live: &live,
-                dead_objects: Vec::new(),
-            },
-            &state,
-            &RULES,
-        );
+        let p = plan_of(&packs, &live, &state, &RULES);
         assert_eq!(p.uncondemn, vec![key]);
         assert!(p.delete.is_empty());
     }
@@ -270,43 +279,19 @@ mod tests {
     #[test]
     fn a_sparse_pack_is_rewritten_with_only_its_live_frames() {
         let packs = [pack(&[1, 2, 3, 4, 5])];
-        let p = plan(
-            &Marked {
-                packs: &packs,
-                live: &live(&[2, 9]),
-                dead_objects: Vec::new(),
-            },
-            &GcState::default(),
-            &RULES,
-        );
+        let p = plan_of(&packs, &live(&[2, 9]), &GcState::default(), &RULES);
         assert_eq!(p.rewrite.len(), 1);
         let keep: Vec<ChunkId> = p.rewrite[0].keep.iter().map(|e| e.id).collect();
         assert_eq!(keep, vec![chunk(2)]);
         assert_eq!(p.missing_chunks, 1, "chunk 9 is in no pack");
         // At half live or more it stays; with rewriting off, always.
-        let p = plan(
-            &Marked {
-                packs: &packs,
-                live: &live(&[1, 2, 3]),
-                dead_objects: Vec::new(),
-            },
-            &GcState::default(),
-            &RULES,
-        );
+        let p = plan_of(&packs, &live(&[1, 2, 3]), &GcState::default(), &RULES);
         assert!(p.rewrite.is_empty());
         let off = Rules {
             rewrite_below: 0.0,
             ..RULES
         };
-        let p = plan(
-            &Marked {
-                packs: &packs,
-                live: &live(&[2]),
-                dead_objects: Vec::new(),
-            },
-            &GcState::default(),
-            &off,
-        );
+        let p = plan_of(&packs, &live(&[2]), &GcState::default(), &off);
         assert!(p.rewrite.is_empty());
     }
 
@@ -320,28 +305,12 @@ mod tests {
         let live = live(&[2]);
         let mut state = GcState::default();
         condemned_at(&mut state, &layout::pack_key(&old.id), 0);
-        let p = plan(
-            &Marked {
-                packs: &packs,
-                live: &live,
-                dead_objects: Vec::new(),
-            },
-            &state,
-            &RULES,
-        );
+        let p = plan_of(&packs, &live, &state, &RULES);
         assert_eq!(p.delete.len(), 1);
         assert_eq!(p.delete[0].0, layout::pack_key(&old.id));
         assert!(p.uncondemn.is_empty() && p.condemn.is_empty());
         // Neither condemned: exactly one of the two is dead, not both.
-        let p = plan(
-            &Marked {
-                packs: &packs,
-                live: &live,
-                dead_objects: Vec::new(),
-            },
-            &GcState::default(),
-            &RULES,
-        );
+        let p = plan_of(&packs, &live, &GcState::default(), &RULES);
         assert_eq!(p.condemn.len(), 1);
     }
 
