@@ -220,6 +220,29 @@ fn sqlite_bench_runs() {
 }
 
 #[test]
+fn sandbox_bench_fleet_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fleet.json");
+    let printed = run(
+        env!("CARGO_BIN_EXE_sandbox-bench"),
+        &[
+            "--fleet",
+            "1,3",
+            "--work",
+            arg(&dir.path().join("work")),
+            "--json-out",
+            arg(&out),
+        ],
+    );
+    assert!(printed.contains("a fleet of idle sandboxes"), "{printed}");
+    let rows = json(&out)["fleet"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), 3, "before, 1, 3");
+    assert_eq!(rows[2]["sandboxes"], 3);
+    assert!(rows[2]["threads"].as_u64().unwrap() > 0);
+    assert!(rows[2]["rss_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
 fn sandbox_bench_runs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("sandbox.json");

@@ -16,6 +16,10 @@
 //! 4. Suspend time against the bytes written, and resume time to the first
 //!    4 KiB read served through the disk socket, of named sandboxes.
 //!
+//! 5. `--fleet 1,100,1000`, run on its own: the daemon's RSS, threads,
+//!    open files and idle CPU with that many idle sandboxes, and the rate
+//!    of create plus first served 4 KiB read through the API.
+//!
 //! Nothing here asserts timings. `benches/run-sandbox-bench.sh` runs it;
 //! see the README's "Sandbox benchmark".
 
@@ -86,6 +90,9 @@ struct Args {
     work: Option<PathBuf>,
     #[arg(long, default_value = "target/bench/sandbox.json")]
     json_out: PathBuf,
+    /// Run only part 5 (fleet) at these sandbox counts, e.g. 1,100,1000.
+    #[arg(long, value_delimiter = ',')]
+    fleet: Vec<usize>,
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -930,6 +937,121 @@ fn part_suspend(api: &mut Api, image: &str, sizes: &[u64], args: &Args) -> Resul
 
 // ----------------------------------------------------------------- main
 
+// ------------------------------------------------------- part 5: fleet
+
+/// A process's resident memory, threads and open files (from /proc), and
+/// its CPU seconds so far.
+fn process_usage(pid: u32) -> Result<(u64, u64, u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let files = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command's closing parenthesis: utime and stime are
+    // the 12th and 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: Vec<f64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((
+        field("VmRSS:") * KIB,
+        field("Threads:"),
+        files,
+        ticks.iter().sum::<f64>() / hz,
+    ))
+}
+
+fn part_fleet(api: &mut Api, daemon: &Daemon, image: &str, counts: &[usize]) -> Result<Value> {
+    let pid = daemon.child.id();
+    let (rss0, threads0, files0, _) = process_usage(pid)?;
+    let mut rows =
+        vec![json!({"sandboxes": 0, "rss_bytes": rss0, "threads": threads0, "open_files": files0})];
+    let mut made: Vec<String> = Vec::new();
+    for &n in counts {
+        eprintln!("part 5: {n} sandboxes");
+        let t = Instant::now();
+        let from = made.len();
+        while made.len() < n {
+            let v = api.create(image, None)?;
+            // The first served read, then the client goes: an idle sandbox.
+            let mut c = Client::connect(&disk_socket(&v))?;
+            c.read(0, 4096)?;
+            made.push(id(&v));
+        }
+        let took = t.elapsed().as_secs_f64();
+        // Idle: no client, no request; what does the daemon cost?
+        std::thread::sleep(Duration::from_secs(1));
+        let (_, _, _, cpu0) = process_usage(pid)?;
+        std::thread::sleep(Duration::from_secs(5));
+        let (rss, threads, files, cpu1) = process_usage(pid)?;
+        rows.push(json!({
+            "sandboxes": n,
+            "rss_bytes": rss,
+            "threads": threads,
+            "open_files": files,
+            "idle_cpu_share": (cpu1 - cpu0) / 5.0,
+            "created": n - from,
+            "create_and_first_read_per_second": (n - from) as f64 / took,
+        }));
+    }
+    for m in &made {
+        api.remove(m)?;
+    }
+    Ok(Value::Array(rows))
+}
+
+fn print_fleet(fleet: &Value) {
+    println!("\n== 5. a fleet of idle sandboxes on one daemon");
+    let mut t = Table::new(&[
+        "sandboxes",
+        "daemon RSS MiB",
+        "per sandbox KiB",
+        "threads",
+        "open files",
+        "idle CPU",
+        "create + first read /s",
+    ]);
+    let rows = fleet.as_array().cloned().unwrap_or_default();
+    let base = rows
+        .first()
+        .and_then(|r| r["rss_bytes"].as_f64())
+        .unwrap_or(0.0);
+    for r in rows.iter().skip(1) {
+        let n = r["sandboxes"].as_f64().unwrap_or(1.0);
+        let rss = r["rss_bytes"].as_f64().unwrap_or(0.0);
+        t.row(vec![
+            r["sandboxes"].to_string(),
+            format!("{:.1}", rss / MIB as f64),
+            format!("{:.0}", (rss - base) / n / KIB as f64),
+            r["threads"].to_string(),
+            r["open_files"].to_string(),
+            format!(
+                "{:.2}%",
+                r["idle_cpu_share"].as_f64().unwrap_or(0.0) * 100.0
+            ),
+            format!(
+                "{:.0}",
+                r["create_and_first_read_per_second"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+            ),
+        ]);
+    }
+    t.print();
+    println!("  targets: <= 1024 KiB per idle sandbox, >= 500 creates + first reads /s, threads bounded by the cores");
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let written = parse_size(&args.written)?;
@@ -966,6 +1088,35 @@ fn main() -> Result<()> {
     };
     let before = machine_state();
     let started = Instant::now();
+    if !args.fleet.is_empty() {
+        let raw = env.path("fleet.raw");
+        make_sparse_image(&raw, GIB)?;
+        env.run(&[
+            "image",
+            "import-raw",
+            "--name",
+            "fleet",
+            raw.to_str().unwrap(),
+        ])?;
+        let daemon = env.daemon()?;
+        let mut api = Api::new(&daemon.socket);
+        let fleet = part_fleet(&mut api, &daemon, "fleet", &args.fleet)?;
+        drop(daemon);
+        print_fleet(&fleet);
+        let report = json!({
+            "command": std::env::args().collect::<Vec<_>>(),
+            "store": env.store,
+            "machine_before": before,
+            "machine_after": machine_state(),
+            "fleet": fleet,
+        });
+        if let Some(d) = args.json_out.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(&args.json_out, serde_json::to_vec_pretty(&report)?)?;
+        println!("  JSON: {}", args.json_out.display());
+        return Ok(());
+    }
 
     // Images: one sparse raw file per size, imported (holes skipped).
     let mut images = Vec::new();
