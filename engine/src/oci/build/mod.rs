@@ -657,10 +657,15 @@ pub fn build(
     let image_key = key_of(&[&last.key, "image", &text]);
     if let Some(id) = cache.read_json::<String>(&format!("images/{image_key}.json")) {
         if let Ok(mid) = id.parse() {
-            let exists = store
-                .runtime()
-                .block_on(crate::catalog::load_manifest(store.remote().as_ref(), &mid))
-                .is_ok();
+            // Not one garbage collection has condemned: its chunks may be
+            // on their way out, so the image is stored again instead.
+            let remote = store.remote().as_ref();
+            let exists = store.runtime().block_on(async {
+                crate::catalog::load_manifest(remote, &mid).await.is_ok()
+                    && !crate::gc::guard::is_condemned(remote, &crate::layout::manifest_key(&mid))
+                        .await
+                        .unwrap_or(true)
+            });
             if exists {
                 return Ok(Built {
                     manifest_id: id,
