@@ -111,13 +111,17 @@ struct Health {
     sandboxes: usize,
 }
 
-async fn health(State(api): State<Api>) -> Json<Health> {
-    Json(Health {
+// Handlers that read the host take its lock, which a thread waiting on
+// this runtime may hold: they run on blocking threads, never on a worker.
+
+async fn health(State(api): State<Api>) -> ApiResult<Json<Health>> {
+    let sandboxes = blocking(&api, "health", |h| Ok(h.list().len())).await?;
+    Ok(Json(Health {
         ok: true,
         version: env!("CARGO_PKG_VERSION"),
         store: api.host.store().remote().uri().to_owned(),
-        sandboxes: api.host.list().len(),
-    })
+        sandboxes,
+    }))
 }
 
 async fn create(
@@ -128,12 +132,15 @@ async fn create(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-async fn list(State(api): State<Api>) -> Json<serde_json::Value> {
-    serde_json::json!({ "sandboxes": api.host.list() }).into()
+async fn list(State(api): State<Api>) -> ApiResult<Json<serde_json::Value>> {
+    let all = blocking(&api, "list", |h| Ok(h.list())).await?;
+    Ok(serde_json::json!({ "sandboxes": all }).into())
 }
 
 async fn describe(State(api): State<Api>, Path(key): Path<String>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(api.host.get(&key)?))
+    Ok(Json(
+        blocking(&api, "describe", move |h| Ok(h.get(&key)?)).await?,
+    ))
 }
 
 async fn remove(State(api): State<Api>, Path(key): Path<String>) -> ApiResult<StatusCode> {
@@ -205,7 +212,11 @@ async fn metrics(State(api): State<Api>) -> Response {
         Ok((s, _)) => api.metrics.observe_gc(&s),
         Err(e) => tracing::debug!(error = %e, "cannot read the collector's state"),
     }
-    let text = api.metrics.render(&api.host);
+    // Rendering takes the host's lock (see above).
+    let a = api.clone();
+    let text = tokio::task::spawn_blocking(move || a.metrics.render(&a.host))
+        .await
+        .unwrap_or_default();
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -12,9 +12,17 @@ use super::host::Host;
 /// How often the roots are compared with those last published.
 const TICK: Duration = Duration::from_secs(1);
 
-/// Publishes once; a failure is logged and retried by [`publish_changes`].
-pub async fn publish_now(host: &Host) -> Option<HostRoots> {
-    let roots = host.gc_roots();
+/// This host's roots, read on a blocking thread: the host's lock may be
+/// held by a thread that itself waits on the runtime (a catalog write
+/// under the lock), so a runtime worker must never wait for it.
+async fn current(host: &Arc<Host>) -> Option<HostRoots> {
+    let host = host.clone();
+    tokio::task::spawn_blocking(move || host.gc_roots())
+        .await
+        .ok()
+}
+
+async fn publish(host: &Host, roots: HostRoots) -> Option<HostRoots> {
     match hosts::publish(host.store().remote().as_ref(), &roots).await {
         Ok(()) => Some(roots),
         Err(e) => {
@@ -24,14 +32,22 @@ pub async fn publish_now(host: &Host) -> Option<HostRoots> {
     }
 }
 
+/// Publishes once; a failure is logged and retried by [`publish_changes`].
+pub async fn publish_now(host: &Arc<Host>) -> Option<HostRoots> {
+    publish(host, current(host).await?).await
+}
+
 /// Runs for the daemon's life: publishes the roots whenever they differ
 /// from those last published.
 pub async fn publish_changes(host: Arc<Host>, mut last: Option<HostRoots>) {
     loop {
         tokio::time::sleep(TICK).await;
-        if last.as_ref() != Some(&host.gc_roots()) {
-            if let Some(now) = publish_now(&host).await {
-                last = Some(now);
+        let Some(now) = current(&host).await else {
+            continue;
+        };
+        if last.as_ref() != Some(&now) {
+            if let Some(published) = publish(&host, now).await {
+                last = Some(published);
             }
         }
     }
