@@ -139,7 +139,7 @@ async fn list(State(api): State<Api>) -> ApiResult<Json<serde_json::Value>> {
 
 async fn describe(State(api): State<Api>, Path(key): Path<String>) -> ApiResult<impl IntoResponse> {
     Ok(Json(
-        blocking(&api, "describe", move |h| Ok(h.get(&key)?)).await?,
+        blocking(&api, "describe", move |h| h.get(&key)).await?,
     ))
 }
 
