@@ -247,9 +247,7 @@ impl Importer<'_> {
         }
         first_err.map_or(Ok(()), Err)
     }
-}
 
-impl Importer<'_> {
     /// Stores again those of `ids` that only packs `view` avoids hold
     /// (condemned by the collector): this import must not rely on them.
     /// Their bytes are still there: condemned packs are deleted only after
@@ -269,16 +267,13 @@ impl Importer<'_> {
             if (!own_too && self.new_frames.contains_key(id)) || store.holds_for(id, view) {
                 continue;
             }
-            let Some(loc) = store
-                .locate(id)
-                .filter(|l| !own_too || store.contains(&l.entry.id))
-            else {
-                if own_too {
-                    return Err(ImportError::Collected {
-                        missing: 1,
-                        grace_secs: view.grace().map_or(0, |g| g.as_secs()),
-                    });
-                }
+            if own_too && !store.contains(id) {
+                return Err(ImportError::Collected {
+                    missing: 1,
+                    grace_secs: view.grace().map_or(0, |g| g.as_secs()),
+                });
+            }
+            let Some(loc) = store.locate(id) else {
                 continue;
             };
             let raw = store.read_chunk(id, loc.entry.raw_len)?;
@@ -293,6 +288,15 @@ impl Importer<'_> {
         }
         Ok(())
     }
+}
+
+/// What a writer's session knows of the collector (`crate::gc`): the pack
+/// map refreshed (deleted packs gone) and the condemned ones to avoid.
+fn writer_view(store: &ChunkStore) -> Result<WriterView, ImportError> {
+    store.runtime().block_on(async {
+        store.refresh().await?;
+        Ok(WriterView::load(store.remote().as_ref()).await?)
+    })
 }
 
 /// After a session longer than the collector's grace period: every chunk
@@ -497,12 +501,8 @@ pub fn import_pieces(
     let lock = File::create(opts.staging_dir.join(".lock")).map_err(staging)?;
     lock.lock().map_err(staging)?;
     let recovered_packs = recover_staging(store, &opts.staging_dir)?;
-    // The collector's protocol (`crate::gc`): see what is deleted and
-    // condemned now, and rely on neither.
-    let view = store.runtime().block_on(async {
-        store.refresh().await?;
-        Ok::<_, ImportError>(WriterView::load(store.remote().as_ref()).await?)
-    })?;
+    // See what is deleted and condemned now, and rely on neither.
+    let view = writer_view(store)?;
 
     let cs = opts.chunk_size as usize;
     let mut imp = Importer {
@@ -571,10 +571,7 @@ pub fn import_pieces(
         if view.outlived_grace() {
             // A session longer than the grace period: what was condemned
             // since it began is stored again while its bytes are there.
-            let fresh = store.runtime().block_on(async {
-                store.refresh().await?;
-                Ok::<_, ImportError>(WriterView::load(store.remote().as_ref()).await?)
-            })?;
+            let fresh = writer_view(store)?;
             let all: HashSet<ChunkId> = chunks.iter().flatten().copied().collect();
             imp.rescue(&all, &fresh, true)?;
             imp.finish()?;

@@ -42,6 +42,11 @@ pub fn pack_of_index_key(key: &str) -> Option<PackId> {
     key.strip_prefix(PACKS)?.strip_suffix(".idx")?.parse().ok()
 }
 
+/// The pack id named by a `packs/<id>.pack` key.
+pub fn pack_of_key(key: &str) -> Option<PackId> {
+    key.strip_prefix(PACKS)?.strip_suffix(".pack")?.parse().ok()
+}
+
 pub fn manifest_key(id: &ManifestId) -> String {
     format!("{MANIFESTS}{id}")
 }

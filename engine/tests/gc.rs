@@ -85,12 +85,9 @@ impl Env {
             .unwrap();
         let fresh = open(&self.rt, &self.remote, &self.dir.path().join("fresh-cache"));
         fresh.with_pack_map(|map| {
-            m.distinct_chunks().iter().all(|c| {
-                map.holds_outside(c, |p| {
-                    let key = layout::pack_key(p);
-                    state.condemned.contains_key(&key) || state.deleting.contains_key(&key)
-                })
-            })
+            m.distinct_chunks()
+                .iter()
+                .all(|c| map.holds_outside(c, |p| state.is_condemned(&layout::pack_key(p))))
         })
     }
 }

@@ -6,6 +6,7 @@ mod commands;
 mod context;
 mod daemon;
 mod errors;
+mod faults;
 mod logging;
 mod output;
 mod size;

@@ -38,7 +38,7 @@ impl WriterView {
             .condemned
             .keys()
             .chain(state.deleting.keys())
-            .filter_map(|k| pack_of_key(k))
+            .filter_map(|k| layout::pack_of_key(k))
             .collect();
         Ok(WriterView {
             avoided,
@@ -73,18 +73,9 @@ impl WriterView {
     }
 }
 
-/// The pack a state key (`packs/<id>.pack`) stands for.
-pub fn pack_of_key(key: &str) -> Option<PackId> {
-    key.strip_prefix(layout::PACKS)?
-        .strip_suffix(".pack")?
-        .parse()
-        .ok()
-}
-
 /// Whether a collector has condemned `key` or is deleting it (one GET).
 pub async fn is_condemned(store: &dyn ObjectStore, key: &str) -> Result<bool, StoreError> {
-    let (s, _) = state::load(store).await?;
-    Ok(s.condemned.contains_key(key) || s.deleting.contains_key(key))
+    Ok(state::load(store).await?.0.is_condemned(key))
 }
 
 /// Uploads a finished pack (data, then index) so that the collector will
@@ -120,6 +111,8 @@ pub async fn keep(store: &dyn ObjectStore, key: &str) -> Result<(), StoreError> 
     loop {
         let mut wait = false;
         state::update::<StoreError>(store, |s| {
+            // Each attempt decides afresh (a lost compare-and-swap repeats it).
+            wait = false;
             if s.deleting.contains_key(key) {
                 let live = s.lease.as_ref().is_some_and(|l| l.until_ms > now_ms());
                 if live {
@@ -130,7 +123,6 @@ pub async fn keep(store: &dyn ObjectStore, key: &str) -> Result<(), StoreError> 
                 s.deleting.remove(key);
                 return Ok(true);
             }
-            wait = false;
             Ok(s.condemned.remove(key).is_some())
         })
         .await?;

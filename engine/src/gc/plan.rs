@@ -68,10 +68,12 @@ pub struct Plan {
 
 pub fn plan(marked: &Marked, state: &GcState, rules: &Rules) -> Plan {
     let mut plan = Plan::default();
-    let condemned = |p: &PackId| {
-        let k = layout::pack_key(p);
-        state.condemned.contains_key(&k) || state.deleting.contains_key(&k)
-    };
+    let keys: Vec<String> = marked
+        .packs
+        .iter()
+        .map(|p| layout::pack_key(&p.id))
+        .collect();
+    let condemned: Vec<bool> = keys.iter().map(|k| state.is_condemned(k)).collect();
     // Live frame bytes of each pack, before homes are chosen.
     let live_bytes: Vec<u64> = marked
         .packs
@@ -88,7 +90,7 @@ pub fn plan(marked: &Marked, state: &GcState, rules: &Rules) -> Plan {
     let mut homes: HashMap<ChunkId, (usize, IndexEntry)> = HashMap::new();
     let rank = |i: usize| {
         (
-            !condemned(&marked.packs[i].id),
+            !condemned[i],
             live_bytes[i],
             std::cmp::Reverse(marked.packs[i].id),
         )
@@ -114,8 +116,7 @@ pub fn plan(marked: &Marked, state: &GcState, rules: &Rules) -> Plan {
     for (i, e) in homes.into_values() {
         homed[i].push(e);
     }
-    for (i, p) in marked.packs.iter().enumerate() {
-        let key = layout::pack_key(&p.id);
+    for (i, (p, key)) in marked.packs.iter().zip(&keys).enumerate() {
         let bytes = pack_bytes(p);
         plan.pack_bytes += bytes;
         let keep = std::mem::take(&mut homed[i]);
@@ -125,14 +126,12 @@ pub fn plan(marked: &Marked, state: &GcState, rules: &Rules) -> Plan {
             .index_offset()
             .saturating_sub(crate::pack::PACK_HEADER_LEN);
         if keep.is_empty() {
-            decide_dead(&mut plan, state, rules, key, bytes);
+            decide_dead(&mut plan, state, rules, key.clone(), bytes);
             continue;
         }
-        if state.condemned.contains_key(&key) || state.deleting.contains_key(&key) {
-            plan.uncondemn.push(key);
-        } else if !state.deleting.contains_key(&key)
-            && (kept as f64) < rules.rewrite_below * frames as f64
-        {
+        if condemned[i] {
+            plan.uncondemn.push(key.clone());
+        } else if (kept as f64) < rules.rewrite_below * frames as f64 {
             plan.rewrite.push(Rewrite {
                 pack: p.id,
                 bytes,
@@ -149,13 +148,9 @@ pub fn plan(marked: &Marked, state: &GcState, rules: &Rules) -> Plan {
         decide_dead(&mut plan, state, rules, key.clone(), *bytes);
     }
     // Condemned objects that are not packs and are live again.
-    let packs: HashSet<String> = marked
-        .packs
-        .iter()
-        .map(|p| layout::pack_key(&p.id))
-        .collect();
+    let packs: HashSet<&str> = keys.iter().map(String::as_str).collect();
     for key in state.condemned.keys().chain(state.deleting.keys()) {
-        if !packs.contains(key) && !dead.contains(key.as_str()) {
+        if !packs.contains(key.as_str()) && !dead.contains(key.as_str()) {
             plan.uncondemn.push(key.clone());
         }
     }

@@ -188,7 +188,7 @@ async fn leased(
             if listed.contains(layout::pack_key(&pack).as_str()) {
                 packs.push(locate::load_index(store, &opts.index_dir, key, pack).await?);
             }
-        } else if let Some(pack) = super::guard::pack_of_key(key) {
+        } else if let Some(pack) = layout::pack_of_key(key) {
             // A pack with no index: an upload cut short (or under way: the
             // grace period covers it).
             if !listed.contains(layout::pack_index_key(&pack).as_str()) {
@@ -249,7 +249,7 @@ async fn leased(
         report.deleted_packs = plan
             .delete
             .iter()
-            .filter(|(k, _)| super::guard::pack_of_key(k).is_some())
+            .filter(|(k, _)| layout::pack_of_key(k).is_some())
             .count() as u64;
         report.reclaimed_bytes = plan.delete.iter().map(|(_, c)| c.bytes).sum();
         report.packs_rewritten = plan.rewrite.len() as u64;
@@ -317,7 +317,7 @@ async fn leased(
         delete_object(store, &opts.index_dir, key).await?;
         report.deleted += 1;
         report.reclaimed_bytes += c.bytes;
-        if super::guard::pack_of_key(key).is_some() {
+        if layout::pack_of_key(key).is_some() {
             report.deleted_packs += 1;
         }
         deleted.push(key.clone());
@@ -350,7 +350,7 @@ async fn delete_object(
     index_dir: &Path,
     key: &str,
 ) -> Result<(), GcError> {
-    if let Some(pack) = super::guard::pack_of_key(key) {
+    if let Some(pack) = layout::pack_of_key(key) {
         store.delete(&layout::pack_index_key(&pack)).await?;
         store.delete(key).await?;
         let _ = tokio::fs::remove_file(locate::local_copy(index_dir, &pack)).await;

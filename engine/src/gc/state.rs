@@ -77,6 +77,11 @@ impl GcState {
     pub fn grace(&self) -> Duration {
         Duration::from_secs(self.grace_secs)
     }
+
+    /// Whether `key` is condemned or being deleted: nothing may rely on it.
+    pub fn is_condemned(&self, key: &str) -> bool {
+        self.condemned.contains_key(key) || self.deleting.contains_key(key)
+    }
 }
 
 /// Milliseconds since the Unix epoch.

@@ -28,11 +28,7 @@ pub fn gc(ctx: &Context, args: &GcArgs) -> Result<ExitCode> {
     bar.finish_and_clear();
     emit(ctx.json, &report, || {
         let r = &report;
-        let (would, did) = if r.dry_run {
-            ("would be ", "would be ")
-        } else {
-            ("", "")
-        };
+        let would = if r.dry_run { "would be " } else { "" };
         let mut s = format!(
             "marked {} roots: {} manifests, {} chunks live; {} packs hold {} ({} of it live)\n",
             r.roots,
@@ -43,7 +39,7 @@ pub fn gc(ctx: &Context, args: &GcArgs) -> Result<ExitCode> {
             HumanBytes(r.live_bytes),
         );
         s += &format!(
-            "{did}deleted: {} objects ({} packs), {} reclaimed\n",
+            "{would}deleted: {} objects ({} packs), {} reclaimed\n",
             r.deleted,
             r.deleted_packs,
             HumanBytes(r.reclaimed_bytes)

@@ -39,7 +39,9 @@ pub(crate) fn name_and_report(
     parent: Option<ManifestId>,
 ) -> Result<()> {
     let id: ManifestId = report.id.parse()?;
-    pause_before_naming_for_tests();
+    // Fault injector for the garbage-collection tests: the window between
+    // storing the manifest and naming it, when nothing references it.
+    crate::faults::pause_for_tests("CAIRN_FAULT_PAUSE_BEFORE_NAMING_MS");
     let new = NewImage {
         project: ctx.project.clone(),
         name: name.to_owned(),
@@ -76,19 +78,6 @@ pub(crate) fn name_and_report(
             out.throughput_mib_s,
         )
     })
-}
-
-/// Fault injector for the garbage-collection tests, named as such: with
-/// `CAIRN_FAULT_PAUSE_BEFORE_NAMING_MS=N` an import waits N ms between
-/// storing its manifest and naming it, the window in which nothing in the
-/// catalog references what it stored.
-fn pause_before_naming_for_tests() {
-    if let Some(ms) = std::env::var("CAIRN_FAULT_PAUSE_BEFORE_NAMING_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
 }
 
 pub fn import_raw(ctx: &Context, args: &ImportRawArgs) -> Result<ExitCode> {

@@ -157,7 +157,9 @@ pub fn run(
 ) -> Option<Arc<Manifest>> {
     let remote = store.remote().clone();
     let rt = store.runtime();
-    stall_for_tests();
+    // Fault injector for the crash tests: every upload waits this long
+    // before it starts, so a test can kill the daemon while one is in flight.
+    crate::faults::pause_for_tests("CAIRN_FAULT_STALL_UPLOADS_MS");
     let outcome = with_retries(
         &job.id,
         give_up_after,
@@ -344,16 +346,4 @@ pub fn store_vm_state(store: &ChunkStore, path: &Path) -> Result<String> {
         })
         .with_context(|| format!("storing VM state {} as {key}", path.display()))?;
     Ok(key)
-}
-
-/// Fault injector for the crash tests, named as such: with
-/// `CAIRN_FAULT_STALL_UPLOADS_MS=N` every upload waits N ms before it
-/// starts, so a test can kill the daemon while one is in flight.
-fn stall_for_tests() {
-    if let Some(ms) = std::env::var("CAIRN_FAULT_STALL_UPLOADS_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
 }

@@ -657,8 +657,8 @@ pub fn build(
     let image_key = key_of(&[&last.key, "image", &text]);
     if let Some(id) = cache.read_json::<String>(&format!("images/{image_key}.json")) {
         if let Ok(mid) = id.parse() {
-            // Not one garbage collection has condemned: its chunks may be
-            // on their way out, so the image is stored again instead.
+            // Unless garbage collection has condemned it: its chunks may
+            // be on their way out, so the image is stored again instead.
             let remote = store.remote().as_ref();
             let exists = store.runtime().block_on(async {
                 crate::catalog::load_manifest(remote, &mid).await.is_ok()
