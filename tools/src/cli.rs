@@ -479,6 +479,24 @@ pub enum SandboxCommand {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
         queues: u16,
     },
+    /// Move a running named sandbox to another daemon sharing the store:
+    /// what it writes is uploaded while it runs (pre-copy rounds), then
+    /// this daemon stops serving it (a VMM still connected is cut off: pause
+    /// it first, and point it at the new disk socket), uploads the last
+    /// delta, and the other daemon takes it over (this one is fenced) and
+    /// serves it. Prints the new disk socket and the time it was unserved.
+    Migrate {
+        sandbox: String,
+        /// The other daemon's API socket.
+        #[arg(long)]
+        to: PathBuf,
+        /// Pre-copy rounds at most (0: switch at once); rounds stop early
+        /// once one takes under a second.
+        #[arg(long, default_value_t = 4)]
+        max_rounds: u32,
+        #[command(flatten)]
+        machine: MachineArgs,
+    },
     /// A second sandbox with the disk of a running one as it is now (and
     /// the memory and VM state given, served at once).
     Clone {

@@ -892,3 +892,138 @@ fn a_source_record_lost_in_a_crash_does_not_let_it_write_under_its_clone() {
     drop((ca, cb));
     daemon.signal("-TERM");
 }
+
+/// The value of metric line `name` (labels included) in `/metrics` text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_running_sandbox_migrates_to_another_daemon_and_back_with_every_flushed_write() {
+    let env = Env::on(common::daemon::Env::moto("migrate"));
+    let (daemon_a, _) = env.daemon();
+    let (daemon_b, _) = env.daemon_b();
+    let (socket_a, socket_b) = (env.socket(), env.path("daemon-b.sock"));
+    let health = http_get(&socket_b, "/v1/health");
+    let body = health.split("\r\n\r\n").nth(1).unwrap();
+    let host_b = serde_json::from_str::<Value>(body).unwrap()["host"].clone();
+
+    // 2 MiB written and flushed on A; its client stays connected, as a
+    // paused VMM does, and is cut off by the switch.
+    let a = env.sandbox(&["create", "alpha", "--image", "base"]);
+    let mut ca = connect(&a);
+    let mut model = env.image.clone();
+    put(&mut ca, &mut model, MIB, MIB, 0x41);
+    put(&mut ca, &mut model, 2 * MIB, MIB, 0x42);
+    ca.flush().unwrap();
+    let to_b = socket_b.to_str().unwrap();
+    let r = env.sandbox(&["migrate", "alpha", "--to", to_b]);
+    println!("{r:#}");
+    assert_eq!(r["to_host"], host_b, "{r}");
+    assert_eq!(r["generation"], 2, "{r}");
+    let rounds = r["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 1, "one round uploads the 2 MiB: {r}");
+    assert_eq!(rounds[0]["bytes"], 2 * MIB, "{r}");
+    assert_eq!(r["delta_bytes"], 0, "nothing written after the round: {r}");
+    assert!(
+        !Path::new(a["disk_socket"].as_str().unwrap()).exists(),
+        "A stopped serving alpha's disk"
+    );
+    drop(ca);
+    assert_eq!(
+        env.sandbox(&["ls"])["sandboxes"].as_array().unwrap().len(),
+        0,
+        "A serves nothing"
+    );
+    assert_eq!(
+        env.json(&["snapshot", "describe", r["snapshot"].as_str().unwrap()])["state"],
+        "completed"
+    );
+
+    // B serves the disk as it was; it writes, and the sandbox goes back to
+    // A with no pre-copy: the switch's delta carries B's write.
+    let mut cb = connect(&r["sandbox"]);
+    assert!(whole(&mut cb, env.image.len()) == model, "B serves alpha");
+    put(&mut cb, &mut model, 5 * MIB, 512 << 10, 0x43);
+    cb.flush().unwrap();
+    let back = sandbox_via(
+        env.cairn_b(),
+        &[
+            "migrate",
+            "alpha",
+            "--to",
+            socket_a.to_str().unwrap(),
+            "--max-rounds",
+            "0",
+        ],
+    );
+    drop(cb);
+    assert_eq!(back["generation"], 3, "{back}");
+    assert_eq!(back["rounds"].as_array().unwrap().len(), 0, "{back}");
+    assert_eq!(back["delta_bytes"], 512 << 10, "{back}");
+    let mut c = connect(&back["sandbox"]);
+    assert!(
+        whole(&mut c, env.image.len()) == model,
+        "A serves every write made on either host"
+    );
+    drop(c);
+
+    // The counters on B: one migration out, its unserved time observed.
+    let m = http_get(&socket_b, "/metrics");
+    assert_eq!(metric(&m, "cairn_migrations_total{outcome=\"ok\"}"), 1.0);
+    assert_eq!(metric(&m, "cairn_migration_unserved_seconds_count"), 1.0);
+    assert_eq!(
+        metric(&m, "cairn_migration_delta_bytes_total"),
+        (512 << 10) as f64
+    );
+
+    // Refusals: to itself, and an unnamed sandbox.
+    let out = env.sandbox_fails(&["migrate", "alpha", "--to", socket_a.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is this daemon"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let u = env.sandbox(&["create", "--image", "base"]);
+    let out = env.sandbox_fails(&["migrate", u["id"].as_str().unwrap(), "--to", to_b]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only a named sandbox"));
+    assert!(
+        env.sandbox(&["describe", "alpha"])["disk_socket"].is_string(),
+        "a refused migration leaves the sandbox served"
+    );
+    daemon_a.signal("-TERM");
+    daemon_b.signal("-TERM");
+}
+
+#[test]
+fn a_snapshot_upload_is_fenced_once_another_host_takes_the_sandbox_over() {
+    let env = Env::new();
+    // Uploads wait 3 s before they start: the take-over lands meanwhile.
+    let (daemon, _) = env.daemon_with(&[("CAIRN_FAULT_STALL_UPLOADS_MS", "3000")]);
+    let (_a, ca, _) = env.written_a(0, 4096, 0x51);
+    drop(ca);
+    let snap = env.sandbox(&["snapshot", "a"]);
+    let id = snap["id"].as_str().unwrap().to_owned();
+    // Another host takes `a` over in the catalog (as a forced resume does
+    // once this host is declared gone): generation 2.
+    let store = cairn_engine::objstore::FileStore::open(&env.path("store")).unwrap();
+    let taken = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(cairn_engine::catalog::sandbox::take(
+            &store, "default", "a", "intruder", true,
+        ))
+        .unwrap();
+    assert_eq!(taken.generation, 2);
+    let done = env.settled(&id);
+    assert_eq!(done["state"], "failed", "{done}");
+    let reason = done["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("fenced") && reason.contains("intruder"),
+        "{reason}"
+    );
+    daemon.signal("-TERM");
+}

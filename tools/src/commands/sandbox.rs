@@ -56,6 +56,23 @@ pub fn run(g: &Global, cmd: &SandboxCommand) -> Result<ExitCode> {
             &format!("/v1/sandboxes/{name}/resume"),
             Some(&json!({ "queues": queues, "project": g.project })),
         )?,
+        SandboxCommand::Migrate {
+            sandbox,
+            to,
+            max_rounds,
+            machine,
+        } => {
+            let mut body = machine_body(machine)?;
+            body["to"] =
+                json!(std::path::absolute(to)
+                    .with_context(|| format!("resolving {}", to.display()))?);
+            body["max_rounds"] = json!(max_rounds);
+            client.call(
+                Method::POST,
+                &format!("/v1/sandboxes/{sandbox}/migrate"),
+                Some(&body),
+            )?
+        }
         SandboxCommand::Snapshot { sandbox, machine } => client.call(
             Method::POST,
             &format!("/v1/sandboxes/{sandbox}/snapshot"),
@@ -140,6 +157,27 @@ fn text(cmd: &SandboxCommand, answer: &Value) -> String {
             "suspended {sandbox} (snapshot {})\n",
             answer["snapshot"].as_str().unwrap_or("-")
         ),
+        SandboxCommand::Migrate { sandbox, .. } => {
+            let rounds = answer["rounds"].as_array().map_or(0, Vec::len);
+            let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+            let pre: f64 = answer["rounds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| mib(&r["bytes"]))
+                .sum();
+            format!(
+                "migrated {sandbox} to {} (generation {})\n\
+                 pre-copy: {rounds} rounds, {pre:.1} MiB; last delta {:.1} MiB\n\
+                 unserved for {:.3} s\n\
+                 disk socket: {}\n",
+                answer["to_host"].as_str().unwrap_or("-"),
+                answer["generation"],
+                mib(&answer["delta_bytes"]),
+                answer["unserved_secs"].as_f64().unwrap_or(0.0),
+                answer["sandbox"]["disk_socket"].as_str().unwrap_or("-"),
+            )
+        }
         SandboxCommand::Create { .. }
         | SandboxCommand::Clone { .. }
         | SandboxCommand::Resume { .. } => {

@@ -17,6 +17,7 @@ use super::host::{
     CloneRequest, CreateRequest, ForkRequest, Host, MachineInput, Refusal, ResumeRequest,
 };
 use super::metrics::Metrics;
+use super::migrate::{self, MigrateRequest};
 
 #[derive(Clone)]
 pub struct Api {
@@ -99,6 +100,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/snapshots/{id}/fork", post(fork))
         .route("/v1/sandboxes/{key}/suspend", post(suspend))
         .route("/v1/sandboxes/{key}/resume", post(resume))
+        .route("/v1/sandboxes/{key}/migrate", post(migrate_out))
         .route("/metrics", get(metrics))
         .with_state(api)
 }
@@ -108,6 +110,8 @@ struct Health {
     ok: bool,
     version: &'static str,
     store: String,
+    /// This daemon's name in the catalog.
+    host: String,
     sandboxes: usize,
 }
 
@@ -120,6 +124,7 @@ async fn health(State(api): State<Api>) -> ApiResult<Json<Health>> {
         ok: true,
         version: env!("CARGO_PKG_VERSION"),
         store: api.host.store().remote().uri().to_owned(),
+        host: api.host.host_id().to_owned(),
         sandboxes,
     }))
 }
@@ -204,6 +209,21 @@ async fn resume(
     })
     .await?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn migrate_out(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    Json(req): Json<MigrateRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let metrics = api.metrics.clone();
+    let report = blocking(&api, "migrate", move |h| {
+        let report = migrate::migrate(h, &key, req);
+        metrics.observe_migration(report.as_ref().ok());
+        report
+    })
+    .await?;
+    Ok(Json(report))
 }
 
 async fn metrics(State(api): State<Api>) -> Response {

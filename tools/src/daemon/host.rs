@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use cairn_engine::catalog;
@@ -55,6 +55,8 @@ pub struct SandboxView {
     /// Its VM-state blob (e.g. Firecracker's vmstate file), as a local file.
     pub vm_state: Option<PathBuf>,
     pub layers: usize,
+    /// Queues of its virtio-blk device.
+    pub queues: u16,
     /// Bytes its live layer holds (written since its last snapshot).
     pub bytes_written: u64,
     pub cloned_from: Option<String>,
@@ -80,6 +82,7 @@ impl SandboxView {
             memory: rec.memory.clone(),
             vm_state: r.vm_state_path.clone(),
             layers: rec.layers.len(),
+            queues: rec.queues,
             bytes_written: r.disk.live().dirty_count() * BLOCK,
             cloned_from: rec.cloned_from.clone(),
             snapshot: rec.snapshot.clone(),
@@ -175,6 +178,17 @@ struct Source {
 struct Inner {
     layers: Layers,
     sandboxes: BTreeMap<String, Running>,
+}
+
+/// What a suspend for a migration did, for its report.
+pub struct Switched {
+    /// The catalog's record: suspended, with its snapshot.
+    pub record: catalog::sandbox::SandboxRecord,
+    /// When this host stopped serving the disk (any VMM cut off, every
+    /// answered write durable).
+    pub stopped: Instant,
+    /// Bytes the last delta held: written since the last pre-copy round.
+    pub delta_bytes: u64,
 }
 
 /// Layers that snapshots being uploaded stand on, by snapshot id: kept
@@ -801,6 +815,13 @@ impl Host {
             base: record.base.clone(),
             layers: record.layers.clone(),
             machine,
+            fence: match (&record.name, record.generation) {
+                (Some(name), g) if g > 0 => Some(uploads::Fence {
+                    name: name.clone(),
+                    generation: g,
+                }),
+                _ => None,
+            },
         };
         job.save(&self.state_dir)?;
         Ok((snap, job))
@@ -1018,9 +1039,26 @@ impl Host {
         key: &str,
         input: MachineInput,
     ) -> Result<catalog::sandbox::SandboxRecord> {
+        self.suspend_with(key, input, false).map(|s| s.record)
+    }
+
+    /// The switch of a migration: [`Host::suspend`], but a VMM still
+    /// connected (paused, to reconnect to the next host) is cut off rather
+    /// than waited for; says when serving stopped and how big the last
+    /// delta was.
+    pub fn suspend_for_migration(&self, key: &str, input: MachineInput) -> Result<Switched> {
+        self.suspend_with(key, input, true)
+    }
+
+    fn suspend_with(&self, key: &str, input: MachineInput, evict: bool) -> Result<Switched> {
         let remote = self.store.remote().clone();
         let rt = self.store.runtime();
         let record = self.get_record(key)?;
+        // Earlier snapshots of it finish first, while it is still served:
+        // its disk is rebased onto them, so the suspend uploads only what
+        // was written since, and none of them commits after a resume
+        // elsewhere (their commit would be fenced).
+        self.wait_for_uploads_over(&record.layers);
         let Some(name) = record.name.clone() else {
             bail!(Refusal::BadRequest(format!(
                 "sandbox {} has no name: only a named sandbox can be suspended (unnamed ones go when their daemon stops); remove it, or snapshot it",
@@ -1047,8 +1085,21 @@ impl Host {
         // without the lock: other sandboxes are served meanwhile.
         drop(inner);
         let disk = running.disk.clone();
+        let delta_bytes = disk
+            .layers()
+            .iter()
+            .filter(|l| !l.is_frozen())
+            .map(|l| l.dirty_count() * BLOCK)
+            .sum();
+        let mut stopped = Instant::now();
         let outcome = (|| -> Result<String> {
-            running.stop().context("stopping the sandbox")?;
+            if evict {
+                running.evict()
+            } else {
+                running.stop()
+            }
+            .context("stopping the sandbox")?;
+            stopped = Instant::now();
             let layers = disk.layers();
             for l in &layers {
                 if !l.is_frozen() {
@@ -1129,7 +1180,62 @@ impl Host {
         inner
             .layers
             .release(&record.layers, &|l| in_use.contains(l));
-        Ok(suspended)
+        Ok(Switched {
+            record: suspended,
+            stopped,
+            delta_bytes,
+        })
+    }
+
+    /// Waits until no snapshot upload stands on any of `layers`.
+    fn wait_for_uploads_over(&self, layers: &[String]) {
+        loop {
+            let busy = self
+                .uploading
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .any(|under| under.iter().any(|l| layers.contains(l)));
+            if !busy {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// One pre-copy round of a migration: snapshots the running sandbox
+    /// (its live layer frozen, a fresh one above it) and waits for the
+    /// upload, after which its disk stands on the uploaded image. Returns
+    /// the snapshot as completed and the bytes it took up.
+    pub fn precopy(&self, key: &str) -> Result<(SnapshotRecord, u64)> {
+        let bytes = self.get(key)?.bytes_written;
+        let snap = self.snapshot(key, MachineInput::default())?;
+        self.wait_for_uploads_over(&self.get_record(key)?.layers);
+        let remote = self.store.remote().clone();
+        let done = self
+            .store
+            .runtime()
+            .block_on(catalog::snapshot::get(
+                remote.as_ref(),
+                &snap.project,
+                &snap.id,
+            ))?
+            .context("a pre-copy snapshot's record vanished")?
+            .record;
+        if done.state != SnapshotState::Completed {
+            bail!(
+                "pre-copy snapshot {} is {}: {}",
+                done.id,
+                done.state,
+                done.reason.unwrap_or_default()
+            );
+        }
+        Ok((done, bytes))
+    }
+
+    /// This daemon's name in the catalog.
+    pub fn host_id(&self) -> &str {
+        &self.host_id
     }
 
     /// Resumes a suspended named sandbox on this host (the one that

@@ -40,6 +40,14 @@ pub struct Metrics {
     gc_reclaimed: Counter,
     gc_rewritten: Counter,
     gc_condemned: Gauge,
+    migrations: Family<OutcomeLabels, Counter>,
+    unserved: Histogram,
+    migration_delta: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -66,6 +74,10 @@ impl Default for Metrics {
             gc_reclaimed: Counter::default(),
             gc_rewritten: Counter::default(),
             gc_condemned: Gauge::default(),
+            migrations: Family::default(),
+            // 1 ms to about 65 s.
+            unserved: Histogram::new(exponential_buckets(1e-3, 2.0, 17)),
+            migration_delta: Counter::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -140,6 +152,21 @@ impl Default for Metrics {
                 "Objects condemned, waiting out the grace period",
                 m.gc_condemned.clone(),
             );
+            r.register(
+                "migrations",
+                "Sandboxes moved from this daemon to another, by outcome",
+                m.migrations.clone(),
+            );
+            r.register(
+                "migration_unserved_seconds",
+                "From this daemon's last served request of a migrating sandbox to the other daemon serving it",
+                m.unserved.clone(),
+            );
+            r.register(
+                "migration_delta_bytes",
+                "Bytes the switches of migrations uploaded (written after the last pre-copy round)",
+                m.migration_delta.clone(),
+            );
         }
         m
     }
@@ -170,6 +197,18 @@ impl Metrics {
         }
         if r.faults > 0 {
             self.fault_p99.observe(r.fault_p99_us / 1e6);
+        }
+    }
+
+    /// A migration out of this daemon: its report, or None if it failed.
+    pub fn observe_migration(&self, report: Option<&super::migrate::MigrationReport>) {
+        let outcome = if report.is_some() { "ok" } else { "error" };
+        self.migrations
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        if let Some(r) = report {
+            self.unserved.observe(r.unserved_secs);
+            self.migration_delta.inc_by(r.delta_bytes);
         }
     }
 

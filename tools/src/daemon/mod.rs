@@ -13,6 +13,7 @@ mod gc_roots;
 mod host;
 mod layers;
 mod metrics;
+mod migrate;
 mod pages;
 mod sandbox;
 mod uploads;

@@ -291,12 +291,27 @@ impl Running {
 
     /// Stops serving (waits for a connected VMM to go) and makes every
     /// completed write durable.
-    pub fn stop(mut self) -> Result<SandboxRecord> {
+    pub fn stop(self) -> Result<SandboxRecord> {
+        self.stop_with(false)
+    }
+
+    /// As [`Running::stop`], but cuts a connected VMM off instead of
+    /// waiting for it (a paused VMM that will reconnect elsewhere).
+    pub fn evict(self) -> Result<SandboxRecord> {
+        self.stop_with(true)
+    }
+
+    fn stop_with(mut self, evict: bool) -> Result<SandboxRecord> {
         if let Some(p) = self.pages.take() {
             p.stop();
         }
         if let Some(s) = self.server.take() {
-            s.stop().context("stopping the disk server")?;
+            if evict {
+                s.disconnect_and_stop()
+            } else {
+                s.stop()
+            }
+            .context("stopping the disk server")?;
         }
         self.disk.flush().context("flushing the disk")?;
         Ok(self.record)

@@ -36,6 +36,54 @@ pub struct PendingUpload {
     /// The memory and VM state taken with the disk, if any.
     #[serde(default)]
     pub machine: Option<MachineState>,
+    /// A named sandbox's name and generation when it was taken: the
+    /// upload commits only while this host still owns it at that
+    /// generation.
+    #[serde(default)]
+    pub fence: Option<Fence>,
+}
+
+/// Who must still own a named sandbox for its snapshot to commit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Fence {
+    pub name: String,
+    pub generation: u64,
+}
+
+/// Another host took the sandbox over: this host may not write its data.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "fenced: sandbox {name} is now served by {host} at generation {now}; this host held generation {held}, so its snapshot may not commit"
+)]
+pub struct Fenced {
+    pub name: String,
+    pub host: String,
+    pub now: u64,
+    pub held: u64,
+}
+
+/// Fails with [`Fenced`] once the catalog says `fence`'s sandbox is owned
+/// by another host or at a later generation (a removed sandbox fences
+/// nothing: no one else serves it).
+fn check_fence(store: &ChunkStore, project: &str, host: &str, fence: &Fence) -> Result<()> {
+    let remote = store.remote().clone();
+    let current = store
+        .runtime()
+        .block_on(cairn_engine::catalog::sandbox::get(
+            remote.as_ref(),
+            project,
+            &fence.name,
+        ))?;
+    match current.map(|s| s.record) {
+        Some(rec) if rec.host != host || rec.generation != fence.generation => Err(Fenced {
+            name: fence.name.clone(),
+            host: rec.host,
+            now: rec.generation,
+            held: fence.generation,
+        }
+        .into()),
+        _ => Ok(()),
+    }
 }
 
 /// A VMM's memory file and VM-state blob, copied into the state
@@ -181,6 +229,9 @@ pub fn run(
                 // Finished before a crash hid it: nothing left to do.
                 _ => return Ok(None),
             }
+            if let Some(f) = &job.fence {
+                check_fence(store, &job.project, host, f)?;
+            }
             let staging = state_dir.join("staging");
             std::fs::create_dir_all(&staging)
                 .with_context(|| format!("creating {}", staging.display()))?;
@@ -192,6 +243,10 @@ pub fn run(
                 Some(m) => store_machine(store, &job.project, m, &opts, give_up_after)?,
                 None => (None, None),
             };
+            // Checked again last: a take-over during the upload fences it.
+            if let Some(f) = &job.fence {
+                check_fence(store, &job.project, host, f)?;
+            }
             rt.block_on(snapshot::complete(
                 remote.as_ref(),
                 &job.project,

@@ -12,7 +12,7 @@ use std::time::Instant;
 use cairn_engine::disk::LazyDisk;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -126,10 +126,23 @@ impl BlkBackend {
         Ok(())
     }
 
-    /// Tells this connection's worker threads to exit.
+    /// Tells this connection's worker threads to exit, waits for any
+    /// request they are running, and takes guest memory from every queue
+    /// so that a worker that wakes once more runs nothing (a connection cut
+    /// by [`BlkServer::disconnect_and_stop`] may leave kicks unread); then
+    /// makes what was written durable.
     fn end_session(&self) {
         for (_, notifier) in lock(&self.exits).iter() {
             let _ = notifier.notify();
+        }
+        for w in &self.workers {
+            lock(w).mem = None;
+        }
+        // Whatever ended the connection, what was written stays put.
+        if let Some(w) = self.workers.first() {
+            if let Err(e) = lock(w).disk.flush() {
+                tracing::error!("flush after disconnect failed: {e}");
+            }
         }
     }
 
@@ -333,21 +346,57 @@ impl VhostUserBackend for BlkBackend {
 /// Listens on `socket` and serves one VMM connection after another until
 /// the process ends; `ready` runs once the socket accepts connections.
 pub fn serve(socket: &Path, backend: Arc<BlkBackend>, ready: impl FnOnce()) -> io::Result<()> {
-    serve_until(socket, backend, ready, &AtomicBool::new(false))
+    serve_until(socket, backend, ready, &StopControl::default())
+}
+
+/// How a [`BlkServer`]'s thread is told to stop, and the connection it
+/// serves, to cut.
+#[derive(Default)]
+struct StopControl {
+    /// Take no more connections.
+    stop: AtomicBool,
+    /// Cut the connection being served too.
+    evict: AtomicBool,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl StopControl {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Keeps the new connection's handle; cuts it at once if an eviction
+    /// was asked for meanwhile.
+    fn connected(&self, handle: Option<ShutdownHandle>) {
+        let mut slot = lock(&self.connection);
+        *slot = handle;
+        if self.evict.load(Ordering::Acquire) {
+            if let Some(h) = slot.as_ref() {
+                h.shutdown();
+            }
+        }
+    }
+
+    fn evict(&self) {
+        self.evict.store(true, Ordering::Release);
+        if let Some(h) = lock(&self.connection).as_ref() {
+            h.shutdown();
+        }
+    }
 }
 
 /// As [`serve`], until `stop` is set and the listener woken (a connection
 /// that says nothing, as [`BlkServer::stop`] makes); a VMM connected then
-/// is served until it goes.
+/// is served until it goes, or until it is evicted.
 fn serve_until(
     socket: &Path,
     backend: Arc<BlkBackend>,
     ready: impl FnOnce(),
-    stop: &AtomicBool,
+    control: &StopControl,
 ) -> io::Result<()> {
     let mut listener = Listener::new(socket, true).map_err(io::Error::other)?;
     ready();
-    while !stop.load(Ordering::Acquire) {
+    while !control.stopping() {
         backend.new_session()?;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("cairn-blk".into(), backend.clone(), mem)
@@ -355,18 +404,14 @@ fn serve_until(
         daemon
             .start(&mut listener)
             .map_err(|e| io::Error::other(e.to_string()))?;
-        let woken = stop.load(Ordering::Acquire);
+        control.connected(daemon.shutdown_handle());
+        let woken = control.stopping();
         if !woken {
             tracing::info!("VMM connected");
         }
         let result = daemon.wait();
+        control.connected(None);
         backend.end_session();
-        // Whatever ended the connection, what was written stays put.
-        if let Some(w) = backend.workers.first() {
-            if let Err(e) = lock(w).disk.flush() {
-                tracing::error!("flush after disconnect failed: {e}");
-            }
-        }
         match result {
             _ if woken => {}
             Ok(()) => tracing::info!("VMM disconnected"),
@@ -380,7 +425,7 @@ fn serve_until(
 /// A vhost-user-blk socket served on a thread of its own until stopped.
 pub struct BlkServer {
     socket: std::path::PathBuf,
-    stop: Arc<AtomicBool>,
+    control: Arc<StopControl>,
     thread: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
 
@@ -388,10 +433,10 @@ impl BlkServer {
     /// Starts serving `backend` on `socket`; returns once the socket
     /// accepts connections.
     pub fn start(socket: &Path, backend: Arc<BlkBackend>) -> io::Result<BlkServer> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let control = Arc::new(StopControl::default());
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = {
-            let (socket, stop) = (socket.to_owned(), stop.clone());
+            let (socket, control) = (socket.to_owned(), control.clone());
             std::thread::Builder::new()
                 .name("cairn-blk".into())
                 .spawn(move || {
@@ -401,7 +446,7 @@ impl BlkServer {
                         || {
                             let _ = tx.send(());
                         },
-                        &stop,
+                        &control,
                     )
                 })?
         };
@@ -414,7 +459,7 @@ impl BlkServer {
         }
         Ok(BlkServer {
             socket: socket.to_owned(),
-            stop,
+            control,
             thread: Some(thread),
         })
     }
@@ -425,8 +470,24 @@ impl BlkServer {
 
     /// Stops taking connections and waits for the thread: at once if no
     /// VMM is connected, else when it disconnects.
-    pub fn stop(mut self) -> io::Result<()> {
-        self.stop.store(true, Ordering::Release);
+    pub fn stop(self) -> io::Result<()> {
+        self.stop_with(false)
+    }
+
+    /// Stops at once: a connected VMM is cut off (its requests in flight
+    /// are answered first; those it sends later are left for the backend
+    /// it reconnects to, as after any backend restart). Returns when no
+    /// request can be served here any more and every completed write is
+    /// durable.
+    pub fn disconnect_and_stop(self) -> io::Result<()> {
+        self.stop_with(true)
+    }
+
+    fn stop_with(mut self, evict: bool) -> io::Result<()> {
+        self.control.stop.store(true, Ordering::Release);
+        if evict {
+            self.control.evict();
+        }
         // Wake the accept; it sees the flag once this connection ends.
         drop(std::os::unix::net::UnixStream::connect(&self.socket));
         match self.thread.take().map(|t| t.join()) {
