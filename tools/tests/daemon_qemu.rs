@@ -5,7 +5,9 @@
 //! its own file; the snapshot, registered as an image, boots a third
 //! sandbox; the named one, suspended, is resumed and booted on a second
 //! daemon (its own state and cache) that shares the store, moto's S3
-//! server. Every check reads files in a guest.
+//! server. A second test migrates a running guest's sandbox to the other
+//! daemon while the guest fsyncs file after file, and the guest goes on
+//! against the other daemon. Every check reads files in a guest.
 //!
 //! Needs the guest fixture (`fixtures/build-guest.sh`, path in
 //! CAIRN_GUEST_DIR or fixtures/out/guest), qemu-system-x86, debugfs
@@ -20,6 +22,7 @@ use std::process::Command;
 use common::daemon::{sandbox_via, Env};
 use common::qemu::{field, guest_dir, Guest, Qmp, BOOT};
 use serde_json::Value;
+use std::os::unix::fs::symlink;
 
 /// The guest's /init for this test (the fixture's own /init knows only its
 /// jobs). `cairn.job=` on the kernel command line picks the job,
@@ -29,6 +32,8 @@ use serde_json::Value;
 ///   origin  write /data/marker; wait; write /data/after-clone; wait; show
 ///   clone   show; write /data/clone; show
 ///   look    show
+///   migrate write /data/marker, then /data/f1../data/f40 (each fsynced,
+///           0.2 s apart); read them all back (page cache dropped)
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -74,6 +79,27 @@ clone)
     ;;
 look)
     show
+    ;;
+migrate)
+    must mount -o remount,rw /
+    put marker
+    echo "CAIRN-WRITTEN marker"
+    i=1
+    while [ $i -le 40 ]; do
+        put "f$i"
+        echo "CAIRN-FSYNCED $i"
+        sleep 0.2
+        i=$((i + 1))
+    done
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    bad=0
+    i=1
+    while [ $i -le 40 ]; do
+        [ "$(get "f$i")" = "f$i-$token" ] || bad=$((bad + 1))
+        i=$((i + 1))
+    done
+    echo "CAIRN-FILES marker=$(get marker) n=40 bad=$bad"
     ;;
 *)
     echo "CAIRN-GUEST: no job $job"
@@ -263,6 +289,72 @@ fn a_booted_sandbox_is_cloned_and_snapshotted_while_paused_and_resumed_on_anothe
     gr.expect("CAIRN-DONE", BOOT);
     gr.finish();
 
+    daemon_a.signal("-TERM");
+    daemon_b.signal("-TERM");
+}
+
+#[test]
+fn a_running_guest_goes_on_against_the_daemon_its_sandbox_migrated_to() {
+    let guest = guest_dir();
+    let env = Env::moto("migrate-qemu");
+    let rootfs = test_rootfs(&env, &guest);
+    common::run_ok(
+        env.cairn()
+            .args(["--json", "image", "import-raw", "--name", "guest"])
+            .arg(&rootfs),
+    );
+    let token = format!("{:016x}", fastrand::u64(..));
+    let (daemon_a, _) = env.daemon();
+    let (daemon_b, _) = env.daemon_b();
+
+    // The VMM reaches its disk through a path the orchestrator points at
+    // whichever daemon serves the sandbox (a symlink), and reconnects.
+    let alpha = env.sandbox(&["create", "alpha", "--image", "guest"]);
+    let link = env.path("alpha.disk");
+    symlink(alpha["disk_socket"].as_str().unwrap(), &link).unwrap();
+    let qemu = common::qemu_guest_with(
+        &guest,
+        &link,
+        &format!("cairn.job=migrate cairn.token={token}"),
+        ",reconnect=1",
+    );
+    let mut g = Guest::start("alpha (migrate)", qemu);
+    g.expect("CAIRN-WRITTEN marker", BOOT);
+    g.expect("CAIRN-FSYNCED 3", BOOT);
+
+    // Migrated while the guest fsyncs one file after another: the switch
+    // cuts QEMU off, QEMU reconnects (within its second) through the path,
+    // now pointing at the second daemon, and the guest's I/O goes on there.
+    let to = env.path("daemon-b.sock");
+    let r = env.sandbox(&["migrate", "alpha", "--to", to.to_str().unwrap()]);
+    let next = env.path("alpha.disk.next");
+    symlink(r["sandbox"]["disk_socket"].as_str().unwrap(), &next).unwrap();
+    std::fs::rename(&next, &link).unwrap();
+    println!("migration: {r:#}");
+    assert_eq!(r["generation"], 2, "{r}");
+    assert!(
+        r["rounds"][0]["bytes"].as_u64().unwrap() > 0,
+        "the guest's writes went up in a pre-copy round: {r}"
+    );
+    let line = g.expect("CAIRN-FILES", BOOT);
+    println!("alpha after the migration: {line}");
+    assert_eq!(field(&line, "marker"), format!("marker-{token}"), "{line}");
+    assert_eq!(
+        field(&line, "bad"),
+        "0",
+        "every file the guest fsynced, before, during and after the switch, reads back from the second daemon: {line}"
+    );
+    g.expect("CAIRN-DONE", BOOT);
+    g.finish();
+
+    // The second daemon took the guest's later writes; the first serves
+    // nothing.
+    let b = sandbox_via(env.cairn_b(), &["describe", "alpha"]);
+    assert!(b["bytes_written"].as_u64().unwrap() > 0, "{b}");
+    assert_eq!(
+        env.sandbox(&["ls"])["sandboxes"].as_array().unwrap().len(),
+        0
+    );
     daemon_a.signal("-TERM");
     daemon_b.signal("-TERM");
 }

@@ -49,6 +49,8 @@ pub struct SandboxView {
     pub image_name: Option<String>,
     pub base: String,
     pub disk_socket: PathBuf,
+    /// Whether a VMM is connected to the disk socket now.
+    pub vmm_connected: bool,
     pub memory_socket: Option<PathBuf>,
     /// The memory image its page server serves.
     pub memory: Option<String>,
@@ -78,6 +80,7 @@ impl SandboxView {
             image_name: rec.image_name.clone(),
             base: rec.base.clone(),
             disk_socket: r.disk_socket.clone(),
+            vmm_connected: r.vmm_connected(),
             memory_socket: r.pages.as_ref().map(|p| p.socket.clone()),
             memory: rec.memory.clone(),
             vm_state: r.vm_state_path.clone(),

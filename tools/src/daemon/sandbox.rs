@@ -301,6 +301,11 @@ impl Running {
         self.stop_with(true)
     }
 
+    /// Whether a VMM is connected to its disk socket now.
+    pub fn vmm_connected(&self) -> bool {
+        self.server.as_ref().is_some_and(BlkServer::vmm_connected)
+    }
+
     fn stop_with(mut self, evict: bool) -> Result<SandboxRecord> {
         if let Some(p) = self.pages.take() {
             p.stop();

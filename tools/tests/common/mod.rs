@@ -35,12 +35,24 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 /// command line; its console on stdout, piped.
 #[allow(dead_code)]
 pub fn qemu_guest(guest: &std::path::Path, socket: &std::path::Path, append: &str) -> Command {
+    qemu_guest_with(guest, socket, append, "")
+}
+
+/// [`qemu_guest`] with `chardev` appended to the disk socket's chardev
+/// options (e.g. `,reconnect=1`).
+#[allow(dead_code)]
+pub fn qemu_guest_with(
+    guest: &std::path::Path,
+    socket: &std::path::Path,
+    append: &str,
+    chardev: &str,
+) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-accel", "tcg", "-m", "512", "-smp", "1", "-nographic"])
         .args(["-no-reboot", "-net", "none"])
         .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
         .args(["-numa", "node,memdev=mem", "-chardev"])
-        .arg(format!("socket,id=c0,path={}", socket.display()))
+        .arg(format!("socket,id=c0,path={}{chardev}", socket.display()))
         .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"])
         .arg("-kernel")
         .arg(guest.join("vmlinuz"))

@@ -468,6 +468,11 @@ impl BlkServer {
         &self.socket
     }
 
+    /// Whether a VMM is connected now.
+    pub fn vmm_connected(&self) -> bool {
+        lock(&self.control.connection).is_some()
+    }
+
     /// Stops taking connections and waits for the thread: at once if no
     /// VMM is connected, else when it disconnects.
     pub fn stop(self) -> io::Result<()> {
