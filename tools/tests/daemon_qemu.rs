@@ -5,9 +5,10 @@
 //! its own file; the snapshot, registered as an image, boots a third
 //! sandbox; the named one, suspended, is resumed and booted on a second
 //! daemon (its own state and cache) that shares the store, moto's S3
-//! server. A second test migrates a running guest's sandbox to the other
-//! daemon while the guest fsyncs file after file, and the guest goes on
-//! against the other daemon. Every check reads files in a guest.
+//! server. A second test migrates a guest's sandbox while the guest
+//! fsyncs file after file: to the other daemon while it runs, and back
+//! while it is paused (QMP `stop` and `cont`); the guest goes on each time
+//! against the daemon it moved to. Every check reads files in a guest.
 //!
 //! Needs the guest fixture (`fixtures/build-guest.sh`, path in
 //! CAIRN_GUEST_DIR or fixtures/out/guest), qemu-system-x86, debugfs
@@ -32,7 +33,7 @@ use std::os::unix::fs::symlink;
 ///   origin  write /data/marker; wait; write /data/after-clone; wait; show
 ///   clone   show; write /data/clone; show
 ///   look    show
-///   migrate write /data/marker, then /data/f1../data/f40 (each fsynced,
+///   migrate write /data/marker, then /data/f1../data/f60 (each fsynced,
 ///           0.2 s apart); read them all back (page cache dropped)
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -85,7 +86,7 @@ migrate)
     put marker
     echo "CAIRN-WRITTEN marker"
     i=1
-    while [ $i -le 40 ]; do
+    while [ $i -le 60 ]; do
         put "f$i"
         echo "CAIRN-FSYNCED $i"
         sleep 0.2
@@ -95,11 +96,11 @@ migrate)
     echo 3 >/proc/sys/vm/drop_caches
     bad=0
     i=1
-    while [ $i -le 40 ]; do
+    while [ $i -le 60 ]; do
         [ "$(get "f$i")" = "f$i-$token" ] || bad=$((bad + 1))
         i=$((i + 1))
     done
-    echo "CAIRN-FILES marker=$(get marker) n=40 bad=$bad"
+    echo "CAIRN-FILES marker=$(get marker) n=60 bad=$bad"
     ;;
 *)
     echo "CAIRN-GUEST: no job $job"
@@ -293,8 +294,22 @@ fn a_booted_sandbox_is_cloned_and_snapshotted_while_paused_and_resumed_on_anothe
     daemon_b.signal("-TERM");
 }
 
+/// Points `link` (the path a VMM reaches its disk by) at `socket`, at once.
+fn repoint(env: &Env, link: &Path, socket: &Value) {
+    let next = env.path("disk-link.next");
+    symlink(socket.as_str().unwrap(), &next).unwrap();
+    std::fs::rename(&next, link).unwrap();
+}
+
+/// The guest's next `n` CAIRN-FSYNCED lines: it goes on writing.
+fn fsyncs(g: &mut Guest, n: usize) {
+    for _ in 0..n {
+        g.expect("CAIRN-FSYNCED", BOOT);
+    }
+}
+
 #[test]
-fn a_running_guest_goes_on_against_the_daemon_its_sandbox_migrated_to() {
+fn a_guest_goes_on_against_the_daemon_its_sandbox_migrated_to_running_or_paused() {
     let guest = guest_dir();
     let env = Env::moto("migrate-qemu");
     let rootfs = test_rootfs(&env, &guest);
@@ -312,47 +327,68 @@ fn a_running_guest_goes_on_against_the_daemon_its_sandbox_migrated_to() {
     let alpha = env.sandbox(&["create", "alpha", "--image", "guest"]);
     let link = env.path("alpha.disk");
     symlink(alpha["disk_socket"].as_str().unwrap(), &link).unwrap();
-    let qemu = common::qemu_guest_with(
+    let qmp_socket = env.path("alpha.qmp");
+    let mut qemu = common::qemu_guest_with(
         &guest,
         &link,
         &format!("cairn.job=migrate cairn.token={token}"),
         ",reconnect=1",
     );
+    qemu.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()));
     let mut g = Guest::start("alpha (migrate)", qemu);
     g.expect("CAIRN-WRITTEN marker", BOOT);
     g.expect("CAIRN-FSYNCED 3", BOOT);
 
-    // Migrated while the guest fsyncs one file after another: the switch
-    // cuts QEMU off, QEMU reconnects (within its second) through the path,
-    // now pointing at the second daemon, and the guest's I/O goes on there.
-    let to = env.path("daemon-b.sock");
-    let r = env.sandbox(&["migrate", "alpha", "--to", to.to_str().unwrap()]);
-    let next = env.path("alpha.disk.next");
-    symlink(r["sandbox"]["disk_socket"].as_str().unwrap(), &next).unwrap();
-    std::fs::rename(&next, &link).unwrap();
-    println!("migration: {r:#}");
+    // 1. To the second daemon while the guest runs and fsyncs: QEMU is cut
+    // off at its next request and reconnects through the repointed path.
+    let to_b = env.path("daemon-b.sock");
+    let r = env.sandbox(&["migrate", "alpha", "--to", to_b.to_str().unwrap()]);
+    repoint(&env, &link, &r["sandbox"]["disk_socket"]);
+    println!("migration while running: {r:#}");
     assert_eq!(r["generation"], 2, "{r}");
     assert!(
         r["rounds"][0]["bytes"].as_u64().unwrap() > 0,
         "the guest's writes went up in a pre-copy round: {r}"
     );
+    fsyncs(&mut g, 3);
+
+    // 2. Back while paused: QEMU keeps its connection to the second daemon
+    // until `cont`, is cut off then, and reconnects to the first.
+    let mut qmp = Qmp::connect(&qmp_socket);
+    qmp.execute("stop");
+    let to_a = env.socket();
+    let back = sandbox_via(
+        env.cairn_b(),
+        &["migrate", "alpha", "--to", to_a.to_str().unwrap()],
+    );
+    repoint(&env, &link, &back["sandbox"]["disk_socket"]);
+    println!("migration while paused: {back:#}");
+    assert_eq!(back["generation"], 3, "{back}");
+    qmp.execute("cont");
+    assert_eq!(qmp.execute("query-status")["running"], true);
+
     let line = g.expect("CAIRN-FILES", BOOT);
-    println!("alpha after the migration: {line}");
+    println!("alpha after both migrations: {line}");
     assert_eq!(field(&line, "marker"), format!("marker-{token}"), "{line}");
     assert_eq!(
         field(&line, "bad"),
         "0",
-        "every file the guest fsynced, before, during and after the switch, reads back from the second daemon: {line}"
+        "every file the guest fsynced, on either daemon and across both switches, reads back: {line}"
     );
     g.expect("CAIRN-DONE", BOOT);
     g.finish();
+    drop(qmp);
 
-    // The second daemon took the guest's later writes; the first serves
-    // nothing.
-    let b = sandbox_via(env.cairn_b(), &["describe", "alpha"]);
-    assert!(b["bytes_written"].as_u64().unwrap() > 0, "{b}");
+    // The first daemon took the guest's writes after `cont`; the second
+    // serves nothing.
+    let a = env.sandbox(&["describe", "alpha"]);
+    assert!(a["bytes_written"].as_u64().unwrap() > 0, "{a}");
     assert_eq!(
-        env.sandbox(&["ls"])["sandboxes"].as_array().unwrap().len(),
+        sandbox_via(env.cairn_b(), &["ls"])["sandboxes"]
+            .as_array()
+            .unwrap()
+            .len(),
         0
     );
     daemon_a.signal("-TERM");

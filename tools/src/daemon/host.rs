@@ -1046,14 +1046,14 @@ impl Host {
     }
 
     /// The switch of a migration: [`Host::suspend`], but a VMM still
-    /// connected (paused, to reconnect to the next host) is cut off rather
-    /// than waited for; says when serving stopped and how big the last
-    /// delta was.
+    /// connected is not waited for (it is cut off when it next asks for
+    /// anything, and reconnects to the next host); says when serving
+    /// stopped and how big the last delta was.
     pub fn suspend_for_migration(&self, key: &str, input: MachineInput) -> Result<Switched> {
         self.suspend_with(key, input, true)
     }
 
-    fn suspend_with(&self, key: &str, input: MachineInput, evict: bool) -> Result<Switched> {
+    fn suspend_with(&self, key: &str, input: MachineInput, hand_off: bool) -> Result<Switched> {
         let remote = self.store.remote().clone();
         let rt = self.store.runtime();
         let record = self.get_record(key)?;
@@ -1096,8 +1096,8 @@ impl Host {
             .sum();
         let mut stopped = Instant::now();
         let outcome = (|| -> Result<String> {
-            if evict {
-                running.evict()
+            if hand_off {
+                running.hand_off()
             } else {
                 running.stop()
             }

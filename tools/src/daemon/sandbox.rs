@@ -295,9 +295,10 @@ impl Running {
         self.stop_with(false)
     }
 
-    /// As [`Running::stop`], but cuts a connected VMM off instead of
-    /// waiting for it (a paused VMM that will reconnect elsewhere).
-    pub fn evict(self) -> Result<SandboxRecord> {
+    /// As [`Running::stop`], for a sandbox served elsewhere next: stops
+    /// serving at once; a connected VMM is cut off when it next asks for
+    /// anything (see `BlkServer::park_and_stop`), and reconnects elsewhere.
+    pub fn hand_off(self) -> Result<SandboxRecord> {
         self.stop_with(true)
     }
 
@@ -306,13 +307,13 @@ impl Running {
         self.server.as_ref().is_some_and(BlkServer::vmm_connected)
     }
 
-    fn stop_with(mut self, evict: bool) -> Result<SandboxRecord> {
+    fn stop_with(mut self, hand_off: bool) -> Result<SandboxRecord> {
         if let Some(p) = self.pages.take() {
             p.stop();
         }
         if let Some(s) = self.server.take() {
-            if evict {
-                s.disconnect_and_stop()
+            if hand_off {
+                s.park_and_stop()
             } else {
                 s.stop()
             }

@@ -72,6 +72,12 @@ pub struct BlkBackend {
     /// completes) and has not turned the cache off (CONFIG_WCE).
     cache: Mutex<CacheMode>,
     exits: Mutex<Vec<(EventConsumer, EventNotifier)>>,
+    /// The connection being served, to cut.
+    connection: Mutex<Option<ShutdownHandle>>,
+    /// Serving ended for good while a VMM was connected (see
+    /// [`BlkServer::park_and_stop`]): the VMM's next request or message
+    /// cuts its connection, and nothing is served.
+    parked: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,6 +113,8 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             cache: Mutex::new(CacheMode::default()),
             exits: Mutex::new(Vec::new()),
+            connection: Mutex::new(None),
+            parked: AtomicBool::new(false),
             cfg,
         })
     }
@@ -126,19 +134,23 @@ impl BlkBackend {
         Ok(())
     }
 
-    /// Tells this connection's worker threads to exit, waits for any
-    /// request they are running, and takes guest memory from every queue
-    /// so that a worker that wakes once more runs nothing (a connection cut
-    /// by [`BlkServer::disconnect_and_stop`] may leave kicks unread); then
-    /// makes what was written durable.
+    /// Tells this connection's worker threads to exit, then fences the
+    /// queues.
     fn end_session(&self) {
         for (_, notifier) in lock(&self.exits).iter() {
             let _ = notifier.notify();
         }
+        self.fence();
+    }
+
+    /// Waits for any request the workers are running and takes guest
+    /// memory from every queue, so that a worker that wakes once more runs
+    /// nothing; then makes what was written durable.
+    fn fence(&self) {
         for w in &self.workers {
             lock(w).mem = None;
         }
-        // Whatever ended the connection, what was written stays put.
+        // Whatever ended the serving, what was written stays put.
         if let Some(w) = self.workers.first() {
             if let Err(e) = lock(w).disk.flush() {
                 tracing::error!("flush after disconnect failed: {e}");
@@ -146,9 +158,42 @@ impl BlkBackend {
         }
     }
 
+    /// Ends serving for good but leaves a connected VMM its connection
+    /// until it next asks for anything: QEMU (7.2 at least) handles a
+    /// backend that goes while the VM is paused by never reconnecting, and
+    /// one that goes while the device runs by reconnecting. A paused VMM
+    /// so finds out when it resumes; a running one at its next request.
+    fn park(&self) {
+        self.parked.store(true, Ordering::Release);
+        self.fence();
+    }
+
+    /// Cuts the connection if serving has ended; says whether it had.
+    fn cut_if_parked(&self) -> bool {
+        if !self.parked.load(Ordering::Acquire) {
+            return false;
+        }
+        if let Some(h) = lock(&self.connection).take() {
+            tracing::info!("the VMM of a disk served elsewhere now asked for it: disconnecting it");
+            h.shutdown();
+        }
+        true
+    }
+
+    /// Keeps the new connection's handle; cuts it at once if serving
+    /// ended meanwhile.
+    fn connected(&self, handle: Option<ShutdownHandle>) {
+        *lock(&self.connection) = handle;
+        self.cut_if_parked();
+    }
+
     /// Serves the queue `index` until it has nothing available and stays
     /// empty for the poller's window.
     fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+        if self.cut_if_parked() {
+            // Left in the ring for the backend the VMM reconnects to.
+            return Ok(());
+        }
         let mut worker = lock(&self.workers[index]);
         let Worker {
             disk,
@@ -258,6 +303,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
+        // QEMU's first message when a paused VM resumes.
+        self.cut_if_parked();
         let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
         if !flush {
             tracing::info!("the driver did not negotiate FLUSH: every write is made durable before it completes");
@@ -309,6 +356,9 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        if self.cut_if_parked() {
+            return Err(io::Error::other("this disk is no longer served here"));
+        }
         for w in &self.workers {
             lock(w).mem = Some(mem.clone());
         }
@@ -346,57 +396,21 @@ impl VhostUserBackend for BlkBackend {
 /// Listens on `socket` and serves one VMM connection after another until
 /// the process ends; `ready` runs once the socket accepts connections.
 pub fn serve(socket: &Path, backend: Arc<BlkBackend>, ready: impl FnOnce()) -> io::Result<()> {
-    serve_until(socket, backend, ready, &StopControl::default())
-}
-
-/// How a [`BlkServer`]'s thread is told to stop, and the connection it
-/// serves, to cut.
-#[derive(Default)]
-struct StopControl {
-    /// Take no more connections.
-    stop: AtomicBool,
-    /// Cut the connection being served too.
-    evict: AtomicBool,
-    connection: Mutex<Option<ShutdownHandle>>,
-}
-
-impl StopControl {
-    fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-    }
-
-    /// Keeps the new connection's handle; cuts it at once if an eviction
-    /// was asked for meanwhile.
-    fn connected(&self, handle: Option<ShutdownHandle>) {
-        let mut slot = lock(&self.connection);
-        *slot = handle;
-        if self.evict.load(Ordering::Acquire) {
-            if let Some(h) = slot.as_ref() {
-                h.shutdown();
-            }
-        }
-    }
-
-    fn evict(&self) {
-        self.evict.store(true, Ordering::Release);
-        if let Some(h) = lock(&self.connection).as_ref() {
-            h.shutdown();
-        }
-    }
+    serve_until(socket, backend, ready, &AtomicBool::new(false))
 }
 
 /// As [`serve`], until `stop` is set and the listener woken (a connection
 /// that says nothing, as [`BlkServer::stop`] makes); a VMM connected then
-/// is served until it goes, or until it is evicted.
+/// is served until it goes (or, parked, until it asks for anything).
 fn serve_until(
     socket: &Path,
     backend: Arc<BlkBackend>,
     ready: impl FnOnce(),
-    control: &StopControl,
+    stop: &AtomicBool,
 ) -> io::Result<()> {
     let mut listener = Listener::new(socket, true).map_err(io::Error::other)?;
     ready();
-    while !control.stopping() {
+    while !stop.load(Ordering::Acquire) {
         backend.new_session()?;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("cairn-blk".into(), backend.clone(), mem)
@@ -404,13 +418,13 @@ fn serve_until(
         daemon
             .start(&mut listener)
             .map_err(|e| io::Error::other(e.to_string()))?;
-        control.connected(daemon.shutdown_handle());
-        let woken = control.stopping();
+        backend.connected(daemon.shutdown_handle());
+        let woken = stop.load(Ordering::Acquire);
         if !woken {
             tracing::info!("VMM connected");
         }
         let result = daemon.wait();
-        control.connected(None);
+        backend.connected(None);
         backend.end_session();
         match result {
             _ if woken => {}
@@ -425,7 +439,8 @@ fn serve_until(
 /// A vhost-user-blk socket served on a thread of its own until stopped.
 pub struct BlkServer {
     socket: std::path::PathBuf,
-    control: Arc<StopControl>,
+    backend: Arc<BlkBackend>,
+    stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
 
@@ -433,10 +448,10 @@ impl BlkServer {
     /// Starts serving `backend` on `socket`; returns once the socket
     /// accepts connections.
     pub fn start(socket: &Path, backend: Arc<BlkBackend>) -> io::Result<BlkServer> {
-        let control = Arc::new(StopControl::default());
+        let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = {
-            let (socket, control) = (socket.to_owned(), control.clone());
+            let (socket, stop, backend) = (socket.to_owned(), stop.clone(), backend.clone());
             std::thread::Builder::new()
                 .name("cairn-blk".into())
                 .spawn(move || {
@@ -446,7 +461,7 @@ impl BlkServer {
                         || {
                             let _ = tx.send(());
                         },
-                        &control,
+                        &stop,
                     )
                 })?
         };
@@ -459,7 +474,8 @@ impl BlkServer {
         }
         Ok(BlkServer {
             socket: socket.to_owned(),
-            control,
+            backend,
+            stop,
             thread: Some(thread),
         })
     }
@@ -470,29 +486,37 @@ impl BlkServer {
 
     /// Whether a VMM is connected now.
     pub fn vmm_connected(&self) -> bool {
-        lock(&self.control.connection).is_some()
+        lock(&self.backend.connection).is_some()
     }
 
     /// Stops taking connections and waits for the thread: at once if no
     /// VMM is connected, else when it disconnects.
-    pub fn stop(self) -> io::Result<()> {
-        self.stop_with(false)
+    pub fn stop(mut self) -> io::Result<()> {
+        self.stop.store(true, Ordering::Release);
+        self.join()
     }
 
-    /// Stops at once: a connected VMM is cut off (its requests in flight
-    /// are answered first; those it sends later are left for the backend
-    /// it reconnects to, as after any backend restart). Returns when no
-    /// request can be served here any more and every completed write is
-    /// durable.
-    pub fn disconnect_and_stop(self) -> io::Result<()> {
-        self.stop_with(true)
-    }
-
-    fn stop_with(mut self, evict: bool) -> io::Result<()> {
-        self.control.stop.store(true, Ordering::Release);
-        if evict {
-            self.control.evict();
+    /// Stops serving at once, for a disk that another backend serves
+    /// next: requests in flight are answered, every completed write is
+    /// durable, and none is served after this returns; the socket's path
+    /// is removed. A connected VMM keeps its connection until it asks for
+    /// anything (a paused one, until it resumes), which cuts it: it then
+    /// reconnects, by its path, to the next backend, where what it sent
+    /// meanwhile is served (as after any backend restart).
+    pub fn park_and_stop(mut self) -> io::Result<()> {
+        self.stop.store(true, Ordering::Release);
+        self.backend.park();
+        if self.vmm_connected() {
+            let _ = std::fs::remove_file(&self.socket);
+            // The thread ends with that connection.
+            drop(self.thread.take());
+            return Ok(());
         }
+        // (A VMM that connects meanwhile is cut at once.)
+        self.join()
+    }
+
+    fn join(&mut self) -> io::Result<()> {
         // Wake the accept; it sees the flag once this connection ends.
         drop(std::os::unix::net::UnixStream::connect(&self.socket));
         match self.thread.take().map(|t| t.join()) {
