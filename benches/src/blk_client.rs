@@ -157,6 +157,42 @@ impl Client {
         self.reap(&mut slots)
     }
 
+    /// Sends a write of `data` (at most `MAX_REQUEST` bytes) at `offset`
+    /// without waiting for it: see [`Client::completed_within`].
+    pub fn submit_write(&mut self, offset: u64, data: &[u8]) {
+        assert!(data.len() <= MAX_REQUEST);
+        // SAFETY: slot 0 is `MAX_REQUEST` bytes of the region libblkio
+        // mapped for us, and idle (every request was waited for).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.slot(0), data.len()) };
+        let buf = self.slot(0);
+        self.q()
+            .write(offset, buf, data.len(), 0, ReqFlags::empty());
+    }
+
+    /// Waits up to `timeout` for the request in flight: whether it
+    /// completed (a backend that stopped answering leaves it in flight).
+    pub fn completed_within(&mut self, timeout: Duration) -> Result<bool> {
+        let mut done = [const { MaybeUninit::<Completion>::uninit() }; 1];
+        let mut left = timeout;
+        match self.q().do_io(&mut done, 1, Some(&mut left), None) {
+            Ok(0) => Ok(false),
+            Ok(_) => {
+                // SAFETY: do_io initialised the first completion.
+                let c = unsafe { done[0].assume_init_read() };
+                if c.ret != 0 {
+                    return Err(RequestFailed {
+                        slot: c.user_data,
+                        ret: c.ret,
+                    }
+                    .into());
+                }
+                Ok(true)
+            }
+            Err(e) if e.errno() == blkio::Errno::TIME => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Reads `len` bytes at `offset`.
     pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let buf = self.slot(0);

@@ -243,6 +243,37 @@ fn sandbox_bench_fleet_runs() {
 }
 
 #[test]
+fn sandbox_bench_migration_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("migrate.json");
+    let printed = run(
+        env!("CARGO_BIN_EXE_sandbox-bench"),
+        &[
+            "--migrate",
+            "4M",
+            "--migrate-rounds",
+            "2",
+            "--work",
+            arg(&dir.path().join("work")),
+            "--json-out",
+            arg(&out),
+        ],
+    );
+    assert!(
+        printed.contains("migration to a second daemon"),
+        "{printed}"
+    );
+    let rows = json(&out)["migrate"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), 2, "pre-copy and stop-and-copy");
+    for r in &rows {
+        assert_eq!(r["runs"].as_array().unwrap().len(), 2, "{r}");
+        assert!(r["client_gap_s"]["p50"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_eq!(rows[1]["mode"], "stop-and-copy");
+    assert!(rows[1]["delta_bytes"]["p50"].as_f64().unwrap() >= (4 << 20) as f64);
+}
+
+#[test]
 fn sandbox_bench_runs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("sandbox.json");

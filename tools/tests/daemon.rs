@@ -943,6 +943,14 @@ fn a_running_sandbox_migrates_to_another_daemon_and_back_with_every_flushed_writ
         env.json(&["snapshot", "describe", r["snapshot"].as_str().unwrap()])["state"],
         "completed"
     );
+    // The pre-copy round's snapshot was a step: gone from the catalog.
+    let ids: Vec<Value> = env.json(&["snapshot", "ls"])["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].clone())
+        .collect();
+    assert_eq!(ids, [r["snapshot"].clone()], "{r}");
 
     // B serves the disk as it was; it writes, and the sandbox goes back to
     // A with no pre-copy: the switch's delta carries B's write.

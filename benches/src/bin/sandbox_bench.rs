@@ -20,6 +20,14 @@
 //!    open files and idle CPU with that many idle sandboxes, and the rate
 //!    of create plus first served 4 KiB read through the API.
 //!
+//! 6. `--migrate 64M,1G`, run on its own: a named sandbox with that much
+//!    written moves to a second daemon on the same store while a client
+//!    keeps writing 4 KiB a millisecond, with pre-copy (the default) and
+//!    without (`max_rounds` 0: everything is uploaded in the switch, as a
+//!    suspend and resume would): the time it is not served, as the daemon
+//!    reports it and as the client sees it (its last write answered by
+//!    the first daemon to its first answered by the second).
+//!
 //! Nothing here asserts timings. `benches/run-sandbox-bench.sh` runs it;
 //! see the README's "Sandbox benchmark".
 
@@ -93,6 +101,12 @@ struct Args {
     /// Run only part 5 (fleet) at these sandbox counts, e.g. 1,100,1000.
     #[arg(long, value_delimiter = ',')]
     fleet: Vec<usize>,
+    /// Run only part 6 (migration) with these sizes written, e.g. 64M,1G.
+    #[arg(long, value_delimiter = ',')]
+    migrate: Vec<String>,
+    /// Migrations per size and mode in part 6.
+    #[arg(long, default_value_t = 3)]
+    migrate_rounds: usize,
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -334,14 +348,21 @@ impl Env {
     }
 
     fn daemon(&self) -> Result<Daemon> {
-        let socket = self.runtime.path().join("daemon.sock");
-        let log = std::fs::File::create(self.path("daemon.log"))?;
-        let mut child = self
-            .cairn()
+        self.daemon_as("daemon", "state", "cache")
+    }
+
+    /// A daemon whose socket is `tag.sock`, log `tag.log`, with its own
+    /// state directory and cache: another host on the store.
+    fn daemon_as(&self, tag: &str, state: &str, cache: &str) -> Result<Daemon> {
+        let socket = self.runtime.path().join(format!("{tag}.sock"));
+        let log = std::fs::File::create(self.path(&format!("{tag}.log")))?;
+        let mut child = Command::new(&self.cairn)
+            .args(["--store", &self.store, "--cache-dir"])
+            .arg(self.path(cache))
             .args(["--json", "daemon", "--socket"])
             .arg(&socket)
             .arg("--state-dir")
-            .arg(self.path("state"))
+            .arg(self.path(state))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -351,7 +372,7 @@ impl Env {
         let ready: Value = serde_json::from_str(&line).with_context(|| {
             format!(
                 "the daemon's ready line is not JSON: {line:?} (see {})",
-                self.path("daemon.log").display()
+                self.path(&format!("{tag}.log")).display()
             )
         })?;
         ensure!(ready["ready"] == true, "daemon not ready: {line}");
@@ -1052,6 +1073,197 @@ fn print_fleet(fleet: &Value) {
     println!("  targets: <= 1024 KiB per idle sandbox, >= 500 creates + first reads /s, threads bounded by the cores");
 }
 
+// --------------------------------------------------- part 6: migration
+
+/// What the writing client saw of a migration.
+struct ClientSide {
+    /// From its last write answered by the first daemon to its first
+    /// answered by the second.
+    gap_s: f64,
+    writes: u64,
+}
+
+/// A client writing 4 KiB a millisecond at random into `[at, at + len)`
+/// until `stop`; when its daemon stops answering, it waits for the next
+/// daemon's disk socket on `next`, connects there and writes on.
+fn keep_writing(
+    mut c: Client,
+    at: u64,
+    len: u64,
+    next: mpsc::Receiver<PathBuf>,
+    stop: Arc<AtomicBool>,
+) -> Result<ClientSide> {
+    let mut rng = fastrand::Rng::with_seed(6);
+    let buf = pattern(66);
+    let (mut last_ok, mut gap, mut writes) = (Instant::now(), None, 0);
+    while !stop.load(Ordering::Acquire) {
+        let off = at + rng.u64(..len / 4096) * 4096;
+        c.submit_write(off, &buf[..4096]);
+        while !c.completed_within(Duration::from_millis(2))? {
+            // Unanswered: cut off, or slow. A cut-off client moves on
+            // once the next daemon serves the disk.
+            if let Ok(socket) = next.try_recv() {
+                c = loop {
+                    match Client::connect(&socket) {
+                        Ok(n) => break n,
+                        Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                    }
+                };
+                c.write(off, &buf[..4096])?;
+                gap = Some(last_ok.elapsed().as_secs_f64());
+                break;
+            }
+        }
+        last_ok = Instant::now();
+        writes += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(ClientSide {
+        gap_s: gap.context("the client was never cut off")?,
+        writes,
+    })
+}
+
+/// One migration of a named sandbox with `written` bytes from daemon `a`
+/// to the daemon on `to`, pre-copy rounds at most `max_rounds`, while a
+/// client writes past `written`; checks the bytes on the other side.
+fn migrate_once(
+    a: &mut Api,
+    b: &mut Api,
+    to: &Path,
+    image: &str,
+    written: u64,
+    max_rounds: u32,
+    seed: u64,
+) -> Result<Value> {
+    let name = format!("bench-migrate-{seed}-{:08x}", fastrand::u32(..));
+    let sb = a.create(image, Some(&name))?;
+    let mut c = Client::connect(&disk_socket(&sb))?;
+    // Every MiB its own random bytes: nothing the store already holds,
+    // nothing that compresses, as a guest's fresh data.
+    let mib = |at: u64| pattern((seed << 20) | (at / MIB));
+    let mut at = 0;
+    while at < written {
+        let n = MIB.min(written - at) as usize;
+        c.write(at, &mib(at)[..n])?;
+        at += n as u64;
+    }
+    c.flush()?;
+    let (tx, rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || keep_writing(c, written, 64 * MIB, rx, stop))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let report = a.ok(
+        "POST",
+        &format!("/v1/sandboxes/{name}/migrate"),
+        Some(&json!({ "to": to, "max_rounds": max_rounds })),
+    )?;
+    let call_s = t.elapsed().as_secs_f64();
+    tx.send(disk_socket(&report["sandbox"]))?;
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Release);
+    let seen = writer.join().expect("the writing client")?;
+    let mut c = Client::connect(&disk_socket(&report["sandbox"]))?;
+    for at in [0, written.saturating_sub(MIB)] {
+        let n = MIB.min(written) as usize;
+        ensure!(
+            c.read(at, n)? == mib(at)[..n],
+            "the migrated disk reads other bytes at {at}"
+        );
+    }
+    drop(c);
+    b.remove(&name)?;
+    let rounds = report["rounds"].as_array().cloned().unwrap_or_default();
+    Ok(json!({
+        "written": written,
+        "max_rounds": max_rounds,
+        "rounds": rounds.len(),
+        "precopy_bytes": rounds.iter().filter_map(|r| r["bytes"].as_u64()).sum::<u64>(),
+        "delta_bytes": report["delta_bytes"],
+        "switch_s": report["switch_secs"],
+        "unserved_s": report["unserved_secs"],
+        "client_gap_s": seen.gap_s,
+        "client_writes": seen.writes,
+        "call_s": call_s,
+    }))
+}
+
+fn part_migrate(env: &Env, image: &str, sizes: &[u64], rounds: usize) -> Result<Value> {
+    let a = env.daemon_as("daemon-a", "state-a", "cache-a")?;
+    let b = env.daemon_as("daemon-b", "state-b", "cache-b")?;
+    let (mut api_a, mut api_b) = (Api::new(&a.socket), Api::new(&b.socket));
+    let mut out = Vec::new();
+    let mut seed = 60;
+    for &w in sizes {
+        for (mode, max_rounds) in [("pre-copy", 4), ("stop-and-copy", 0)] {
+            eprintln!("part 6: migration, {} written, {mode}", label(w));
+            let mut runs = Vec::new();
+            for r in 0..rounds {
+                // Alternate the direction: each run starts where the last
+                // one's daemon is idle again.
+                let (from, to, sock) = if r % 2 == 0 {
+                    (&mut api_a, &mut api_b, &b.socket)
+                } else {
+                    (&mut api_b, &mut api_a, &a.socket)
+                };
+                seed += 1;
+                runs.push(migrate_once(from, to, sock, image, w, max_rounds, seed)?);
+            }
+            let pick =
+                |k: &str| -> Vec<f64> { runs.iter().filter_map(|v| v[k].as_f64()).collect() };
+            out.push(json!({
+                "written": w,
+                "mode": mode,
+                "unserved_s": stats(&pick("unserved_s")),
+                "client_gap_s": stats(&pick("client_gap_s")),
+                "switch_s": stats(&pick("switch_s")),
+                "delta_bytes": stats(&pick("delta_bytes")),
+                "precopy_bytes": stats(&pick("precopy_bytes")),
+                "runs": runs,
+            }));
+        }
+    }
+    Ok(Value::Array(out))
+}
+
+fn print_migrate(rows: &Value) {
+    println!("\n== 6. migration to a second daemon on the store, a client writing 4 KiB/ms");
+    let mut t = Table::new(&[
+        "written",
+        "mode",
+        "pre-copied MiB",
+        "last delta MiB",
+        "unserved ms (daemon)",
+        "unserved ms (client)",
+        "vs stop-and-copy",
+    ]);
+    let rows = rows.as_array().cloned().unwrap_or_default();
+    let med = |r: &Value, k: &str| r[k]["p50"].as_f64().unwrap_or(0.0);
+    for r in &rows {
+        let base = rows
+            .iter()
+            .find(|o| o["written"] == r["written"] && o["mode"] == "stop-and-copy")
+            .map_or(0.0, |o| med(o, "client_gap_s"));
+        t.row(vec![
+            label(r["written"].as_u64().unwrap_or(0)),
+            r["mode"].as_str().unwrap_or("-").to_owned(),
+            format!("{:.1}", med(r, "precopy_bytes") / MIB as f64),
+            format!("{:.2}", med(r, "delta_bytes") / MIB as f64),
+            ms(med(r, "unserved_s")),
+            ms(med(r, "client_gap_s")),
+            format!("{:.2}x", med(r, "client_gap_s") / base),
+        ]);
+    }
+    t.print();
+    println!(
+        "  medians; target: unserved < 1 s plus the upload of what was written in the last second"
+    );
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let written = parse_size(&args.written)?;
@@ -1088,6 +1300,38 @@ fn main() -> Result<()> {
     };
     let before = machine_state();
     let started = Instant::now();
+    if !args.migrate.is_empty() {
+        let sizes: Vec<u64> = args
+            .migrate
+            .iter()
+            .map(|s| parse_size(s))
+            .collect::<Result<_>>()?;
+        let top = sizes.iter().copied().max().unwrap_or(0);
+        let raw = env.path("migrate.raw");
+        make_sparse_image(&raw, (top + 64 * MIB).div_ceil(GIB) * GIB + GIB)?;
+        env.run(&[
+            "image",
+            "import-raw",
+            "--name",
+            "migrate",
+            raw.to_str().unwrap(),
+        ])?;
+        let rows = part_migrate(&env, "migrate", &sizes, args.migrate_rounds)?;
+        print_migrate(&rows);
+        let report = json!({
+            "command": std::env::args().collect::<Vec<_>>(),
+            "store": env.store,
+            "machine_before": before,
+            "machine_after": machine_state(),
+            "migrate": rows,
+        });
+        if let Some(d) = args.json_out.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(&args.json_out, serde_json::to_vec_pretty(&report)?)?;
+        println!("  JSON: {}", args.json_out.display());
+        return Ok(());
+    }
     if !args.fleet.is_empty() {
         let raw = env.path("fleet.raw");
         make_sparse_image(&raw, GIB)?;

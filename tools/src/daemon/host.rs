@@ -187,8 +187,7 @@ struct Inner {
 pub struct Switched {
     /// The catalog's record: suspended, with its snapshot.
     pub record: catalog::sandbox::SandboxRecord,
-    /// When this host stopped serving the disk (any VMM cut off, every
-    /// answered write durable).
+    /// When this host stopped serving the disk.
     pub stopped: Instant,
     /// Bytes the last delta held: written since the last pre-copy round.
     pub delta_bytes: u64,
@@ -1094,7 +1093,9 @@ impl Host {
             .filter(|l| !l.is_frozen())
             .map(|l| l.dirty_count() * BLOCK)
             .sum();
-        let mut stopped = Instant::now();
+        // Serving ends as the stop begins (the flush that follows is part
+        // of the time unserved).
+        let stopped = Instant::now();
         let outcome = (|| -> Result<String> {
             if hand_off {
                 running.hand_off()
@@ -1102,7 +1103,6 @@ impl Host {
                 running.stop()
             }
             .context("stopping the sandbox")?;
-            stopped = Instant::now();
             let layers = disk.layers();
             for l in &layers {
                 if !l.is_frozen() {

@@ -36,7 +36,9 @@ pub struct MigrateRequest {
     pub machine: MachineInput,
 }
 
-/// One pre-copy round: a snapshot uploaded while the sandbox ran.
+/// One pre-copy round: a snapshot uploaded while the sandbox ran (removed
+/// from the catalog once the switch's snapshot, which holds the whole
+/// disk, is resumed elsewhere).
 #[derive(Debug, Clone, Serialize)]
 pub struct Round {
     pub snapshot: String,
@@ -153,6 +155,7 @@ pub fn migrate(host: &Host, key: &str, req: MigrateRequest) -> Result<MigrationR
     };
     let unserved = switched.stopped.elapsed();
     let generation = sandbox_generation(host, &view.project, &name)?;
+    forget_rounds(host, &view.project, &rounds);
     Ok(MigrationReport {
         name,
         project: view.project,
@@ -167,6 +170,28 @@ pub fn migrate(host: &Host, key: &str, req: MigrateRequest) -> Result<MigrationR
         unserved_secs: unserved.as_secs_f64(),
         sandbox,
     })
+}
+
+/// Removes the pre-copy rounds' snapshots from the catalog: each was a
+/// step towards the switch's, which holds the whole disk (their data goes
+/// at the next garbage collection, unless shared). A failure is logged.
+fn forget_rounds(host: &Host, project: &str, rounds: &[Round]) {
+    let store = host.store();
+    let remote = store.remote().clone();
+    for r in rounds {
+        let removed = store
+            .runtime()
+            .block_on(cairn_engine::catalog::snapshot::remove(
+                remote.as_ref(),
+                project,
+                &r.snapshot,
+                false,
+                host.host_id(),
+            ));
+        if let Err(e) = removed {
+            tracing::warn!(snapshot = %r.snapshot, error = %e, "cannot remove a pre-copy snapshot; remove it with `cairn snapshot rm`");
+        }
+    }
 }
 
 /// The catalog's generation of named sandbox `name`.
