@@ -958,6 +958,10 @@ fn a_running_sandbox_migrates_to_another_daemon_and_back_with_every_flushed_writ
     assert!(whole(&mut cb, env.image.len()) == model, "B serves alpha");
     put(&mut cb, &mut model, 5 * MIB, 512 << 10, 0x43);
     cb.flush().unwrap();
+    // With the VM's memory, served on A by a page server.
+    let memory: Vec<u8> = (0..MIB).map(|i| (i * 7 % 251) as u8).collect();
+    let mem = env.path("vm.mem");
+    std::fs::write(&mem, &memory).unwrap();
     let back = sandbox_via(
         env.cairn_b(),
         &[
@@ -967,8 +971,11 @@ fn a_running_sandbox_migrates_to_another_daemon_and_back_with_every_flushed_writ
             socket_a.to_str().unwrap(),
             "--max-rounds",
             "0",
+            "--memory",
+            mem.to_str().unwrap(),
         ],
     );
+    assert_memory_served(&back["sandbox"], &memory);
     drop(cb);
     assert_eq!(back["generation"], 3, "{back}");
     assert_eq!(back["rounds"].as_array().unwrap().len(), 0, "{back}");
