@@ -405,6 +405,14 @@ pub struct DaemonArgs {
     #[arg(long, env = "CAIRN_UPLOAD_TIMEOUT", default_value_t = 900,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub upload_timeout: u64,
+    /// A shell command run before a sandbox is suspended for idling (see
+    /// `sandbox create --idle-suspend`), with CAIRN_SANDBOX, CAIRN_PROJECT,
+    /// CAIRN_DISK_SOCKET (and CAIRN_MEMORY_SOCKET) set: it may pause the
+    /// VMM and have it write its memory and state, and print
+    /// `{"memory": PATH, "vm_state": PATH}` for the suspend to take them.
+    /// If it fails, the sandbox runs on (tried again 30 s later).
+    #[arg(long, env = "CAIRN_IDLE_HOOK")]
+    pub idle_hook: Option<String>,
 }
 
 /// A VMM's memory file and VM-state blob, taken with a snapshot, clone or
@@ -443,6 +451,12 @@ pub enum SandboxCommand {
         /// Queues of its virtio-blk device.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
         queues: u16,
+        /// Suspend it after this long without a disk request (e.g. 5m; the
+        /// daemon's --idle-hook runs first); the next request for it (an
+        /// API call naming it, or a VMM connecting to its disk socket)
+        /// resumes it there. Named sandboxes only.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "name")]
+        idle_suspend: Option<std::time::Duration>,
     },
     /// Snapshot a running sandbox's disk as it is now (one FLUSH); the
     /// upload runs in the background: `cairn snapshot describe ID` shows

@@ -1042,3 +1042,103 @@ fn a_snapshot_upload_is_fenced_once_another_host_takes_the_sandbox_over() {
     );
     daemon.signal("-TERM");
 }
+
+/// Connects to the disk socket at `socket`, trying for up to 20 s (a
+/// sandbox suspended for idling is resumed by the first try, which is
+/// turned away); the time it took.
+fn connect_resuming(socket: &Path) -> (Client, std::time::Duration) {
+    let t = std::time::Instant::now();
+    loop {
+        match Client::connect(socket) {
+            Ok(c) => return (c, t.elapsed()),
+            Err(e) => assert!(
+                t.elapsed() < std::time::Duration::from_secs(20),
+                "{} never served again: {e:#}",
+                socket.display()
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Waits (up to 20 s) until the daemon no longer serves `name`.
+fn until_dozing(env: &Env, name: &str) {
+    let t = std::time::Instant::now();
+    while env.sandbox(&["ls"]).to_string().contains(name) {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{name} was not suspended for idling"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_idle_sandbox_is_suspended_and_resumed_by_its_vmm_or_an_api_call() {
+    let env = Env::new();
+    // The hook "pauses the VMM and has it write its memory": it records
+    // the call and names a memory file.
+    let memory: Vec<u8> = (0..MIB).map(|i| (i * 13 % 241) as u8).collect();
+    let mem = env.path("idle.mem");
+    std::fs::write(&mem, &memory).unwrap();
+    let calls = env.path("hook-calls");
+    let hook = format!(
+        "echo \"$CAIRN_SANDBOX $CAIRN_DISK_SOCKET\" >>{}; printf '{{\"memory\": \"{}\"}}'",
+        calls.display(),
+        mem.display()
+    );
+    let (daemon, _) = env.daemon_with(&[("CAIRN_IDLE_HOOK", hook.as_str())]);
+    let s = env.sandbox(&[
+        "create",
+        "sleepy",
+        "--image",
+        "base",
+        "--idle-suspend",
+        "2s",
+    ]);
+    assert_eq!(s["idle_suspend_ms"], 2000, "{s}");
+    let socket = Path::new(s["disk_socket"].as_str().unwrap()).to_owned();
+    let mut c = connect(&s);
+    let mut model = env.image.clone();
+    put(&mut c, &mut model, 3 * MIB, 8192, 0x5a);
+    c.flush().unwrap();
+    drop(c);
+
+    // Idle for two seconds: the hook runs, the sandbox is suspended.
+    until_dozing(&env, "sleepy");
+    let called = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(called.trim(), format!("sleepy {}", socket.display()));
+
+    // A VMM connecting to the same socket path resumes it there, with
+    // its disk and the memory the hook named.
+    let (mut c, took) = connect_resuming(&socket);
+    println!("idle suspend to first connection served: {took:?}");
+    assert!(
+        whole(&mut c, env.image.len()) == model,
+        "the disk after waking"
+    );
+    put(&mut c, &mut model, 9 * MIB, 4096, 0x5b);
+    c.flush().unwrap();
+    drop(c);
+    let woken = env.sandbox(&["describe", "sleepy"]);
+    assert_eq!(woken["disk_socket"], s["disk_socket"], "{woken}");
+    assert_eq!(woken["idle_suspend_ms"], 2000, "kept across the wake");
+    assert_memory_served(&woken, &memory);
+
+    // Idle again; this time an API call wakes it.
+    until_dozing(&env, "sleepy");
+    let again = env.sandbox(&["describe", "sleepy"]);
+    assert_eq!(again["state"], "running", "{again}");
+    let mut c = connect(&again);
+    assert!(
+        whole(&mut c, env.image.len()) == model,
+        "the disk after the API wake"
+    );
+    drop(c);
+    // (At least: a slow machine may let it idle out once more between
+    // two steps.)
+    let m = http_get(&env.socket(), "/metrics");
+    assert!(metric(&m, "cairn_idle_total{event=\"suspend\"}") >= 2.0, "{m}");
+    assert!(metric(&m, "cairn_idle_total{event=\"wake\"}") >= 2.0, "{m}");
+    daemon.signal("-TERM");
+}

@@ -78,6 +78,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     metrics_addr: args.metrics_addr,
                     kill_vmm: !args.no_kill_vmm,
                     upload_timeout: std::time::Duration::from_secs(args.upload_timeout),
+                    idle_hook: args.idle_hook.clone(),
                 },
             )
         }

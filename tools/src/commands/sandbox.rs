@@ -25,6 +25,7 @@ pub fn run(g: &Global, cmd: &SandboxCommand) -> Result<ExitCode> {
             image,
             snapshot,
             queues,
+            idle_suspend,
         } => client.call(
             Method::POST,
             "/v1/sandboxes",
@@ -33,7 +34,8 @@ pub fn run(g: &Global, cmd: &SandboxCommand) -> Result<ExitCode> {
                 "image": image,
                 "snapshot": snapshot,
                 "queues": queues,
-                "project": g.project
+                "project": g.project,
+                "idle_suspend_ms": idle_suspend.map(|d| d.as_millis() as u64),
             })),
         )?,
         SandboxCommand::Fork {

@@ -117,6 +117,7 @@ struct Health {
 
 // Handlers that read the host take its lock, which a thread waiting on
 // this runtime may hold: they run on blocking threads, never on a worker.
+// A call naming a sandbox this host suspended for idling resumes it first.
 
 async fn health(State(api): State<Api>) -> ApiResult<Json<Health>> {
     let sandboxes = blocking(&api, "health", |h| Ok(h.list().len())).await?;
@@ -144,12 +145,20 @@ async fn list(State(api): State<Api>) -> ApiResult<Json<serde_json::Value>> {
 
 async fn describe(State(api): State<Api>, Path(key): Path<String>) -> ApiResult<impl IntoResponse> {
     Ok(Json(
-        blocking(&api, "describe", move |h| h.get(&key)).await?,
+        blocking(&api, "describe", move |h| {
+            h.wake(&key)?;
+            h.get(&key)
+        })
+        .await?,
     ))
 }
 
 async fn remove(State(api): State<Api>, Path(key): Path<String>) -> ApiResult<StatusCode> {
-    blocking(&api, "remove", move |h| h.remove(&key)).await?;
+    blocking(&api, "remove", move |h| {
+        h.wake(&key)?;
+        h.remove(&key)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -158,7 +167,11 @@ async fn clone_sandbox(
     Path(key): Path<String>,
     Json(req): Json<CloneRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    let view = blocking(&api, "clone", move |h| h.clone_sandbox(&key, req)).await?;
+    let view = blocking(&api, "clone", move |h| {
+        h.wake(&key)?;
+        h.clone_sandbox(&key, req)
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -173,7 +186,11 @@ async fn snapshot(
     body: Option<Json<MachineInput>>,
 ) -> ApiResult<impl IntoResponse> {
     let input = machine(body);
-    let rec = blocking(&api, "snapshot", move |h| h.snapshot(&key, input)).await?;
+    let rec = blocking(&api, "snapshot", move |h| {
+        h.wake(&key)?;
+        h.snapshot(&key, input)
+    })
+    .await?;
     Ok((StatusCode::ACCEPTED, Json(rec)))
 }
 
@@ -195,7 +212,11 @@ async fn suspend(
     body: Option<Json<MachineInput>>,
 ) -> ApiResult<impl IntoResponse> {
     let input = machine(body);
-    let rec = blocking(&api, "suspend", move |h| h.suspend(&key, input)).await?;
+    let rec = blocking(&api, "suspend", move |h| {
+        h.wake(&key)?;
+        h.suspend(&key, input)
+    })
+    .await?;
     Ok(Json(rec))
 }
 
@@ -218,6 +239,7 @@ async fn migrate_out(
 ) -> ApiResult<impl IntoResponse> {
     let metrics = api.metrics.clone();
     let report = blocking(&api, "migrate", move |h| {
+        h.wake(&key)?;
         let report = migrate::migrate(h, &key, req);
         metrics.observe_migration(report.as_ref().ok());
         report

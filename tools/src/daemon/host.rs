@@ -59,6 +59,8 @@ pub struct SandboxView {
     pub layers: usize,
     /// Queues of its virtio-blk device.
     pub queues: u16,
+    /// Its idle time-out, if it is suspended when idle.
+    pub idle_suspend_ms: Option<u64>,
     /// Bytes its live layer holds (written since its last snapshot).
     pub bytes_written: u64,
     pub cloned_from: Option<String>,
@@ -86,6 +88,7 @@ impl SandboxView {
             vm_state: r.vm_state_path.clone(),
             layers: rec.layers.len(),
             queues: rec.queues,
+            idle_suspend_ms: rec.idle_suspend_ms,
             bytes_written: r.disk.live().dirty_count() * BLOCK,
             cloned_from: rec.cloned_from.clone(),
             snapshot: rec.snapshot.clone(),
@@ -107,6 +110,20 @@ pub struct CreateRequest {
     pub project: String,
     #[serde(default = "one")]
     pub queues: u16,
+    /// Suspend it after this many milliseconds without a disk request
+    /// (named sandboxes only); the next request for it resumes it.
+    #[serde(default)]
+    pub idle_suspend_ms: Option<u64>,
+    /// What a sandbox resumed after idling keeps of itself.
+    #[serde(skip)]
+    pub kept: Kept,
+}
+
+/// What a sandbox suspended for idling keeps across its resume: its local
+/// id (so its disk socket's path) and its idle time-out.
+#[derive(Debug, Clone, Default)]
+pub struct Kept {
+    pub id: Option<String>,
 }
 
 fn default_project() -> String {
@@ -193,6 +210,17 @@ pub struct Switched {
     pub delta_bytes: u64,
 }
 
+/// A sandbox this host suspended for idling, resumed at the next request
+/// for it: an API call naming it, or a VMM connecting to its disk socket
+/// (a doorbell listens there meanwhile).
+pub struct Dozing {
+    pub id: String,
+    pub project: String,
+    pub queues: u16,
+    pub idle_suspend_ms: Option<u64>,
+    pub doorbell: Option<super::idle::Doorbell>,
+}
+
 /// Layers that snapshots being uploaded stand on, by snapshot id: kept
 /// until their upload ends, whatever happens to their sandbox.
 type Uploading = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
@@ -212,6 +240,10 @@ pub struct Host {
     upload_timeout: Duration,
     /// Manifests loaded, by id (at most [`MANIFESTS_KEPT`]).
     manifests: Mutex<HashMap<ManifestId, Arc<Manifest>>>,
+    /// Sandboxes suspended for idling, by name.
+    dozing: Mutex<BTreeMap<String, Dozing>>,
+    idle_suspends: std::sync::atomic::AtomicU64,
+    idle_wakes: std::sync::atomic::AtomicU64,
 }
 
 /// Manifests the daemon keeps loaded; past that, it starts over.
@@ -307,6 +339,9 @@ impl Host {
             pages,
             upload_timeout,
             manifests: Mutex::default(),
+            dozing: Mutex::default(),
+            idle_suspends: Default::default(),
+            idle_wakes: Default::default(),
         })
     }
 
@@ -945,6 +980,11 @@ impl Host {
 
     /// A new sandbox from an image (name or id) or a completed snapshot.
     pub fn create(&self, req: CreateRequest) -> Result<SandboxView> {
+        if req.idle_suspend_ms.is_some() && req.name.is_none() {
+            bail!(Refusal::BadRequest(
+                "only a named sandbox can be suspended when idle (an unnamed one has no place in the catalog to resume from)".into()
+            ));
+        }
         if req.queues == 0 || req.queues > 16 {
             bail!(Refusal::BadRequest(format!(
                 "queues must be 1 to 16, not {}",
@@ -1241,11 +1281,93 @@ impl Host {
         &self.host_id
     }
 
+    /// Named sandboxes idle for at least their idle time-out.
+    pub fn idle_sandboxes(&self) -> Vec<SandboxView> {
+        let inner = self.lock();
+        inner
+            .sandboxes
+            .values()
+            .filter(|r| {
+                r.record.idle_suspend_ms.is_some_and(|ms| {
+                    r.record.name.is_some() && r.idle_for() >= Duration::from_millis(ms)
+                })
+            })
+            .map(SandboxView::of)
+            .collect()
+    }
+
+    /// Suspends named sandbox `name` for idling, as `suspend` does (a
+    /// connected VMM is cut off when it next asks for anything), and
+    /// keeps a doorbell on its disk socket's path: a VMM connecting there
+    /// rings `wake`.
+    pub fn doze(
+        &self,
+        name: &str,
+        input: MachineInput,
+        wake: std::sync::mpsc::Sender<String>,
+    ) -> Result<()> {
+        let record = self.get_record(name)?;
+        let socket = self.disk_socket(&record.id);
+        self.suspend_with(name, input, true)?;
+        let doorbell = super::idle::Doorbell::ring(&socket, name, wake)
+            .map_err(|e| tracing::warn!(sandbox = %name, error = %format!("{e:#}"), "no doorbell on the disk socket: only an API call resumes it"))
+            .ok();
+        self.idle_suspends
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dozing_map().insert(
+            name.to_owned(),
+            Dozing {
+                id: record.id,
+                project: record.project,
+                queues: record.queues,
+                idle_suspend_ms: record.idle_suspend_ms,
+                doorbell,
+            },
+        );
+        Ok(())
+    }
+
+    fn dozing_map(&self) -> MutexGuard<'_, BTreeMap<String, Dozing>> {
+        self.dozing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resumes `key` if it is a sandbox this host suspended for idling
+    /// (its disk socket at the same path); None if it is not one.
+    pub fn wake(&self, key: &str) -> Result<Option<SandboxView>> {
+        let Some(mut doze) = self.dozing_map().remove(key) else {
+            return Ok(None);
+        };
+        if let Some(bell) = doze.doorbell.take() {
+            bell.silence();
+        }
+        let (project, queues) = (doze.project.clone(), doze.queues);
+        let view = self.resume_as(key, &project, queues, Some(doze))?;
+        self.idle_wakes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(view))
+    }
+
     /// Resumes a suspended named sandbox on this host (the one that
     /// suspended it or another sharing the store): takes it over in the
     /// catalog (the next generation fences any earlier owner) and serves a
     /// disk from its suspend snapshot.
     pub fn resume(&self, name: &str, project: &str, queues: u16) -> Result<SandboxView> {
+        if let Some(v) = self.wake(name)? {
+            return Ok(v);
+        }
+        self.resume_as(name, project, queues, None)
+    }
+
+    /// [`Host::resume`]; a sandbox that was suspended here for idling
+    /// (`doze`) keeps its local id, so its disk socket's path, and its
+    /// idle time-out.
+    fn resume_as(
+        &self,
+        name: &str,
+        project: &str,
+        queues: u16,
+        doze: Option<Dozing>,
+    ) -> Result<SandboxView> {
         catalog::check_project(project)?;
         let remote = self.store.remote().clone();
         let rt = self.store.runtime();
@@ -1261,7 +1383,7 @@ impl Host {
         ));
         let served = taken.map_err(anyhow::Error::from).and_then(|taken| {
             claims::crash_after_claim_for_tests();
-            self.serve_taken(&mut inner, name, project, queues, taken)
+            self.serve_taken(&mut inner, name, project, queues, taken, doze)
         });
         self.claims.settle(&claim);
         served
@@ -1276,6 +1398,7 @@ impl Host {
         project: &str,
         queues: u16,
         taken: catalog::sandbox::SandboxRecord,
+        doze: Option<Dozing>,
     ) -> Result<SandboxView> {
         let snapshot = taken
             .snapshot
@@ -1287,6 +1410,10 @@ impl Host {
             snapshot: Some(snapshot),
             project: project.to_owned(),
             queues,
+            idle_suspend_ms: doze.as_ref().and_then(|d| d.idle_suspend_ms),
+            kept: Kept {
+                id: doze.map(|d| d.id),
+            },
         };
         let served = self
             .source(&req)
@@ -1310,7 +1437,7 @@ impl Host {
         let manifest = self.load_manifest(&source.base)?;
         let (layer_id, layer) = inner.layers.create(&source.base, manifest.logical_size);
         let record = SandboxRecord {
-            id: new_id(),
+            id: req.kept.id.unwrap_or_else(new_id),
             name: req.name,
             project: req.project,
             image: source.image.to_hex(),
@@ -1325,6 +1452,7 @@ impl Host {
             memory: source.memory.map(|m| m.to_hex()),
             vm_state: source.vm_state,
             memory_parent: None,
+            idle_suspend_ms: req.idle_suspend_ms,
         };
         self.save_new(&record)?;
         let disk = Disk::open(manifest, self.store.clone(), vec![layer])?;
@@ -1359,6 +1487,8 @@ impl Host {
                 snapshot: Some(snapshot.to_owned()),
                 project: req.project.clone(),
                 queues: req.queues,
+                idle_suspend_ms: None,
+                kept: Kept::default(),
             };
             match self.create(one) {
                 Ok(v) => made.push(v),
@@ -1492,6 +1622,7 @@ impl Host {
                 .chain([clone_layer_id])
                 .collect(),
             cloned_from: Some(src_id),
+            idle_suspend_ms: None,
             snapshot: src_record.snapshot.clone(),
             generation,
             queues: src_record.queues,
@@ -1585,5 +1716,21 @@ impl Host {
         if let Err(e) = self.records.write_all() {
             tracing::warn!(error = %format!("{e:#}"), "writing the sandbox records at shutdown failed");
         }
+        // Sandboxes suspended for idling stay suspended (resumed by an API
+        // call on any host, as any suspended one).
+        for (_, mut d) in std::mem::take(&mut *self.dozing_map()) {
+            if let Some(bell) = d.doorbell.take() {
+                bell.silence();
+            }
+        }
+    }
+
+    /// Sandboxes suspended for idling so far, and woken.
+    pub fn idle_counts(&self) -> (u64, u64) {
+        (
+            self.idle_suspends
+                .load(std::sync::atomic::Ordering::Relaxed),
+            self.idle_wakes.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 }

@@ -43,6 +43,12 @@ pub struct Metrics {
     migrations: Family<OutcomeLabels, Counter>,
     unserved: Histogram,
     migration_delta: Counter,
+    idle: Family<EventLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,6 +84,7 @@ impl Default for Metrics {
             // 1 ms to about 65 s.
             unserved: Histogram::new(exponential_buckets(1e-3, 2.0, 17)),
             migration_delta: Counter::default(),
+            idle: Family::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -167,6 +174,11 @@ impl Default for Metrics {
                 "Bytes the switches of migrations uploaded (written after the last pre-copy round)",
                 m.migration_delta.clone(),
             );
+            r.register(
+                "idle",
+                "Sandboxes suspended for idling (event suspend) and resumed at a request (event wake)",
+                m.idle.clone(),
+            );
         }
         m
     }
@@ -225,6 +237,10 @@ impl Metrics {
     pub fn render(&self, host: &Host) -> String {
         self.sandboxes.set(host.list().len() as i64);
         self.uploads_in_flight.set(host.uploads_in_flight() as i64);
+        let (suspends, wakes) = host.idle_counts();
+        for (event, n) in [("suspend", suspends), ("wake", wakes)] {
+            catch_up(&self.idle.get_or_create(&EventLabels { event }), n);
+        }
         let store = host.store();
         let cache = store.cache().stats();
         catch_up(&self.cache_hits, cache.hits.load(Ordering::Relaxed));

@@ -11,6 +11,7 @@ mod claims;
 pub mod client;
 mod gc_roots;
 mod host;
+mod idle;
 mod layers;
 mod metrics;
 mod migrate;
@@ -44,6 +45,8 @@ pub struct DaemonConfig {
     /// How long a snapshot upload is tried again while the store does not
     /// answer, before the snapshot is marked failed.
     pub upload_timeout: std::time::Duration,
+    /// Run before a sandbox is suspended for idling.
+    pub idle_hook: Option<String>,
 }
 
 /// The daemon's socket when none is given: under the user's runtime
@@ -144,6 +147,7 @@ pub fn run(ctx: &Context, cfg: DaemonConfig) -> Result<ExitCode> {
         cfg.upload_timeout,
     )?);
     let (recovered, uploads_resumed) = host.recover().context("recovering the sandboxes")?;
+    idle::watch(host.clone(), cfg.idle_hook.clone())?;
     let api = api::Api {
         host: host.clone(),
         metrics,

@@ -49,6 +49,10 @@ pub struct SandboxRecord {
     /// The store key of its VM-state blob, if any.
     #[serde(default)]
     pub vm_state: Option<String>,
+    /// Suspended by the daemon after this long without a disk request
+    /// (named sandboxes only), and resumed at the next request for it.
+    #[serde(default)]
+    pub idle_suspend_ms: Option<u64>,
     /// What its VMM's next diff memory file is over: the memory of its
     /// latest snapshot or clone taken with memory (the VMM starts tracking
     /// dirty pages again there), else (when absent) `memory`.
@@ -300,6 +304,13 @@ impl Running {
     /// anything (see `BlkServer::park_and_stop`), and reconnects elsewhere.
     pub fn hand_off(self) -> Result<SandboxRecord> {
         self.stop_with(true)
+    }
+
+    /// How long since its disk was last asked for anything.
+    pub fn idle_for(&self) -> std::time::Duration {
+        self.server
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, BlkServer::idle_for)
     }
 
     /// Whether a VMM is connected to its disk socket now.
