@@ -5,9 +5,9 @@
 use std::io;
 use std::num::Wrapping;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cairn_engine::disk::LazyDisk;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -78,6 +78,10 @@ pub struct BlkBackend {
     /// [`BlkServer::park_and_stop`]): the VMM's next request or message
     /// cuts its connection, and nothing is served.
     parked: AtomicBool,
+    /// When the backend was made, and milliseconds from then to its last
+    /// kicked queue or connection: how long it has been idle.
+    born: Instant,
+    last_active_ms: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -115,8 +119,21 @@ impl BlkBackend {
             exits: Mutex::new(Vec::new()),
             connection: Mutex::new(None),
             parked: AtomicBool::new(false),
+            born: Instant::now(),
+            last_active_ms: AtomicU64::new(0),
             cfg,
         })
+    }
+
+    fn touch(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last_active_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long since a queue was last kicked or a VMM connected.
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
     }
 
     /// Whether completed writes may wait for a FLUSH to be durable.
@@ -183,6 +200,7 @@ impl BlkBackend {
     /// Keeps the new connection's handle; cuts it at once if serving
     /// ended meanwhile.
     fn connected(&self, handle: Option<ShutdownHandle>) {
+        self.touch();
         *lock(&self.connection) = handle;
         self.cut_if_parked();
     }
@@ -194,6 +212,7 @@ impl BlkBackend {
             // Left in the ring for the backend the VMM reconnects to.
             return Ok(());
         }
+        self.touch();
         let mut worker = lock(&self.workers[index]);
         let Worker {
             disk,
@@ -482,6 +501,11 @@ impl BlkServer {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// How long since its disk was last asked for anything.
+    pub fn idle_for(&self) -> Duration {
+        self.backend.idle_for()
     }
 
     /// Whether a VMM is connected now.
