@@ -274,6 +274,29 @@ fn sandbox_bench_migration_runs() {
 }
 
 #[test]
+fn sandbox_bench_idle_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("idle.json");
+    let printed = run(
+        env!("CARGO_BIN_EXE_sandbox-bench"),
+        &[
+            "--idle",
+            "1",
+            "--work",
+            arg(&dir.path().join("work")),
+            "--json-out",
+            arg(&out),
+        ],
+    );
+    assert!(printed.contains("suspend on idle"), "{printed}");
+    let idle = &json(&out)["idle"];
+    for k in ["doorbell_to_first_read_s", "api_resume_to_first_read_s"] {
+        assert_eq!(idle[k]["n"], 1, "{idle}");
+        assert!(idle[k]["p50"].as_f64().unwrap() > 0.0, "{idle}");
+    }
+}
+
+#[test]
 fn sandbox_bench_runs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("sandbox.json");

@@ -1138,7 +1138,10 @@ fn an_idle_sandbox_is_suspended_and_resumed_by_its_vmm_or_an_api_call() {
     // (At least: a slow machine may let it idle out once more between
     // two steps.)
     let m = http_get(&env.socket(), "/metrics");
-    assert!(metric(&m, "cairn_idle_total{event=\"suspend\"}") >= 2.0, "{m}");
+    assert!(
+        metric(&m, "cairn_idle_total{event=\"suspend\"}") >= 2.0,
+        "{m}"
+    );
     assert!(metric(&m, "cairn_idle_total{event=\"wake\"}") >= 2.0, "{m}");
     daemon.signal("-TERM");
 }

@@ -28,6 +28,12 @@
 //!    reports it and as the client sees it (its last write answered by
 //!    the first daemon to its first answered by the second).
 //!
+//! 7. `--idle N`, run on its own: N named sandboxes with a 1 s idle
+//!    time-out, each left idle until the daemon suspends it; then the time
+//!    from a client's first try at its disk socket (which resumes it) to
+//!    its first 4 KiB read served, against an explicit suspend and
+//!    `POST .../resume` followed by the same read.
+//!
 //! Nothing here asserts timings. `benches/run-sandbox-bench.sh` runs it;
 //! see the README's "Sandbox benchmark".
 
@@ -107,6 +113,9 @@ struct Args {
     /// Migrations per size and mode in part 6.
     #[arg(long, default_value_t = 3)]
     migrate_rounds: usize,
+    /// Run only part 7 (suspend on idle) with this many rounds.
+    #[arg(long)]
+    idle: Option<usize>,
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -1264,6 +1273,100 @@ fn print_migrate(rows: &Value) {
     );
 }
 
+// ------------------------------------------------ part 7: suspend on idle
+
+/// Whether the daemon serves a sandbox named `name` now.
+fn served(api: &mut Api, name: &str) -> Result<bool> {
+    let all = api.ok("GET", "/v1/sandboxes", None)?;
+    Ok(all["sandboxes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|s| s["name"] == name))
+}
+
+fn part_idle(api: &mut Api, image: &str, rounds: usize) -> Result<Value> {
+    let (mut doorbell, mut explicit) = (vec![], vec![]);
+    let want = pattern(70);
+    for r in 0..rounds {
+        eprintln!("part 7: suspend on idle, round {}", r + 1);
+        let name = format!("bench-idle-{r}-{:08x}", fastrand::u32(..));
+        let sb = api.ok(
+            "POST",
+            "/v1/sandboxes",
+            Some(&json!({ "image": image, "name": name, "idle_suspend_ms": 1000 })),
+        )?;
+        let socket = disk_socket(&sb);
+        let mut c = Client::connect(&socket)?;
+        c.write(0, &want[..4096])?;
+        c.flush()?;
+        drop(c);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while served(api, &name)? {
+            ensure!(Instant::now() < deadline, "{name} never idled out");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Woken by a client at its socket.
+        let t = Instant::now();
+        let mut c = loop {
+            match Client::connect(&socket) {
+                Ok(c) => break c,
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        };
+        ensure!(
+            c.read(0, 4096)? == want[..4096],
+            "{name} woke with other bytes"
+        );
+        doorbell.push(t.elapsed().as_secs_f64());
+        drop(c);
+        // The same by hand: suspend, resume through the API, read.
+        api.ok(
+            "POST",
+            &format!("/v1/sandboxes/{name}/suspend"),
+            Some(&json!({})),
+        )?;
+        let t = Instant::now();
+        let v = api.ok(
+            "POST",
+            &format!("/v1/sandboxes/{name}/resume"),
+            Some(&json!({})),
+        )?;
+        let mut c = Client::connect(&disk_socket(&v))?;
+        ensure!(
+            c.read(0, 4096)? == want[..4096],
+            "{name} resumed with other bytes"
+        );
+        explicit.push(t.elapsed().as_secs_f64());
+        drop(c);
+        api.remove(&name)?;
+    }
+    Ok(json!({
+        "doorbell_to_first_read_s": stats(&doorbell),
+        "api_resume_to_first_read_s": stats(&explicit),
+    }))
+}
+
+fn print_idle(v: &Value) {
+    println!(
+        "\n== 7. suspend on idle: a suspended sandbox's next request to its first read served"
+    );
+    let p50 = |k: &str| v[k]["p50"].as_f64().unwrap_or(0.0);
+    let mut t = Table::new(&["woken by", "median", "p99", "vs API resume"]);
+    for (label_, k) in [
+        ("a client at its disk socket", "doorbell_to_first_read_s"),
+        ("POST resume (baseline)", "api_resume_to_first_read_s"),
+    ] {
+        t.row(vec![
+            label_.to_owned(),
+            ms(p50(k)),
+            ms(v[k]["p99"].as_f64().unwrap_or(0.0)),
+            format!("{:.2}x", p50(k) / p50("api_resume_to_first_read_s")),
+        ]);
+    }
+    t.print();
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let written = parse_size(&args.written)?;
@@ -1300,6 +1403,35 @@ fn main() -> Result<()> {
     };
     let before = machine_state();
     let started = Instant::now();
+    if let Some(rounds) = args.idle {
+        let raw = env.path("idle.raw");
+        make_sparse_image(&raw, GIB)?;
+        env.run(&[
+            "image",
+            "import-raw",
+            "--name",
+            "idle",
+            raw.to_str().unwrap(),
+        ])?;
+        let daemon = env.daemon()?;
+        let mut api = Api::new(&daemon.socket);
+        let idle = part_idle(&mut api, "idle", rounds)?;
+        drop(daemon);
+        print_idle(&idle);
+        let report = json!({
+            "command": std::env::args().collect::<Vec<_>>(),
+            "store": env.store,
+            "machine_before": before,
+            "machine_after": machine_state(),
+            "idle": idle,
+        });
+        if let Some(d) = args.json_out.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(&args.json_out, serde_json::to_vec_pretty(&report)?)?;
+        println!("  JSON: {}", args.json_out.display());
+        return Ok(());
+    }
     if !args.migrate.is_empty() {
         let sizes: Vec<u64> = args
             .migrate

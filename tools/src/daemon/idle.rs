@@ -5,6 +5,7 @@
 //! it, or a VMM connecting to its disk socket (a doorbell listens on the
 //! socket's path meanwhile).
 
+use std::collections::HashMap;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,21 +41,19 @@ impl Doorbell {
         let _ = std::fs::remove_file(path);
         let listener =
             UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
-        listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (halt, name) = (stop.clone(), name.to_owned());
         let thread = std::thread::Builder::new()
             .name("cairn-doorbell".into())
-            .spawn(move || {
-                while !halt.load(Ordering::Acquire) {
-                    match listener.accept() {
-                        Ok(_) => {
-                            tracing::info!(sandbox = %name, "a VMM knocked on a sandbox suspended for idling: resuming it");
-                            let _ = wake.send(name.clone());
-                            return;
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                    }
+            .spawn(move || loop {
+                let knocked = listener.accept();
+                if halt.load(Ordering::Acquire) {
+                    return;
+                }
+                if knocked.is_ok() {
+                    tracing::info!(sandbox = %name, "a VMM knocked on a sandbox suspended for idling: resuming it");
+                    let _ = wake.send(name.clone());
+                    return;
                 }
             })?;
         Ok(Doorbell {
@@ -67,6 +66,9 @@ impl Doorbell {
     /// Stops listening and frees the path (for the sandbox's disk server).
     pub fn silence(mut self) {
         self.stop.store(true, Ordering::Release);
+        // Wakes the accept, which sees the flag (a bell that rang has
+        // already returned: nothing listens).
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -113,45 +115,51 @@ fn run_hook(hook: &str, sandbox: &SandboxView) -> Result<MachineInput> {
     })
 }
 
-/// Suspends idle sandboxes and resumes those whose doorbell rang, until
-/// the process ends.
+/// Suspends idle sandboxes and resumes those whose doorbell rang, on a
+/// thread of its own until the process ends.
 pub fn watch(host: Arc<Host>, hook: Option<String>) -> Result<()> {
-    let (wake_tx, wakes): (Sender<String>, Receiver<String>) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("cairn-idle".into())
-        .spawn(move || {
-            let mut failed: std::collections::HashMap<String, Instant> = Default::default();
-            loop {
-            while let Ok(name) = wakes.try_recv() {
-                match host.wake(&name) {
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(sandbox = %name, error = %format!("{e:#}"), "cannot resume a sandbox suspended for idling; resume it by hand")
-                    }
-                }
-            }
-            failed.retain(|_, at| at.elapsed() < RETRY_AFTER);
-            for sb in host.idle_sandboxes() {
-                let name = sb.name.clone().unwrap_or_default();
-                if failed.contains_key(&name) {
-                    continue;
-                }
-                let input = match &hook {
-                    Some(h) => run_hook(h, &sb),
-                    None => Ok(MachineInput::default()),
-                };
-                let dozed = input.and_then(|input| host.doze(&name, input, wake_tx.clone()));
-                match dozed {
-                    Ok(()) => tracing::info!(sandbox = %name, "suspended for idling"),
-                    Err(e) => {
-                        tracing::warn!(sandbox = %name, error = %format!("{e:#}"), retry_in_s = RETRY_AFTER.as_secs(), "cannot suspend an idle sandbox; it runs on");
-                        failed.insert(name, Instant::now());
-                    }
-                }
-            }
-            std::thread::sleep(CHECK_EVERY);
-            }
-        })
+        .spawn(move || watch_loop(&host, hook.as_deref()))
         .context("starting the idle watcher")?;
     Ok(())
+}
+
+fn watch_loop(host: &Host, hook: Option<&str>) {
+    let (wake_tx, wakes): (Sender<String>, Receiver<String>) = std::sync::mpsc::channel();
+    let mut failed: HashMap<String, Instant> = HashMap::new();
+    let mut checked: Option<Instant> = None;
+    loop {
+        // A doorbell is answered at once; idle sandboxes are looked for
+        // every CHECK_EVERY.
+        let until_check =
+            checked.map_or(Duration::ZERO, |c| CHECK_EVERY.saturating_sub(c.elapsed()));
+        if let Ok(name) = wakes.recv_timeout(until_check) {
+            if let Err(e) = host.wake(&name) {
+                tracing::error!(sandbox = %name, error = %format!("{e:#}"), "cannot resume a sandbox suspended for idling; resume it by hand");
+            }
+        }
+        if checked.is_some_and(|c| c.elapsed() < CHECK_EVERY) {
+            continue;
+        }
+        checked = Some(Instant::now());
+        failed.retain(|_, at| at.elapsed() < RETRY_AFTER);
+        for sb in host.idle_sandboxes() {
+            let name = sb.name.clone().unwrap_or_default();
+            if failed.contains_key(&name) {
+                continue;
+            }
+            let input = match hook {
+                Some(h) => run_hook(h, &sb),
+                None => Ok(MachineInput::default()),
+            };
+            match input.and_then(|input| host.doze(&name, input, wake_tx.clone())) {
+                Ok(()) => tracing::info!(sandbox = %name, "suspended for idling"),
+                Err(e) => {
+                    tracing::warn!(sandbox = %name, error = %format!("{e:#}"), retry_in_s = RETRY_AFTER.as_secs(), "cannot suspend an idle sandbox; it runs on");
+                    failed.insert(name, Instant::now());
+                }
+            }
+        }
+    }
 }
