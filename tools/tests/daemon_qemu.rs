@@ -8,7 +8,9 @@
 //! server. A second test migrates a guest's sandbox while the guest
 //! fsyncs file after file: to the other daemon while it runs, and back
 //! while it is paused (QMP `stop` and `cont`); the guest goes on each time
-//! against the daemon it moved to. Every check reads files in a guest.
+//! against the daemon it moved to. A third leaves a guest idle until its
+//! sandbox is suspended, and its next write resumes it. Every check reads
+//! files in a guest.
 //!
 //! Needs the guest fixture (`fixtures/build-guest.sh`, path in
 //! CAIRN_GUEST_DIR or fixtures/out/guest), qemu-system-x86, debugfs
@@ -33,6 +35,7 @@ use std::os::unix::fs::symlink;
 ///   origin  write /data/marker; wait; write /data/after-clone; wait; show
 ///   clone   show; write /data/clone; show
 ///   look    show
+///   idle    write /data/marker; wait; write /data/after-clone; show
 ///   migrate write /data/marker, then /data/f1../data/f60 (each fsynced,
 ///           0.2 s apart); read them all back (page cache dropped)
 const INIT: &str = r#"#!/bin/busybox sh
@@ -79,6 +82,15 @@ clone)
     show
     ;;
 look)
+    show
+    ;;
+idle)
+    must mount -o remount,rw /
+    put marker
+    echo "CAIRN-WRITTEN marker"
+    wait_go idle
+    put after-clone
+    echo "CAIRN-WRITTEN after"
     show
     ;;
 migrate)
@@ -393,4 +405,70 @@ fn a_guest_goes_on_against_the_daemon_its_sandbox_migrated_to_running_or_paused(
     );
     daemon_a.signal("-TERM");
     daemon_b.signal("-TERM");
+}
+
+#[test]
+fn an_idle_guest_is_suspended_and_its_next_write_resumes_it() {
+    let guest = guest_dir();
+    let env = Env::moto("idle-qemu");
+    let rootfs = test_rootfs(&env, &guest);
+    common::run_ok(
+        env.cairn()
+            .args(["--json", "image", "import-raw", "--name", "guest"])
+            .arg(&rootfs),
+    );
+    let token = format!("{:016x}", fastrand::u64(..));
+    let (daemon, _) = env.daemon();
+    let sleepy = env.sandbox(&[
+        "create",
+        "sleepy",
+        "--image",
+        "guest",
+        "--idle-suspend",
+        "2s",
+    ]);
+    let socket = Path::new(sleepy["disk_socket"].as_str().unwrap());
+    let qemu = common::qemu_guest_with(
+        &guest,
+        socket,
+        &format!("cairn.job=idle cairn.token={token}"),
+        ",reconnect=1",
+    );
+    let mut g = Guest::start("sleepy (idle)", qemu);
+    g.expect("CAIRN-WRITTEN marker", BOOT);
+    g.expect("CAIRN-WAITING idle", BOOT);
+
+    // The guest waits at its console, its disk untouched: the sandbox is
+    // suspended (QEMU still runs, connected).
+    let deadline = std::time::Instant::now() + BOOT;
+    while env.sandbox(&["ls"]).to_string().contains("sleepy") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle guest's sandbox was never suspended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Its next write: QEMU is cut off and reconnects to the same path,
+    // where the doorbell resumes the sandbox, whose server takes QEMU's
+    // waiting connection.
+    g.send("go");
+    g.expect("CAIRN-WRITTEN after", BOOT);
+    let line = g.expect("CAIRN-SEEN", BOOT);
+    assert_eq!(
+        seen("the woken guest", &line)[..2],
+        [format!("marker-{token}"), format!("after-clone-{token}")],
+        "{line}"
+    );
+    g.expect("CAIRN-DONE", BOOT);
+    g.finish();
+    // (It may also have idled out, and been woken, while the kernel booted.)
+    let m = common::daemon::http_get(&env.socket(), "/metrics");
+    let wakes: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("cairn_idle_total{event=\"wake\"} "))
+        .unwrap_or_else(|| panic!("no wakes counted: {m}"))
+        .parse()
+        .unwrap();
+    assert!(wakes >= 1.0, "{m}");
+    daemon.signal("-TERM");
 }

@@ -219,6 +219,8 @@ pub struct Dozing {
     pub queues: u16,
     pub idle_suspend_ms: Option<u64>,
     pub doorbell: Option<super::idle::Doorbell>,
+    /// The doorbell's listener once it stops, for the disk server.
+    pub listener: Mutex<Option<std::os::unix::net::UnixListener>>,
 }
 
 /// Layers that snapshots being uploaded stand on, by snapshot id: kept
@@ -392,6 +394,17 @@ impl Host {
 
     /// Serves a sandbox: its disk, and its memory and VM state if it has them.
     fn start(&self, record: SandboxRecord, disk: Arc<Disk>) -> Result<Running> {
+        self.start_on(record, disk, None)
+    }
+
+    /// [`Host::start`], its disk served on `listener` if given (bound at
+    /// its socket's path already).
+    fn start_on(
+        &self,
+        record: SandboxRecord,
+        disk: Arc<Disk>,
+        listener: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<Running> {
         let mut pages = None;
         if let Some(m) = &record.memory {
             let id: ManifestId = m.parse().context("record's memory image id")?;
@@ -417,7 +430,7 @@ impl Host {
             vm_state_path = Some(path);
         }
         let socket = self.disk_socket(&record.id);
-        let mut running = Running::start(record, disk, &socket)?;
+        let mut running = Running::start(record, disk, &socket, listener)?;
         running.pages = pages;
         running.vm_state_path = vm_state_path;
         Ok(running)
@@ -1001,7 +1014,7 @@ impl Host {
         };
         let (project, name) = (req.project.clone(), req.name.clone());
         self.named(&project, name.as_deref(), from, |generation| {
-            self.serve_new(&mut inner, req, source, generation)
+            self.serve_new(&mut inner, req, source, generation, None)
         })
     }
 
@@ -1085,8 +1098,8 @@ impl Host {
     }
 
     /// The switch of a migration: [`Host::suspend`], but a VMM still
-    /// connected is not waited for (it is cut off when it next asks for
-    /// anything, and reconnects to the next host); says when serving
+    /// connected is not waited for (it is cut off at its next request,
+    /// and reconnects to the next host); says when serving
     /// stopped and how big the last delta was.
     pub fn suspend_for_migration(&self, key: &str, input: MachineInput) -> Result<Switched> {
         self.suspend_with(key, input, true)
@@ -1297,7 +1310,7 @@ impl Host {
     }
 
     /// Suspends named sandbox `name` for idling, as `suspend` does (a
-    /// connected VMM is cut off when it next asks for anything), and
+    /// connected VMM is cut off at its next request), and
     /// keeps a doorbell on its disk socket's path: a VMM connecting there
     /// rings `wake`.
     pub fn doze(
@@ -1322,6 +1335,7 @@ impl Host {
                 queues: record.queues,
                 idle_suspend_ms: record.idle_suspend_ms,
                 doorbell,
+                listener: Mutex::new(None),
             },
         );
         Ok(())
@@ -1338,7 +1352,12 @@ impl Host {
             return Ok(None);
         };
         if let Some(bell) = doze.doorbell.take() {
-            bell.silence();
+            match bell.take_listener() {
+                Ok(l) => *doze.listener.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(l),
+                Err(e) => {
+                    tracing::warn!(sandbox = %key, error = %format!("{e:#}"), "the doorbell's listener is lost; the disk socket is made again")
+                }
+            }
         }
         let (project, queues) = (doze.project.clone(), doze.queues);
         let view = self.resume_as(key, &project, queues, Some(doze))?;
@@ -1400,6 +1419,9 @@ impl Host {
         taken: catalog::sandbox::SandboxRecord,
         doze: Option<Dozing>,
     ) -> Result<SandboxView> {
+        let listener = doze
+            .as_ref()
+            .and_then(|d| d.listener.lock().unwrap_or_else(|p| p.into_inner()).take());
         let snapshot = taken
             .snapshot
             .clone()
@@ -1417,7 +1439,7 @@ impl Host {
         };
         let served = self
             .source(&req)
-            .and_then(|source| self.serve_new(inner, req, source, taken.generation));
+            .and_then(|source| self.serve_new(inner, req, source, taken.generation, listener));
         if served.is_err() {
             // Back to suspended, for this host or another to try again.
             let _ = self.suspend_again(project, name, &self.owner(taken.generation));
@@ -1433,6 +1455,7 @@ impl Host {
         req: CreateRequest,
         source: Source,
         generation: u64,
+        listener: Option<std::os::unix::net::UnixListener>,
     ) -> Result<SandboxView> {
         let manifest = self.load_manifest(&source.base)?;
         let (layer_id, layer) = inner.layers.create(&source.base, manifest.logical_size);
@@ -1456,7 +1479,7 @@ impl Host {
         };
         self.save_new(&record)?;
         let disk = Disk::open(manifest, self.store.clone(), vec![layer])?;
-        let running = self.start(record, disk)?;
+        let running = self.start_on(record, disk, listener)?;
         let view = SandboxView::of(&running);
         inner.sandboxes.insert(view.id.clone(), running);
         Ok(view)
@@ -1720,7 +1743,7 @@ impl Host {
         // call on any host, as any suspended one).
         for (_, mut d) in std::mem::take(&mut *self.dozing_map()) {
             if let Some(bell) = d.doorbell.take() {
-                bell.silence();
+                drop(bell.take_listener());
             }
         }
     }

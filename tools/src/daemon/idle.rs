@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -26,53 +26,60 @@ const CHECK_EVERY: Duration = Duration::from_millis(200);
 /// before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 
-/// A listener on a suspended sandbox's disk socket path: a VMM that
-/// connects (it is turned away; QEMU with `reconnect` tries again) rings
-/// for the sandbox to be resumed there.
+/// A listener on a suspended sandbox's disk socket path. A VMM that
+/// connects rings for the sandbox to be resumed; its connection waits in
+/// the listener's backlog (not accepted: QEMU 7.2 gives up on a
+/// vhost-user backend that closes on it before the device starts), and
+/// the resumed sandbox's disk server takes the listener over and accepts
+/// it.
 pub struct Doorbell {
-    path: PathBuf,
+    listener: Arc<UnixListener>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Doorbell {
-    /// Listens on `path`; a connection sends `name` on `wake`.
+    /// Listens on `path`; a connection waiting sends `name` on `wake`.
     pub fn ring(path: &Path, name: &str, wake: Sender<String>) -> Result<Doorbell> {
         let _ = std::fs::remove_file(path);
-        let listener =
-            UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+        let listener = Arc::new(
+            UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?,
+        );
         let stop = Arc::new(AtomicBool::new(false));
-        let (halt, name) = (stop.clone(), name.to_owned());
+        let (halt, name, watched) = (stop.clone(), name.to_owned(), listener.clone());
         let thread = std::thread::Builder::new()
             .name("cairn-doorbell".into())
-            .spawn(move || loop {
-                let knocked = listener.accept();
-                if halt.load(Ordering::Acquire) {
-                    return;
-                }
-                if knocked.is_ok() {
-                    tracing::info!(sandbox = %name, "a VMM knocked on a sandbox suspended for idling: resuming it");
-                    let _ = wake.send(name.clone());
-                    return;
+            .spawn(move || {
+                use rustix::event::{poll, PollFd, PollFlags, Timespec};
+                let wait = Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 50_000_000,
+                };
+                while !halt.load(Ordering::Acquire) {
+                    let mut fds = [PollFd::new(&*watched, PollFlags::IN)];
+                    if matches!(poll(&mut fds, Some(&wait)), Ok(n) if n > 0) {
+                        tracing::info!(sandbox = %name, "a VMM knocked on a sandbox suspended for idling: resuming it");
+                        let _ = wake.send(name.clone());
+                        return;
+                    }
                 }
             })?;
         Ok(Doorbell {
-            path: path.to_owned(),
+            listener,
             stop,
             thread: Some(thread),
         })
     }
 
-    /// Stops listening and frees the path (for the sandbox's disk server).
-    pub fn silence(mut self) {
+    /// Stops watching; the listener, with any VMM waiting in its backlog,
+    /// for the sandbox's disk server.
+    pub fn take_listener(mut self) -> Result<UnixListener> {
         self.stop.store(true, Ordering::Release);
-        // Wakes the accept, which sees the flag (a bell that rang has
-        // already returned: nothing listens).
-        let _ = std::os::unix::net::UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        Arc::try_unwrap(self.listener)
+            .map_err(|_| anyhow::anyhow!("the doorbell's listener is still shared"))
     }
 }
 

@@ -270,8 +270,14 @@ pub struct Running {
 
 impl Running {
     /// Serves `disk` on `socket` with `record.queues` queues (memory, if
-    /// any, is added by the caller).
-    pub fn start(record: SandboxRecord, disk: Arc<Disk>, socket: &Path) -> Result<Running> {
+    /// any, is added by the caller); on `listener` if given, bound at
+    /// `socket` already (a VMM may wait in its backlog).
+    pub fn start(
+        record: SandboxRecord,
+        disk: Arc<Disk>,
+        socket: &Path,
+        listener: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<Running> {
         let cfg = DeviceConfig {
             capacity_bytes: disk.size(),
             read_only: false,
@@ -280,7 +286,7 @@ impl Running {
             poll: cairn_vmm_glue::blk::DEFAULT_POLL,
         };
         let backend = BlkBackend::new(cfg, (0..record.queues).map(|_| disk.queue()).collect());
-        let server = BlkServer::start(socket, backend)
+        let server = BlkServer::start_on(socket, listener, backend)
             .with_context(|| format!("serving vhost-user-blk on {}", socket.display()))?;
         Ok(Running {
             record,
@@ -300,8 +306,8 @@ impl Running {
     }
 
     /// As [`Running::stop`], for a sandbox served elsewhere next: stops
-    /// serving at once; a connected VMM is cut off when it next asks for
-    /// anything (see `BlkServer::park_and_stop`), and reconnects elsewhere.
+    /// serving at once; a connected VMM is cut off at its next request
+    /// (see `BlkServer::park_and_stop`), and reconnects elsewhere.
     pub fn hand_off(self) -> Result<SandboxRecord> {
         self.stop_with(true)
     }

@@ -75,7 +75,7 @@ pub struct BlkBackend {
     /// The connection being served, to cut.
     connection: Mutex<Option<ShutdownHandle>>,
     /// Serving ended for good while a VMM was connected (see
-    /// [`BlkServer::park_and_stop`]): the VMM's next request or message
+    /// [`BlkServer::park_and_stop`]): the VMM's next request
     /// cuts its connection, and nothing is served.
     parked: AtomicBool,
     /// When the backend was made, and milliseconds from then to its last
@@ -176,10 +176,12 @@ impl BlkBackend {
     }
 
     /// Ends serving for good but leaves a connected VMM its connection
-    /// until it next asks for anything: QEMU (7.2 at least) handles a
-    /// backend that goes while the VM is paused by never reconnecting, and
-    /// one that goes while the device runs by reconnecting. A paused VMM
-    /// so finds out when it resumes; a running one at its next request.
+    /// until its next request: QEMU (7.2 at least) never reconnects to a
+    /// backend that went while its device was stopped (a paused VM, or one
+    /// whose driver has not started the device yet), and does reconnect to
+    /// one that goes while the device runs. Its control messages (a
+    /// paused VM resuming starts the device) are answered meanwhile, and
+    /// its first request, unserved, cuts it.
     fn park(&self) {
         self.parked.store(true, Ordering::Release);
         self.fence();
@@ -322,8 +324,6 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        // QEMU's first message when a paused VM resumes.
-        self.cut_if_parked();
         let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
         if !flush {
             tracing::info!("the driver did not negotiate FLUSH: every write is made durable before it completes");
@@ -375,8 +375,9 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
-        if self.cut_if_parked() {
-            return Err(io::Error::other("this disk is no longer served here"));
+        if self.parked.load(Ordering::Acquire) {
+            // Kept from the queues: nothing is served here any more.
+            return Ok(());
         }
         for w in &self.workers {
             lock(w).mem = Some(mem.clone());
@@ -415,19 +416,29 @@ impl VhostUserBackend for BlkBackend {
 /// Listens on `socket` and serves one VMM connection after another until
 /// the process ends; `ready` runs once the socket accepts connections.
 pub fn serve(socket: &Path, backend: Arc<BlkBackend>, ready: impl FnOnce()) -> io::Result<()> {
-    serve_until(socket, backend, ready, &AtomicBool::new(false))
+    serve_until(socket, None, backend, ready, &AtomicBool::new(false))
 }
 
 /// As [`serve`], until `stop` is set and the listener woken (a connection
 /// that says nothing, as [`BlkServer::stop`] makes); a VMM connected then
-/// is served until it goes (or, parked, until it asks for anything).
+/// is served until it goes (or, parked, until its next request).
 fn serve_until(
     socket: &Path,
+    bound: Option<std::os::unix::net::UnixListener>,
     backend: Arc<BlkBackend>,
     ready: impl FnOnce(),
     stop: &AtomicBool,
 ) -> io::Result<()> {
-    let mut listener = Listener::new(socket, true).map_err(io::Error::other)?;
+    // Bound here, not by `Listener::new`, whose drop would remove the
+    // path: a parked server's path may be another's by then.
+    let bound = match bound {
+        Some(l) => l,
+        None => {
+            let _ = std::fs::remove_file(socket);
+            std::os::unix::net::UnixListener::bind(socket)?
+        }
+    };
+    let mut listener = Listener::from(bound);
     ready();
     while !stop.load(Ordering::Acquire) {
         backend.new_session()?;
@@ -451,7 +462,11 @@ fn serve_until(
             Err(e) => tracing::info!("VMM connection ended: {e}"),
         }
     }
-    let _ = std::fs::remove_file(socket);
+    // A parked server's path was given up at the switch (it may be
+    // another's now).
+    if !backend.parked.load(Ordering::Acquire) {
+        let _ = std::fs::remove_file(socket);
+    }
     Ok(())
 }
 
@@ -467,6 +482,16 @@ impl BlkServer {
     /// Starts serving `backend` on `socket`; returns once the socket
     /// accepts connections.
     pub fn start(socket: &Path, backend: Arc<BlkBackend>) -> io::Result<BlkServer> {
+        BlkServer::start_on(socket, None, backend)
+    }
+
+    /// [`BlkServer::start`] on `listener` if given, already bound at
+    /// `socket` (connections waiting in its backlog are served).
+    pub fn start_on(
+        socket: &Path,
+        listener: Option<std::os::unix::net::UnixListener>,
+        backend: Arc<BlkBackend>,
+    ) -> io::Result<BlkServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = {
@@ -476,6 +501,7 @@ impl BlkServer {
                 .spawn(move || {
                     serve_until(
                         &socket,
+                        listener,
                         backend,
                         || {
                             let _ = tx.send(());
@@ -523,10 +549,11 @@ impl BlkServer {
     /// Stops serving at once, for a disk that another backend serves
     /// next: requests in flight are answered, every completed write is
     /// durable, and none is served after this returns; the socket's path
-    /// is removed. A connected VMM keeps its connection until it asks for
-    /// anything (a paused one, until it resumes), which cuts it: it then
-    /// reconnects, by its path, to the next backend, where what it sent
-    /// meanwhile is served (as after any backend restart).
+    /// is removed. A connected VMM keeps its connection until its next
+    /// request (a paused one's comes after it resumes), which cuts it: it
+    /// then reconnects, by its path, to the next backend, where that
+    /// request and those after it are served (as after any backend
+    /// restart).
     pub fn park_and_stop(mut self) -> io::Result<()> {
         self.stop.store(true, Ordering::Release);
         self.backend.park();
@@ -537,7 +564,9 @@ impl BlkServer {
             return Ok(());
         }
         // (A VMM that connects meanwhile is cut at once.)
-        self.join()
+        let joined = self.join();
+        let _ = std::fs::remove_file(&self.socket);
+        joined
     }
 
     fn join(&mut self) -> io::Result<()> {
