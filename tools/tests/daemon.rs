@@ -1043,9 +1043,9 @@ fn a_snapshot_upload_is_fenced_once_another_host_takes_the_sandbox_over() {
     daemon.signal("-TERM");
 }
 
-/// Connects to the disk socket at `socket`, trying for up to 20 s (a
-/// sandbox suspended for idling is resumed by the first try, which is
-/// turned away); the time it took.
+/// Connects to the disk socket at `socket` (a sandbox suspended for
+/// idling is resumed by the connection), trying for up to 20 s; the time
+/// it took.
 fn connect_resuming(socket: &Path) -> (Client, std::time::Duration) {
     let t = std::time::Instant::now();
     loop {
