@@ -161,6 +161,20 @@ fn test_rootfs(env: &Env, guest: &Path) -> PathBuf {
     image
 }
 
+/// The guest fixture, a store on moto tagged `tag` holding the test's
+/// root disk as image `guest`, and this run's token.
+fn guest_env(tag: &str) -> (PathBuf, Env, String) {
+    let guest = guest_dir();
+    let env = Env::moto(tag);
+    let rootfs = test_rootfs(&env, &guest);
+    common::run_ok(
+        env.cairn()
+            .args(["--json", "image", "import-raw", "--name", "guest"])
+            .arg(&rootfs),
+    );
+    (guest, env, format!("{:016x}", fastrand::u64(..)))
+}
+
 /// QEMU booting `sandbox`'s disk socket with `job`; with a QMP socket at
 /// `qmp` if given.
 fn boot(guest: &Path, sandbox: &Value, job: &str, token: &str, qmp: Option<&Path>) -> Guest {
@@ -190,15 +204,7 @@ fn seen<'a>(who: &str, line: &'a str) -> [&'a str; 3] {
 
 #[test]
 fn a_booted_sandbox_is_cloned_and_snapshotted_while_paused_and_resumed_on_another_daemon() {
-    let guest = guest_dir();
-    let env = Env::moto("daemon-qemu");
-    let rootfs = test_rootfs(&env, &guest);
-    common::run_ok(
-        env.cairn()
-            .args(["--json", "image", "import-raw", "--name", "guest"])
-            .arg(&rootfs),
-    );
-    let token = format!("{:016x}", fastrand::u64(..));
+    let (guest, env, token) = guest_env("daemon-qemu");
     let marker = format!("marker-{token}");
     let after = format!("after-clone-{token}");
     let clone = format!("clone-{token}");
@@ -322,15 +328,7 @@ fn fsyncs(g: &mut Guest, n: usize) {
 
 #[test]
 fn a_guest_goes_on_against_the_daemon_its_sandbox_migrated_to_running_or_paused() {
-    let guest = guest_dir();
-    let env = Env::moto("migrate-qemu");
-    let rootfs = test_rootfs(&env, &guest);
-    common::run_ok(
-        env.cairn()
-            .args(["--json", "image", "import-raw", "--name", "guest"])
-            .arg(&rootfs),
-    );
-    let token = format!("{:016x}", fastrand::u64(..));
+    let (guest, env, token) = guest_env("migrate-qemu");
     let (daemon_a, _) = env.daemon();
     let (daemon_b, _) = env.daemon_b();
 
@@ -409,15 +407,7 @@ fn a_guest_goes_on_against_the_daemon_its_sandbox_migrated_to_running_or_paused(
 
 #[test]
 fn an_idle_guest_is_suspended_and_its_next_write_resumes_it() {
-    let guest = guest_dir();
-    let env = Env::moto("idle-qemu");
-    let rootfs = test_rootfs(&env, &guest);
-    common::run_ok(
-        env.cairn()
-            .args(["--json", "image", "import-raw", "--name", "guest"])
-            .arg(&rootfs),
-    );
-    let token = format!("{:016x}", fastrand::u64(..));
+    let (guest, env, token) = guest_env("idle-qemu");
     let (daemon, _) = env.daemon();
     let sleepy = env.sandbox(&[
         "create",

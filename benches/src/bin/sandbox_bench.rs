@@ -430,6 +430,15 @@ fn make_sparse_image(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// A sparse image of `size` bytes (see [`make_sparse_image`]) imported
+/// as image `name`.
+fn import_sparse(env: &Env, name: &str, size: u64) -> Result<()> {
+    let raw = env.path(&format!("{name}.raw"));
+    make_sparse_image(&raw, size)?;
+    env.run(&["image", "import-raw", "--name", name, raw.to_str().unwrap()])?;
+    Ok(())
+}
+
 /// Writes `bytes` from offset 0 through the disk socket, 1 MiB at a time.
 fn fill(c: &mut Client, bytes: u64, seed: u64) -> Result<()> {
     let mut buf = pattern(seed);
@@ -1403,89 +1412,43 @@ fn main() -> Result<()> {
     };
     let before = machine_state();
     let started = Instant::now();
-    if let Some(rounds) = args.idle {
-        let raw = env.path("idle.raw");
-        make_sparse_image(&raw, GIB)?;
-        env.run(&[
-            "image",
-            "import-raw",
-            "--name",
-            "idle",
-            raw.to_str().unwrap(),
-        ])?;
+    // Parts run on their own: one part, one report.
+    let own: Option<(&str, Value)> = if let Some(rounds) = args.idle {
+        import_sparse(&env, "idle", GIB)?;
         let daemon = env.daemon()?;
-        let mut api = Api::new(&daemon.socket);
-        let idle = part_idle(&mut api, "idle", rounds)?;
+        let idle = part_idle(&mut Api::new(&daemon.socket), "idle", rounds)?;
         drop(daemon);
         print_idle(&idle);
-        let report = json!({
-            "command": std::env::args().collect::<Vec<_>>(),
-            "store": env.store,
-            "machine_before": before,
-            "machine_after": machine_state(),
-            "idle": idle,
-        });
-        if let Some(d) = args.json_out.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        std::fs::write(&args.json_out, serde_json::to_vec_pretty(&report)?)?;
-        println!("  JSON: {}", args.json_out.display());
-        return Ok(());
-    }
-    if !args.migrate.is_empty() {
+        Some(("idle", idle))
+    } else if !args.migrate.is_empty() {
         let sizes: Vec<u64> = args
             .migrate
             .iter()
             .map(|s| parse_size(s))
             .collect::<Result<_>>()?;
         let top = sizes.iter().copied().max().unwrap_or(0);
-        let raw = env.path("migrate.raw");
-        make_sparse_image(&raw, (top + 64 * MIB).div_ceil(GIB) * GIB + GIB)?;
-        env.run(&[
-            "image",
-            "import-raw",
-            "--name",
-            "migrate",
-            raw.to_str().unwrap(),
-        ])?;
+        import_sparse(&env, "migrate", (top + 64 * MIB).div_ceil(GIB) * GIB + GIB)?;
         let rows = part_migrate(&env, "migrate", &sizes, args.migrate_rounds)?;
         print_migrate(&rows);
-        let report = json!({
-            "command": std::env::args().collect::<Vec<_>>(),
-            "store": env.store,
-            "machine_before": before,
-            "machine_after": machine_state(),
-            "migrate": rows,
-        });
-        if let Some(d) = args.json_out.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        std::fs::write(&args.json_out, serde_json::to_vec_pretty(&report)?)?;
-        println!("  JSON: {}", args.json_out.display());
-        return Ok(());
-    }
-    if !args.fleet.is_empty() {
-        let raw = env.path("fleet.raw");
-        make_sparse_image(&raw, GIB)?;
-        env.run(&[
-            "image",
-            "import-raw",
-            "--name",
-            "fleet",
-            raw.to_str().unwrap(),
-        ])?;
+        Some(("migrate", rows))
+    } else if !args.fleet.is_empty() {
+        import_sparse(&env, "fleet", GIB)?;
         let daemon = env.daemon()?;
-        let mut api = Api::new(&daemon.socket);
-        let fleet = part_fleet(&mut api, &daemon, "fleet", &args.fleet)?;
+        let fleet = part_fleet(&mut Api::new(&daemon.socket), &daemon, "fleet", &args.fleet)?;
         drop(daemon);
         print_fleet(&fleet);
-        let report = json!({
+        Some(("fleet", fleet))
+    } else {
+        None
+    };
+    if let Some((key, value)) = own {
+        let mut report = json!({
             "command": std::env::args().collect::<Vec<_>>(),
             "store": env.store,
             "machine_before": before,
             "machine_after": machine_state(),
-            "fleet": fleet,
         });
+        report[key] = value;
         if let Some(d) = args.json_out.parent() {
             std::fs::create_dir_all(d)?;
         }
