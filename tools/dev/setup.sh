@@ -36,13 +36,18 @@ if [ "${CAIRN_SETUP_S3:-1}" != 0 ] && { ! command -v s3s-fs >/dev/null || ! s3s-
 fi
 
 # moto's S3 server, from the machine's configured Python package index.
-if [ "${CAIRN_SETUP_S3:-1}" != 0 ] && ! python3 -c 'import moto.server, flask' 2>/dev/null; then
-    echo "setup: installing moto's S3 server (pip: moto[server])" >&2
+# 5.2.5 or later: 5.2.1 answers a conditional multipart completion with a
+# body the AWS SDK cannot parse (CompleteMultipartUploadResponse).
+moto_ok='import moto.server, flask, sys
+v = tuple(int(x) for x in moto.__version__.split(".")[:3])
+sys.exit(v < (5, 2, 5))'
+if [ "${CAIRN_SETUP_S3:-1}" != 0 ] && ! python3 -c "$moto_ok" 2>/dev/null; then
+    echo "setup: installing moto's S3 server (pip: moto[server]>=5.2.5)" >&2
     python3 -m pip --version >/dev/null 2>&1 || {
         export DEBIAN_FRONTEND=noninteractive
         $sudo apt-get install -y -qq python3-pip >/dev/null
     }
     # Debian's own Python refuses system-wide pip installs unless told.
-    python3 -m pip install --quiet 'moto[server]' 2>/dev/null ||
-        python3 -m pip install --quiet --break-system-packages 'moto[server]'
+    python3 -m pip install --quiet --upgrade 'moto[server]>=5.2.5' 2>/dev/null ||
+        python3 -m pip install --quiet --upgrade --break-system-packages 'moto[server]>=5.2.5'
 fi
