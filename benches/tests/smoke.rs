@@ -297,6 +297,32 @@ fn sandbox_bench_idle_runs() {
 }
 
 #[test]
+fn sandbox_bench_fairness_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fairness.json");
+    let printed = run(
+        env!("CARGO_BIN_EXE_sandbox-bench"),
+        &[
+            "--fairness",
+            "2",
+            "--fairness-region",
+            "1M",
+            "--fairness-secs",
+            "0.3",
+            "--work",
+            arg(&dir.path().join("work")),
+            "--json-out",
+            arg(&out),
+        ],
+    );
+    assert!(printed.contains("fairness"), "{printed}");
+    let v = &json(&out)["fairness"];
+    assert!(v["warm_alone_s"]["n"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["warm_loaded_s"]["n"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["cold_bytes"].as_u64().unwrap() > 0, "{v}");
+}
+
+#[test]
 fn sandbox_bench_runs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("sandbox.json");

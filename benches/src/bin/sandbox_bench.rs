@@ -34,6 +34,11 @@
 //!    its first 4 KiB read served, against an explicit suspend and
 //!    `POST .../resume` followed by the same read.
 //!
+//! 8. `--fairness 100`, run on its own: the p99 of a warm 4 KiB read
+//!    (QD1, its chunks cached) on one sandbox, alone and while that many
+//!    other sandboxes each read their own never-read part of an image
+//!    sequentially, 64 KiB at a time (every chunk a cache miss).
+//!
 //! Nothing here asserts timings. `benches/run-sandbox-bench.sh` runs it;
 //! see the README's "Sandbox benchmark".
 
@@ -116,6 +121,15 @@ struct Args {
     /// Run only part 7 (suspend on idle) with this many rounds.
     #[arg(long)]
     idle: Option<usize>,
+    /// Run only part 8 (fairness) with this many cold readers.
+    #[arg(long)]
+    fairness: Option<usize>,
+    /// Bytes each cold reader of part 8 has to itself.
+    #[arg(long, default_value = "16M")]
+    fairness_region: String,
+    /// Seconds each phase of part 8 lasts.
+    #[arg(long, default_value_t = 3.0)]
+    fairness_secs: f64,
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -1376,6 +1390,100 @@ fn print_idle(v: &Value) {
     t.print();
 }
 
+// ------------------------------------------------------ part 8: fairness
+
+/// QD1 4 KiB reads at random in the first `span` bytes for `secs`: each
+/// one's latency in seconds.
+fn warm_reads(c: &mut Client, span: u64, secs: f64) -> Result<Vec<f64>> {
+    let mut rng = fastrand::Rng::with_seed(8);
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let mut lat = Vec::new();
+    while Instant::now() < until {
+        let off = rng.u64(..span / 4096) * 4096;
+        let t = Instant::now();
+        c.read(off, 4096)?;
+        lat.push(t.elapsed().as_secs_f64());
+    }
+    Ok(lat)
+}
+
+fn part_fairness(
+    api: &mut Api,
+    image: &str,
+    readers: usize,
+    region: u64,
+    secs: f64,
+) -> Result<Value> {
+    const WARM_SPAN: u64 = 4 * MIB;
+    let warm = api.create(image, None)?;
+    let mut w = Client::connect(&disk_socket(&warm))?;
+    // Its span read once: every later read hits the cache.
+    for at in (0..WARM_SPAN).step_by(MIB as usize) {
+        w.read(at, MIB as usize)?;
+    }
+    eprintln!("part 8: warm reads alone");
+    let alone = warm_reads(&mut w, WARM_SPAN, secs)?;
+    eprintln!("part 8: warm reads beside {readers} cold sequential readers");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for i in 0..readers {
+        let sb = api.create(image, None)?;
+        let mut c = Client::connect(&disk_socket(&sb))?;
+        let (stop, start) = (stop.clone(), WARM_SPAN + i as u64 * region);
+        threads.push(std::thread::spawn(move || -> Result<u64> {
+            let mut at = 0;
+            while !stop.load(Ordering::Acquire) && at < region {
+                c.read(start + at, (64 * KIB) as usize)?;
+                at += 64 * KIB;
+            }
+            Ok(at)
+        }));
+    }
+    let t = Instant::now();
+    let loaded = warm_reads(&mut w, WARM_SPAN, secs)?;
+    let took = t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Release);
+    let mut cold_bytes = 0;
+    for th in threads {
+        cold_bytes += th.join().expect("a cold reader")?;
+    }
+    drop(w);
+    let p99 = |xs: &[f64]| quantile(xs.to_vec(), 0.99);
+    Ok(json!({
+        "readers": readers,
+        "warm_alone_s": stats(&alone),
+        "warm_loaded_s": stats(&loaded),
+        "p99_ratio": p99(&loaded) / p99(&alone),
+        "cold_bytes": cold_bytes,
+        "cold_mib_per_s": cold_bytes as f64 / MIB as f64 / took,
+    }))
+}
+
+fn print_fairness(v: &Value) {
+    println!(
+        "\n== 8. fairness: a warm 4 KiB read beside {} cold sequential readers ({:.0} MiB/s cold)",
+        v["readers"],
+        v["cold_mib_per_s"].as_f64().unwrap_or(0.0)
+    );
+    let mut t = Table::new(&["warm reads", "median", "p99", "reads"]);
+    for (label_, k) in [
+        ("alone", "warm_alone_s"),
+        ("beside the cold readers", "warm_loaded_s"),
+    ] {
+        t.row(vec![
+            label_.to_owned(),
+            ms(v[k]["p50"].as_f64().unwrap_or(0.0)),
+            ms(v[k]["p99"].as_f64().unwrap_or(0.0)),
+            v[k]["n"].to_string(),
+        ]);
+    }
+    t.print();
+    println!(
+        "  p99 loaded / alone: {:.2}x (target: at most 2x)",
+        v["p99_ratio"].as_f64().unwrap_or(0.0)
+    );
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let written = parse_size(&args.written)?;
@@ -1413,7 +1521,36 @@ fn main() -> Result<()> {
     let before = machine_state();
     let started = Instant::now();
     // Parts run on their own: one part, one report.
-    let own: Option<(&str, Value)> = if let Some(rounds) = args.idle {
+    let own: Option<(&str, Value)> = if let Some(readers) = args.fairness {
+        let region = parse_size(&args.fairness_region)?;
+        // Every MiB its own random bytes: each reader's chunks are its own.
+        let raw = env.path("fairness.raw");
+        let size = 4 * MIB + readers as u64 * region;
+        {
+            let f = std::fs::File::create(&raw)?;
+            for at in (0..size).step_by(MIB as usize) {
+                f.write_all_at(&pattern(at / MIB + 80_000), at)?;
+            }
+        }
+        env.run(&[
+            "image",
+            "import-raw",
+            "--name",
+            "fairness",
+            raw.to_str().unwrap(),
+        ])?;
+        let daemon = env.daemon()?;
+        let v = part_fairness(
+            &mut Api::new(&daemon.socket),
+            "fairness",
+            readers,
+            region,
+            args.fairness_secs,
+        )?;
+        drop(daemon);
+        print_fairness(&v);
+        Some(("fairness", v))
+    } else if let Some(rounds) = args.idle {
         import_sparse(&env, "idle", GIB)?;
         let daemon = env.daemon()?;
         let idle = part_idle(&mut Api::new(&daemon.socket), "idle", rounds)?;
