@@ -1465,15 +1465,16 @@ fn print_fairness(v: &Value) {
         v["readers"],
         v["cold_mib_per_s"].as_f64().unwrap_or(0.0)
     );
-    let mut t = Table::new(&["warm reads", "median", "p99", "reads"]);
+    let mut t = Table::new(&["warm reads", "median µs", "p99 µs", "reads"]);
+    let us = |x: &Value| format!("{:.1}", x.as_f64().unwrap_or(0.0) * 1e6);
     for (label_, k) in [
         ("alone", "warm_alone_s"),
         ("beside the cold readers", "warm_loaded_s"),
     ] {
         t.row(vec![
             label_.to_owned(),
-            ms(v[k]["p50"].as_f64().unwrap_or(0.0)),
-            ms(v[k]["p99"].as_f64().unwrap_or(0.0)),
+            us(&v[k]["p50"]),
+            us(&v[k]["p99"]),
             v[k]["n"].to_string(),
         ]);
     }
