@@ -244,6 +244,10 @@ pub struct Host {
     manifests: Mutex<HashMap<ManifestId, Arc<Manifest>>>,
     /// Sandboxes suspended for idling, by name.
     dozing: Mutex<BTreeMap<String, Dozing>>,
+    /// Held by a suspend for idling from its start to its entry in
+    /// `dozing`, and by a wake: a request that comes meanwhile (the
+    /// sandbox no longer served, not yet dozing) waits for it.
+    dozing_turn: Mutex<()>,
     idle_suspends: std::sync::atomic::AtomicU64,
     idle_wakes: std::sync::atomic::AtomicU64,
 }
@@ -342,6 +346,7 @@ impl Host {
             upload_timeout,
             manifests: Mutex::default(),
             dozing: Mutex::default(),
+            dozing_turn: Mutex::default(),
             idle_suspends: Default::default(),
             idle_wakes: Default::default(),
         })
@@ -1319,6 +1324,7 @@ impl Host {
         input: MachineInput,
         wake: std::sync::mpsc::Sender<String>,
     ) -> Result<()> {
+        let _turn = self.dozing_turn.lock().unwrap_or_else(|p| p.into_inner());
         let record = self.get_record(name)?;
         let socket = self.disk_socket(&record.id);
         self.suspend_with(name, input, true)?;
@@ -1348,6 +1354,7 @@ impl Host {
     /// Resumes `key` if it is a sandbox this host suspended for idling
     /// (its disk socket at the same path); None if it is not one.
     pub fn wake(&self, key: &str) -> Result<Option<SandboxView>> {
+        let _turn = self.dozing_turn.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut doze) = self.dozing_map().remove(key) else {
             return Ok(None);
         };
