@@ -1087,7 +1087,13 @@ fn an_idle_sandbox_is_suspended_and_resumed_by_its_vmm_or_an_api_call() {
         calls.display(),
         mem.display()
     );
-    let (daemon, _) = env.daemon_with(&[("CAIRN_IDLE_HOOK", hook.as_str())]);
+    // A fault injector holds each suspend for idling for 0.5 s between
+    // the sandbox leaving the served ones and its doorbell: a request in
+    // that window must wait for it, not find no sandbox.
+    let (daemon, _) = env.daemon_with(&[
+        ("CAIRN_IDLE_HOOK", hook.as_str()),
+        ("CAIRN_FAULT_PAUSE_BEFORE_DOZING_MS", "500"),
+    ]);
     let s = env.sandbox(&[
         "create",
         "sleepy",
@@ -1125,7 +1131,8 @@ fn an_idle_sandbox_is_suspended_and_resumed_by_its_vmm_or_an_api_call() {
     assert_eq!(woken["idle_suspend_ms"], 2000, "kept across the wake");
     assert_memory_served(&woken, &memory);
 
-    // Idle again; this time an API call wakes it.
+    // Idle again; this time an API call wakes it, at once (in the
+    // injector's window).
     until_dozing(&env, "sleepy");
     let again = env.sandbox(&["describe", "sleepy"]);
     assert_eq!(again["state"], "running", "{again}");

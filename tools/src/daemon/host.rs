@@ -1328,6 +1328,9 @@ impl Host {
         let record = self.get_record(name)?;
         let socket = self.disk_socket(&record.id);
         self.suspend_with(name, input, true)?;
+        // Fault injector for the tests: widens the window between the
+        // sandbox leaving the served ones and its doorbell.
+        crate::faults::pause_for_tests("CAIRN_FAULT_PAUSE_BEFORE_DOZING_MS");
         let doorbell = super::idle::Doorbell::ring(&socket, name, wake)
             .map_err(|e| tracing::warn!(sandbox = %name, error = %format!("{e:#}"), "no doorbell on the disk socket: only an API call resumes it"))
             .ok();
