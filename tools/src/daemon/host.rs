@@ -120,7 +120,7 @@ pub struct CreateRequest {
 }
 
 /// What a sandbox suspended for idling keeps across its resume: its local
-/// id (so its disk socket's path) and its idle time-out.
+/// id, so its disk socket's path (its idle time-out goes in the request).
 #[derive(Debug, Clone, Default)]
 pub struct Kept {
     pub id: Option<String>,
