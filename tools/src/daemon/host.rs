@@ -220,7 +220,7 @@ pub struct Dozing {
     pub idle_suspend_ms: Option<u64>,
     pub doorbell: Option<super::idle::Doorbell>,
     /// The doorbell's listener once it stops, for the disk server.
-    pub listener: Mutex<Option<std::os::unix::net::UnixListener>>,
+    pub listener: Option<std::os::unix::net::UnixListener>,
 }
 
 /// Layers that snapshots being uploaded stand on, by snapshot id: kept
@@ -1344,7 +1344,7 @@ impl Host {
                 queues: record.queues,
                 idle_suspend_ms: record.idle_suspend_ms,
                 doorbell,
-                listener: Mutex::new(None),
+                listener: None,
             },
         );
         Ok(())
@@ -1363,7 +1363,7 @@ impl Host {
         };
         if let Some(bell) = doze.doorbell.take() {
             match bell.take_listener() {
-                Ok(l) => *doze.listener.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(l),
+                Ok(l) => doze.listener = Some(l),
                 Err(e) => {
                     tracing::warn!(sandbox = %key, error = %format!("{e:#}"), "the doorbell's listener is lost; the disk socket is made again")
                 }
@@ -1427,11 +1427,9 @@ impl Host {
         project: &str,
         queues: u16,
         taken: catalog::sandbox::SandboxRecord,
-        doze: Option<Dozing>,
+        mut doze: Option<Dozing>,
     ) -> Result<SandboxView> {
-        let listener = doze
-            .as_ref()
-            .and_then(|d| d.listener.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let listener = doze.as_mut().and_then(|d| d.listener.take());
         let snapshot = taken
             .snapshot
             .clone()
