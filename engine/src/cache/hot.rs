@@ -59,6 +59,11 @@ impl HotChunks {
         self.entries.remove(id);
     }
 
+    /// Whether `id` is held here (without counting a read).
+    pub fn holds(&self, id: &ChunkId) -> bool {
+        self.entries.contains_key(id)
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -349,6 +349,33 @@ impl LazyDisk {
         Ok(())
     }
 
+    /// Whether reading `len` bytes at `offset` would wait for a fetch:
+    /// an image chunk in the range that the layers do not cover whole is
+    /// neither among this view's hot chunks nor in the cache. A guess (the
+    /// cache may change before the read), for a scheduler that keeps slow
+    /// reads away from the threads that serve fast ones.
+    pub fn would_fetch(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || self.check(offset, len).is_err() {
+            return false;
+        }
+        let stack = self.disk.read_stack();
+        let base = &stack.base;
+        let cs = u64::from(base.chunk_size);
+        let map = &self.disk.map;
+        let end = offset + len;
+        let hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        (offset / cs..end.div_ceil(cs)).any(|c| {
+            let Some(id) = base.chunks.get(c as usize).copied().flatten() else {
+                return false;
+            };
+            let blocks = (c * cs).max(offset) / BLOCK..((c + 1) * cs).min(end).div_ceil(BLOCK);
+            let covered = blocks
+                .into_iter()
+                .all(|b| stack.layer(map.get(b)).is_some());
+            !covered && !hot.holds(&id) && !self.disk.store.cache().contains(&id)
+        })
+    }
+
     /// Feeds the sequential-read detector with a read of `len` bytes at
     /// `offset` and asks for chunks ahead when a stream is found.
     fn read_ahead(&self, stack: &Stack, offset: u64, len: u64) {

@@ -1,32 +1,36 @@
-//! The vhost-user-blk backend: one worker thread per queue, each with its
+//! The vhost-user-blk device: one worker state per queue, each with its
 //! own view of the disk, so no lock is shared by all queues on the I/O
 //! path (the overlay's dirty map is atomic; FLUSH gathers every queue).
+//! Queues are served in turns by the shared pool ([`super::reactor`]):
+//! a turn runs at most [`TURN_BUDGET`] requests, then the queue goes to
+//! the back of the line.
 
 use std::io;
 use std::num::Wrapping;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cairn_engine::disk::LazyDisk;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
-use super::config::{DeviceConfig, CONFIG_LEN, QUEUE_SIZE, WRITEBACK_OFFSET};
+use super::config::{DeviceConfig, CONFIG_LEN, WRITEBACK_OFFSET};
 use super::exec::{execute, ExecConfig};
 use super::poll::Poller;
-use super::request::{parse, Limits};
+use super::cold::ColdPool;
+use super::request::{parse, Kind, Limits, Request, SECTOR};
 
-type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+pub(crate) type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Requests one turn of a queue runs before it yields its thread.
+const TURN_BUDGET: usize = 32;
 
 struct Worker {
     disk: LazyDisk,
@@ -63,21 +67,26 @@ pub struct BlkBackend {
     cfg: DeviceConfig,
     exec: ExecConfig,
     limits: Limits,
-    /// One per queue; each is locked by its own worker thread (and by the
-    /// control thread when guest memory changes).
+    /// One per queue; each is locked by the pool thread running the
+    /// queue's turn (and by the control path when guest memory changes
+    /// or the queue stops).
     workers: Vec<Mutex<Worker>>,
     event_idx: AtomicBool,
     /// The cache mode: write-back only when the driver negotiated FLUSH
     /// (without it, virtio asks every write to be durable when it
     /// completes) and has not turned the cache off (CONFIG_WCE).
     cache: Mutex<CacheMode>,
-    exits: Mutex<Vec<(EventConsumer, EventNotifier)>>,
     /// The connection being served, to cut.
-    connection: Mutex<Option<ShutdownHandle>>,
+    pub(crate) connection: Mutex<Option<UnixStream>>,
     /// Serving ended for good while a VMM was connected (see
     /// [`BlkServer::park_and_stop`]): the VMM's next request
     /// cuts its connection, and nothing is served.
     parked: AtomicBool,
+    /// The view cold reads run on ([`super::cold`]), and how many are
+    /// under way.
+    cold_disk: Option<Arc<LazyDisk>>,
+    cold_in_flight: Mutex<usize>,
+    cold_settled: Condvar,
     /// When the backend was made, and milliseconds from then to its last
     /// kicked queue or connection: how long it has been idle.
     born: Instant,
@@ -100,7 +109,11 @@ impl BlkBackend {
             read_only: cfg.read_only,
             serial: cfg.serial.clone(),
         };
+        let cold_disk = disks.first().map(|d| Arc::new(d.disk().queue()));
         Arc::new(BlkBackend {
+            cold_disk,
+            cold_in_flight: Mutex::new(0),
+            cold_settled: Condvar::new(),
             limits: cfg.limits(),
             exec,
             workers: disks
@@ -116,7 +129,6 @@ impl BlkBackend {
                 .collect(),
             event_idx: AtomicBool::new(false),
             cache: Mutex::new(CacheMode::default()),
-            exits: Mutex::new(Vec::new()),
             connection: Mutex::new(None),
             parked: AtomicBool::new(false),
             born: Instant::now(),
@@ -141,32 +153,14 @@ impl BlkBackend {
         lock(&self.cache).writeback()
     }
 
-    /// Fresh exit events for the worker threads of a new connection.
-    fn new_session(&self) -> io::Result<()> {
-        let mut exits = lock(&self.exits);
-        exits.clear();
-        for _ in 0..self.cfg.queues {
-            exits.push(new_event_consumer_and_notifier(EventFlag::empty())?);
-        }
-        Ok(())
-    }
-
-    /// Tells this connection's worker threads to exit, then fences the
-    /// queues.
-    fn end_session(&self) {
-        for (_, notifier) in lock(&self.exits).iter() {
-            let _ = notifier.notify();
-        }
-        self.fence();
-    }
-
-    /// Waits for any request the workers are running and takes guest
-    /// memory from every queue, so that a worker that wakes once more runs
-    /// nothing; then makes what was written durable.
-    fn fence(&self) {
+    /// Waits for any turn under way and takes guest memory from every
+    /// queue, so that a turn that starts later runs nothing; then makes
+    /// what was written durable.
+    pub(crate) fn fence(&self) {
         for w in &self.workers {
             lock(w).mem = None;
         }
+        self.wait_for_cold_reads();
         // Whatever ended the serving, what was written stays put.
         if let Some(w) = self.workers.first() {
             if let Err(e) = lock(w).disk.flush() {
@@ -182,7 +176,7 @@ impl BlkBackend {
     /// one that goes while the device runs. Its control messages (a
     /// paused VM resuming starts the device) are answered meanwhile, and
     /// its first request, unserved, cuts it.
-    fn park(&self) {
+    pub(crate) fn park(&self) {
         self.parked.store(true, Ordering::Release);
         self.fence();
     }
@@ -192,30 +186,40 @@ impl BlkBackend {
         if !self.parked.load(Ordering::Acquire) {
             return false;
         }
-        if let Some(h) = lock(&self.connection).take() {
+        if let Some(conn) = lock(&self.connection).take() {
             tracing::info!("the VMM of a disk served elsewhere now asked for it: disconnecting it");
-            h.shutdown();
+            let _ = conn.shutdown(std::net::Shutdown::Both);
         }
         true
     }
 
     /// Keeps the new connection's handle; cuts it at once if serving
     /// ended meanwhile.
-    fn connected(&self, handle: Option<ShutdownHandle>) {
+    pub(crate) fn connected(&self, conn: Option<UnixStream>) {
         self.touch();
-        *lock(&self.connection) = handle;
+        *lock(&self.connection) = conn;
         self.cut_if_parked();
     }
 
-    /// Serves the queue `index` until it has nothing available and stays
-    /// empty for the poller's window.
-    fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+    pub(crate) fn is_parked(&self) -> bool {
+        self.parked.load(Ordering::Acquire)
+    }
+
+    /// Runs one turn of queue `index`: its requests until it has nothing
+    /// available and stays empty for the poller's window, or until
+    /// [`TURN_BUDGET`] requests ran; then the queue kicks itself, so that
+    /// its next turn comes after the other queues waiting.
+    pub(crate) fn process(self: &Arc<Self>, index: usize, vring: &VringRwLock) -> io::Result<()> {
         if self.cut_if_parked() {
             // Left in the ring for the backend the VMM reconnects to.
             return Ok(());
         }
         self.touch();
         let mut worker = lock(&self.workers[index]);
+        if !vring.get_ref().get_queue().ready() {
+            // Stopped (GET_VRING_BASE) since the kick came.
+            return Ok(());
+        }
         let Worker {
             disk,
             mem,
@@ -228,10 +232,22 @@ impl BlkBackend {
         };
         let mem = atomic.memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
+        let mut budget = TURN_BUDGET;
         loop {
-            self.drain(index, vring, &mem, disk, scratch, event_idx)?;
+            let drained = self.drain(
+                index,
+                vring,
+                (&atomic, &mem),
+                disk,
+                scratch,
+                event_idx,
+                &mut budget,
+            )?;
             if !event_idx || vring.needs_notification().map_err(qerr)? {
                 vring.signal_used_queue()?;
+            }
+            if !drained {
+                return kick_again(vring);
             }
             // Drained and answered: watch the ring a little before sleeping.
             let more = poller.watch(|| {
@@ -248,18 +264,23 @@ impl BlkBackend {
         Ok(())
     }
 
-    /// Runs every request the queue holds, until it is empty with
-    /// notifications on again.
+    /// Runs the requests the queue holds, until it is empty with
+    /// notifications on again (true) or `budget` ran out first (false).
+    #[allow(clippy::too_many_arguments)]
     fn drain(
-        &self,
+        self: &Arc<Self>,
         index: usize,
         vring: &VringRwLock,
-        mem: &GuestMemoryMmap,
+        (atomic, mem): (&Memory, &GuestMemoryMmap),
         disk: &mut LazyDisk,
         scratch: &mut Vec<u8>,
         event_idx: bool,
-    ) -> io::Result<()> {
+        budget: &mut usize,
+    ) -> io::Result<bool> {
         loop {
+            if *budget == 0 {
+                return Ok(false);
+            }
             if event_idx {
                 vring.disable_notification().map_err(qerr)?;
             }
@@ -268,10 +289,17 @@ impl BlkBackend {
                 .get_queue_mut()
                 .iter(mem)
                 .map_err(qerr)?
+                .take(*budget)
                 .collect();
+            *budget -= chains.len();
             for chain in chains {
                 let head = chain.head_index();
                 let used = match parse(chain, mem, &self.limits) {
+                    Ok(req) if self.is_cold(&req, disk) => {
+                        tracing::trace!(queue = index, sector = req.sector, len = req.data_len, "cold read");
+                        self.read_cold(req, head, vring.clone(), atomic.clone(), event_idx);
+                        continue;
+                    }
                     Ok(req) => {
                         tracing::trace!(queue = index, kind = ?req.kind, sector = req.sector, len = req.data_len, "request");
                         // Read per request: the guest may switch the cache
@@ -296,34 +324,121 @@ impl BlkBackend {
                 };
                 vring.add_used(head, used).map_err(qerr)?;
             }
+            if *budget == 0 {
+                return Ok(false);
+            }
             if !event_idx || !vring.enable_notification().map_err(qerr)? {
-                return Ok(());
+                return Ok(true);
             }
         }
     }
+}
+
+impl BlkBackend {
+    /// Whether `req` is a read that would wait for a fetch.
+    fn is_cold(&self, req: &Request, disk: &LazyDisk) -> bool {
+        matches!(req.kind, Kind::Read)
+            && self.cold_disk.is_some()
+            && req
+                .sector
+                .checked_mul(SECTOR)
+                .is_some_and(|offset| disk.would_fetch(offset, req.data_len))
+    }
+
+    /// Runs the read `req` (chain `head`) on the cold-read threads; it
+    /// completes there.
+    fn read_cold(
+        self: &Arc<Self>,
+        req: Request,
+        head: u16,
+        vring: VringRwLock,
+        mem: Memory,
+        event_idx: bool,
+    ) {
+        *lock(&self.cold_in_flight) += 1;
+        let backend = self.clone();
+        ColdPool::global().run(move || {
+            backend.complete_cold(&req, head, &vring, &mem, event_idx);
+            let mut n = lock(&backend.cold_in_flight);
+            *n -= 1;
+            if *n == 0 {
+                backend.cold_settled.notify_all();
+            }
+        });
+    }
+
+    fn complete_cold(
+        &self,
+        req: &Request,
+        head: u16,
+        vring: &VringRwLock,
+        mem: &Memory,
+        event_idx: bool,
+    ) {
+        let Some(disk) = &self.cold_disk else { return };
+        let mem = mem.memory();
+        let done = execute(req, disk, &*mem, &self.exec, false, &mut Vec::new());
+        let used = match mem.write_obj(done.status, req.status) {
+            Ok(()) => done.used_len,
+            Err(e) => {
+                tracing::warn!("cannot write the status byte: {e}");
+                0
+            }
+        };
+        let answered = vring.add_used(head, used).map_err(qerr).and_then(|()| {
+            if !event_idx || vring.needs_notification().map_err(qerr)? {
+                vring.signal_used_queue()?;
+            }
+            Ok(())
+        });
+        if let Err(e) = answered {
+            tracing::warn!("cannot complete a cold read: {e}");
+        }
+    }
+
+    /// Waits until no cold read is under way (they write guest memory
+    /// and the used ring).
+    fn wait_for_cold_reads(&self) {
+        let mut n = lock(&self.cold_in_flight);
+        while *n > 0 {
+            n = self
+                .cold_settled
+                .wait(n)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Makes the queue's kick readable again, so that the pool gives it
+/// another turn after the sources already waiting.
+fn kick_again(vring: &VringRwLock) -> io::Result<()> {
+    let state = vring.get_ref();
+    let Some(kick) = state.get_kick().as_ref() else {
+        return Ok(());
+    };
+    // SAFETY: the descriptor is the kick eventfd the vring state owns; the
+    // state guard keeps it open for this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) };
+    rustix::io::write(fd, &1u64.to_ne_bytes())?;
+    Ok(())
 }
 
 fn qerr(e: virtio_queue::Error) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
-    fn num_queues(&self) -> usize {
+/// What the device offers and answers in the control path (called by
+/// [`super::session`]).
+impl BlkBackend {
+    pub(crate) fn num_queues(&self) -> usize {
         usize::from(self.cfg.queues)
     }
 
-    fn max_queue_size(&self) -> usize {
-        QUEUE_SIZE
-    }
-
-    fn features(&self) -> u64 {
+    pub(crate) fn features(&self) -> u64 {
         self.cfg.features()
     }
 
-    fn acked_features(&self, features: u64) {
+    pub(crate) fn acked_features(&self, features: u64) {
         let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
         if !flush {
             tracing::info!("the driver did not negotiate FLUSH: every write is made durable before it completes");
@@ -334,17 +449,17 @@ impl VhostUserBackend for BlkBackend {
         };
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+    pub(crate) fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
-    fn set_event_idx(&self, enabled: bool) {
+    pub(crate) fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Release);
     }
 
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+    pub(crate) fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let space = self.cfg.config_space(self.writeback());
         let start = (offset as usize).min(CONFIG_LEN);
         let end = start.saturating_add(size as usize).min(CONFIG_LEN);
@@ -353,7 +468,7 @@ impl VhostUserBackend for BlkBackend {
         out
     }
 
-    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+    pub(crate) fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         if offset == WRITEBACK_OFFSET && buf.len() == 1 {
             let mut cache = lock(&self.cache);
             cache.guest_wants_writeback = buf[0] != 0;
@@ -374,7 +489,7 @@ impl VhostUserBackend for BlkBackend {
         ))
     }
 
-    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+    pub(crate) fn update_memory(&self, mem: Memory) -> io::Result<()> {
         if self.parked.load(Ordering::Acquire) {
             // Kept from the queues: nothing is served here any more.
             return Ok(());
@@ -385,199 +500,16 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.cfg.queues).map(|q| 1u64 << q).collect()
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let exits = lock(&self.exits);
-        let (c, n) = exits.get(thread_index)?;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        _thread_id: usize,
-    ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
-        }
-        let index = usize::from(device_event);
-        let vring = vrings
-            .get(index)
-            .ok_or_else(|| io::Error::other(format!("event for unknown queue {index}")))?;
-        self.process(index, vring)
-    }
-}
-
-/// Listens on `socket` and serves one VMM connection after another until
-/// the process ends; `ready` runs once the socket accepts connections.
-pub fn serve(socket: &Path, backend: Arc<BlkBackend>, ready: impl FnOnce()) -> io::Result<()> {
-    serve_until(socket, None, backend, ready, &AtomicBool::new(false))
-}
-
-/// As [`serve`], until `stop` is set and the listener woken (a connection
-/// that says nothing, as [`BlkServer::stop`] makes); a VMM connected then
-/// is served until it goes (or, parked, until its next request).
-fn serve_until(
-    socket: &Path,
-    bound: Option<std::os::unix::net::UnixListener>,
-    backend: Arc<BlkBackend>,
-    ready: impl FnOnce(),
-    stop: &AtomicBool,
-) -> io::Result<()> {
-    // Bound here, not by `Listener::new`, whose drop would remove the
-    // path: a parked server's path may be another's by then.
-    let bound = match bound {
-        Some(l) => l,
-        None => {
-            let _ = std::fs::remove_file(socket);
-            std::os::unix::net::UnixListener::bind(socket)?
-        }
-    };
-    let mut listener = Listener::from(bound);
-    ready();
-    while !stop.load(Ordering::Acquire) {
-        backend.new_session()?;
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new("cairn-blk".into(), backend.clone(), mem)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        daemon
-            .start(&mut listener)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        backend.connected(daemon.shutdown_handle());
-        let woken = stop.load(Ordering::Acquire);
-        if !woken {
-            tracing::info!("VMM connected");
-        }
-        let result = daemon.wait();
-        backend.connected(None);
-        backend.end_session();
-        match result {
-            _ if woken => {}
-            Ok(()) => tracing::info!("VMM disconnected"),
-            Err(e) => tracing::info!("VMM connection ended: {e}"),
-        }
-    }
-    // A parked server's path was given up at the switch (it may be
-    // another's now).
-    if !backend.parked.load(Ordering::Acquire) {
-        let _ = std::fs::remove_file(socket);
-    }
-    Ok(())
-}
-
-/// A vhost-user-blk socket served on a thread of its own until stopped.
-pub struct BlkServer {
-    socket: std::path::PathBuf,
-    backend: Arc<BlkBackend>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
-}
-
-impl BlkServer {
-    /// Starts serving `backend` on `socket`; returns once the socket
-    /// accepts connections.
-    pub fn start(socket: &Path, backend: Arc<BlkBackend>) -> io::Result<BlkServer> {
-        BlkServer::start_on(socket, None, backend)
-    }
-
-    /// [`BlkServer::start`] on `listener` if given, already bound at
-    /// `socket` (connections waiting in its backlog are served).
-    pub fn start_on(
-        socket: &Path,
-        listener: Option<std::os::unix::net::UnixListener>,
-        backend: Arc<BlkBackend>,
-    ) -> io::Result<BlkServer> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = {
-            let (socket, stop, backend) = (socket.to_owned(), stop.clone(), backend.clone());
-            std::thread::Builder::new()
-                .name("cairn-blk".into())
-                .spawn(move || {
-                    serve_until(
-                        &socket,
-                        listener,
-                        backend,
-                        || {
-                            let _ = tx.send(());
-                        },
-                        &stop,
-                    )
-                })?
-        };
-        if rx.recv().is_err() {
-            // The thread ended before the socket was ready: its error.
-            return Err(match thread.join() {
-                Ok(Err(e)) => e,
-                _ => io::Error::other("the vhost-user-blk server thread ended at start"),
-            });
-        }
-        Ok(BlkServer {
-            socket: socket.to_owned(),
-            backend,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
-    /// How long since its disk was last asked for anything.
-    pub fn idle_for(&self) -> Duration {
-        self.backend.idle_for()
-    }
-
-    /// Whether a VMM is connected now.
-    pub fn vmm_connected(&self) -> bool {
-        lock(&self.backend.connection).is_some()
-    }
-
-    /// Stops taking connections and waits for the thread: at once if no
-    /// VMM is connected, else when it disconnects.
-    pub fn stop(mut self) -> io::Result<()> {
-        self.stop.store(true, Ordering::Release);
-        self.join()
-    }
-
-    /// Stops serving at once, for a disk that another backend serves
-    /// next: requests in flight are answered, every completed write is
-    /// durable, and none is served after this returns; the socket's path
-    /// is removed. A connected VMM keeps its connection until its next
-    /// request (a paused one's comes after it resumes), which cuts it: it
-    /// then reconnects, by its path, to the next backend, where that
-    /// request and those after it are served (as after any backend
-    /// restart).
-    pub fn park_and_stop(mut self) -> io::Result<()> {
-        self.stop.store(true, Ordering::Release);
-        self.backend.park();
-        if self.vmm_connected() {
-            let _ = std::fs::remove_file(&self.socket);
-            // The thread ends with that connection.
-            drop(self.thread.take());
-            return Ok(());
-        }
-        // (A VMM that connects meanwhile is cut at once.)
-        let joined = self.join();
-        let _ = std::fs::remove_file(&self.socket);
-        joined
-    }
-
-    fn join(&mut self) -> io::Result<()> {
-        // Wake the accept; it sees the flag once this connection ends.
-        drop(std::os::unix::net::UnixStream::connect(&self.socket));
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(io::Error::other(
-                "the vhost-user-blk server thread panicked",
-            )),
-            None => Ok(()),
+    /// Runs `stop` (which stops queue `index`'s ring) once no turn of that
+    /// queue is under way.
+    pub(crate) fn stop_queue(&self, index: usize, stop: impl FnOnce()) {
+        match self.workers.get(index) {
+            Some(w) => {
+                let _turn = lock(w);
+                self.wait_for_cold_reads();
+                stop();
+            }
+            None => stop(),
         }
     }
 }

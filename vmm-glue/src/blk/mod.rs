@@ -1,10 +1,18 @@
-//! vhost-user-blk: serving a lazy disk to a VMM.
+//! vhost-user-blk: serving a lazy disk to a VMM. Every socket of the
+//! process is served by one pool of threads, as many as there are cores
+//! ([`reactor`]); [`session`] answers the protocol's control messages
+//! (parsed by the `vhost` crate), [`backend`] the queues.
 
 pub mod backend;
 pub mod config;
 pub mod exec;
 pub mod poll;
+mod cold;
+mod reactor;
 pub mod request;
+mod server;
+mod session;
 
-pub use backend::{serve, BlkBackend, BlkServer};
+pub use backend::BlkBackend;
 pub use config::{DeviceConfig, DEFAULT_POLL};
+pub use server::{pool_threads, serve, BlkServer};

@@ -1,0 +1,52 @@
+//! Reads that must wait for a fetch (a chunk in neither the cache nor the
+//! queue's hot set) run here, on a few threads of their own, so that they
+//! never hold one of the pool's threads ([`super::reactor`]) while
+//! another disk's cached reads wait: one sandbox's cold reads or
+//! read-ahead cannot starve another's warm ones. The requests complete
+//! out of order, as virtio allows.
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Threads that wait for fetches, whatever the number of disks.
+pub const COLD_THREADS: usize = 4;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+pub(crate) struct ColdPool {
+    jobs: Sender<Job>,
+}
+
+impl ColdPool {
+    /// The process's pool, started on first use.
+    pub(crate) fn global() -> &'static ColdPool {
+        static POOL: OnceLock<ColdPool> = OnceLock::new();
+        POOL.get_or_init(|| {
+            let (jobs, rx) = channel::<Job>();
+            let rx = Arc::new(Mutex::new(rx));
+            for i in 0..COLD_THREADS {
+                let rx = rx.clone();
+                std::thread::Builder::new()
+                    .name(format!("cairn-blk-cold-{i}"))
+                    .spawn(move || run(&rx))
+                    .expect("cannot start the cold-read threads");
+            }
+            ColdPool { jobs }
+        })
+    }
+
+    pub(crate) fn run(&self, job: impl FnOnce() + Send + 'static) {
+        // The threads never end, so the channel never closes.
+        let _ = self.jobs.send(Box::new(job));
+    }
+}
+
+fn run(rx: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        job();
+    }
+}
