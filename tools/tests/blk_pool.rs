@@ -22,7 +22,9 @@ use cairn_engine::objstore::{
     Versioned,
 };
 use cairn_engine::overlay::Overlay;
-use cairn_vmm_glue::blk::{pool_threads, BlkBackend, BlkServer, DeviceConfig, DEFAULT_POLL};
+use cairn_vmm_glue::blk::{
+    pool_threads, BlkBackend, BlkServer, DeviceConfig, ReadCounts, DEFAULT_POLL,
+};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
@@ -115,7 +117,7 @@ fn until(what: &str, mut cond: impl FnMut() -> bool) {
 
 struct Served {
     disk: Arc<Disk>,
-    _server: BlkServer,
+    server: BlkServer,
     socket: std::path::PathBuf,
 }
 
@@ -135,7 +137,7 @@ fn serve(dir: &Path, name: &str, manifest: &Arc<Manifest>, store: &ChunkStore) -
     let server = BlkServer::start(&socket, backend).unwrap();
     Served {
         disk,
-        _server: server,
+        server,
         socket,
     }
 }
@@ -175,9 +177,14 @@ fn a_fixed_pool_serves_every_disk_and_cached_reads_pass_reads_waiting_for_the_st
     // The warm disk: its first 512 KiB read once, so cached.
     let warm = serve(dir.path(), "warm", &manifest, &store);
     let mut w = Client::connect(&warm.socket).unwrap();
-    assert_eq!(w.read(0, (512 * KIB) as usize).unwrap(), image[..(512 * KIB) as usize]);
+    assert_eq!(
+        w.read(0, (512 * KIB) as usize).unwrap(),
+        image[..(512 * KIB) as usize]
+    );
     let view = warm.disk.queue();
-    until("the warm span is cached", || !view.would_fetch(0, 512 * KIB));
+    until("the warm span is cached", || {
+        !view.would_fetch(0, 512 * KIB)
+    });
     let pool = pool_threads();
     let before = threads();
 
@@ -204,7 +211,7 @@ fn a_fixed_pool_serves_every_disk_and_cached_reads_pass_reads_waiting_for_the_st
         })
         .collect();
     until("the cold reads wait for the store", || {
-        gate.waiting.load(Ordering::SeqCst) >= pool + 1
+        gate.waiting.load(Ordering::SeqCst) > pool
     });
 
     // The warm disk is served meanwhile, every byte right.
@@ -212,7 +219,11 @@ fn a_fixed_pool_serves_every_disk_and_cached_reads_pass_reads_waiting_for_the_st
     for _ in 0..200 {
         let at = rng.u64(..512 * KIB / 4096) * 4096;
         let got = w.read(at, 4096).unwrap();
-        assert_eq!(got, image[at as usize..at as usize + 4096], "warm read at {at}");
+        assert_eq!(
+            got,
+            image[at as usize..at as usize + 4096],
+            "warm read at {at}"
+        );
     }
     assert!(
         answered.load(Ordering::SeqCst) == 0 && gate.waiting.load(Ordering::SeqCst) > pool,
@@ -234,9 +245,33 @@ fn a_fixed_pool_serves_every_disk_and_cached_reads_pass_reads_waiting_for_the_st
     gate.closed.store(false, Ordering::Release);
     for r in readers {
         let (at, got) = r.join().unwrap();
-        assert_eq!(got, image[at as usize..(at + 64 * KIB) as usize], "cold read at {at}");
+        assert_eq!(
+            got,
+            image[at as usize..(at + 64 * KIB) as usize],
+            "cold read at {at}"
+        );
+    }
+    // Each disk's reads are counted by where their bytes came from.
+    assert_eq!(
+        warm.server.read_counts(),
+        ReadCounts {
+            local_bytes: 200 * 4096,
+            store_bytes: 512 * KIB,
+        }
+    );
+    for s in &cold {
+        assert_eq!(
+            s.server.read_counts(),
+            ReadCounts {
+                local_bytes: 0,
+                store_bytes: 64 * KIB,
+            }
+        );
     }
     // And the idle disks serve too.
     let mut c = Client::connect(&idle[49].socket).unwrap();
-    assert_eq!(c.read(MIB, 4096).unwrap(), image[MIB as usize..(MIB + 4096) as usize]);
+    assert_eq!(
+        c.read(MIB, 4096).unwrap(),
+        image[MIB as usize..(MIB + 4096) as usize]
+    );
 }

@@ -162,6 +162,16 @@ fn sandboxes_are_created_cloned_while_running_and_survive_a_killed_daemon() {
     assert_eq!(d["layers"], 3);
     let metrics = http_get(&env.socket(), "/metrics");
     assert!(metrics.contains("cairn_sandboxes 2"), "{metrics}");
+    // Every byte its guest read is counted once, from the cache or the
+    // store: beta read its whole disk three times.
+    let read = |source: &str| {
+        metric(
+            &metrics,
+            &format!("cairn_sandbox_read_bytes_total{{sandbox=\"beta\",source=\"{source}\"}}"),
+        )
+    };
+    assert_eq!(read("local") + read("store"), 3.0 * env.image.len() as f64);
+    assert_eq!(d["read_local_bytes"].as_f64().unwrap(), read("local"));
     assert!(
         metrics.contains("cairn_api_request_seconds_count{op=\"clone\",outcome=\"ok\"} 3"),
         "{metrics}"

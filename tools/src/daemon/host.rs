@@ -63,6 +63,10 @@ pub struct SandboxView {
     pub idle_suspend_ms: Option<u64>,
     /// Bytes its live layer holds (written since its last snapshot).
     pub bytes_written: u64,
+    /// Bytes its guest read (since it was last started here) from the
+    /// host's cache or its own layers, and from the store, waiting.
+    pub read_local_bytes: u64,
+    pub read_store_bytes: u64,
     pub cloned_from: Option<String>,
     /// Its latest snapshot, else the one it was made from.
     pub snapshot: Option<String>,
@@ -73,6 +77,7 @@ pub struct SandboxView {
 impl SandboxView {
     fn of(r: &Running) -> SandboxView {
         let rec = &r.record;
+        let reads = r.read_counts();
         SandboxView {
             id: rec.id.clone(),
             name: rec.name.clone(),
@@ -90,6 +95,8 @@ impl SandboxView {
             queues: rec.queues,
             idle_suspend_ms: rec.idle_suspend_ms,
             bytes_written: r.disk.live().dirty_count() * BLOCK,
+            read_local_bytes: reads.local_bytes,
+            read_store_bytes: reads.store_bytes,
             cloned_from: rec.cloned_from.clone(),
             snapshot: rec.snapshot.clone(),
             created: rec.created,

@@ -44,6 +44,16 @@ pub struct Metrics {
     unserved: Histogram,
     migration_delta: Counter,
     idle: Family<EventLabels, Counter>,
+    sandbox_reads: Family<SandboxReadLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SandboxReadLabels {
+    /// Its name, else its id.
+    sandbox: String,
+    /// `local` (the host's cache or its own layers) or `store` (a fetch
+    /// the read waited for).
+    source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,6 +95,7 @@ impl Default for Metrics {
             unserved: Histogram::new(exponential_buckets(1e-3, 2.0, 17)),
             migration_delta: Counter::default(),
             idle: Family::default(),
+            sandbox_reads: Family::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -179,6 +190,11 @@ impl Default for Metrics {
                 "Sandboxes suspended for idling (event suspend) and resumed at a request (event wake)",
                 m.idle.clone(),
             );
+            r.register(
+                "sandbox_read_bytes",
+                "Bytes each running sandbox's guest read, from the host's cache or its own layers (source local) or from the store (source store): its cache share is local / (local + store)",
+                m.sandbox_reads.clone(),
+            );
         }
         m
     }
@@ -235,7 +251,21 @@ impl Metrics {
 
     /// The metrics as OpenMetrics text.
     pub fn render(&self, host: &Host) -> String {
-        self.sandboxes.set(host.list().len() as i64);
+        let sandboxes = host.list();
+        self.sandboxes.set(sandboxes.len() as i64);
+        // Running sandboxes only, counted since each was started here.
+        self.sandbox_reads.clear();
+        for v in &sandboxes {
+            let sandbox = v.name.clone().unwrap_or_else(|| v.id.clone());
+            for (source, n) in [("local", v.read_local_bytes), ("store", v.read_store_bytes)] {
+                self.sandbox_reads
+                    .get_or_create(&SandboxReadLabels {
+                        sandbox: sandbox.clone(),
+                        source,
+                    })
+                    .inc_by(n);
+            }
+        }
         self.uploads_in_flight.set(host.uploads_in_flight() as i64);
         let (suspends, wakes) = host.idle_counts();
         for (event, n) in [("suspend", suspends), ("wake", wakes)] {

@@ -319,6 +319,14 @@ impl Running {
             .map_or(std::time::Duration::ZERO, BlkServer::idle_for)
     }
 
+    /// Bytes its guest read, by source (zero once it stopped serving).
+    pub fn read_counts(&self) -> cairn_vmm_glue::blk::ReadCounts {
+        self.server
+            .as_ref()
+            .map(BlkServer::read_counts)
+            .unwrap_or_default()
+    }
+
     /// Whether a VMM is connected to its disk socket now.
     pub fn vmm_connected(&self) -> bool {
         self.server.as_ref().is_some_and(BlkServer::vmm_connected)

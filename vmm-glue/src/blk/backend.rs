@@ -2,8 +2,9 @@
 //! own view of the disk, so no lock is shared by all queues on the I/O
 //! path (the overlay's dirty map is atomic; FLUSH gathers every queue).
 //! Queues are served in turns by the shared pool ([`super::reactor`]):
-//! a turn runs at most [`TURN_BUDGET`] requests, then the queue goes to
-//! the back of the line.
+//! a turn runs requests worth at most [`TURN_BUDGET`], then the queue
+//! goes back to the pool's ready queue, where turns are ordered by each
+//! disk's virtual time (what its turns cost so far).
 
 use std::io;
 use std::num::Wrapping;
@@ -21,16 +22,18 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
+use super::cold::ColdPool;
 use super::config::{DeviceConfig, CONFIG_LEN, WRITEBACK_OFFSET};
 use super::exec::{execute, ExecConfig};
 use super::poll::Poller;
-use super::cold::ColdPool;
 use super::request::{parse, Kind, Limits, Request, SECTOR};
 
 pub(crate) type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
-/// Requests one turn of a queue runs before it yields its thread.
-const TURN_BUDGET: usize = 32;
+/// What one turn of a queue may run before it yields its thread: each
+/// request costs its bytes plus [`REQUEST_COST`].
+const TURN_BUDGET: u64 = 128 * 1024;
+const REQUEST_COST: u64 = 4096;
 
 struct Worker {
     disk: LazyDisk,
@@ -63,6 +66,16 @@ impl CacheMode {
     }
 }
 
+/// Bytes the guest read, by where they came from: the host's cache or
+/// the sandbox's own layers (`local`), or a fetch from the store that the
+/// read waited for (`store`). The local share is the disk's share of what
+/// the shared cache saves.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReadCounts {
+    pub local_bytes: u64,
+    pub store_bytes: u64,
+}
+
 pub struct BlkBackend {
     cfg: DeviceConfig,
     exec: ExecConfig,
@@ -87,6 +100,11 @@ pub struct BlkBackend {
     cold_disk: Option<Arc<LazyDisk>>,
     cold_in_flight: Mutex<usize>,
     cold_settled: Condvar,
+    read_local: AtomicU64,
+    read_store: AtomicU64,
+    /// What this disk's requests cost so far, in the pool's fair order
+    /// (see [`super::reactor`]).
+    pub(crate) vtime: AtomicU64,
     /// When the backend was made, and milliseconds from then to its last
     /// kicked queue or connection: how long it has been idle.
     born: Instant,
@@ -114,6 +132,9 @@ impl BlkBackend {
             cold_disk,
             cold_in_flight: Mutex::new(0),
             cold_settled: Condvar::new(),
+            read_local: AtomicU64::new(0),
+            read_store: AtomicU64::new(0),
+            vtime: AtomicU64::new(0),
             limits: cfg.limits(),
             exec,
             workers: disks
@@ -146,6 +167,14 @@ impl BlkBackend {
     pub fn idle_for(&self) -> Duration {
         let last = Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed));
         self.born.elapsed().saturating_sub(last)
+    }
+
+    /// Bytes read so far, by source.
+    pub fn read_counts(&self) -> ReadCounts {
+        ReadCounts {
+            local_bytes: self.read_local.load(Ordering::Relaxed),
+            store_bytes: self.read_store.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether completed writes may wait for a FLUSH to be durable.
@@ -207,7 +236,7 @@ impl BlkBackend {
 
     /// Runs one turn of queue `index`: its requests until it has nothing
     /// available and stays empty for the poller's window, or until
-    /// [`TURN_BUDGET`] requests ran; then the queue kicks itself, so that
+    /// [`TURN_BUDGET`] was spent; then the queue kicks itself, so that
     /// its next turn comes after the other queues waiting.
     pub(crate) fn process(self: &Arc<Self>, index: usize, vring: &VringRwLock) -> io::Result<()> {
         if self.cut_if_parked() {
@@ -275,7 +304,7 @@ impl BlkBackend {
         disk: &mut LazyDisk,
         scratch: &mut Vec<u8>,
         event_idx: bool,
-        budget: &mut usize,
+        budget: &mut u64,
     ) -> io::Result<bool> {
         loop {
             if *budget == 0 {
@@ -284,24 +313,34 @@ impl BlkBackend {
             if event_idx {
                 vring.disable_notification().map_err(qerr)?;
             }
-            let chains: Vec<_> = vring
-                .get_mut()
-                .get_queue_mut()
-                .iter(mem)
-                .map_err(qerr)?
-                .take(*budget)
-                .collect();
-            *budget -= chains.len();
-            for chain in chains {
+            while *budget > 0 {
+                let next = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .iter(mem)
+                    .map_err(qerr)?
+                    .next();
+                let Some(chain) = next else { break };
                 let head = chain.head_index();
                 let used = match parse(chain, mem, &self.limits) {
                     Ok(req) if self.is_cold(&req, disk) => {
-                        tracing::trace!(queue = index, sector = req.sector, len = req.data_len, "cold read");
+                        tracing::trace!(
+                            queue = index,
+                            sector = req.sector,
+                            len = req.data_len,
+                            "cold read"
+                        );
+                        self.read_store.fetch_add(req.data_len, Ordering::Relaxed);
+                        self.charge(budget, req.data_len);
                         self.read_cold(req, head, vring.clone(), atomic.clone(), event_idx);
                         continue;
                     }
                     Ok(req) => {
                         tracing::trace!(queue = index, kind = ?req.kind, sector = req.sector, len = req.data_len, "request");
+                        if matches!(req.kind, Kind::Read) {
+                            self.read_local.fetch_add(req.data_len, Ordering::Relaxed);
+                        }
+                        self.charge(budget, req.data_len);
                         // Read per request: the guest may switch the cache
                         // between two requests of one batch.
                         let writethrough = !self.writeback();
@@ -316,6 +355,7 @@ impl BlkBackend {
                     }
                     Err(rej) => {
                         tracing::warn!(queue = index, "refused a request: {}", rej.why);
+                        self.charge(budget, 0);
                         match rej.status.map(|at| mem.write_obj(rej.code, at)) {
                             Some(Ok(())) => 1,
                             _ => 0,
@@ -335,6 +375,14 @@ impl BlkBackend {
 }
 
 impl BlkBackend {
+    /// Charges a request of `bytes` to this turn's budget and the disk's
+    /// virtual time.
+    fn charge(&self, budget: &mut u64, bytes: u64) {
+        let cost = REQUEST_COST.saturating_add(bytes);
+        *budget = budget.saturating_sub(cost);
+        self.vtime.fetch_add(cost, Ordering::Relaxed);
+    }
+
     /// Whether `req` is a read that would wait for a fetch.
     fn is_cold(&self, req: &Request, disk: &LazyDisk) -> bool {
         matches!(req.kind, Kind::Read)
@@ -401,10 +449,7 @@ impl BlkBackend {
     fn wait_for_cold_reads(&self) {
         let mut n = lock(&self.cold_in_flight);
         while *n > 0 {
-            n = self
-                .cold_settled
-                .wait(n)
-                .unwrap_or_else(|p| p.into_inner());
+            n = self.cold_settled.wait(n).unwrap_or_else(|p| p.into_inner());
         }
     }
 }

@@ -4,15 +4,15 @@
 //! (parsed by the `vhost` crate), [`backend`] the queues.
 
 pub mod backend;
+mod cold;
 pub mod config;
 pub mod exec;
 pub mod poll;
-mod cold;
 mod reactor;
 pub mod request;
 mod server;
 mod session;
 
-pub use backend::BlkBackend;
+pub use backend::{BlkBackend, ReadCounts};
 pub use config::{DeviceConfig, DEFAULT_POLL};
 pub use server::{pool_threads, serve, BlkServer};

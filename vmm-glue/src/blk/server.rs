@@ -13,7 +13,7 @@ use std::time::Duration;
 use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::epoll::EventSet;
 
-use super::backend::BlkBackend;
+use super::backend::{BlkBackend, ReadCounts};
 use super::reactor::{Reactor, Source, Token, Watch};
 use super::session::Session;
 
@@ -178,6 +178,11 @@ impl BlkServer {
         self.shared.backend.idle_for()
     }
 
+    /// Bytes its guest read, by source.
+    pub fn read_counts(&self) -> ReadCounts {
+        self.shared.backend.read_counts()
+    }
+
     /// Whether a VMM is connected now.
     pub fn vmm_connected(&self) -> bool {
         lock(&self.shared.conn).is_some()
@@ -190,10 +195,7 @@ impl BlkServer {
         let shared = &self.shared;
         let mut conn = lock(&shared.conn);
         while conn.is_some() {
-            conn = shared
-                .ended
-                .wait(conn)
-                .unwrap_or_else(|p| p.into_inner());
+            conn = shared.ended.wait(conn).unwrap_or_else(|p| p.into_inner());
         }
         drop(conn);
         if !shared.backend.is_parked() {

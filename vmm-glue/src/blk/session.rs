@@ -22,7 +22,9 @@ use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{BlkBackend, Memory};
@@ -54,6 +56,10 @@ impl Source for Kick {
             tracing::warn!(queue = self.index, "cannot serve the queue: {e}");
         }
         Watch::Again
+    }
+
+    fn vtime(&self) -> Option<&std::sync::atomic::AtomicU64> {
+        Some(&self.backend.vtime)
     }
 }
 
@@ -293,7 +299,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         let vring = self.vring(index)?.clone();
         // Stopped under the queue's worker lock: a turn under way ends
         // first, and one that starts later finds the ring stopped.
-        self.backend.stop_queue(index as usize, || vring.set_queue_ready(false));
+        self.backend
+            .stop_queue(index as usize, || vring.set_queue_ready(false));
         self.update_watch(index as usize)?;
         let next_avail = vring.queue_next_avail();
         vring.set_kick(None);
@@ -376,11 +383,15 @@ impl VhostUserBackendReqHandlerMut for Session {
         &mut self,
         _inflight: &VhostUserInflight,
     ) -> ProtoResult<(VhostUserInflight, File)> {
-        Err(ProtoError::InvalidOperation("inflight tracking is not offered"))
+        Err(ProtoError::InvalidOperation(
+            "inflight tracking is not offered",
+        ))
     }
 
     fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> ProtoResult<()> {
-        Err(ProtoError::InvalidOperation("inflight tracking is not offered"))
+        Err(ProtoError::InvalidOperation(
+            "inflight tracking is not offered",
+        ))
     }
 
     fn get_max_mem_slots(&mut self) -> ProtoResult<u64> {
@@ -431,11 +442,15 @@ impl VhostUserBackendReqHandlerMut for Session {
         _phase: VhostTransferStatePhase,
         _file: File,
     ) -> ProtoResult<Option<File>> {
-        Err(ProtoError::InvalidOperation("device state transfer is not offered"))
+        Err(ProtoError::InvalidOperation(
+            "device state transfer is not offered",
+        ))
     }
 
     fn check_device_state(&mut self) -> ProtoResult<()> {
-        Err(ProtoError::InvalidOperation("device state transfer is not offered"))
+        Err(ProtoError::InvalidOperation(
+            "device state transfer is not offered",
+        ))
     }
 
     fn get_shmem_config(&mut self) -> ProtoResult<VhostUserShMemConfig> {
