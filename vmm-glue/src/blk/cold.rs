@@ -8,8 +8,10 @@
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Threads that wait for fetches, whatever the number of disks.
-pub const COLD_THREADS: usize = 4;
+/// Threads that wait for fetches, whatever the number of disks: enough
+/// for that many GETs in flight to a remote store, where a fetch is mostly
+/// waiting (read-ahead fetches run on the store's runtime besides).
+pub const COLD_THREADS: usize = 16;
 
 /// The cold-read threads' nice value.
 const COLD_NICE: libc::c_int = 10;
