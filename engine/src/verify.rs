@@ -6,11 +6,12 @@
 //! every pack and re-checks every frame's CRC and every chunk's BLAKE3.
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use crate::frame::{self, Verify};
+use crate::gc::spill::{self, Spill, KEY};
 use crate::id::{ChunkId, ManifestId, PackId};
 use crate::layout;
-use crate::locate::PackMap;
 use crate::manifest::Manifest;
 use crate::objstore::{ObjectStore, StoreError};
 use crate::pack::{self, PackIndex, FOOTER_LEN, INDEX_ENTRY_LEN};
@@ -49,16 +50,27 @@ impl VerifyReport {
 }
 
 /// Checks the whole store. Only failures to reach the store are errors;
-/// everything found wrong is a [`Problem`] in the report.
+/// everything found wrong is a [`Problem`] in the report. The chunk
+/// references and the packs' entries are sorted on disk under `scratch`
+/// and joined there, so memory does not grow with the number of chunks.
 pub async fn verify(
     store: &dyn ObjectStore,
     deep: bool,
+    scratch: &Path,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<VerifyReport, StoreError> {
+    let dir = tempfile::Builder::new()
+        .prefix("verify-")
+        .tempdir_in(scratch)
+        .map_err(|e| scratch_error(scratch, e))?;
+    let spilled = |e| scratch_error(dir.path(), e);
     let mut report = VerifyReport::default();
-    let mut map = PackMap::default();
-    let mut indexes = Vec::new();
-    let mut lost = Vec::new();
+    // Chunk id + raw length, of every good pack's entries.
+    let mut held = Spill::<HELD_LEN>::new(dir.path(), "held");
+    // Chunk id + lost pack number, of every lost pack's entries.
+    let mut orphaned = Spill::<LOST_LEN>::new(dir.path(), "lost");
+    let mut good: Vec<(String, PackId)> = Vec::new();
+    let mut lost: Vec<(PackId, usize)> = Vec::new();
     let keys = store.list(layout::PACKS).await?;
     let key_set: HashSet<&str> = keys.iter().map(String::as_str).collect();
     for key in &keys {
@@ -78,33 +90,49 @@ pub async fn verify(
         progress(key);
         match check_index(store, key, pack).await? {
             IndexCheck::Good(index) => {
-                map.add(&index);
-                indexes.push(index);
+                for e in &index.entries {
+                    held.push(record(&e.id, &[e.raw_len])).map_err(spilled)?;
+                }
+                good.push((key.clone(), pack));
             }
-            IndexCheck::Lost(index) => lost.push(index),
+            IndexCheck::Lost(index) => {
+                let n = lost.len() as u32;
+                for e in &index.entries {
+                    orphaned.push(record(&e.id, &[n])).map_err(spilled)?;
+                }
+                lost.push((index.id, index.entries.len()));
+            }
             IndexCheck::Bad(what) => report.problem(key, what),
         }
     }
-    report.packs = indexes.len() as u64;
-    for index in &lost {
-        let orphans = index
-            .entries
-            .iter()
-            .filter(|e| !map.contains(&e.id))
-            .count();
+    report.packs = good.len() as u64;
+    let held = held.finish().map_err(spilled)?;
+    let mut orphans = vec![0usize; lost.len()];
+    spill::join(
+        &orphaned.finish().map_err(spilled)?,
+        &held,
+        |entries, copies| {
+            if copies.is_empty() {
+                for e in entries {
+                    orphans[field(e, 0) as usize] += 1;
+                }
+            }
+        },
+    )
+    .map_err(spilled)?;
+    for ((pack, entries), orphans) in lost.iter().zip(orphans) {
         let what = if orphans == 0 {
             format!(
                 "its pack {} is missing (lost); every chunk it held is in another pack, so nothing is unreadable: this index object can be deleted",
-                layout::pack_key(&index.id)
+                layout::pack_key(pack)
             )
         } else {
             format!(
-                "its pack {} is missing (lost): {orphans} of its {} chunks are in no other pack; import the images that use them again (the same file) to upload them again",
-                layout::pack_key(&index.id),
-                index.entries.len()
+                "its pack {} is missing (lost): {orphans} of its {entries} chunks are in no other pack; import the images that use them again (the same file) to upload them again",
+                layout::pack_key(pack),
             )
         };
-        report.problem(layout::pack_index_key(&index.id), what);
+        report.problem(layout::pack_index_key(pack), what);
     }
 
     for (key, id) in crate::catalog::image::every_name(store)
@@ -117,6 +145,10 @@ pub async fn verify(
         }
     }
 
+    // Every chunk reference of every manifest: chunk id, manifest number,
+    // chunk index, length needed.
+    let mut refs = Spill::<REF_LEN>::new(dir.path(), "refs");
+    let mut manifests: Vec<ManifestCheck> = Vec::new();
     for key in store.list(layout::MANIFESTS).await? {
         progress(&key);
         report.manifests += 1;
@@ -138,51 +170,135 @@ pub async fn verify(
                 continue;
             }
         };
-        let mut missing = Vec::new();
+        let n = manifests.len() as u32;
         for (i, chunk) in manifest.chunks.iter().enumerate() {
             let Some(chunk) = chunk else { continue };
             report.chunk_refs_checked += 1;
-            match map.locate(chunk) {
-                None => missing.push(format!("{i} ({chunk})")),
-                Some(loc) if loc.entry.raw_len != manifest.chunk_len(i) => report.problem(
-                    &key,
+            let rec = record(chunk, &[n, i as u32, manifest.chunk_len(i)]);
+            refs.push(rec).map_err(spilled)?;
+        }
+        manifests.push(ManifestCheck {
+            key,
+            ..ManifestCheck::default()
+        });
+    }
+    spill::join(&refs.finish().map_err(spilled)?, &held, |uses, copies| {
+        for r in uses {
+            let (m, i, need) = (field(r, 0), field(r, 1), field(r, 2));
+            let chunk = ChunkId::from_bytes(r[..KEY].try_into().expect("a chunk id"));
+            let check = &mut manifests[m as usize];
+            match copies.first() {
+                None => check.missing(i, chunk),
+                Some(_) if copies.iter().any(|c| field(c, 0) == need) => {}
+                Some(c) => check.wrong_size.push((
+                    i,
                     format!(
-                        "chunk {i} ({chunk}) is {} bytes in its pack, the manifest needs {}",
-                        loc.entry.raw_len,
-                        manifest.chunk_len(i)
+                        "chunk {i} ({chunk}) is {} bytes in its pack, the manifest needs {need}",
+                        field(c, 0)
                     ),
-                ),
-                Some(_) => {}
+                )),
             }
         }
-        // One line per manifest: a lost pack takes hundreds of chunks.
-        if !missing.is_empty() {
-            let shown = missing.len().min(MISSING_SHOWN);
-            let more = missing.len() - shown;
-            report.problem(
-                &key,
-                format!(
-                    "{} of its chunks are in no pack: chunk {}{}",
-                    missing.len(),
-                    missing[..shown].join(", chunk "),
-                    if more > 0 {
-                        format!(" and {more} more")
-                    } else {
-                        String::new()
-                    }
-                ),
-            );
-        }
+    })
+    .map_err(spilled)?;
+    for check in manifests {
+        check.report(&mut report);
     }
 
     if deep {
-        for index in &indexes {
+        for (key, pack) in &good {
+            let Ok(IndexCheck::Good(index)) = check_index(store, key, *pack).await else {
+                report.problem(key, "changed while it was verified: verify again");
+                continue;
+            };
             let key = layout::pack_key(&index.id);
             progress(&key);
-            rehash_pack(store, &key, index, &mut report).await?;
+            rehash_pack(store, &key, &index, &mut report).await?;
         }
     }
     Ok(report)
+}
+
+const HELD_LEN: usize = KEY + 4;
+const LOST_LEN: usize = KEY + 4;
+const REF_LEN: usize = KEY + 12;
+
+/// A record: a chunk id, then big-endian `u32` fields.
+fn record<const N: usize>(id: &ChunkId, fields: &[u32]) -> [u8; N] {
+    let mut r = [0u8; N];
+    r[..KEY].copy_from_slice(id.as_bytes());
+    for (n, f) in fields.iter().enumerate() {
+        r[KEY + 4 * n..KEY + 4 * n + 4].copy_from_slice(&f.to_be_bytes());
+    }
+    r
+}
+
+/// Field `n` of a [`record`].
+fn field<const N: usize>(r: &[u8; N], n: usize) -> u32 {
+    u32::from_be_bytes(r[KEY + 4 * n..KEY + 4 * n + 4].try_into().expect("4 bytes"))
+}
+
+fn scratch_error(dir: &Path, e: std::io::Error) -> StoreError {
+    StoreError::new(
+        "verify",
+        "",
+        &dir.display().to_string(),
+        crate::ErrorKind::Io,
+        format!("the scratch directory: {e}"),
+    )
+}
+
+/// What was found wrong with one manifest's chunk references.
+#[derive(Default)]
+struct ManifestCheck {
+    key: String,
+    missing: u64,
+    /// The first few missing, by chunk index.
+    shown: Vec<(u32, ChunkId)>,
+    wrong_size: Vec<(u32, String)>,
+}
+
+impl ManifestCheck {
+    fn missing(&mut self, index: u32, chunk: ChunkId) {
+        self.missing += 1;
+        self.shown.push((index, chunk));
+        if self.shown.len() > MISSING_SHOWN {
+            self.shown.sort_unstable();
+            self.shown.truncate(MISSING_SHOWN);
+        }
+    }
+
+    /// Its problems, in chunk order; the missing ones on one line (a lost
+    /// pack takes hundreds of chunks).
+    fn report(mut self, report: &mut VerifyReport) {
+        self.wrong_size.sort_unstable();
+        for (_, what) in self.wrong_size {
+            report.problem(&self.key, what);
+        }
+        if self.missing == 0 {
+            return;
+        }
+        self.shown.sort_unstable();
+        let shown: Vec<String> = self
+            .shown
+            .iter()
+            .map(|(i, c)| format!("{i} ({c})"))
+            .collect();
+        let more = self.missing - shown.len() as u64;
+        report.problem(
+            &self.key,
+            format!(
+                "{} of its chunks are in no pack: chunk {}{}",
+                self.missing,
+                shown.join(", chunk "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ),
+        );
+    }
 }
 
 fn catalog_store_error(e: crate::catalog::CatalogError) -> StoreError {

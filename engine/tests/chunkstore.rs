@@ -61,7 +61,8 @@ impl Fixture {
     }
 
     fn verify(&self, deep: bool) -> cairn_engine::verify::VerifyReport {
-        let verify = cairn_engine::verify::verify(self.remote.as_ref(), deep, &|_| {});
+        let scratch = self._dir.path();
+        let verify = cairn_engine::verify::verify(self.remote.as_ref(), deep, scratch, &|_| {});
         self.rt.block_on(verify).unwrap()
     }
 
@@ -373,7 +374,12 @@ fn an_import_cut_off_by_the_server_stopping_fails_cleanly_and_a_rerun_resumes() 
     assert_eq!(std::fs::read(out).unwrap(), image);
     // And the store verifies clean.
     let report = rt
-        .block_on(cairn_engine::verify::verify(remote.as_ref(), true, &|_| {}))
+        .block_on(cairn_engine::verify::verify(
+            remote.as_ref(),
+            true,
+            dir.path(),
+            &|_| {},
+        ))
         .unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

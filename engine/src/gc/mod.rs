@@ -15,10 +15,12 @@
 //! One run at a time holds a lease in the state; writers never wait for it.
 
 pub mod guard;
+mod homes;
 pub mod hosts;
 mod plan;
 mod roots;
 mod run;
+pub(crate) mod spill;
 pub mod state;
 
 use std::path::PathBuf;

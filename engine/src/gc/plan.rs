@@ -10,10 +10,11 @@
 //! run's mark began and is still dead; one that is live again is taken
 //! off the list.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
+use super::homes::PackFacts;
 use super::state::{Condemned, GcState};
-use crate::id::{ChunkId, PackId};
+use crate::id::PackId;
 use crate::layout;
 use crate::pack::{IndexEntry, PackIndex, FOOTER_LEN, INDEX_ENTRY_LEN};
 
@@ -23,9 +24,11 @@ pub fn pack_bytes(index: &PackIndex) -> u64 {
 }
 
 /// What the mark found, as the planner needs it.
-pub struct Marked<'a> {
-    pub packs: &'a [PackIndex],
-    pub live: &'a HashSet<ChunkId>,
+pub struct Marked {
+    /// Every pack, with the live chunks homed in it (see [`super::homes`]).
+    pub packs: Vec<PackFacts>,
+    /// Live chunks that no pack holds.
+    pub missing_chunks: u64,
     /// Objects other than packs that nothing references, with their sizes
     /// where known (`.pack` objects with no index, manifests, working
     /// sets, VM states).
@@ -66,76 +69,29 @@ pub struct Plan {
     pub pack_bytes: u64,
 }
 
-pub fn plan(marked: &Marked, state: &GcState, rules: &Rules) -> Plan {
-    let mut plan = Plan::default();
-    let keys: Vec<String> = marked
+pub fn plan(marked: Marked, state: &GcState, rules: &Rules) -> Plan {
+    let mut plan = Plan {
+        missing_chunks: marked.missing_chunks,
+        ..Plan::default()
+    };
+    let keys: HashSet<String> = marked
         .packs
         .iter()
         .map(|p| layout::pack_key(&p.id))
         .collect();
-    let condemned: Vec<bool> = keys.iter().map(|k| state.is_condemned(k)).collect();
-    // Live frame bytes of each pack, before homes are chosen.
-    let live_bytes: Vec<u64> = marked
-        .packs
-        .iter()
-        .map(|p| {
-            p.entries
-                .iter()
-                .filter(|e| marked.live.contains(&e.id))
-                .map(|e| u64::from(e.frame_len))
-                .sum()
-        })
-        .collect();
-    // Each live chunk's home: (pack number, entry).
-    let mut homes: HashMap<ChunkId, (usize, IndexEntry)> = HashMap::new();
-    let rank = |i: usize| {
-        (
-            !condemned[i],
-            live_bytes[i],
-            std::cmp::Reverse(marked.packs[i].id),
-        )
-    };
-    for (i, p) in marked.packs.iter().enumerate() {
-        for e in p.entries.iter().filter(|e| marked.live.contains(&e.id)) {
-            homes
-                .entry(e.id)
-                .and_modify(|h| {
-                    if rank(i) > rank(h.0) {
-                        *h = (i, *e);
-                    }
-                })
-                .or_insert((i, *e));
-        }
-    }
-    plan.missing_chunks = marked
-        .live
-        .iter()
-        .filter(|c| !homes.contains_key(c))
-        .count() as u64;
-    let mut homed: Vec<Vec<IndexEntry>> = vec![Vec::new(); marked.packs.len()];
-    for (i, e) in homes.into_values() {
-        homed[i].push(e);
-    }
-    for (i, (p, key)) in marked.packs.iter().zip(&keys).enumerate() {
-        let bytes = pack_bytes(p);
-        plan.pack_bytes += bytes;
-        let keep = std::mem::take(&mut homed[i]);
-        let kept: u64 = keep.iter().map(|e| u64::from(e.frame_len)).sum();
-        plan.live_bytes += kept;
-        let frames = p
-            .index_offset()
-            .saturating_sub(crate::pack::PACK_HEADER_LEN);
-        if keep.is_empty() {
-            decide_dead(&mut plan, state, rules, key.clone(), bytes);
-            continue;
-        }
-        if condemned[i] {
-            plan.uncondemn.push(key.clone());
-        } else if (kept as f64) < rules.rewrite_below * frames as f64 {
+    for p in marked.packs {
+        let key = layout::pack_key(&p.id);
+        plan.pack_bytes += p.bytes;
+        plan.live_bytes += p.kept;
+        if p.homed == 0 {
+            decide_dead(&mut plan, state, rules, key, p.bytes);
+        } else if state.is_condemned(&key) {
+            plan.uncondemn.push(key);
+        } else if super::homes::is_sparse(p.kept, p.frames, rules.rewrite_below) {
             plan.rewrite.push(Rewrite {
                 pack: p.id,
-                bytes,
-                keep,
+                bytes: p.bytes,
+                keep: p.keep,
             });
         }
     }
@@ -148,9 +104,8 @@ pub fn plan(marked: &Marked, state: &GcState, rules: &Rules) -> Plan {
         decide_dead(&mut plan, state, rules, key.clone(), *bytes);
     }
     // Condemned objects that are not packs and are live again.
-    let packs: HashSet<&str> = keys.iter().map(String::as_str).collect();
     for key in state.condemned.keys().chain(state.deleting.keys()) {
-        if !packs.contains(key.as_str()) && !dead.contains(key.as_str()) {
+        if !keys.contains(key) && !dead.contains(key.as_str()) {
             plan.uncondemn.push(key.clone());
         }
     }
@@ -176,6 +131,8 @@ fn decide_dead(plan: &mut Plan, state: &GcState, rules: &Rules, key: String, byt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gc::homes::Mark;
+    use crate::id::ChunkId;
     use crate::pack::PACK_HEADER_LEN;
 
     const FRAME: u32 = 1000;
@@ -199,8 +156,32 @@ mod tests {
         PackIndex::from_entries(entries)
     }
 
-    fn live(chunks: &[u8]) -> HashSet<ChunkId> {
+    fn live(chunks: &[u8]) -> Vec<ChunkId> {
         chunks.iter().map(|&n| chunk(n)).collect()
+    }
+
+    /// The mark of `packs` and `live`, through the spills and the join a
+    /// run uses.
+    fn mark(packs: &[PackIndex], live: &[ChunkId], state: &GcState, rules: &Rules) -> Marked {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Mark::new(dir.path());
+        for id in live {
+            m.live(id).unwrap();
+        }
+        for p in packs {
+            m.pack(p).unwrap();
+        }
+        let homes = m
+            .homes(
+                |id| state.is_condemned(&layout::pack_key(id)),
+                rules.rewrite_below,
+            )
+            .unwrap();
+        Marked {
+            packs: homes.packs,
+            missing_chunks: homes.missing_chunks,
+            dead_objects: Vec::new(),
+        }
     }
 
     const RULES: Rules = Rules {
@@ -209,21 +190,8 @@ mod tests {
         rewrite_below: 0.5,
     };
 
-    fn plan_of(
-        packs: &[PackIndex],
-        live: &HashSet<ChunkId>,
-        state: &GcState,
-        rules: &Rules,
-    ) -> Plan {
-        plan(
-            &Marked {
-                packs,
-                live,
-                dead_objects: Vec::new(),
-            },
-            state,
-            rules,
-        )
+    fn plan_of(packs: &[PackIndex], live: &[ChunkId], state: &GcState, rules: &Rules) -> Plan {
+        plan(mark(packs, live, state, rules), state, rules)
     }
 
     fn condemned_at(state: &mut GcState, key: &str, at_ms: u64) {
@@ -236,25 +204,20 @@ mod tests {
     fn a_dead_pack_is_condemned_then_deleted_only_after_the_grace_period() {
         let packs = [pack(&[1, 2]), pack(&[3, 4])];
         let live = live(&[1, 2]);
-        let marked = || Marked {
-            packs: &packs,
-            live: &live,
-            dead_objects: Vec::new(),
-        };
         let dead = layout::pack_key(&packs[1].id);
 
-        let first = plan(&marked(), &GcState::default(), &RULES);
+        let first = plan_of(&packs, &live, &GcState::default(), &RULES);
         assert_eq!(first.condemn, vec![(dead.clone(), pack_bytes(&packs[1]))]);
         assert!(first.delete.is_empty() && first.rewrite.is_empty());
 
         let mut state = GcState::default();
         condemned_at(&mut state, &dead, RULES.mark_ms - RULES.grace_ms + 1);
-        let early = plan(&marked(), &state, &RULES);
+        let early = plan_of(&packs, &live, &state, &RULES);
         assert!(early.delete.is_empty() && early.condemn.is_empty());
         assert_eq!((early.waiting, early.waiting_bytes), (1, 7));
 
         condemned_at(&mut state, &dead, RULES.mark_ms - RULES.grace_ms);
-        let due = plan(&marked(), &state, &RULES);
+        let due = plan_of(&packs, &live, &state, &RULES);
         assert_eq!(due.delete.len(), 1);
         assert_eq!(due.delete[0].0, dead);
     }
@@ -323,9 +286,9 @@ mod tests {
             ("wsets/half".to_owned(), 1),
         ];
         let p = plan(
-            &Marked {
-                packs: &[],
-                live: &HashSet::new(),
+            Marked {
+                packs: Vec::new(),
+                missing_chunks: 0,
                 dead_objects: dead,
             },
             &state,

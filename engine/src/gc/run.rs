@@ -4,13 +4,14 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::homes::Mark;
 use super::plan::{self, Marked, Rewrite, Rules};
 use super::roots;
 use super::state::{self, now_ms, Condemned, Lease};
 use super::GcError;
 use crate::catalog::{self, CatalogError};
 use crate::frame::{self, Verify};
-use crate::id::{ChunkId, ManifestId};
+use crate::id::ManifestId;
 use crate::layout;
 use crate::locate;
 use crate::objstore::ObjectStore;
@@ -160,12 +161,20 @@ async fn leased(
     let roots = roots::collect(store, progress).await?;
     report.roots = roots.records;
     progress("manifests");
-    let mut live: HashSet<ChunkId> = HashSet::new();
+    // The chunk ids and pack entries go to disk, not to memory.
+    let spill_dir = scratch_dir(&opts.staging_dir, "gc-mark-")?;
+    let spill_err = |source| GcError::Staging {
+        path: spill_dir.path().to_owned(),
+        source,
+    };
+    let mut mark = Mark::new(spill_dir.path());
     let mut live_manifests: HashSet<ManifestId> = HashSet::new();
     for id in &roots.manifests {
         match catalog::load_manifest(store, id).await {
             Ok(m) => {
-                live.extend(m.chunks.iter().flatten());
+                for c in m.chunks.iter().flatten() {
+                    mark.live(c).map_err(spill_err)?;
+                }
                 live_manifests.insert(*id);
             }
             Err(CatalogError::NoSuchManifest { .. }) => {
@@ -176,17 +185,18 @@ async fn leased(
         }
     }
     report.live_manifests = live_manifests.len() as u64;
-    report.live_chunks = live.len() as u64;
 
     progress("packs");
     let keys = store.list(layout::PACKS).await?;
     let listed: HashSet<&str> = keys.iter().map(String::as_str).collect();
-    let mut packs: Vec<PackIndex> = Vec::new();
+    let mut packs = 0u64;
     let mut dead_objects: Vec<(String, u64)> = Vec::new();
     for key in &keys {
         if let Some(pack) = layout::pack_of_index_key(key) {
             if listed.contains(layout::pack_key(&pack).as_str()) {
-                packs.push(locate::load_index(store, &opts.index_dir, key, pack).await?);
+                let index = locate::load_index(store, &opts.index_dir, key, pack).await?;
+                mark.pack(&index).map_err(spill_err)?;
+                packs += 1;
             }
         } else if let Some(pack) = layout::pack_of_key(key) {
             // A pack with no index: an upload cut short (or under way: the
@@ -196,7 +206,7 @@ async fn leased(
             }
         }
     }
-    report.packs = packs.len() as u64;
+    report.packs = packs;
     progress("other objects");
     let live_keys = |key: &str| -> bool {
         if let Some(id) = key
@@ -221,10 +231,19 @@ async fn leased(
         grace_ms: opts.grace.as_millis() as u64,
         rewrite_below: opts.rewrite_below,
     };
+    progress("homes");
+    let homes = mark
+        .homes(
+            |id| state.is_condemned(&layout::pack_key(id)),
+            rules.rewrite_below,
+        )
+        .map_err(spill_err)?;
+    drop(spill_dir);
+    report.live_chunks = homes.live_chunks;
     let mut plan = plan::plan(
-        &Marked {
-            packs: &packs,
-            live: &live,
+        Marked {
+            packs: homes.packs,
+            missing_chunks: homes.missing_chunks,
             dead_objects,
         },
         &state,
@@ -334,6 +353,19 @@ async fn leased(
     })
     .await?;
     Ok(report)
+}
+
+/// A directory for the mark's spills under `staging`, removed with it.
+fn scratch_dir(staging: &Path, prefix: &str) -> Result<tempfile::TempDir, GcError> {
+    let err = |source| GcError::Staging {
+        path: staging.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(staging).map_err(err)?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(staging)
+        .map_err(err)
 }
 
 fn check_lease(lease: Option<&Lease>, opts: &GcOptions) -> Result<(), GcError> {

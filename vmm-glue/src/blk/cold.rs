@@ -46,16 +46,22 @@ impl ColdPool {
     }
 }
 
-fn run(rx: &Mutex<Receiver<Job>>) {
-    // Below the pool's threads: on a busy host a thread with a cached
-    // read to serve gets the CPU before one decompressing a fetch.
+/// Lowers the calling thread below the pool's threads (nice 10): on a
+/// busy host a thread with a cached read to serve gets the CPU before one
+/// fetching, decompressing or caching. For the cold-read threads, and
+/// for the async runtime's threads of a process that serves disks.
+pub fn lower_priority() {
     // SAFETY: setpriority has no memory effects; who 0 is this thread.
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, COLD_NICE) } != 0 {
         tracing::debug!(
-            "cannot lower the cold-read threads' priority: {}",
+            "cannot lower a thread's priority: {}",
             std::io::Error::last_os_error()
         );
     }
+}
+
+fn run(rx: &Mutex<Receiver<Job>>) {
+    lower_priority();
     loop {
         let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
             Ok(job) => job,
