@@ -201,6 +201,17 @@ struct Inner {
     readahead_in_flight: AtomicU64,
 }
 
+/// What became of a read-ahead request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadAhead {
+    /// Every chunk was local already.
+    Cached,
+    /// The missing chunks are being fetched.
+    Fetching,
+    /// Over the read-ahead budget: nothing was fetched.
+    Dropped,
+}
+
 /// A cheap, clonable handle on a store with its local cache.
 #[derive(Clone)]
 pub struct ChunkStore {
@@ -494,9 +505,8 @@ impl ChunkStore {
 
     /// Read-ahead: starts fetching whatever of `ids` (chunks of about
     /// `chunk_bytes` each) is not local, in the background, if the
-    /// read-ahead budget allows; otherwise drops the request. Returns
-    /// whether it was taken (or nothing was missing).
-    pub fn read_ahead(&self, ids: &[ChunkId], chunk_bytes: u64) -> bool {
+    /// read-ahead budget allows; otherwise drops the request.
+    pub fn read_ahead(&self, ids: &[ChunkId], chunk_bytes: u64) -> ReadAhead {
         let inner = &self.inner;
         let missing: Vec<ChunkId> = ids
             .iter()
@@ -504,7 +514,7 @@ impl ChunkStore {
             .copied()
             .collect();
         if missing.is_empty() {
-            return true;
+            return ReadAhead::Cached;
         }
         let bytes = missing.len() as u64 * chunk_bytes;
         let budget = inner.cfg.readahead_budget;
@@ -519,12 +529,13 @@ impl ChunkStore {
                 .stats
                 .readahead_dropped
                 .fetch_add(1, Ordering::Relaxed);
-            return false;
+            return ReadAhead::Dropped;
         }
         let (_, claim) = self.claim_missing(&missing);
         let Some(claim) = claim else {
+            // Others are fetching them.
             inner.readahead_in_flight.fetch_sub(bytes, Ordering::AcqRel);
-            return true;
+            return ReadAhead::Fetching;
         };
         inner
             .stats
@@ -535,7 +546,7 @@ impl ChunkStore {
             fetch_claimed(claim, Caching::Awaited).await;
             done.readahead_in_flight.fetch_sub(bytes, Ordering::AcqRel);
         });
-        true
+        ReadAhead::Fetching
     }
 
     /// Runs a claimed fetch on the calling thread (as a plain ranged GET

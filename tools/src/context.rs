@@ -64,10 +64,7 @@ fn default_cache_dir(uri: &StoreUri) -> Result<PathBuf> {
 }
 
 impl Context {
-    /// The context of a command; `serves_disks` for one that serves
-    /// vhost-user-blk disks (the daemon, `disk serve`): its async
-    /// runtime's threads then run below the disk-serving threads.
-    pub fn new(g: &Global, serves_disks: bool) -> Result<Context> {
+    pub fn new(g: &Global) -> Result<Context> {
         let text = match &g.store {
             Some(s) => s.clone(),
             None => default_store()?,
@@ -82,14 +79,11 @@ impl Context {
         let threads = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .max(2);
-        let mut rt = tokio::runtime::Builder::new_multi_thread();
-        rt.worker_threads(threads).enable_all();
-        if serves_disks {
-            // Fetching, decompressing, caching and uploading yield the CPU
-            // to the threads that serve cached reads.
-            rt.on_thread_start(cairn_vmm_glue::blk::lower_priority);
-        }
-        let rt = rt.build().context("starting the async runtime")?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
         let remote = rt.block_on(open_store(&uri))?;
         Ok(Context {
             rt,

@@ -10,11 +10,10 @@
 //! the catalog with a disk manifest of its own chunks; a tenth more chunks
 //! under manifests nothing references, for the collector to find.
 
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cairn_benches::{machine_state, Table};
@@ -142,10 +141,12 @@ fn build(root: &Path, live: usize, per: usize, rt: &tokio::runtime::Runtime) -> 
 }
 
 /// Runs `cairn ARGS` on the store: wall seconds, peak RSS in bytes, and
-/// its JSON output.
+/// its JSON output. The peak is the child's `VmHWM`, read every 2 ms
+/// until it exits: `wait4`'s `ru_maxrss` would count this benchmark's own
+/// memory, which a child inherits across fork and exec.
 fn measured(cairn: &Path, root: &Path, args: &[&str]) -> Result<(f64, u64, serde_json::Value)> {
     let started = Instant::now();
-    let child = Command::new(cairn)
+    let mut child = Command::new(cairn)
         .arg("--store")
         .arg(format!("file://{}", root.display()))
         .arg("--cache-dir")
@@ -155,24 +156,34 @@ fn measured(cairn: &Path, root: &Path, args: &[&str]) -> Result<(f64, u64, serde
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("running {}", cairn.display()))?;
-    let pid = child.id() as libc::pid_t;
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.expect("piped"), &mut out)?;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is valid, and `pid` is our child, which
-    // nothing else waits for.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to locals; `pid` is our unwaited child.
-    if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } != pid {
-        bail!("wait4 failed: {}", std::io::Error::last_os_error());
-    }
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut out).map(|_| out)
+    });
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Some(kib) = std::fs::read_to_string(&status_file).ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        }) {
+            peak_kib = peak_kib.max(kib);
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
     let seconds = started.elapsed().as_secs_f64();
-    if !std::process::ExitStatus::from_raw(status).success() {
+    let out = reader.join().expect("the stdout reader")?;
+    if !status.success() {
         bail!("cairn {args:?} failed: {out}");
     }
     let json = serde_json::from_str(out.trim())
         .with_context(|| format!("cairn {args:?} printed {out}"))?;
-    Ok((seconds, usage.ru_maxrss as u64 * 1024, json))
+    Ok((seconds, peak_kib * 1024, json))
 }
 
 fn main() -> Result<()> {

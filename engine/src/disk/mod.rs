@@ -19,11 +19,11 @@
 
 mod block_map;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::cache::HotChunks;
-use crate::chunkstore::{ChunkStore, ChunkStoreError};
+use crate::chunkstore::{ChunkStore, ChunkStoreError, ReadAhead as ReadAheadOutcome};
 use crate::error::ErrorKind;
 use crate::manifest::Manifest;
 use crate::overlay::{Overlay, OverlayError, BLOCK};
@@ -271,6 +271,8 @@ struct ReadAhead {
     /// Chunks before this one were already asked for.
     ahead_until: AtomicU64,
     window: AtomicU64,
+    /// Fetches were started since [`LazyDisk::took_fetches_ahead`].
+    fetched: AtomicBool,
 }
 
 /// One queue's view of a disk. Cheap to make: one per I/O thread.
@@ -302,6 +304,11 @@ impl LazyDisk {
 
     pub fn disk(&self) -> &Arc<Disk> {
         &self.disk
+    }
+
+    /// Whether this view's read-ahead started fetches since the last call.
+    pub fn took_fetches_ahead(&self) -> bool {
+        self.readahead.fetched.swap(false, Ordering::Relaxed)
     }
 
     pub fn size(&self) -> u64 {
@@ -410,9 +417,13 @@ impl LazyDisk {
             })
             .filter_map(|c| base.chunks[c as usize])
             .collect();
-        if self.disk.store.read_ahead(&ids, cs) {
+        let outcome = self.disk.store.read_ahead(&ids, cs);
+        if outcome != ReadAheadOutcome::Dropped {
             ra.window.store(window, Ordering::Relaxed);
             ra.ahead_until.store(until, Ordering::Relaxed);
+        }
+        if outcome == ReadAheadOutcome::Fetching {
+            ra.fetched.store(true, Ordering::Relaxed);
         }
     }
 

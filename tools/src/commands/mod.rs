@@ -34,11 +34,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Man = &cli.command {
         return man();
     }
-    let serves_disks = matches!(
-        cli.command,
-        Command::Daemon(_) | Command::Disk(DiskCommand::Serve(_))
-    ) && std::env::var_os("CAIRN_EXPERIMENT_NICE").is_some();
-    let ctx = Context::new(&cli.global, serves_disks)?;
+    let ctx = Context::new(&cli.global)?;
     match cli.command {
         Command::Image(ImageCommand::ImportRaw(args)) => image::import_raw(&ctx, &args),
         Command::Image(ImageCommand::Import(args)) => oci::import(&ctx, &args),

@@ -34,6 +34,8 @@ pub(crate) type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 /// request costs its bytes plus [`REQUEST_COST`].
 const TURN_BUDGET: u64 = 128 * 1024;
 const REQUEST_COST: u64 = 4096;
+/// How long a disk counts as streaming after a cold read or read-ahead.
+const STREAMING_FOR: Duration = Duration::from_secs(1);
 
 struct Worker {
     disk: LazyDisk,
@@ -105,6 +107,8 @@ pub struct BlkBackend {
     /// What this disk's requests cost so far, in the pool's fair order
     /// (see [`super::reactor`]).
     pub(crate) vtime: AtomicU64,
+    /// Milliseconds from `born` to its last cold read or read-ahead.
+    streamed_ms: AtomicU64,
     /// When the backend was made, and milliseconds from then to its last
     /// kicked queue or connection: how long it has been idle.
     born: Instant,
@@ -135,6 +139,7 @@ impl BlkBackend {
             read_local: AtomicU64::new(0),
             read_store: AtomicU64::new(0),
             vtime: AtomicU64::new(0),
+            streamed_ms: AtomicU64::new(0),
             limits: cfg.limits(),
             exec,
             workers: disks
@@ -161,6 +166,22 @@ impl BlkBackend {
     fn touch(&self) {
         let ms = self.born.elapsed().as_millis() as u64;
         self.last_active_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Notes a cold read or a read-ahead: the disk streams.
+    fn streamed(&self) {
+        // Never 0, which means never.
+        let ms = self.born.elapsed().as_millis() as u64 + 1;
+        self.streamed_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Whether it read cold or read ahead in the last [`STREAMING_FOR`]:
+    /// its turns then yield to warm disks' (see [`super::reactor`]).
+    pub(crate) fn streaming(&self) -> bool {
+        let last = self.streamed_ms.load(Ordering::Relaxed);
+        last != 0
+            && (self.born.elapsed().as_millis() as u64 + 1)
+                < last + STREAMING_FOR.as_millis() as u64
     }
 
     /// How long since a queue was last kicked or a VMM connected.
@@ -275,6 +296,9 @@ impl BlkBackend {
             if !event_idx || vring.needs_notification().map_err(qerr)? {
                 vring.signal_used_queue()?;
             }
+            if disk.took_fetches_ahead() {
+                self.streamed();
+            }
             if !drained {
                 return kick_again(vring);
             }
@@ -332,6 +356,7 @@ impl BlkBackend {
                         );
                         self.read_store.fetch_add(req.data_len, Ordering::Relaxed);
                         self.charge(budget, req.data_len);
+                        self.streamed();
                         self.read_cold(req, head, vring.clone(), atomic.clone(), event_idx);
                         continue;
                     }

@@ -48,9 +48,8 @@ impl ColdPool {
 
 /// Lowers the calling thread below the pool's threads (nice 10): on a
 /// busy host a thread with a cached read to serve gets the CPU before one
-/// fetching, decompressing or caching. For the cold-read threads, and
-/// for the async runtime's threads of a process that serves disks.
-pub fn lower_priority() {
+/// waiting for a fetch.
+fn lower_priority() {
     // SAFETY: setpriority has no memory effects; who 0 is this thread.
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, COLD_NICE) } != 0 {
         tracing::debug!(

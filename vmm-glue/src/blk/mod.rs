@@ -4,7 +4,7 @@
 //! (parsed by the `vhost` crate), [`backend`] the queues.
 
 pub mod backend;
-pub mod cold;
+mod cold;
 pub mod config;
 pub mod exec;
 pub mod poll;
@@ -14,6 +14,5 @@ mod server;
 mod session;
 
 pub use backend::{BlkBackend, ReadCounts};
-pub use cold::lower_priority;
 pub use config::{DeviceConfig, DEFAULT_POLL};
 pub use server::{pool_threads, serve, BlkServer};

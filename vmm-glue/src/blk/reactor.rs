@@ -5,16 +5,20 @@
 //! [`super::backend`]'s per-turn budget). An idle disk costs a few
 //! descriptors and no thread.
 //!
-//! Ready sources are run in start-time fair order: each disk has a
-//! virtual time, the bytes its turns served, and the ready source with
-//! the lowest runs next (control messages first). A disk that became
-//! ready starts at no less than the virtual time of the last turn run, so
-//! idling earns no credit. A disk reading a little (a warm 4 KiB read)
-//! is thus served before disks streaming megabytes, however many of them
-//! are queued.
+//! Which ready source runs next:
+//! - control messages (listeners, connections) first;
+//! - then the queues of warm disks, before those of streaming disks (a
+//!   disk that read cold or read ahead in the last second), except that
+//!   every [`STREAMING_TURN`]th turn goes to a streaming disk if one
+//!   waits: a disk whose reads are served from the cache is not made to
+//!   wait behind others' streams, and streams are never starved;
+//! - within a class, start-time fair order: each disk has a virtual time
+//!   (what its requests cost), the lowest runs next, and a disk that
+//!   became ready starts at no less than the last turn's tag, so idling
+//!   earns no credit.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,12 +40,23 @@ pub(crate) trait Source: Send + Sync {
     /// Runs on a pool thread; `events` are what epoll reported.
     fn ready(&self, events: EventSet) -> Watch;
 
-    /// The virtual time of the disk it serves (advanced by its turns), or
-    /// None for control sources, which run before any queue.
-    fn vtime(&self) -> Option<&AtomicU64> {
+    /// The share of the disk it serves, or None for control sources,
+    /// which run before any queue.
+    fn share(&self) -> Option<Share<'_>> {
         None
     }
 }
+
+/// A queue's place in the order.
+pub(crate) struct Share<'a> {
+    /// Its disk's virtual time, advanced by its turns.
+    pub vtime: &'a AtomicU64,
+    /// Whether its disk read cold or read ahead lately.
+    pub streaming: bool,
+}
+
+/// One turn in this many goes to a streaming disk if one waits.
+const STREAMING_TURN: u64 = 4;
 
 /// A registration; never reused, so a stale event finds nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,13 +81,41 @@ pub(crate) struct Reactor {
     nudge: vmm_sys_util::eventfd::EventFd,
 }
 
-/// Ready sources by start tag: (virtual time, arrival, token).
+type Heap = BinaryHeap<Reverse<(u64, u64, u64)>>;
+
+/// Ready sources: control tokens in arrival order; queues by class (warm,
+/// streaming), each by start tag (virtual time, arrival, token).
 #[derive(Default)]
 struct ReadyQueue {
-    heap: BinaryHeap<Reverse<(u64, u64, u64)>>,
+    control: VecDeque<u64>,
+    warm: Heap,
+    streaming: Heap,
     arrivals: u64,
     /// The start tag of the last turn run.
     clock: u64,
+    picks: u64,
+}
+
+impl ReadyQueue {
+    fn len(&self) -> usize {
+        self.control.len() + self.warm.len() + self.streaming.len()
+    }
+
+    fn pop(&mut self) -> Option<u64> {
+        if let Some(token) = self.control.pop_front() {
+            return Some(token);
+        }
+        self.picks += 1;
+        let streaming_turn = self.picks.is_multiple_of(STREAMING_TURN);
+        let heap = if !self.streaming.is_empty() && (streaming_turn || self.warm.is_empty()) {
+            &mut self.streaming
+        } else {
+            &mut self.warm
+        };
+        let Reverse((tag, _, token)) = heap.pop()?;
+        self.clock = self.clock.max(tag);
+        Some(token)
+    }
 }
 
 /// The nudge eventfd's token (registrations start at 1).
@@ -159,6 +202,11 @@ impl Reactor {
     fn run(&self) {
         let mut events = [EpollEvent::default(); 64];
         loop {
+            // What became ready since is queued before the next turn is
+            // chosen: a queue kicked now may have the lowest tag.
+            if let Ok(n) = self.epoll.wait(0, &mut events) {
+                self.enqueue(&events[..n]);
+            }
             if let Some((token, source, events)) = self.next_ready() {
                 if source.ready(events) == Watch::Again {
                     self.rearm(Token(token));
@@ -192,30 +240,29 @@ impl Reactor {
             let Some(r) = sources.get(&token) else {
                 continue;
             };
-            let tag = r.source.vtime().map_or(0, |v| {
-                let tag = v.load(Ordering::Relaxed).max(ready.clock);
-                v.store(tag, Ordering::Relaxed);
-                tag
-            });
+            let Some(share) = r.source.share() else {
+                ready.control.push_back(token);
+                continue;
+            };
+            let tag = share.vtime.load(Ordering::Relaxed).max(ready.clock);
+            share.vtime.store(tag, Ordering::Relaxed);
             ready.arrivals += 1;
-            let arrival = ready.arrivals;
-            ready.heap.push(Reverse((tag, arrival, token)));
+            let entry = Reverse((tag, ready.arrivals, token));
+            if share.streaming {
+                ready.streaming.push(entry);
+            } else {
+                ready.warm.push(entry);
+            }
         }
-        if ready.heap.len() > 1 {
+        if ready.len() > 1 {
             let _ = self.nudge.write(1);
         }
     }
 
-    /// The ready source with the lowest start tag.
+    /// The ready source to run next (see the module's doc).
     fn next_ready(&self) -> Option<(u64, Arc<dyn Source>, EventSet)> {
         loop {
-            let Reverse((tag, _, token)) = {
-                let mut ready = lock(&self.ready);
-                let top = ready.heap.pop()?;
-                ready.clock = ready.clock.max(top.0 .0);
-                top
-            };
-            let _ = tag;
+            let token = lock(&self.ready).pop()?;
             if let Some(r) = lock(&self.sources).get(&token) {
                 return Some((token, r.source.clone(), EventSet::IN));
             }

@@ -29,7 +29,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{BlkBackend, Memory};
 use super::config::QUEUE_SIZE;
-use super::reactor::{Reactor, Source, Token, Watch};
+use super::reactor::{Reactor, Share, Source, Token, Watch};
 
 /// How many memory regions a VMM may add one by one.
 const MAX_MEM_SLOTS: u64 = 509;
@@ -58,8 +58,11 @@ impl Source for Kick {
         Watch::Again
     }
 
-    fn vtime(&self) -> Option<&std::sync::atomic::AtomicU64> {
-        Some(&self.backend.vtime)
+    fn share(&self) -> Option<Share<'_>> {
+        Some(Share {
+            vtime: &self.backend.vtime,
+            streaming: self.backend.streaming(),
+        })
     }
 }
 
