@@ -269,3 +269,31 @@ impl Reactor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_first_then_warm_queues_with_every_fourth_turn_to_a_stream() {
+        let mut q = ReadyQueue::default();
+        // Tokens: 1-9 warm (tags 10..90), 100-103 streaming (tags 0..3:
+        // lower than any warm tag, still after them), 7000 control.
+        for t in 1..=9u64 {
+            q.arrivals += 1;
+            q.warm.push(Reverse((t * 10, q.arrivals, t)));
+        }
+        for t in 100..=103u64 {
+            q.arrivals += 1;
+            q.streaming.push(Reverse((t - 100, q.arrivals, t)));
+        }
+        q.control.push_back(7000);
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(
+            order,
+            [7000, 1, 2, 3, 100, 4, 5, 6, 101, 7, 8, 9, 102, 103],
+            "control, then warm by tag, a stream every fourth pick, streams once no warm queue waits"
+        );
+        assert_eq!(q.clock, 90, "the clock is the highest tag run");
+    }
+}
