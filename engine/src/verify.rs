@@ -59,10 +59,7 @@ pub async fn verify(
     scratch: &Path,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<VerifyReport, StoreError> {
-    let dir = tempfile::Builder::new()
-        .prefix("verify-")
-        .tempdir_in(scratch)
-        .map_err(|e| scratch_error(scratch, e))?;
+    let dir = spill::scratch_dir(scratch, "verify-").map_err(|e| scratch_error(scratch, e))?;
     let spilled = |e| scratch_error(dir.path(), e);
     let mut report = VerifyReport::default();
     // Chunk id + raw length, of every good pack's entries.

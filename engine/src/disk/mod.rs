@@ -368,19 +368,22 @@ impl LazyDisk {
         let stack = self.disk.read_stack();
         let base = &stack.base;
         let cs = u64::from(base.chunk_size);
-        let map = &self.disk.map;
         let end = offset + len;
         let hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
         (offset / cs..end.div_ceil(cs)).any(|c| {
             let Some(id) = base.chunks.get(c as usize).copied().flatten() else {
                 return false;
             };
-            let blocks = (c * cs).max(offset) / BLOCK..((c + 1) * cs).min(end).div_ceil(BLOCK);
-            let covered = blocks
-                .into_iter()
-                .all(|b| stack.layer(map.get(b)).is_some());
+            let covered = self.layers_cover(&stack, (c * cs).max(offset)..((c + 1) * cs).min(end));
             !covered && !hot.holds(&id) && !self.disk.store.cache().contains(&id)
         })
+    }
+
+    /// Whether the layers hold every block of the byte range `bytes`: then
+    /// it is never read from the image.
+    fn layers_cover(&self, stack: &Stack, bytes: std::ops::Range<u64>) -> bool {
+        let map = &self.disk.map;
+        (bytes.start / BLOCK..bytes.end.div_ceil(BLOCK)).all(|b| stack.layer(map.get(b)).is_some())
     }
 
     /// Feeds the sequential-read detector with a read of `len` bytes at
@@ -406,15 +409,8 @@ impl LazyDisk {
             return;
         }
         let until = (end + window).min(base.chunks.len() as u64);
-        let map = &self.disk.map;
         let ids: Vec<_> = (ahead..until)
-            .filter(|&c| {
-                // A chunk the layers cover whole is never read from the image.
-                let blocks = c * cs / BLOCK..((c + 1) * cs).min(self.size()).div_ceil(BLOCK);
-                !blocks
-                    .into_iter()
-                    .all(|b| stack.layer(map.get(b)).is_some())
-            })
+            .filter(|&c| !self.layers_cover(stack, c * cs..((c + 1) * cs).min(self.size())))
             .filter_map(|c| base.chunks[c as usize])
             .collect();
         let outcome = self.disk.store.read_ahead(&ids, cs);

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::homes::Mark;
 use super::plan::{self, Marked, Rewrite, Rules};
 use super::roots;
+use super::spill;
 use super::state::{self, now_ms, Condemned, Lease};
 use super::GcError;
 use crate::catalog::{self, CatalogError};
@@ -162,7 +163,11 @@ async fn leased(
     report.roots = roots.records;
     progress("manifests");
     // The chunk ids and pack entries go to disk, not to memory.
-    let spill_dir = scratch_dir(&opts.staging_dir, "gc-mark-")?;
+    let spill_dir =
+        spill::scratch_dir(&opts.staging_dir, "gc-mark-").map_err(|source| GcError::Staging {
+            path: opts.staging_dir.clone(),
+            source,
+        })?;
     let spill_err = |source| GcError::Staging {
         path: spill_dir.path().to_owned(),
         source,
@@ -353,19 +358,6 @@ async fn leased(
     })
     .await?;
     Ok(report)
-}
-
-/// A directory for the mark's spills under `staging`, removed with it.
-fn scratch_dir(staging: &Path, prefix: &str) -> Result<tempfile::TempDir, GcError> {
-    let err = |source| GcError::Staging {
-        path: staging.to_owned(),
-        source,
-    };
-    std::fs::create_dir_all(staging).map_err(err)?;
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(staging)
-        .map_err(err)
 }
 
 fn check_lease(lease: Option<&Lease>, opts: &GcOptions) -> Result<(), GcError> {

@@ -10,6 +10,13 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
+/// A new directory for spills under `parent` (made if missing), removed
+/// with the value.
+pub fn scratch_dir(parent: &Path, prefix: &str) -> io::Result<tempfile::TempDir> {
+    std::fs::create_dir_all(parent)?;
+    tempfile::Builder::new().prefix(prefix).tempdir_in(parent)
+}
+
 /// Bytes of records one spill buffers before it writes a run.
 pub const BUFFER_BYTES: usize = 8 << 20;
 

@@ -16,7 +16,6 @@ pub fn verify(ctx: &Context, deep: bool) -> Result<ExitCode> {
             "verifying"
         },
     );
-    std::fs::create_dir_all(&ctx.cache_dir)?;
     let report = ctx.rt.block_on(cairn_engine::verify::verify(
         ctx.remote.as_ref(),
         deep,

@@ -3,19 +3,18 @@
 //! path (the overlay's dirty map is atomic; FLUSH gathers every queue).
 //! Queues are served in turns by the shared pool ([`super::reactor`]):
 //! a turn runs requests worth at most [`TURN_BUDGET`], then the queue
-//! goes back to the pool's ready queue, where turns are ordered by each
-//! disk's virtual time (what its turns cost so far).
+//! goes back to the pool's ready queue (ordered as the reactor says, by
+//! the disk's class and virtual time, both kept here).
 
 use std::io;
 use std::num::Wrapping;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_engine::disk::LazyDisk;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::net::UnixStream;
-
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
@@ -25,6 +24,7 @@ use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use super::cold::ColdPool;
 use super::config::{DeviceConfig, CONFIG_LEN, WRITEBACK_OFFSET};
 use super::exec::{execute, ExecConfig};
+use super::lock;
 use super::poll::Poller;
 use super::request::{parse, Kind, Limits, Request, SECTOR};
 
@@ -115,10 +115,6 @@ pub struct BlkBackend {
     last_active_ms: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl BlkBackend {
     /// A backend over `disks`, one per queue (`cfg.queues` of them).
     pub fn new(cfg: DeviceConfig, disks: Vec<LazyDisk>) -> Arc<BlkBackend> {
@@ -163,25 +159,28 @@ impl BlkBackend {
         })
     }
 
+    /// Milliseconds since the backend was made.
+    fn age_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
     fn touch(&self) {
-        let ms = self.born.elapsed().as_millis() as u64;
-        self.last_active_ms.fetch_max(ms, Ordering::Relaxed);
+        self.last_active_ms
+            .fetch_max(self.age_ms(), Ordering::Relaxed);
     }
 
     /// Notes a cold read or a read-ahead: the disk streams.
     fn streamed(&self) {
         // Never 0, which means never.
-        let ms = self.born.elapsed().as_millis() as u64 + 1;
-        self.streamed_ms.fetch_max(ms, Ordering::Relaxed);
+        self.streamed_ms
+            .fetch_max(self.age_ms() + 1, Ordering::Relaxed);
     }
 
     /// Whether it read cold or read ahead in the last [`STREAMING_FOR`]:
     /// its turns then yield to warm disks' (see [`super::reactor`]).
     pub(crate) fn streaming(&self) -> bool {
         let last = self.streamed_ms.load(Ordering::Relaxed);
-        last != 0
-            && (self.born.elapsed().as_millis() as u64 + 1)
-                < last + STREAMING_FOR.as_millis() as u64
+        last != 0 && self.age_ms() + 1 < last + STREAMING_FOR.as_millis() as u64
     }
 
     /// How long since a queue was last kicked or a VMM connected.
@@ -366,17 +365,7 @@ impl BlkBackend {
                             self.read_local.fetch_add(req.data_len, Ordering::Relaxed);
                         }
                         self.charge(budget, req.data_len);
-                        // Read per request: the guest may switch the cache
-                        // between two requests of one batch.
-                        let writethrough = !self.writeback();
-                        let done = execute(&req, disk, mem, &self.exec, writethrough, scratch);
-                        match mem.write_obj(done.status, req.status) {
-                            Ok(()) => done.used_len,
-                            Err(e) => {
-                                tracing::warn!("cannot write the status byte: {e}");
-                                0
-                            }
-                        }
+                        self.answer(&req, disk, mem, scratch)
                     }
                     Err(rej) => {
                         tracing::warn!(queue = index, "refused a request: {}", rej.why);
@@ -400,6 +389,28 @@ impl BlkBackend {
 }
 
 impl BlkBackend {
+    /// Runs `req` on `disk` and writes its status for the guest; returns
+    /// the used length.
+    fn answer(
+        &self,
+        req: &Request,
+        disk: &LazyDisk,
+        mem: &GuestMemoryMmap,
+        scratch: &mut Vec<u8>,
+    ) -> u32 {
+        // Read per request: the guest may switch the cache between two
+        // requests of one batch.
+        let writethrough = !self.writeback();
+        let done = execute(req, disk, mem, &self.exec, writethrough, scratch);
+        match mem.write_obj(done.status, req.status) {
+            Ok(()) => done.used_len,
+            Err(e) => {
+                tracing::warn!("cannot write the status byte: {e}");
+                0
+            }
+        }
+    }
+
     /// Charges a request of `bytes` to this turn's budget and the disk's
     /// virtual time.
     fn charge(&self, budget: &mut u64, bytes: u64) {
@@ -449,15 +460,7 @@ impl BlkBackend {
         event_idx: bool,
     ) {
         let Some(disk) = &self.cold_disk else { return };
-        let mem = mem.memory();
-        let done = execute(req, disk, &*mem, &self.exec, false, &mut Vec::new());
-        let used = match mem.write_obj(done.status, req.status) {
-            Ok(()) => done.used_len,
-            Err(e) => {
-                tracing::warn!("cannot write the status byte: {e}");
-                0
-            }
-        };
+        let used = self.answer(req, disk, &mem.memory(), &mut Vec::new());
         let answered = vring.add_used(head, used).map_err(qerr).and_then(|()| {
             if !event_idx || vring.needs_notification().map_err(qerr)? {
                 vring.signal_used_queue()?;

@@ -62,7 +62,7 @@ fn lower_priority() {
 fn run(rx: &Mutex<Receiver<Job>>) {
     lower_priority();
     loop {
-        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+        let job = match super::lock(rx).recv() {
             Ok(job) => job,
             Err(_) => return,
         };

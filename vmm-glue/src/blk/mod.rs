@@ -14,5 +14,11 @@ mod server;
 mod session;
 
 pub use backend::{BlkBackend, ReadCounts};
+
+/// Locks `m`, also after a panic while it was held (the state it guards
+/// stays consistent between statements).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 pub use config::{DeviceConfig, DEFAULT_POLL};
 pub use server::{pool_threads, serve, BlkServer};

@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::lock;
+
 /// What a source wants after its turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Watch {
@@ -37,8 +39,9 @@ pub(crate) enum Watch {
 
 /// Something the pool runs when its descriptor is readable.
 pub(crate) trait Source: Send + Sync {
-    /// Runs on a pool thread; `events` are what epoll reported.
-    fn ready(&self, events: EventSet) -> Watch;
+    /// Runs on a pool thread when its descriptor is readable (or hung
+    /// up: a read then says so).
+    fn ready(&self) -> Watch;
 
     /// The share of the disk it serves, or None for control sources,
     /// which run before any queue.
@@ -123,10 +126,6 @@ const NUDGE: u64 = 0;
 
 const WATCHED: EventSet = EventSet::IN.union(EventSet::ONE_SHOT);
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Reactor {
     /// The process's pool, started on first use.
     pub(crate) fn global() -> &'static Arc<Reactor> {
@@ -207,8 +206,8 @@ impl Reactor {
             if let Ok(n) = self.epoll.wait(0, &mut events) {
                 self.enqueue(&events[..n]);
             }
-            if let Some((token, source, events)) = self.next_ready() {
-                if source.ready(events) == Watch::Again {
+            if let Some((token, source)) = self.next_ready() {
+                if source.ready() == Watch::Again {
                     self.rearm(Token(token));
                 }
                 continue;
@@ -260,11 +259,11 @@ impl Reactor {
     }
 
     /// The ready source to run next (see the module's doc).
-    fn next_ready(&self) -> Option<(u64, Arc<dyn Source>, EventSet)> {
+    fn next_ready(&self) -> Option<(u64, Arc<dyn Source>)> {
         loop {
             let token = lock(&self.ready).pop()?;
             if let Some(r) = lock(&self.sources).get(&token) {
-                return Some((token, r.source.clone(), EventSet::IN));
+                return Some((token, r.source.clone()));
             }
         }
     }

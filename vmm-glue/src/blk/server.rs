@@ -7,19 +7,15 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use vhost::vhost_user::BackendReqHandler;
-use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{BlkBackend, ReadCounts};
+use super::lock;
 use super::reactor::{Reactor, Source, Token, Watch};
 use super::session::Session;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// What the listener and the connection share.
 struct Shared {
@@ -37,7 +33,7 @@ struct Shared {
 struct Listening(Arc<Shared>);
 
 impl Source for Listening {
-    fn ready(&self, _events: EventSet) -> Watch {
+    fn ready(&self) -> Watch {
         let shared = &self.0;
         if shared.stopped.load(Ordering::Acquire) {
             return Watch::Pause;
@@ -108,7 +104,7 @@ impl Connection {
 }
 
 impl Source for Connection {
-    fn ready(&self, _events: EventSet) -> Watch {
+    fn ready(&self) -> Watch {
         let result = lock(&self.handler).handle_request();
         match result {
             Ok(()) => Watch::Again,

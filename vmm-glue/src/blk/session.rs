@@ -25,7 +25,6 @@ use virtio_queue::QueueT;
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
 };
-use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{BlkBackend, Memory};
 use super::config::QUEUE_SIZE;
@@ -48,7 +47,7 @@ struct Kick {
 }
 
 impl Source for Kick {
-    fn ready(&self, _events: EventSet) -> Watch {
+    fn ready(&self) -> Watch {
         // Reading resets the eventfd; requests that came with it are
         // seen by the queue walk.
         let _ = self.vring.read_kick();
