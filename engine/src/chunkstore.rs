@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 
 use tokio::runtime::Handle;
 
@@ -33,6 +33,7 @@ use crate::layout;
 use crate::locate::{self, LocateError, Location, PackMap};
 use crate::objstore::{Deadline, ObjectStore, StoreError};
 use crate::pack::{self, IndexEntry, PackIndex};
+use crate::sched::{self, Lane};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ChunkStoreError {
@@ -803,19 +804,32 @@ async fn fetch_run(
     } else {
         // Decompressing and hashing a long run is CPU work: keep it off
         // the async workers.
-        match tokio::task::spawn_blocking(verify_all).await {
+        match cpu_lane().spawn(verify_all).await {
             Ok(done) => done,
-            // The claim went down with the task and failed its waiters.
+            // The claim went down with the job and failed its waiters.
             Err(_) => return None,
         }
     };
     // The waiters have their bytes; caching happens off their path. The
     // chunks stay in flight until cached, so no second fetch starts.
-    let cached = tokio::task::spawn_blocking(move || cache_and_finish(claim, outcomes));
+    let cached = cpu_lane().spawn(move || cache_and_finish(claim, outcomes));
     if caching == Caching::Awaited {
         let _ = cached.await;
     }
     None
+}
+
+/// The threads that decode, verify and cache fetched runs: one per core,
+/// at background priority, however many fetches are in flight (see
+/// [`crate::sched`]: hundreds of blocking-pool threads doing this made
+/// the threads serving cached reads wait for a core).
+fn cpu_lane() -> &'static Lane {
+    static LANE: OnceLock<Lane> = OnceLock::new();
+    LANE.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Lane::start("cairn-decode", cores, sched::background)
+            .expect("cannot start the chunk decoding threads")
+    })
 }
 
 fn cache_and_finish(mut claim: Claim, outcomes: Vec<(ChunkId, Outcome)>) {

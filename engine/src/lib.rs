@@ -11,7 +11,8 @@
 //! id before anything uses or caches them; local bytes are checked by CRC
 //! on every read; all-zero chunks are never stored.
 
-// One audited exception: the cache maps its own files (`cache::entry`).
+// Two audited exceptions: the cache maps its own files (`cache::entry`),
+// and `sched` sets threads' scheduling with system calls.
 #![deny(unsafe_code)]
 
 pub mod cache;
@@ -25,6 +26,7 @@ pub mod memory;
 pub mod objstore;
 pub mod overlay;
 pub mod pack;
+pub mod sched;
 pub mod size;
 
 pub use error::ErrorKind;

@@ -8,7 +8,6 @@
 
 use std::io;
 use std::num::Wrapping;
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -21,7 +20,7 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::cold::ColdPool;
+use super::cold::cold_reads;
 use super::config::{DeviceConfig, CONFIG_LEN, WRITEBACK_OFFSET};
 use super::exec::{execute, ExecConfig};
 use super::lock;
@@ -256,18 +255,18 @@ impl BlkBackend {
 
     /// Runs one turn of queue `index`: its requests until it has nothing
     /// available and stays empty for the poller's window, or until
-    /// [`TURN_BUDGET`] was spent; then the queue kicks itself, so that
-    /// its next turn comes after the other queues waiting.
-    pub(crate) fn process(self: &Arc<Self>, index: usize, vring: &VringRwLock) -> io::Result<()> {
+    /// [`TURN_BUDGET`] was spent. Says whether requests are left (the
+    /// pool then queues the next turn after the other queues waiting).
+    pub(crate) fn process(self: &Arc<Self>, index: usize, vring: &VringRwLock) -> io::Result<bool> {
         if self.cut_if_parked() {
             // Left in the ring for the backend the VMM reconnects to.
-            return Ok(());
+            return Ok(false);
         }
         self.touch();
         let mut worker = lock(&self.workers[index]);
         if !vring.get_ref().get_queue().ready() {
             // Stopped (GET_VRING_BASE) since the kick came.
-            return Ok(());
+            return Ok(false);
         }
         let Worker {
             disk,
@@ -299,7 +298,7 @@ impl BlkBackend {
                 self.streamed();
             }
             if !drained {
-                return kick_again(vring);
+                return Ok(true);
             }
             // Drained and answered: watch the ring a little before sleeping.
             let more = poller.watch(|| {
@@ -313,7 +312,7 @@ impl BlkBackend {
             }
         }
         poller.slept(Instant::now());
-        Ok(())
+        Ok(false)
     }
 
     /// Runs the requests the queue holds, until it is empty with
@@ -441,7 +440,7 @@ impl BlkBackend {
     ) {
         *lock(&self.cold_in_flight) += 1;
         let backend = self.clone();
-        ColdPool::global().run(move || {
+        cold_reads().run(move || {
             backend.complete_cold(&req, head, &vring, &mem, event_idx);
             let mut n = lock(&backend.cold_in_flight);
             *n -= 1;
@@ -480,20 +479,6 @@ impl BlkBackend {
             n = self.cold_settled.wait(n).unwrap_or_else(|p| p.into_inner());
         }
     }
-}
-
-/// Makes the queue's kick readable again, so that the pool gives it
-/// another turn after the sources already waiting.
-fn kick_again(vring: &VringRwLock) -> io::Result<()> {
-    let state = vring.get_ref();
-    let Some(kick) = state.get_kick().as_ref() else {
-        return Ok(());
-    };
-    // SAFETY: the descriptor is the kick eventfd the vring state owns; the
-    // state guard keeps it open for this call.
-    let fd = unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) };
-    rustix::io::write(fd, &1u64.to_ne_bytes())?;
-    Ok(())
 }
 
 fn qerr(e: virtio_queue::Error) -> io::Error {

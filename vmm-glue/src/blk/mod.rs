@@ -8,6 +8,7 @@ mod cold;
 pub mod config;
 pub mod exec;
 pub mod poll;
+mod pressure;
 mod reactor;
 pub mod request;
 mod server;

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{
@@ -44,17 +45,29 @@ struct Kick {
     backend: Arc<BlkBackend>,
     vring: VringRwLock,
     index: usize,
+    /// Its turn was queued by the pool, not by a kick: the eventfd may
+    /// hold nothing, and reading it would block.
+    requeued: AtomicBool,
 }
 
 impl Source for Kick {
     fn ready(&self) -> Watch {
         // Reading resets the eventfd; requests that came with it are
         // seen by the queue walk.
-        let _ = self.vring.read_kick();
-        if let Err(e) = self.backend.process(self.index, &self.vring) {
-            tracing::warn!(queue = self.index, "cannot serve the queue: {e}");
+        if !self.requeued.swap(false, Ordering::Relaxed) {
+            let _ = self.vring.read_kick();
         }
-        Watch::Again
+        match self.backend.process(self.index, &self.vring) {
+            Ok(true) => {
+                self.requeued.store(true, Ordering::Relaxed);
+                Watch::Requeue
+            }
+            Ok(false) => Watch::Again,
+            Err(e) => {
+                tracing::warn!(queue = self.index, "cannot serve the queue: {e}");
+                Watch::Again
+            }
+        }
     }
 
     fn share(&self) -> Option<Share<'_>> {
@@ -136,6 +149,7 @@ impl Session {
                     backend: self.backend.clone(),
                     vring,
                     index,
+                    requeued: AtomicBool::new(false),
                 });
                 let token = self
                     .reactor
