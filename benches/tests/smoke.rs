@@ -223,11 +223,16 @@ fn sqlite_bench_runs() {
 fn sandbox_bench_fleet_runs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("fleet.json");
+    // With the test guest built (tools/dev/test.sh sets CAIRN_GUEST_DIR),
+    // one QEMU guest boots during each step.
+    let guests = usize::from(std::env::var_os("CAIRN_GUEST_DIR").is_some());
     let printed = run(
         env!("CARGO_BIN_EXE_sandbox-bench"),
         &[
             "--fleet",
             "1,3",
+            "--fleet-guests",
+            &guests.to_string(),
             "--work",
             arg(&dir.path().join("work")),
             "--json-out",
@@ -237,9 +242,15 @@ fn sandbox_bench_fleet_runs() {
     assert!(printed.contains("a fleet of idle sandboxes"), "{printed}");
     let rows = json(&out)["fleet"].as_array().unwrap().clone();
     assert_eq!(rows.len(), 3, "before, 1, 3");
-    assert_eq!(rows[2]["sandboxes"], 3);
+    // A step creates up to its count; its guests come on top.
+    assert_eq!(rows[2]["sandboxes"], 3 + guests, "{rows:?}");
     assert!(rows[2]["threads"].as_u64().unwrap() > 0);
     assert!(rows[2]["rss_bytes"].as_u64().unwrap() > 0);
+    for row in &rows[1..] {
+        let booted = row["guests_booted"].as_array().unwrap();
+        assert_eq!(booted.len(), guests, "{row}");
+        assert!(booted.iter().all(|b| b["total_s"].as_f64().unwrap() > 0.0));
+    }
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! requests and page-fault answers. So far: virtio-blk request parsing
 //! (`blk::request`); the vhost-user-blk backend and the page server come next.
 
+pub mod activity;
 pub mod blk;
 pub mod uffd;
 

@@ -18,7 +18,10 @@
 //!
 //! 5. `--fleet 1,100,1000`, run on its own: the daemon's RSS, threads,
 //!    open files and idle CPU with that many idle sandboxes, and the rate
-//!    of create plus first served 4 KiB read through the API.
+//!    of create plus first served 4 KiB read through the API. While each
+//!    step's sandboxes are created, `--fleet-guests` QEMU guests (the
+//!    test guest, `CAIRN_GUEST_DIR`) boot from sandboxes of their own
+//!    and power off; their boot times are reported beside.
 //!
 //! 6. `--migrate 64M,1G`, run on its own: a named sandbox with that much
 //!    written moves to a second daemon on the same store while a client
@@ -53,6 +56,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cairn_benches::blk_client::Client;
+use cairn_benches::guest::{boot, Boot};
 use cairn_benches::{cairn_bin, machine_state, mean, median, quantile, Table};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -112,6 +116,13 @@ struct Args {
     /// Run only part 5 (fleet) at these sandbox counts, e.g. 1,100,1000.
     #[arg(long, value_delimiter = ',')]
     fleet: Vec<usize>,
+    /// QEMU guests that boot during each step of part 5 (0: none).
+    #[arg(long, default_value_t = 2)]
+    fleet_guests: usize,
+    /// The test guest (fixtures/build-guest.sh): vmlinuz,
+    /// initramfs.cpio.gz and rootfs.ext4.
+    #[arg(long, env = "CAIRN_GUEST_DIR", default_value = "fixtures/out/guest")]
+    guest: PathBuf,
     /// Run only part 6 (migration) with these sizes written, e.g. 64M,1G.
     #[arg(long, value_delimiter = ',')]
     migrate: Vec<String>,
@@ -992,9 +1003,18 @@ fn part_suspend(api: &mut Api, image: &str, sizes: &[u64], args: &Args) -> Resul
 
 // ------------------------------------------------------- part 5: fleet
 
-/// A process's resident memory, threads and open files (from /proc), and
-/// its CPU seconds so far.
-fn process_usage(pid: u32) -> Result<(u64, u64, u64, f64)> {
+/// What a process uses, from /proc.
+struct Usage {
+    rss: u64,
+    /// Resident memory not backed by files (the cache's mapped chunk
+    /// files are not in it).
+    rss_anon: u64,
+    threads: u64,
+    files: u64,
+    cpu_s: f64,
+}
+
+fn process_usage(pid: u32) -> Result<Usage> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> u64 {
         status
@@ -1017,22 +1037,58 @@ fn process_usage(pid: u32) -> Result<(u64, u64, u64, f64)> {
         .collect();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok((
-        field("VmRSS:") * KIB,
-        field("Threads:"),
+    Ok(Usage {
+        rss: field("VmRSS:") * KIB,
+        rss_anon: field("RssAnon:") * KIB,
+        threads: field("Threads:"),
         files,
-        ticks.iter().sum::<f64>() / hz,
-    ))
+        cpu_s: ticks.iter().sum::<f64>() / hz,
+    })
 }
 
-fn part_fleet(api: &mut Api, daemon: &Daemon, image: &str, counts: &[usize]) -> Result<Value> {
+/// The guests booting during a fleet step: each on a sandbox of its own
+/// from the `guest` image, until it powers off.
+fn boot_guests(
+    api: &mut Api,
+    guest_dir: &Path,
+    n: usize,
+) -> Result<Vec<(String, std::thread::JoinHandle<Result<Boot>>)>> {
+    (0..n)
+        .map(|_| {
+            let v = api.create(GUEST_IMAGE, None)?;
+            let (dir, socket) = (guest_dir.to_owned(), disk_socket(&v));
+            let boot = std::thread::spawn(move || boot(&dir, &socket, "boot"));
+            Ok((id(&v), boot))
+        })
+        .collect()
+}
+
+/// The image the fleet's guests boot from.
+const GUEST_IMAGE: &str = "guest";
+
+fn part_fleet(
+    api: &mut Api,
+    daemon: &Daemon,
+    image: &str,
+    counts: &[usize],
+    guests: Option<(&Path, usize)>,
+) -> Result<Value> {
     let pid = daemon.child.id();
-    let (rss0, threads0, files0, _) = process_usage(pid)?;
-    let mut rows =
-        vec![json!({"sandboxes": 0, "rss_bytes": rss0, "threads": threads0, "open_files": files0})];
+    let u = process_usage(pid)?;
+    let mut rows = vec![json!({
+        "sandboxes": 0,
+        "rss_bytes": u.rss,
+        "rss_anon_bytes": u.rss_anon,
+        "threads": u.threads,
+        "open_files": u.files,
+    })];
     let mut made: Vec<String> = Vec::new();
     for &n in counts {
         eprintln!("part 5: {n} sandboxes");
+        let booting = match guests {
+            Some((dir, k)) => boot_guests(api, dir, k)?,
+            None => Vec::new(),
+        };
         let t = Instant::now();
         let from = made.len();
         while made.len() < n {
@@ -1043,19 +1099,27 @@ fn part_fleet(api: &mut Api, daemon: &Daemon, image: &str, counts: &[usize]) -> 
             made.push(id(&v));
         }
         let took = t.elapsed().as_secs_f64();
+        let mut boots = Vec::new();
+        for (sandbox, b) in booting {
+            let boot = b.join().expect("a guest's thread")?;
+            boots.push(json!({"to_init_s": boot.to_init_s, "total_s": boot.total_s}));
+            made.push(sandbox);
+        }
         // Idle: no client, no request; what does the daemon cost?
         std::thread::sleep(Duration::from_secs(1));
-        let (_, _, _, cpu0) = process_usage(pid)?;
+        let cpu0 = process_usage(pid)?.cpu_s;
         std::thread::sleep(Duration::from_secs(5));
-        let (rss, threads, files, cpu1) = process_usage(pid)?;
+        let u = process_usage(pid)?;
         rows.push(json!({
-            "sandboxes": n,
-            "rss_bytes": rss,
-            "threads": threads,
-            "open_files": files,
-            "idle_cpu_share": (cpu1 - cpu0) / 5.0,
-            "created": n - from,
-            "create_and_first_read_per_second": (n - from) as f64 / took,
+            "sandboxes": made.len(),
+            "rss_bytes": u.rss,
+            "rss_anon_bytes": u.rss_anon,
+            "threads": u.threads,
+            "open_files": u.files,
+            "idle_cpu_share": (u.cpu_s - cpu0) / 5.0,
+            "created": n.saturating_sub(from),
+            "create_and_first_read_per_second": n.saturating_sub(from) as f64 / took,
+            "guests_booted": boots,
         }));
     }
     for m in &made {
@@ -1069,24 +1133,25 @@ fn print_fleet(fleet: &Value) {
     let mut t = Table::new(&[
         "sandboxes",
         "daemon RSS MiB",
-        "per sandbox KiB",
+        "anon MiB",
+        "anon KiB per added sandbox",
         "threads",
         "open files",
         "idle CPU",
         "create + first read /s",
+        "guests' boot s",
     ]);
     let rows = fleet.as_array().cloned().unwrap_or_default();
-    let base = rows
-        .first()
-        .and_then(|r| r["rss_bytes"].as_f64())
-        .unwrap_or(0.0);
-    for r in rows.iter().skip(1) {
-        let n = r["sandboxes"].as_f64().unwrap_or(1.0);
-        let rss = r["rss_bytes"].as_f64().unwrap_or(0.0);
+    let num = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
+    for w in rows.windows(2) {
+        let (prev, r) = (&w[0], &w[1]);
+        let added = (num(r, "sandboxes") - num(prev, "sandboxes")).max(1.0);
+        let grew = num(r, "rss_anon_bytes") - num(prev, "rss_anon_bytes");
         t.row(vec![
             r["sandboxes"].to_string(),
-            format!("{:.1}", rss / MIB as f64),
-            format!("{:.0}", (rss - base) / n / KIB as f64),
+            format!("{:.1}", num(r, "rss_bytes") / MIB as f64),
+            format!("{:.1}", num(r, "rss_anon_bytes") / MIB as f64),
+            format!("{:.0}", grew / added / KIB as f64),
             r["threads"].to_string(),
             r["open_files"].to_string(),
             format!(
@@ -1099,9 +1164,21 @@ fn print_fleet(fleet: &Value) {
                     .as_f64()
                     .unwrap_or(0.0)
             ),
+            r["guests_booted"]
+                .as_array()
+                .map(|boots| {
+                    boots
+                        .iter()
+                        .map(|b| format!("{:.1}", b["total_s"].as_f64().unwrap_or(0.0)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default(),
         ]);
     }
     t.print();
+    println!("  guests boot (QEMU start to power-off) while the step's sandboxes are created; they count among the sandboxes");
+    println!("  RSS includes the chunk cache's mapped files; anon does not");
     println!("  targets: <= 1024 KiB per idle sandbox, >= 500 creates + first reads /s, threads bounded by the cores");
 }
 
@@ -1574,8 +1651,30 @@ fn main() -> Result<()> {
         Some(("migrate", rows))
     } else if !args.fleet.is_empty() {
         import_sparse(&env, "fleet", GIB)?;
+        let guests = (args.fleet_guests > 0).then_some((args.guest.as_path(), args.fleet_guests));
+        if guests.is_some() {
+            let rootfs = args.guest.join("rootfs.ext4");
+            ensure!(
+                rootfs.exists(),
+                "{} is missing: build the test guest (fixtures/build-guest.sh) and set CAIRN_GUEST_DIR, or pass --fleet-guests 0",
+                rootfs.display()
+            );
+            env.run(&[
+                "image",
+                "import-raw",
+                "--name",
+                GUEST_IMAGE,
+                rootfs.to_str().unwrap(),
+            ])?;
+        }
         let daemon = env.daemon()?;
-        let fleet = part_fleet(&mut Api::new(&daemon.socket), &daemon, "fleet", &args.fleet)?;
+        let fleet = part_fleet(
+            &mut Api::new(&daemon.socket),
+            &daemon,
+            "fleet",
+            &args.fleet,
+            guests,
+        )?;
         drop(daemon);
         print_fleet(&fleet);
         Some(("fleet", fleet))

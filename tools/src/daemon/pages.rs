@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use anyhow::{anyhow, Context as _, Result};
 use cairn_engine::chunkstore::ChunkStore;
 use cairn_engine::ManifestId;
+use cairn_vmm_glue::activity::Activity;
 use cairn_vmm_glue::uffd::{self, DisplayChain, ResumeReport, ServeConfig, ServedSnapshot, Stop};
 
 /// How the daemon's page servers run.
@@ -24,6 +25,8 @@ pub struct PageConfig {
 
 pub struct PageServer {
     pub socket: PathBuf,
+    /// Its last page fault.
+    activity: Arc<Activity>,
     stop: Stop,
     thread: Option<JoinHandle<()>>,
 }
@@ -43,8 +46,10 @@ impl PageServer {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
         let (sock, halt) = (socket.to_owned(), stop.clone());
         let on_resume = config.on_resume.clone();
+        let activity = Arc::new(Activity::default());
         let cfg = ServeConfig {
             kill_vmm: config.kill_vmm,
+            activity: Some(activity.clone()),
             ..ServeConfig::default()
         };
         let thread = std::thread::Builder::new()
@@ -77,6 +82,7 @@ impl PageServer {
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(PageServer {
                 socket: socket.to_owned(),
+                activity,
                 stop,
                 thread: Some(thread),
             }),
@@ -92,6 +98,11 @@ impl PageServer {
                 ))
             }
         }
+    }
+
+    /// How long since its last page fault (or its start).
+    pub fn idle_for(&self) -> std::time::Duration {
+        self.activity.idle_for()
     }
 
     /// Stops serving: a resume under way ends (its VMM is killed, as with

@@ -312,11 +312,14 @@ impl Running {
         self.stop_with(true)
     }
 
-    /// How long since its disk was last asked for anything.
+    /// How long since its disk was last asked for anything, or its
+    /// memory for a page.
     pub fn idle_for(&self) -> std::time::Duration {
-        self.server
+        let disk = self
+            .server
             .as_ref()
-            .map_or(std::time::Duration::ZERO, BlkServer::idle_for)
+            .map_or(std::time::Duration::ZERO, BlkServer::idle_for);
+        self.pages.as_ref().map_or(disk, |p| disk.min(p.idle_for()))
     }
 
     /// Bytes its guest read, by source (zero once it stopped serving).

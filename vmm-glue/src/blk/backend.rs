@@ -26,6 +26,7 @@ use super::exec::{execute, ExecConfig};
 use super::lock;
 use super::poll::Poller;
 use super::request::{parse, Kind, Limits, Request, SECTOR};
+use crate::activity::Activity;
 
 pub(crate) type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -106,12 +107,11 @@ pub struct BlkBackend {
     /// What this disk's requests cost so far, in the pool's fair order
     /// (see [`super::reactor`]).
     pub(crate) vtime: AtomicU64,
-    /// Milliseconds from `born` to its last cold read or read-ahead.
+    /// Milliseconds from the backend's making (`activity`'s clock) to
+    /// its last cold read or read-ahead.
     streamed_ms: AtomicU64,
-    /// When the backend was made, and milliseconds from then to its last
-    /// kicked queue or connection: how long it has been idle.
-    born: Instant,
-    last_active_ms: AtomicU64,
+    /// Its last kicked queue or connection: how long it has been idle.
+    activity: Activity,
 }
 
 impl BlkBackend {
@@ -152,20 +152,18 @@ impl BlkBackend {
             cache: Mutex::new(CacheMode::default()),
             connection: Mutex::new(None),
             parked: AtomicBool::new(false),
-            born: Instant::now(),
-            last_active_ms: AtomicU64::new(0),
+            activity: Activity::default(),
             cfg,
         })
     }
 
     /// Milliseconds since the backend was made.
     fn age_ms(&self) -> u64 {
-        self.born.elapsed().as_millis() as u64
+        self.activity.age_ms()
     }
 
     fn touch(&self) {
-        self.last_active_ms
-            .fetch_max(self.age_ms(), Ordering::Relaxed);
+        self.activity.touch();
     }
 
     /// Notes a cold read or a read-ahead: the disk streams.
@@ -184,8 +182,7 @@ impl BlkBackend {
 
     /// How long since a queue was last kicked or a VMM connected.
     pub fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed));
-        self.born.elapsed().saturating_sub(last)
+        self.activity.idle_for()
     }
 
     /// Bytes read so far, by source.

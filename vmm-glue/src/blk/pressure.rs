@@ -11,7 +11,7 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 /// How often a thread reads the pressure file.
-pub const SAMPLE_EVERY: Duration = Duration::from_millis(20);
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 /// Above this share of time with a thread waiting for a core, the host
 /// is busy. Measured on 2 cores: 10-21% with one disk served at depth 1,

@@ -187,7 +187,12 @@ impl Session<'_> {
         let mut removed = false;
         for event in read {
             match event.map_err(|e| ServeError::Uffd(io::Error::other(e.to_string())))? {
-                Event::Pagefault { addr, .. } => queued.push_back(addr as u64),
+                Event::Pagefault { addr, .. } => {
+                    if let Some(a) = &self.cfg.activity {
+                        a.touch();
+                    }
+                    queued.push_back(addr as u64)
+                }
                 Event::Remove { start, end } => {
                     self.apply_remove(start as u64, end as u64);
                     removed = true;

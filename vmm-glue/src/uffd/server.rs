@@ -11,6 +11,7 @@ use std::io;
 use std::num::NonZeroU64;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_engine::catalog::CatalogError;
@@ -26,6 +27,7 @@ use super::session::{End, Session};
 use super::snapshot::ServedSnapshot;
 use super::stop::Stop;
 use super::vmm::{VmmGuard, VmmProcess};
+use crate::activity::Activity;
 
 /// How much one fault resolves by default: the aligned 64 KiB around the
 /// page (README, "Memory snapshots", has the sweep behind it).
@@ -82,6 +84,8 @@ pub struct ServeConfig {
     /// the server failed, panicked or was stopped.
     pub kill_vmm: bool,
     pub handshake_timeout: Duration,
+    /// Touched by every page fault (the daemon's idle suspend).
+    pub activity: Option<Arc<Activity>>,
     /// Test-only: see [`FaultInjector`].
     pub fault_injector: FaultInjector,
 }
@@ -96,6 +100,7 @@ impl Default for ServeConfig {
             record: None,
             kill_vmm: true,
             handshake_timeout: Duration::from_secs(10),
+            activity: None,
             fault_injector: FaultInjector::default(),
         }
     }
