@@ -177,21 +177,20 @@ impl Reactor {
             reactor.nudge.as_raw_fd(),
             EpollEvent::new(EventSet::IN, NUDGE),
         )?;
+        let kinds: [(&str, fn(), fn(&Reactor)); 2] = [
+            ("cairn-blk", sched::latency_sensitive, Reactor::run_warm),
+            ("cairn-blk-stream", sched::background, Reactor::run_streams),
+        ];
         for i in 0..threads {
-            let r = reactor.clone();
-            std::thread::Builder::new()
-                .name(format!("cairn-blk-{i}"))
-                .spawn(move || {
-                    sched::latency_sensitive();
-                    r.run_warm()
-                })?;
-            let r = reactor.clone();
-            std::thread::Builder::new()
-                .name(format!("cairn-blk-stream-{i}"))
-                .spawn(move || {
-                    sched::background();
-                    r.run_streams()
-                })?;
+            for (name, setup, run) in kinds {
+                let r = reactor.clone();
+                std::thread::Builder::new()
+                    .name(format!("{name}-{i}"))
+                    .spawn(move || {
+                        setup();
+                        run(&r)
+                    })?;
+            }
         }
         Ok(reactor)
     }
