@@ -289,12 +289,13 @@ pub struct DiskServeArgs {
     /// Refuse writes and offer the disk read-only.
     #[arg(long)]
     pub read_only: bool,
-    /// Virtqueues, one worker thread each.
+    /// Virtqueues (all served by the process's thread pool).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub queues: u16,
     /// The longest, in microseconds, a queue's worker keeps watching its
     /// ring after it drains (adaptive: only while requests come back
-    /// that soon); 0 turns polling off.
+    /// that soon, and not while the host's CPUs are contended); 0 turns
+    /// polling off.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub poll_us: u64,
 }
