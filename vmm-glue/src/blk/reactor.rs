@@ -98,6 +98,9 @@ pub(crate) struct Reactor {
 
 type Heap = BinaryHeap<Reverse<(u64, u64, u64)>>;
 
+/// A kind of pool thread: its name, how it is scheduled, its loop.
+type ThreadKind = (&'static str, fn(), fn(&Reactor));
+
 /// One class's ready queues by start tag (virtual time, arrival, token).
 #[derive(Default)]
 struct Fair {
@@ -177,7 +180,7 @@ impl Reactor {
             reactor.nudge.as_raw_fd(),
             EpollEvent::new(EventSet::IN, NUDGE),
         )?;
-        let kinds: [(&str, fn(), fn(&Reactor)); 2] = [
+        let kinds: [ThreadKind; 2] = [
             ("cairn-blk", sched::latency_sensitive, Reactor::run_warm),
             ("cairn-blk-stream", sched::background, Reactor::run_streams),
         ];
