@@ -246,7 +246,7 @@ impl Reactor {
                 self.enqueue(&events[..n]);
             }
             if let Some((token, source)) = self.next_ready(Kind::Warm) {
-                self.turn(token, &*source);
+                self.turn(token, &*source, Kind::Warm);
                 continue;
             }
             let n = match self.epoll.wait(-1, &mut events) {
@@ -265,24 +265,26 @@ impl Reactor {
     fn run_streams(&self) {
         loop {
             let (token, source) = self.next_ready(Kind::Stream).expect("waits for one");
-            self.turn(token, &*source);
+            self.turn(token, &*source, Kind::Stream);
         }
     }
 
-    fn turn(&self, token: u64, source: &dyn Source) {
+    /// Runs `source` on a thread of `kind`.
+    fn turn(&self, token: u64, source: &dyn Source, kind: Kind) {
         match source.ready() {
             Watch::Again => self.rearm(Token(token)),
             Watch::Pause => {}
             Watch::Requeue => match source.share() {
-                Some(share) => self.queue(&mut lock(&self.ready), token, share),
+                Some(share) => self.queue(&mut lock(&self.ready), token, share, kind),
                 None => self.rearm(Token(token)),
             },
         }
     }
 
-    /// Queues a ready queue in its class, by start tag; wakes a thread
-    /// of that class if the ones running may all be busy.
-    fn queue(&self, ready: &mut ReadyQueue, token: u64, share: Share<'_>) {
+    /// Queues a ready queue in its class, by start tag, from a thread of
+    /// kind `from`; wakes a thread of that class unless `from` is one
+    /// that will take it next (a warm thread, with nothing else waiting).
+    fn queue(&self, ready: &mut ReadyQueue, token: u64, share: Share<'_>, from: Kind) {
         ready.arrivals += 1;
         let arrival = ready.arrivals;
         if share.streaming {
@@ -290,7 +292,9 @@ impl Reactor {
             self.streams.notify_one();
         } else {
             ready.warm.push(share.vtime, arrival, token);
-            if ready.warm_len() > 1 {
+            // A stream thread's queue that turned warm: the warm threads
+            // may all be asleep in epoll.
+            if from == Kind::Stream || ready.warm_len() > 1 {
                 let _ = self.nudge.write(1);
             }
         }
@@ -310,7 +314,7 @@ impl Reactor {
                 continue;
             };
             match r.source.share() {
-                Some(share) => self.queue(&mut ready, token, share),
+                Some(share) => self.queue(&mut ready, token, share, Kind::Warm),
                 None => {
                     ready.control.push_back(token);
                     if ready.warm_len() > 1 {
