@@ -380,4 +380,50 @@ mod tests {
         q.warm.push(&idle, 99, 9);
         assert_eq!(idle.load(Ordering::Relaxed), 50);
     }
+
+    /// A queue that streams for its first turn, wants another, and is
+    /// warm by then.
+    struct TurnsWarm {
+        fd: vmm_sys_util::eventfd::EventFd,
+        vtime: AtomicU64,
+        runs: AtomicU64,
+    }
+
+    impl Source for TurnsWarm {
+        fn ready(&self) -> Watch {
+            let _ = self.fd.read();
+            match self.runs.fetch_add(1, Ordering::SeqCst) {
+                0 => Watch::Requeue,
+                _ => Watch::Pause,
+            }
+        }
+
+        fn share(&self) -> Option<Share<'_>> {
+            Some(Share {
+                vtime: &self.vtime,
+                streaming: self.runs.load(Ordering::SeqCst) == 0,
+            })
+        }
+    }
+
+    #[test]
+    fn a_stream_threads_queue_that_turned_warm_wakes_a_warm_thread() {
+        let reactor = Reactor::start(1).unwrap();
+        let source = Arc::new(TurnsWarm {
+            fd: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            vtime: AtomicU64::new(0),
+            runs: AtomicU64::new(0),
+        });
+        reactor.add(source.fd.as_raw_fd(), source.clone()).unwrap();
+        source.fd.write(1).unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while source.runs.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            source.runs.load(Ordering::SeqCst),
+            2,
+            "the second turn, queued warm by a stream thread, ran"
+        );
+    }
 }
