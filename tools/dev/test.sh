@@ -27,5 +27,6 @@ eval "$(tools/dev/registry-server.sh start)"
 trap 'tools/dev/s3-server.sh stop; tools/dev/moto-server.sh stop; tools/dev/registry-server.sh stop' EXIT
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
-cargo test --release --workspace
+# Every test binary runs even when one fails, so one run shows every failure.
+cargo test --release --workspace --no-fail-fast
 tools/dev/fuzz.sh "${CAIRN_FUZZ_SECONDS:-20}"
