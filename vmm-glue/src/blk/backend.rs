@@ -10,7 +10,7 @@ use std::io;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_engine::disk::LazyDisk;
@@ -20,7 +20,7 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::cold::cold_reads;
+use super::cold::{cold_reads, InFlight};
 use super::config::{DeviceConfig, CONFIG_LEN, WRITEBACK_OFFSET};
 use super::exec::{execute, ExecConfig};
 use super::lock;
@@ -100,8 +100,7 @@ pub struct BlkBackend {
     /// The view cold reads run on ([`super::cold`]), and how many are
     /// under way.
     cold_disk: Option<Arc<LazyDisk>>,
-    cold_in_flight: Mutex<usize>,
-    cold_settled: Condvar,
+    cold_in_flight: Arc<InFlight>,
     read_local: AtomicU64,
     read_store: AtomicU64,
     /// What this disk's requests cost so far, in the pool's fair order
@@ -129,8 +128,7 @@ impl BlkBackend {
         let cold_disk = disks.first().map(|d| Arc::new(d.disk().queue()));
         Arc::new(BlkBackend {
             cold_disk,
-            cold_in_flight: Mutex::new(0),
-            cold_settled: Condvar::new(),
+            cold_in_flight: Arc::default(),
             read_local: AtomicU64::new(0),
             read_store: AtomicU64::new(0),
             vtime: AtomicU64::new(0),
@@ -435,15 +433,13 @@ impl BlkBackend {
         mem: Memory,
         event_idx: bool,
     ) {
-        *lock(&self.cold_in_flight) += 1;
+        // Counted from now, not from when a thread takes it: a fence that
+        // comes between must wait for it.
+        let counted = self.cold_in_flight.enter();
         let backend = self.clone();
         cold_reads().run(move || {
+            let _counted = counted;
             backend.complete_cold(&req, head, &vring, &mem, event_idx);
-            let mut n = lock(&backend.cold_in_flight);
-            *n -= 1;
-            if *n == 0 {
-                backend.cold_settled.notify_all();
-            }
         });
     }
 
@@ -471,10 +467,7 @@ impl BlkBackend {
     /// Waits until no cold read is under way (they write guest memory
     /// and the used ring).
     fn wait_for_cold_reads(&self) {
-        let mut n = lock(&self.cold_in_flight);
-        while *n > 0 {
-            n = self.cold_settled.wait(n).unwrap_or_else(|p| p.into_inner());
-        }
+        self.cold_in_flight.wait_settled();
     }
 }
 
