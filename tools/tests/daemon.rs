@@ -1205,5 +1205,36 @@ fn an_idle_sandbox_is_suspended_and_resumed_by_its_vmm_or_an_api_call() {
         "{m}"
     );
     assert!(metric(&m, "cairn_idle_total{event=\"wake\"}") >= 2.0, "{m}");
+
+    // The daemon dies while the sandbox dozes (its suspend complete, as
+    // the metric counts it): the restarted one rings its doorbell again,
+    // and a VMM at the same path wakes it.
+    let suspends = || {
+        metric(
+            &http_get(&env.socket(), "/metrics"),
+            "cairn_idle_total{event=\"suspend\"}",
+        )
+    };
+    let before = suspends();
+    let t = std::time::Instant::now();
+    while suspends() <= before {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "never dozed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    daemon.signal("-KILL");
+    let (daemon, ready) = env.daemon_with(&[("CAIRN_IDLE_HOOK", hook.as_str())]);
+    assert_eq!(ready["dozing"], 1, "{ready}");
+    let (mut c, _) = connect_resuming(&socket);
+    assert!(
+        whole(&mut c, env.image.len()) == model,
+        "the disk after a wake by a restarted daemon"
+    );
+    drop(c);
+    let after = env.sandbox(&["describe", "sleepy"]);
+    assert_eq!(after["disk_socket"], s["disk_socket"], "{after}");
+    assert_eq!(after["idle_suspend_ms"], 2000, "{after}");
     daemon.signal("-TERM");
 }

@@ -19,6 +19,7 @@ use cairn_engine::ManifestId;
 use serde::Serialize;
 
 use super::claims::{self, Claims};
+use super::dozing::{DozeFiles, Dozed, Dozing};
 use super::layers::Layers;
 use super::pages::{PageConfig, PageServer};
 use super::sandbox::{
@@ -217,19 +218,6 @@ pub struct Switched {
     pub delta_bytes: u64,
 }
 
-/// A sandbox this host suspended for idling, resumed at the next request
-/// for it: an API call naming it, or a VMM connecting to its disk socket
-/// (a doorbell listens there meanwhile).
-pub struct Dozing {
-    pub id: String,
-    pub project: String,
-    pub queues: u16,
-    pub idle_suspend_ms: Option<u64>,
-    pub doorbell: Option<super::idle::Doorbell>,
-    /// The doorbell's listener once it stops, for the disk server.
-    pub listener: Option<std::os::unix::net::UnixListener>,
-}
-
 /// Layers that snapshots being uploaded stand on, by snapshot id: kept
 /// until their upload ends, whatever happens to their sandbox.
 type Uploading = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
@@ -251,6 +239,8 @@ pub struct Host {
     manifests: Mutex<HashMap<ManifestId, Arc<Manifest>>>,
     /// Sandboxes suspended for idling, by name.
     dozing: Mutex<BTreeMap<String, Dozing>>,
+    /// The same, in the state directory, for the next start.
+    doze_files: DozeFiles,
     /// Held by a suspend for idling from its start to its entry in
     /// `dozing`, and by a wake: a request that comes meanwhile (the
     /// sandbox no longer served, not yet dozing) waits for it.
@@ -353,6 +343,7 @@ impl Host {
             upload_timeout,
             manifests: Mutex::default(),
             dozing: Mutex::default(),
+            doze_files: DozeFiles::new(state_dir),
             dozing_turn: Mutex::default(),
             idle_suspends: Default::default(),
             idle_wakes: Default::default(),
@@ -1341,20 +1332,77 @@ impl Host {
         let doorbell = super::idle::Doorbell::ring(&socket, name, wake)
             .map_err(|e| tracing::warn!(sandbox = %name, error = %format!("{e:#}"), "no doorbell on the disk socket: only an API call resumes it"))
             .ok();
+        let kept = Dozed {
+            name: name.to_owned(),
+            id: record.id,
+            project: record.project,
+            queues: record.queues,
+            idle_suspend_ms: record.idle_suspend_ms,
+        };
+        if let Err(e) = self.doze_files.save(&kept) {
+            tracing::warn!(sandbox = %name, error = %format!("{e:#}"), "a daemon restart will not ring this sandbox's doorbell again");
+        }
         self.idle_suspends
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.dozing_map().insert(
             name.to_owned(),
             Dozing {
-                id: record.id,
-                project: record.project,
-                queues: record.queues,
-                idle_suspend_ms: record.idle_suspend_ms,
+                kept,
                 doorbell,
                 listener: None,
             },
         );
         Ok(())
+    }
+
+    /// Rings the doorbells of the sandboxes this host had suspended for
+    /// idling when it last stopped (see [`super::dozing`]), so that a VMM
+    /// connecting to one wakes it as before; returns how many. One that
+    /// is served again or taken over elsewhere meanwhile is forgotten.
+    pub fn ring_doorbells_again(&self, wake: &std::sync::mpsc::Sender<String>) -> Result<usize> {
+        use catalog::sandbox::SandboxState;
+        let _turn = self.dozing_turn.lock().unwrap_or_else(|p| p.into_inner());
+        let remote = self.store.remote().clone();
+        let rt = self.store.runtime();
+        let mut rung = 0;
+        for kept in self.doze_files.load_all()? {
+            let served_here = self.lock().sandboxes.contains_key(&kept.id);
+            let current = rt.block_on(catalog::sandbox::get(
+                remote.as_ref(),
+                &kept.project,
+                &kept.name,
+            ));
+            let still_dozing = !served_here
+                && match current {
+                    Ok(Some(cur)) => {
+                        cur.record.state == SandboxState::Suspended
+                            && cur.record.host == self.host_id
+                    }
+                    Ok(None) => false,
+                    Err(e) => {
+                        // The wake's take-over settles it.
+                        tracing::warn!(sandbox = %kept.name, error = %e, "cannot check a dozing sandbox in the catalog; its doorbell rings anyway");
+                        true
+                    }
+                };
+            if !still_dozing {
+                self.doze_files.remove(&kept.id);
+                continue;
+            }
+            let doorbell = super::idle::Doorbell::ring(&self.disk_socket(&kept.id), &kept.name, wake.clone())
+                .map_err(|e| tracing::warn!(sandbox = %kept.name, error = %format!("{e:#}"), "no doorbell on the disk socket: only an API call resumes it"))
+                .ok();
+            self.dozing_map().insert(
+                kept.name.clone(),
+                Dozing {
+                    kept,
+                    doorbell,
+                    listener: None,
+                },
+            );
+            rung += 1;
+        }
+        Ok(rung)
     }
 
     fn dozing_map(&self) -> MutexGuard<'_, BTreeMap<String, Dozing>> {
@@ -1376,8 +1424,14 @@ impl Host {
                 }
             }
         }
-        let (project, queues) = (doze.project.clone(), doze.queues);
+        let Dozed {
+            id,
+            project,
+            queues,
+            ..
+        } = doze.kept.clone();
         let view = self.resume_as(key, &project, queues, Some(doze))?;
+        self.doze_files.remove(&id);
         self.idle_wakes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Some(view))
@@ -1447,9 +1501,9 @@ impl Host {
             snapshot: Some(snapshot),
             project: project.to_owned(),
             queues,
-            idle_suspend_ms: doze.as_ref().and_then(|d| d.idle_suspend_ms),
+            idle_suspend_ms: doze.as_ref().and_then(|d| d.kept.idle_suspend_ms),
             kept: Kept {
-                id: doze.map(|d| d.id),
+                id: doze.map(|d| d.kept.id),
             },
         };
         let served = self
@@ -1755,7 +1809,8 @@ impl Host {
             tracing::warn!(error = %format!("{e:#}"), "writing the sandbox records at shutdown failed");
         }
         // Sandboxes suspended for idling stay suspended (resumed by an API
-        // call on any host, as any suspended one).
+        // call on any host, as any suspended one); their doorbells ring
+        // again at the next start.
         for (_, mut d) in std::mem::take(&mut *self.dozing_map()) {
             if let Some(bell) = d.doorbell.take() {
                 drop(bell.take_listener());

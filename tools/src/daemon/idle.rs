@@ -122,18 +122,23 @@ fn run_hook(hook: &str, sandbox: &SandboxView) -> Result<MachineInput> {
     })
 }
 
-/// Suspends idle sandboxes and resumes those whose doorbell rang, on a
-/// thread of its own until the process ends.
-pub fn watch(host: Arc<Host>, hook: Option<String>) -> Result<()> {
+/// Rings the doorbells of the sandboxes suspended for idling before the
+/// daemon last stopped, then suspends idle sandboxes and resumes those
+/// whose doorbell rang, on a thread of its own until the process ends.
+/// Returns how many doorbells rang again.
+pub fn watch(host: Arc<Host>, hook: Option<String>) -> Result<usize> {
+    let (wake_tx, wakes) = std::sync::mpsc::channel();
+    let rung = host
+        .ring_doorbells_again(&wake_tx)
+        .context("ringing the doorbells of the sandboxes suspended for idling")?;
     std::thread::Builder::new()
         .name("cairn-idle".into())
-        .spawn(move || watch_loop(&host, hook.as_deref()))
+        .spawn(move || watch_loop(&host, hook.as_deref(), &wake_tx, &wakes))
         .context("starting the idle watcher")?;
-    Ok(())
+    Ok(rung)
 }
 
-fn watch_loop(host: &Host, hook: Option<&str>) {
-    let (wake_tx, wakes): (Sender<String>, Receiver<String>) = std::sync::mpsc::channel();
+fn watch_loop(host: &Host, hook: Option<&str>, wake_tx: &Sender<String>, wakes: &Receiver<String>) {
     let mut failed: HashMap<String, Instant> = HashMap::new();
     let mut checked: Option<Instant> = None;
     loop {

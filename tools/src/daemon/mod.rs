@@ -9,6 +9,7 @@
 mod api;
 mod claims;
 pub mod client;
+mod dozing;
 mod gc_roots;
 mod host;
 mod idle;
@@ -86,6 +87,8 @@ struct Ready<'a> {
     recovered: usize,
     /// Snapshot uploads a crash interrupted, taken up again.
     uploads_resumed: usize,
+    /// Sandboxes suspended for idling whose doorbells ring again.
+    dozing: usize,
     metrics_addr: Option<SocketAddr>,
 }
 
@@ -147,7 +150,7 @@ pub fn run(ctx: &Context, cfg: DaemonConfig) -> Result<ExitCode> {
         cfg.upload_timeout,
     )?);
     let (recovered, uploads_resumed) = host.recover().context("recovering the sandboxes")?;
-    idle::watch(host.clone(), cfg.idle_hook.clone())?;
+    let dozing = idle::watch(host.clone(), cfg.idle_hook.clone())?;
     let api = api::Api {
         host: host.clone(),
         metrics,
@@ -176,15 +179,17 @@ pub fn run(ctx: &Context, cfg: DaemonConfig) -> Result<ExitCode> {
             store: host.store().remote().uri(),
             recovered,
             uploads_resumed,
+            dozing,
             metrics_addr: cfg.metrics_addr,
         };
         emit(ctx.json, &ready, || {
             format!(
-                "ready: daemon on {} (state {}, {} sandbox(es) recovered, {} upload(s) resumed)\n",
+                "ready: daemon on {} (state {}, {} sandbox(es) recovered, {} upload(s) resumed, {} dozing)\n",
                 cfg.socket.display(),
                 cfg.state_dir.display(),
                 recovered,
-                uploads_resumed
+                uploads_resumed,
+                dozing
             )
         })?;
         let _ = std::io::stdout().flush();
