@@ -914,6 +914,52 @@ fn a_source_record_lost_in_a_crash_does_not_let_it_write_under_its_clone() {
     daemon.signal("-TERM");
 }
 
+/// A cached chunk that rots on disk under a running daemon is caught by
+/// its CRC, fetched again, and counted on `/metrics`: the guest reads the
+/// image's bytes, never the rotten ones.
+#[test]
+fn a_rotten_cached_chunk_is_fetched_again_and_counted() {
+    let env = Env::new();
+    let (daemon, _) = env.daemon();
+    let s = env.sandbox(&["create", "rot", "--image", "base"]);
+    assert!(whole(&mut connect(&s), env.image.len()) == env.image);
+    let before = http_get(&env.socket(), "/metrics");
+    assert!(metric(&before, "cairn_cache_bytes") > 0.0, "{before}");
+    assert!(metric(&before, "cairn_cache_capacity_bytes") > 0.0);
+
+    // Flip the last byte of every cached chunk (chunk data, under its
+    // CRCs), in place: the daemon's mappings see it.
+    let mut rotten = 0;
+    for entry in std::fs::read_dir(env.path("cache").join("chunks")).unwrap() {
+        use std::os::unix::fs::FileExt;
+        let path = entry.unwrap().path();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let at = f.metadata().unwrap().len() - 1;
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+        rotten += 1;
+    }
+    assert!(rotten > 0, "nothing was cached");
+
+    assert!(
+        whole(&mut connect(&s), env.image.len()) == env.image,
+        "a rotten chunk reached the guest"
+    );
+    let after = http_get(&env.socket(), "/metrics");
+    let crc = metric(&after, "cairn_store_events_total{event=\"crc_failure\"}");
+    assert!(crc >= 1.0, "{after}");
+    assert!(
+        metric(&after, "cairn_remote_gets_total") > metric(&before, "cairn_remote_gets_total"),
+        "fetched again: {after}"
+    );
+    daemon.signal("-TERM");
+}
+
 /// The value of metric line `name` (labels included) in `/metrics` text.
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()

@@ -1,7 +1,7 @@
 //! The daemon's Prometheus metrics (`/metrics`, OpenMetrics text): API
 //! request latency by operation and outcome, and, read when scraped, the
-//! sandboxes served, the cache's hits and misses and the bytes fetched
-//! from the store.
+//! sandboxes served, the cache's hits, misses, size and integrity
+//! failures, and the bytes fetched from the store.
 
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
@@ -45,6 +45,9 @@ pub struct Metrics {
     migration_delta: Counter,
     idle: Family<EventLabels, Counter>,
     sandbox_reads: Family<SandboxReadLabels, Counter>,
+    store_events: Family<EventLabels, Counter>,
+    cache_bytes: Gauge,
+    cache_capacity: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +99,9 @@ impl Default for Metrics {
             migration_delta: Counter::default(),
             idle: Family::default(),
             sandbox_reads: Family::default(),
+            store_events: Family::default(),
+            cache_bytes: Gauge::default(),
+            cache_capacity: Gauge::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -195,6 +201,21 @@ impl Default for Metrics {
                 "Bytes each running sandbox's guest read, from the host's cache or its own layers (source local) or from the store (source store): its cache share is local / (local + store)",
                 m.sandbox_reads.clone(),
             );
+            r.register(
+                "store_events",
+                "What the chunk store and its cache met, by event: crc_failure (a cached chunk failed its check and was fetched again), digest_failure (fetched bytes did not match their id), fetch_error, lost_pack, eviction, vanished (a chunk another process evicted), open_failure, single_flight_wait, readahead_chunk, readahead_dropped",
+                m.store_events.clone(),
+            );
+            r.register(
+                "cache_bytes",
+                "Bytes the local chunk cache holds",
+                m.cache_bytes.clone(),
+            );
+            r.register(
+                "cache_capacity_bytes",
+                "The local chunk cache's capacity",
+                m.cache_capacity.clone(),
+            );
         }
         m
     }
@@ -281,6 +302,27 @@ impl Metrics {
             fetch.remote_bytes.load(Ordering::Relaxed),
         );
         catch_up(&self.remote_gets, fetch.remote_gets.load(Ordering::Relaxed));
+        for (event, n) in [
+            ("crc_failure", &cache.crc_failures),
+            ("digest_failure", &fetch.digest_failures),
+            ("fetch_error", &fetch.fetch_errors),
+            ("lost_pack", &fetch.lost_packs),
+            ("eviction", &cache.evictions),
+            ("vanished", &cache.vanished),
+            ("open_failure", &cache.open_failures),
+            ("single_flight_wait", &fetch.single_flight_waits),
+            ("readahead_chunk", &fetch.readahead_chunks),
+            ("readahead_dropped", &fetch.readahead_dropped),
+        ] {
+            catch_up(
+                &self.store_events.get_or_create(&EventLabels { event }),
+                n.load(Ordering::Relaxed),
+            );
+        }
+        self.cache_bytes
+            .set(i64::try_from(store.cache().used_bytes()).unwrap_or(i64::MAX));
+        self.cache_capacity
+            .set(i64::try_from(store.cache().capacity()).unwrap_or(i64::MAX));
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = encode(&mut out, &registry) {
