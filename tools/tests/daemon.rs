@@ -1233,9 +1233,10 @@ fn an_idle_sandbox_is_suspended_and_resumed_by_its_vmm_or_an_api_call() {
     vmm.disconnect();
 
     // Idle again; this time an API call wakes it, at once (in the
-    // injector's window).
+    // injector's window), naming it by its id (kept across the wakes).
     until_dozing(&env, "sleepy");
-    let again = env.sandbox(&["describe", "sleepy"]);
+    assert_eq!(woken["id"], s["id"]);
+    let again = env.sandbox(&["describe", s["id"].as_str().unwrap()]);
     assert_eq!(again["state"], "running", "{again}");
     let mut c = connect(&again);
     assert!(

@@ -1409,18 +1409,27 @@ impl Host {
         self.dozing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Resumes `key` if it is a sandbox this host suspended for idling
-    /// (its disk socket at the same path); None if it is not one.
+    /// Resumes `key` (a name or a sandbox id) if it is a sandbox this host
+    /// suspended for idling (its disk socket at the same path); None if it
+    /// is not one.
     pub fn wake(&self, key: &str) -> Result<Option<SandboxView>> {
         let _turn = self.dozing_turn.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(mut doze) = self.dozing_map().remove(key) else {
+        let taken = {
+            let mut dozing = self.dozing_map();
+            let name = dozing
+                .iter()
+                .find(|(name, d)| *name == key || d.kept.id == key)
+                .map(|(name, _)| name.clone());
+            name.and_then(|n| dozing.remove_entry(&n))
+        };
+        let Some((name, mut doze)) = taken else {
             return Ok(None);
         };
         if let Some(bell) = doze.doorbell.take() {
             match bell.take_listener() {
                 Ok(l) => doze.listener = Some(l),
                 Err(e) => {
-                    tracing::warn!(sandbox = %key, error = %format!("{e:#}"), "the doorbell's listener is lost; the disk socket is made again")
+                    tracing::warn!(sandbox = %name, error = %format!("{e:#}"), "the doorbell's listener is lost; the disk socket is made again")
                 }
             }
         }
@@ -1430,7 +1439,7 @@ impl Host {
             queues,
             ..
         } = doze.kept.clone();
-        let view = self.resume_as(key, &project, queues, Some(doze))?;
+        let view = self.resume_as(&name, &project, queues, Some(doze))?;
         self.doze_files.remove(&id);
         self.idle_wakes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
