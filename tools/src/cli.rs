@@ -121,6 +121,17 @@ pub struct GcArgs {
     /// (0 to 1; 0 rewrites none).
     #[arg(long, default_value_t = 0.5, value_parser = crate::size::share)]
     pub rewrite_below: f64,
+    /// Delete the roots of HOST, a daemon gone for good (its unnamed
+    /// sandboxes' data then goes like any unreferenced data; its named
+    /// ones are in the catalog and stay). Refused while HOST published its
+    /// roots within --host-timeout. Repeatable. The report's `hosts` lists
+    /// every host with roots and when it last published them.
+    #[arg(long, value_name = "HOST")]
+    pub forget_host: Vec<String>,
+    /// How long a host must have been silent to be forgotten (a running
+    /// daemon republishes every 10 minutes).
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub host_timeout: std::time::Duration,
 }
 
 #[derive(Subcommand, Debug)]

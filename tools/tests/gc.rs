@@ -156,6 +156,66 @@ fn gc_after_removing_images_snapshots_and_sandboxes_returns_the_store_to_its_siz
     daemon.signal("-TERM");
 }
 
+/// A daemon gone for good keeps what its unnamed sandboxes stood on
+/// until `gc --forget-host` deletes its roots, which is refused while the
+/// host may still be running.
+#[test]
+fn a_host_gone_for_good_is_forgotten_and_its_data_collected() {
+    let env = Env::file();
+    let base = random(3, 8 * MIB);
+    import(&env, env.cairn(), "base", &base);
+    let before = stored_bytes(&env);
+    import(&env, env.cairn(), "gone", &random(4, 8 * MIB));
+    let (daemon, _) = env.daemon();
+    // An unnamed sandbox: only its host's roots keep its image.
+    env.sandbox(&["create", "--image", "gone"]);
+    env.json(&["image", "rm", "gone"]);
+    until_live_manifests(&env, 2);
+    let seen = gc(&env, &["--dry-run"]);
+    let hosts = seen["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 1, "{seen}");
+    let host = hosts[0]["host"].as_str().unwrap().to_owned();
+    assert_eq!(hosts[0]["manifests"], 1, "{seen}");
+    assert!(hosts[0]["published"].as_u64().unwrap() > 0, "{seen}");
+    daemon.signal("-KILL");
+
+    // It published a moment ago: it may be running.
+    let refused = |args: &[&str], why: &str| {
+        let out = env.cairn().arg("gc").args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(why), "{stderr}");
+    };
+    refused(&["--forget-host", &host], "published its roots");
+    refused(&["--forget-host", "no-such-host"], "no host `no-such-host`");
+    let r = gc(&env, &["--grace", "0s"]);
+    assert_eq!(r["condemned"], 0, "its roots still hold: {r}");
+
+    // Known gone (`--host-timeout 0s`): a dry run says so and changes
+    // nothing; a run forgets it and condemns its image.
+    let forget = [
+        "--forget-host",
+        &host,
+        "--host-timeout",
+        "0s",
+        "--grace",
+        "0s",
+    ];
+    let dry = gc(&env, &[&forget[..], &["--dry-run"]].concat());
+    assert_eq!(dry["forgotten_hosts"], serde_json::json!([host]), "{dry}");
+    assert_eq!(
+        gc(&env, &["--dry-run"])["hosts"].as_array().unwrap().len(),
+        1
+    );
+    let first = gc(&env, &forget);
+    assert_eq!(first["forgotten_hosts"], serde_json::json!([host]));
+    assert_eq!(first["hosts"], serde_json::json!([]), "{first}");
+    assert!(first["condemned"].as_u64().unwrap() >= 2, "{first}");
+    gc(&env, &["--grace", "0s"]);
+    assert_eq!(stored_bytes(&env), before);
+    verify_deep(&env);
+    assert!(export(&env, "base") == base);
+}
+
 #[test]
 fn an_image_stored_again_while_condemned_survives_a_run_before_it_is_named() {
     let env = Env::file();

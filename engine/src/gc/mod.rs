@@ -58,6 +58,8 @@ pub enum GcError {
     Busy { by: String, secs_left: u64 },
     #[error("this run's lease on the store ran out or was taken over; what it decided is kept and the next run goes on from there")]
     LostLease,
+    #[error("cannot forget a host's roots: {0}; nothing was deleted")]
+    Forget(#[from] hosts::Unforgettable),
 }
 
 impl GcError {
@@ -70,6 +72,8 @@ impl GcError {
             GcError::BadFrame { .. } => ErrorKind::Corrupt,
             GcError::Staging { .. } => ErrorKind::Io,
             GcError::Busy { .. } | GcError::LostLease => ErrorKind::Conflict,
+            GcError::Forget(hosts::Unforgettable::Unknown(_)) => ErrorKind::NotFound,
+            GcError::Forget(hosts::Unforgettable::Alive { .. }) => ErrorKind::Conflict,
         }
     }
 }

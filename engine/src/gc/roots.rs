@@ -24,6 +24,17 @@ pub struct Roots {
     pub keys: HashSet<String>,
     /// Catalog records read.
     pub records: u64,
+    /// The daemons whose roots were read.
+    pub hosts: Vec<HostSeen>,
+}
+
+/// A daemon's published roots, as a run saw them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HostSeen {
+    pub host: String,
+    /// Seconds since the epoch (0: by a build from before the stamp).
+    pub published: u64,
+    pub manifests: usize,
 }
 
 impl Roots {
@@ -43,6 +54,7 @@ impl Roots {
 /// Reads every root in the store.
 pub async fn collect(
     store: &dyn ObjectStore,
+    forgotten: &std::collections::BTreeSet<String>,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Roots, CatalogError> {
     let mut roots = Roots::default();
@@ -98,9 +110,17 @@ pub async fn collect(
     }
     progress("daemons");
     for key in store.list(super::hosts::HOSTS).await? {
+        if forgotten.contains(&key) {
+            continue;
+        }
         let Some(host) = super::hosts::read(store, &key).await? else {
             continue;
         };
+        roots.hosts.push(HostSeen {
+            host: host.host.clone(),
+            published: host.published,
+            manifests: host.manifests.len(),
+        });
         for m in &host.manifests {
             let id = m
                 .parse::<ManifestId>()

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::homes::Mark;
+use super::hosts;
 use super::plan::{self, Marked, Rewrite, Rules};
 use super::roots;
 use super::spill;
@@ -41,6 +42,10 @@ pub struct GcOptions {
     pub staging_dir: PathBuf,
     /// Local copies of pack indexes (a chunk cache's `indexes/`).
     pub index_dir: PathBuf,
+    /// Hosts gone for good whose roots are deleted before the mark.
+    pub forget_hosts: Vec<String>,
+    /// A host may be forgotten only when its roots are older than this.
+    pub host_timeout: Duration,
 }
 
 impl GcOptions {
@@ -53,6 +58,8 @@ impl GcOptions {
             lease: Duration::from_secs(3600),
             staging_dir,
             index_dir,
+            forget_hosts: Vec::new(),
+            host_timeout: hosts::HEARTBEAT * 3,
         }
     }
 }
@@ -89,6 +96,10 @@ pub struct GcReport {
     /// Sparse packs whose live frames were copied into new packs.
     pub packs_rewritten: u64,
     pub bytes_copied: u64,
+    /// Every host whose roots were read.
+    pub hosts: Vec<roots::HostSeen>,
+    /// Hosts whose roots this run deleted (a dry run: would delete).
+    pub forgotten_hosts: Vec<String>,
     pub seconds: f64,
 }
 
@@ -159,8 +170,21 @@ async fn leased(
         grace_secs: opts.grace.as_secs(),
         ..GcReport::default()
     };
-    let roots = roots::collect(store, progress).await?;
+    let mut forgotten = std::collections::BTreeSet::new();
+    for host in &opts.forget_hosts {
+        let key = hosts::key(host);
+        let found = hosts::read(store, &key).await?;
+        hosts::check_forgettable(host, found.as_ref(), now_ms() / 1000, opts.host_timeout)?;
+        if !opts.dry_run {
+            store.delete(&key).await?;
+            tracing::info!(host = %host, "forgot a host's roots");
+        }
+        forgotten.insert(key);
+        report.forgotten_hosts.push(host.clone());
+    }
+    let roots = roots::collect(store, &forgotten, progress).await?;
     report.roots = roots.records;
+    report.hosts = roots.hosts.clone();
     progress("manifests");
     // The chunk ids and pack entries go to disk, not to memory.
     let spill_dir =

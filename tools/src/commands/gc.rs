@@ -19,6 +19,8 @@ pub fn gc(ctx: &Context, args: &GcArgs) -> Result<ExitCode> {
     opts.grace = args.grace;
     opts.rewrite_below = args.rewrite_below;
     opts.dry_run = args.dry_run;
+    opts.forget_hosts = args.forget_host.clone();
+    opts.host_timeout = args.host_timeout;
     let bar = spinner(ctx.json, "collecting garbage");
     let report = ctx
         .rt
@@ -66,6 +68,27 @@ pub fn gc(ctx: &Context, args: &GcArgs) -> Result<ExitCode> {
         }
         if r.uncondemned > 0 {
             s += &format!("referenced again, no longer condemned: {}\n", r.uncondemned);
+        }
+        for h in &r.forgotten_hosts {
+            s += &format!("{would}forgotten: the roots of host {h}\n");
+        }
+        let now = cairn_engine::gc::state::now_ms() / 1000;
+        for h in &r.hosts {
+            let age = now.saturating_sub(h.published);
+            if age >= args.host_timeout.as_secs() {
+                let when = if h.published == 0 {
+                    "at an unknown time (an older build)".to_owned()
+                } else {
+                    format!(
+                        "{} ago",
+                        humantime::format_duration(std::time::Duration::from_secs(age))
+                    )
+                };
+                s += &format!(
+                    "host {} last published its roots {when} ({} manifests): if it is gone for good, `cairn gc --forget-host {}`\n",
+                    h.host, h.manifests, h.host
+                );
+            }
         }
         if r.missing_manifests + r.missing_chunks > 0 {
             s += &format!(

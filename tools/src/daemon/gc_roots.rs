@@ -1,9 +1,10 @@
 //! Publishes what this host's sandboxes stand on, for the collector
 //! (`cairn_engine::gc::hosts`): at start, then within a second of each
-//! change.
+//! change, and every [`hosts::HEARTBEAT`] even without one (so that a
+//! stopped host can be told by its roots' age).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cairn_engine::gc::hosts::{self, HostRoots};
 
@@ -38,16 +39,18 @@ pub async fn publish_now(host: &Arc<Host>) -> Option<HostRoots> {
 }
 
 /// Runs for the daemon's life: publishes the roots whenever they differ
-/// from those last published.
+/// from those last published, or those are a heartbeat old.
 pub async fn publish_changes(host: Arc<Host>, mut last: Option<HostRoots>) {
+    let mut last_at = Instant::now();
     loop {
         tokio::time::sleep(TICK).await;
         let Some(now) = current(&host).await else {
             continue;
         };
-        if last.as_ref() != Some(&now) {
+        if last.as_ref() != Some(&now) || last_at.elapsed() >= hosts::HEARTBEAT {
             if let Some(published) = publish(&host, now).await {
                 last = Some(published);
+                last_at = Instant::now();
             }
         }
     }
