@@ -144,9 +144,6 @@ type Outcome = Result<Arc<[u8]>, ChunkStoreError>;
 struct Pending {
     state: Mutex<PendingState>,
     changed: Condvar,
-    /// Wakes async waiters ([`Pending::settled`]) as `changed` wakes
-    /// threads.
-    notify: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -165,33 +162,12 @@ impl Pending {
         if st.outcome.is_none() {
             st.outcome = Some(outcome);
             self.changed.notify_all();
-            self.notify.notify_waiters();
         }
     }
 
     fn settle(&self) {
         self.lock().settled = true;
         self.changed.notify_all();
-        self.notify.notify_waiters();
-    }
-
-    /// [`Pending::wait_settled`] without holding a thread.
-    async fn settled(&self) -> Outcome {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            // Registered before the check: a settle in between wakes it.
-            notified.as_mut().enable();
-            {
-                let st = self.lock();
-                if st.settled {
-                    if let Some(outcome) = &st.outcome {
-                        return outcome.clone();
-                    }
-                }
-            }
-            notified.await;
-        }
     }
 
     /// Waits for the answer.
@@ -519,29 +495,6 @@ impl ChunkStore {
             }
         }
         first_err.map_or(Ok(()), Err)
-    }
-
-    /// [`ChunkStore::fetch`] as a future that holds no thread while it
-    /// waits: the missing chunks are claimed now and fetched by the
-    /// future (spawn it on [`ChunkStore::runtime`]), which resolves once
-    /// every chunk of `ids` is cached or failed.
-    pub fn fetch_async(
-        &self,
-        ids: &[ChunkId],
-    ) -> impl std::future::Future<Output = Result<(), ChunkStoreError>> + Send + 'static {
-        let (waits, claim) = self.claim_missing(ids);
-        async move {
-            if let Some(claim) = claim {
-                fetch_claimed(claim, Caching::Behind).await;
-            }
-            let mut first_err = None;
-            for p in waits {
-                if let Err(e) = p.settled().await {
-                    first_err.get_or_insert(e);
-                }
-            }
-            first_err.map_or(Ok(()), Err)
-        }
     }
 
     /// Starts fetching whatever of `ids` is not local, without waiting.

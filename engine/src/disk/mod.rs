@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::cache::HotChunks;
 use crate::chunkstore::{ChunkStore, ChunkStoreError, ReadAhead as ReadAheadOutcome};
 use crate::error::ErrorKind;
-use crate::id::ChunkId;
 use crate::manifest::Manifest;
 use crate::overlay::{Overlay, OverlayError, BLOCK};
 use block_map::BlockMap;
@@ -363,30 +362,21 @@ impl LazyDisk {
     /// cache may change before the read), for a scheduler that keeps slow
     /// reads away from the threads that serve fast ones.
     pub fn would_fetch(&self, offset: u64, len: u64) -> bool {
-        !self.chunks_to_fetch(offset, len).is_empty()
-    }
-
-    /// The image's chunks a read of `len` bytes at `offset` would fetch
-    /// (see [`LazyDisk::would_fetch`]), for a caller that fetches them
-    /// first without holding a thread ([`ChunkStore::fetch_async`]).
-    pub fn chunks_to_fetch(&self, offset: u64, len: u64) -> Vec<ChunkId> {
         if len == 0 || self.check(offset, len).is_err() {
-            return Vec::new();
+            return false;
         }
         let stack = self.disk.read_stack();
         let base = &stack.base;
         let cs = u64::from(base.chunk_size);
         let end = offset + len;
         let hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
-        (offset / cs..end.div_ceil(cs))
-            .filter_map(|c| {
-                let id = base.chunks.get(c as usize).copied().flatten()?;
-                let covered =
-                    self.layers_cover(&stack, (c * cs).max(offset)..((c + 1) * cs).min(end));
-                (!covered && !hot.holds(&id) && !self.disk.store.cache().contains(&id))
-                    .then_some(id)
-            })
-            .collect()
+        (offset / cs..end.div_ceil(cs)).any(|c| {
+            let Some(id) = base.chunks.get(c as usize).copied().flatten() else {
+                return false;
+            };
+            let covered = self.layers_cover(&stack, (c * cs).max(offset)..((c + 1) * cs).min(end));
+            !covered && !hot.holds(&id) && !self.disk.store.cache().contains(&id)
+        })
     }
 
     /// Whether the layers hold every block of the byte range `bytes`: then

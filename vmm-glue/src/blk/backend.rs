@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_engine::disk::LazyDisk;
-use cairn_engine::ChunkId;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
@@ -341,27 +340,20 @@ impl BlkBackend {
                 let Some(chain) = next else { break };
                 let head = chain.head_index();
                 let used = match parse(chain, mem, &self.limits) {
+                    Ok(req) if self.is_cold(&req, disk) => {
+                        tracing::trace!(
+                            queue = index,
+                            sector = req.sector,
+                            len = req.data_len,
+                            "cold read"
+                        );
+                        self.read_store.fetch_add(req.data_len, Ordering::Relaxed);
+                        self.charge(budget, req.data_len);
+                        self.streamed();
+                        self.read_cold(req, head, vring.clone(), atomic.clone(), event_idx);
+                        continue;
+                    }
                     Ok(req) => {
-                        let missing = self.cold_chunks(&req, disk);
-                        if !missing.is_empty() {
-                            tracing::trace!(
-                                queue = index,
-                                sector = req.sector,
-                                len = req.data_len,
-                                "cold read"
-                            );
-                            self.read_store.fetch_add(req.data_len, Ordering::Relaxed);
-                            self.charge(budget, req.data_len);
-                            self.streamed();
-                            let reply = ColdReply {
-                                head,
-                                vring: vring.clone(),
-                                mem: atomic.clone(),
-                                event_idx,
-                            };
-                            self.read_cold(req, &missing, reply);
-                            continue;
-                        }
                         tracing::trace!(queue = index, kind = ?req.kind, sector = req.sector, len = req.data_len, "request");
                         if matches!(req.kind, Kind::Read) {
                             self.read_local.fetch_add(req.data_len, Ordering::Relaxed);
@@ -421,47 +413,45 @@ impl BlkBackend {
         self.vtime.fetch_add(cost, Ordering::Relaxed);
     }
 
-    /// The image chunks a read `req` would wait for (none for any other
-    /// request).
-    fn cold_chunks(&self, req: &Request, disk: &LazyDisk) -> Vec<ChunkId> {
-        let offset = req.sector.checked_mul(SECTOR);
-        match (&req.kind, &self.cold_disk, offset) {
-            (Kind::Read, Some(_), Some(offset)) => disk.chunks_to_fetch(offset, req.data_len),
-            _ => Vec::new(),
-        }
+    /// Whether `req` is a read that would wait for a fetch.
+    fn is_cold(&self, req: &Request, disk: &LazyDisk) -> bool {
+        matches!(req.kind, Kind::Read)
+            && self.cold_disk.is_some()
+            && req
+                .sector
+                .checked_mul(SECTOR)
+                .is_some_and(|offset| disk.would_fetch(offset, req.data_len))
     }
 
-    /// Answers the read `req`, whose `missing` chunks are fetched first on
-    /// the store's runtime (no thread waits for the store), then read on
-    /// the cold-read threads, which complete it there.
-    fn read_cold(self: &Arc<Self>, req: Request, missing: &[ChunkId], reply: ColdReply) {
+    /// Runs the read `req` (chain `head`) on the cold-read threads; it
+    /// completes there.
+    fn read_cold(
+        self: &Arc<Self>,
+        req: Request,
+        head: u16,
+        vring: VringRwLock,
+        mem: Memory,
+        event_idx: bool,
+    ) {
         // Counted from now, not from when a thread takes it: a fence that
         // comes between must wait for it.
         let counted = self.cold_in_flight.enter();
-        let Some(disk) = &self.cold_disk else { return };
-        let store = disk.disk().store();
-        let fetched = store.fetch_async(missing);
         let backend = self.clone();
-        store.runtime().spawn(async move {
-            // A failed fetch is tried again by the read, which answers
-            // IOERR if it fails too.
-            let _ = fetched.await;
-            cold_reads().run(move || {
-                let _counted = counted;
-                backend.complete_cold(&req, &reply);
-            });
+        cold_reads().run(move || {
+            let _counted = counted;
+            backend.complete_cold(&req, head, &vring, &mem, event_idx);
         });
     }
 
-    fn complete_cold(&self, req: &Request, reply: &ColdReply) {
+    fn complete_cold(
+        &self,
+        req: &Request,
+        head: u16,
+        vring: &VringRwLock,
+        mem: &Memory,
+        event_idx: bool,
+    ) {
         let Some(disk) = &self.cold_disk else { return };
-        let ColdReply {
-            head,
-            vring,
-            mem,
-            event_idx,
-        } = reply;
-        let (head, event_idx) = (*head, *event_idx);
         let used = self.answer(req, disk, &mem.memory(), &mut Vec::new());
         let answered = vring.add_used(head, used).map_err(qerr).and_then(|()| {
             if !event_idx || vring.needs_notification().map_err(qerr)? {
@@ -479,14 +469,6 @@ impl BlkBackend {
     fn wait_for_cold_reads(&self) {
         self.cold_in_flight.wait_settled();
     }
-}
-
-/// Where a cold read's answer goes: its chain's head on its queue.
-struct ColdReply {
-    head: u16,
-    vring: VringRwLock,
-    mem: Memory,
-    event_idx: bool,
 }
 
 fn qerr(e: virtio_queue::Error) -> io::Error {

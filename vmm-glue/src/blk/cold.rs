@@ -1,12 +1,9 @@
 //! Reads that must wait for a fetch (a chunk in neither the cache nor the
-//! queue's hot set) are answered here, so that they never hold one of the
-//! pool's threads ([`super::reactor`]) while another disk's cached reads
-//! wait: one sandbox's cold reads or read-ahead cannot starve another's
-//! warm ones. Their chunks are fetched first on the store's runtime
-//! (`ChunkStore::fetch_async`), holding no thread while the store answers;
-//! then one of a few threads here copies the bytes into guest memory and
-//! completes the request. The requests complete out of order, as virtio
-//! allows.
+//! queue's hot set) run here, on a few threads of their own, so that they
+//! never hold one of the pool's threads ([`super::reactor`]) while
+//! another disk's cached reads wait: one sandbox's cold reads or
+//! read-ahead cannot starve another's warm ones. The requests complete
+//! out of order, as virtio allows.
 
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
@@ -14,13 +11,12 @@ use cairn_engine::sched::{background, Lane};
 
 use super::lock;
 
-/// Threads that answer cold reads once their chunks are fetched, whatever
-/// the number of disks or of GETs in flight: their work is a copy (they
-/// wait for the store only when a chunk left the cache between its fetch
-/// and the read, and then fetch it again). They run at background
-/// priority: on a busy host a thread with a cached read to serve gets the
-/// CPU first.
-pub const COLD_THREADS: usize = 4;
+/// Threads that wait for fetches, whatever the number of disks: enough
+/// for that many GETs in flight to a remote store, where a fetch is mostly
+/// waiting (read-ahead fetches run on the store's runtime besides). They
+/// run at background priority: on a busy host a thread with a cached read
+/// to serve gets the CPU first.
+pub const COLD_THREADS: usize = 16;
 
 /// The process's cold-read threads, started on first use.
 pub(crate) fn cold_reads() -> &'static Lane {

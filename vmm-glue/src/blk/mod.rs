@@ -15,7 +15,6 @@ mod server;
 mod session;
 
 pub use backend::{BlkBackend, ReadCounts};
-pub use cold::COLD_THREADS;
 
 /// Locks `m`, also after a panic while it was held (the state it guards
 /// stays consistent between statements).
