@@ -1324,14 +1324,11 @@ impl Host {
     ) -> Result<()> {
         let _turn = self.dozing_turn.lock().unwrap_or_else(|p| p.into_inner());
         let record = self.get_record(name)?;
-        let socket = self.disk_socket(&record.id);
         self.suspend_with(name, input, true)?;
         // Fault injector for the tests: widens the window between the
         // sandbox leaving the served ones and its doorbell.
         crate::faults::pause_for_tests("CAIRN_FAULT_PAUSE_BEFORE_DOZING_MS");
-        let doorbell = super::idle::Doorbell::ring(&socket, name, wake)
-            .map_err(|e| tracing::warn!(sandbox = %name, error = %format!("{e:#}"), "no doorbell on the disk socket: only an API call resumes it"))
-            .ok();
+        let doorbell = self.ring_doorbell(&record.id, name, wake);
         let kept = Dozed {
             name: name.to_owned(),
             id: record.id,
@@ -1389,9 +1386,7 @@ impl Host {
                 self.doze_files.remove(&kept.id);
                 continue;
             }
-            let doorbell = super::idle::Doorbell::ring(&self.disk_socket(&kept.id), &kept.name, wake.clone())
-                .map_err(|e| tracing::warn!(sandbox = %kept.name, error = %format!("{e:#}"), "no doorbell on the disk socket: only an API call resumes it"))
-                .ok();
+            let doorbell = self.ring_doorbell(&kept.id, &kept.name, wake.clone());
             self.dozing_map().insert(
                 kept.name.clone(),
                 Dozing {
@@ -1405,6 +1400,19 @@ impl Host {
         Ok(rung)
     }
 
+    /// A doorbell on sandbox `id`'s disk socket, ringing `wake` with
+    /// `name`; None (logged) if the socket cannot be listened on.
+    fn ring_doorbell(
+        &self,
+        id: &str,
+        name: &str,
+        wake: std::sync::mpsc::Sender<String>,
+    ) -> Option<super::idle::Doorbell> {
+        super::idle::Doorbell::ring(&self.disk_socket(id), name, wake)
+            .map_err(|e| tracing::warn!(sandbox = %name, error = %format!("{e:#}"), "no doorbell on the disk socket: only an API call resumes it"))
+            .ok()
+    }
+
     fn dozing_map(&self) -> MutexGuard<'_, BTreeMap<String, Dozing>> {
         self.dozing.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -1416,10 +1424,14 @@ impl Host {
         let _turn = self.dozing_turn.lock().unwrap_or_else(|p| p.into_inner());
         let taken = {
             let mut dozing = self.dozing_map();
-            let name = dozing
-                .iter()
-                .find(|(name, d)| *name == key || d.kept.id == key)
-                .map(|(name, _)| name.clone());
+            let name = if dozing.contains_key(key) {
+                Some(key.to_owned())
+            } else {
+                dozing
+                    .iter()
+                    .find(|(_, d)| d.kept.id == key)
+                    .map(|(name, _)| name.clone())
+            };
             name.and_then(|n| dozing.remove_entry(&n))
         };
         let Some((name, mut doze)) = taken else {
