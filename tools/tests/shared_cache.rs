@@ -164,6 +164,11 @@ fn two_servers_and_an_evicting_process_share_one_cache_directory() {
         assert!(std::fs::read(&out).unwrap() == other, "export differs");
     };
     export();
+    // The second reads the image once alone: every chunk it found in the
+    // cache at its start is gone by now, so each is a miss, fetched
+    // again, never an error. (Alone: while the first reads too, it puts
+    // chunks back that the second may then find.)
+    read_and_compare(&second.socket, &served, 1, 2);
 
     // Both read the image while exports go on evicting.
     let stop = AtomicBool::new(false);
@@ -184,7 +189,7 @@ fn two_servers_and_an_evicting_process_share_one_cache_directory() {
             }
         });
         let served = &served;
-        let readers = [(first.socket.clone(), 1), (second.socket.clone(), 2)]
+        let readers = [(first.socket.clone(), 1), (second.socket.clone(), 3)]
             .map(|(socket, seed)| s.spawn(move || read_and_compare(&socket, served, passes, seed)));
         let read = readers.map(|r| r.join());
         if read.iter().all(Result::is_ok) {
@@ -203,20 +208,27 @@ fn two_servers_and_an_evicting_process_share_one_cache_directory() {
         [first, second].map(Server::stop)
     });
 
-    // Every chunk the second server had found in the cache was gone when
-    // it read it: a miss, fetched again, never an error.
+    // The chunks the second server had found in the cache were gone when
+    // it first read them, alone: misses, fetched again, never an error
+    // (`read_and_compare` checks every byte). Nearly all, not all: the
+    // exporter evicts files other processes wrote by modification time
+    // (when a process last wrote or mapped them) among its own by use, so
+    // one export may leave a few of the served chunks (CI saw 2-4 of 640).
     let chunks_in_image = served.len() as u64 / (64 << 10);
     let fetched = |r: &serde_json::Value| r["chunks_fetched"].as_u64().unwrap();
     let (exports, most) = (exports.into_inner(), most.into_inner());
     eprintln!(
         "exports: {exports}; chunks fetched by the first server {}, by the second {} \
-         ({chunks_in_image} in the image, read {} times by the first, {passes} by the second); \
+         ({chunks_in_image} in the image, read {} times by each); \
          most bytes of chunk files seen: {most}",
         fetched(&reports[0]),
         fetched(&reports[1]),
         passes + 1,
     );
-    assert!(fetched(&reports[1]) >= chunks_in_image, "{reports:?}");
+    assert!(
+        fetched(&reports[1]) >= chunks_in_image * 9 / 10,
+        "{reports:?}"
+    );
     // The bound held for the directory: what is there now, and what was
     // seen while all three wrote (plus what was being written at a
     // listing's moment: a few chunks).
