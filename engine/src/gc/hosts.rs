@@ -65,7 +65,7 @@ pub fn key(host: &str) -> String {
 /// Writes `roots`, stamped with the time now.
 pub async fn publish(store: &dyn ObjectStore, roots: &HostRoots) -> Result<(), StoreError> {
     let stamped = HostRoots {
-        published: crate::gc::state::now_ms() / 1000,
+        published: crate::gc::state::now_secs(),
         ..roots.clone()
     };
     let data = Bytes::from(serde_json::to_vec(&stamped).expect("host roots serialize"));

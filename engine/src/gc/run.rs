@@ -174,7 +174,7 @@ async fn leased(
     for host in &opts.forget_hosts {
         let key = hosts::key(host);
         let found = hosts::read(store, &key).await?;
-        hosts::check_forgettable(host, found.as_ref(), now_ms() / 1000, opts.host_timeout)?;
+        hosts::check_forgettable(host, found.as_ref(), state::now_secs(), opts.host_timeout)?;
         if !opts.dry_run {
             store.delete(&key).await?;
             tracing::info!(host = %host, "forgot a host's roots");
@@ -182,9 +182,9 @@ async fn leased(
         forgotten.insert(key);
         report.forgotten_hosts.push(host.clone());
     }
-    let roots = roots::collect(store, &forgotten, progress).await?;
+    let mut roots = roots::collect(store, &forgotten, progress).await?;
     report.roots = roots.records;
-    report.hosts = roots.hosts.clone();
+    report.hosts = std::mem::take(&mut roots.hosts);
     progress("manifests");
     // The chunk ids and pack entries go to disk, not to memory.
     let spill_dir =

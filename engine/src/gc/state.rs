@@ -91,6 +91,11 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
 fn bad_state(store: &dyn ObjectStore, detail: String) -> StoreError {
     StoreError::new("read", store.uri(), STATE_KEY, ErrorKind::Corrupt, format!("{detail}; move the object aside to start collecting afresh (nothing is lost: what it condemned is condemned again by the next run)"))
 }

@@ -72,7 +72,7 @@ pub fn gc(ctx: &Context, args: &GcArgs) -> Result<ExitCode> {
         for h in &r.forgotten_hosts {
             s += &format!("{would}forgotten: the roots of host {h}\n");
         }
-        let now = cairn_engine::gc::state::now_ms() / 1000;
+        let now = cairn_engine::gc::state::now_secs();
         for h in &r.hosts {
             let age = now.saturating_sub(h.published);
             if age >= args.host_timeout.as_secs() {
